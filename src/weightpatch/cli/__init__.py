@@ -1,0 +1,1 @@
+"""The ``wpatch`` command line: one small module per subcommand over pydantic configs."""
