@@ -15,6 +15,8 @@ A description has:
 - ``head``: rules for the ``query`` and ``output`` slices of one attention head, and the
   ``key_value`` slices of its KV group (included only on request).
 - ``neuron``: rules for the slices of one MLP neuron.
+- ``checkpoint_aliases`` (optional): older names a parameter may be stored under in checkpoint
+  files (e.g. GPT-NeoX ``embed_out.weight`` for ``lm_head.weight``).
 
 A rule is either a string (a parameter name, or a prefix ending in ``.`` meaning every parameter
 under it), or an object ``{"param", "dim", "offset", "size", "stride", "unit"}`` selecting the index
@@ -73,6 +75,7 @@ class ArchitectureSpec:
     modules: dict[str, list[Rule]]
     head: dict[str, list[Rule]]
     neuron: list[Rule] = field(default_factory=list)
+    checkpoint_aliases: dict[str, list[str]] = field(default_factory=dict)
 
     def dims(self, config: Any) -> ModelDims:
         """Read the model dimensions from a transformers config object."""
@@ -135,6 +138,7 @@ def available_architectures() -> dict[str, ArchitectureSpec]:
             modules=raw.get("modules", {}),
             head=raw.get("head", {}),
             neuron=raw.get("neuron", []),
+            checkpoint_aliases=raw.get("checkpoint_aliases", {}),
         )
         for model_type in spec.model_types:
             specs[model_type] = spec

@@ -265,8 +265,7 @@ class ComponentSpace:
         kinds = set(kinds)
         layer_list = range(self.num_layers) if layers is None else list(layers)
         if "module" in kinds and layers is None:
-            for m in self.module_names(None):
-                yield Component("module", None, m)
+            yield from self.model_level_modules()
         for layer in layer_list:
             if "layer" in kinds:
                 yield Component("layer", layer)
@@ -282,7 +281,10 @@ class ComponentSpace:
 
     def everything(self) -> list[Component]:
         """A component set whose union is every parameter: all layers plus model-level modules."""
-        return [*self.components(kinds=("module",), layers=[]), *self.components(kinds=("layer",))]
+        return [*self.model_level_modules(), *self.components(kinds=("layer",))]
+
+    def model_level_modules(self) -> list[Component]:
+        return [Component("module", None, m) for m in self.module_names(None)]
 
     def uncovered_parameters(self) -> list[str]:
         """Parameters that no layer or model-level module owns (a gap in the description)."""

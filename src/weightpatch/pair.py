@@ -1,0 +1,306 @@
+"""Loading a (base, specialized) model pair and checking that it is patchable (SPEC section 1).
+
+One model is loaded as the **receiver** (normally the base; the specialized model for knockout
+runs) and the other is the **donor**, read lazily tensor by tensor / slice by slice from its
+safetensors files (see :mod:`weightpatch.weights`), so a pair costs about one model of memory.
+
+Safety: no code from a checkpoint is executed. Safetensors are preferred; ``.bin`` checkpoints are
+read by transformers with weights-only unpickling; ``trust_remote_code`` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from weightpatch.architecture import architecture_for
+from weightpatch.components import ComponentSpace
+from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.weights import SafetensorsSource, TensorDictSource, WeightSource, shape_differences
+
+Role = Literal["base", "specialized"]
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+_MAX_LISTED = 8
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Identity of one model of the pair, recorded next to every result."""
+
+    source: str  # what the user gave: hub id or path
+    path: str  # resolved local directory
+    revision: str | None
+    gguf_file: str | None
+    weights_sha256: str  # over the weight files, in name order
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory for ``source``: the directory itself, or a hub snapshot (downloaded or
+    from the local cache). Raises a clear error when neither exists."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1
+    if looks_like_path or path.exists():
+        raise WeightPatchError(f"model directory {text!r} does not exist; pass a local directory or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.gguf", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
+        raise WeightPatchError(
+            f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}); check the id, or download it and pass the directory"
+        ) from exc
+
+
+def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
+    if gguf_file:
+        return [directory / gguf_file]
+    return sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+
+
+def weights_sha256(files: list[Path]) -> str:
+    """SHA-256 over the weight files' bytes (cached per file by size and mtime)."""
+    cache_path = Path(os.environ.get("WEIGHTPATCH_CACHE", Path.home() / ".cache" / "weightpatch")) / "hashes.json"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    combined = hashlib.sha256()
+    changed = False
+    for f in files:
+        stat = f.stat()
+        key = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in cache:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+            cache[key], changed = h.hexdigest(), True
+        combined.update(f"{f.name}:{cache[key]}".encode())
+    if changed:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # the cache is an optimization only
+    return combined.hexdigest()
+
+
+def _config(directory: Path, gguf_file: str | None, trust_remote_code: bool):
+    try:
+        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise WeightPatchError(f"cannot read a model config in {directory}: {exc}") from exc
+
+
+def _meta_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes a config implies, without allocating weights."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise WeightPatchError(
+            f"{type(config).__name__} is not a causal language model (AutoModelForCausalLM does not "
+            f"support it); weightpatch needs two causal LMs"
+        ) from exc
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _vocab_differences(base_tok, sft_tok) -> list[str]:
+    a, b = base_tok.get_vocab(), sft_tok.get_vocab()
+    if a == b:
+        return []
+    problems = [f"tokenizer vocabulary: base has {len(a)} tokens vs specialized {len(b)}"]
+    for token in sorted(set(a) ^ set(b))[:3]:
+        where = "base" if token in a else "specialized"
+        problems.append(f"tokenizer: token {token!r} only in {where}")
+    for token in sorted(t for t in set(a) & set(b) if a[t] != b[t])[:3]:
+        problems.append(f"tokenizer: token {token!r} has id {a[token]} in base vs {b[token]} in specialized")
+    return problems
+
+
+def pair_differences(base_config, sft_config, base_tok=None, sft_tok=None) -> list[str]:
+    """Everything that makes two checkpoints unpatchable, most basic first."""
+    problems = []
+    if base_config.model_type != sft_config.model_type:
+        problems.append(f"model_type: base {base_config.model_type!r} vs specialized {sft_config.model_type!r}")
+    arch_a, arch_b = getattr(base_config, "architectures", None), getattr(sft_config, "architectures", None)
+    if arch_a and arch_b and arch_a != arch_b:
+        problems.append(f"architectures: base {arch_a} vs specialized {arch_b}")
+    if not problems:
+        shapes_a, shapes_b = _meta_shapes(base_config), _meta_shapes(sft_config)
+        for name in sorted(set(shapes_a) | set(shapes_b)):
+            if name not in shapes_b:
+                problems.append(f"{name}: present in base, missing in specialized")
+            elif name not in shapes_a:
+                problems.append(f"{name}: missing in base, present in specialized")
+            elif shapes_a[name] != shapes_b[name]:
+                problems.append(f"{name}: base {shapes_a[name]} vs specialized {shapes_b[name]}")
+    if base_tok is not None and sft_tok is not None:
+        problems += _vocab_differences(base_tok, sft_tok)
+    return problems
+
+
+def raise_if_mismatched(problems: list[str]) -> None:
+    if problems:
+        listed = "; ".join(problems[:_MAX_LISTED])
+        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+        raise PairMismatchError(
+            f"the two models cannot be patched into each other: {listed}{more}. Weight Patching needs a "
+            f"specialized model fine-tuned from this base (same architecture, parameter shapes and tokenizer)"
+        )
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise WeightPatchError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
+    return names[dtype]
+
+
+@dataclass
+class ModelPair:
+    """A receiver model (weights in memory, eval mode, no grads) plus lazy donor weights.
+
+    ``receiver`` says which of the two is in memory: ``"base"`` for repair runs (patch
+    specialized weights into the base) and ``"specialized"`` for knockout runs.
+    """
+
+    model: PreTrainedModel
+    tokenizer: Any
+    donor: WeightSource
+    space: ComponentSpace
+    base: ModelRef
+    specialized: ModelRef
+    receiver: Role = "base"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def identities(self) -> dict[str, Any]:
+        """What every run records: both models' identities and the library versions."""
+        return {
+            "base": self.base.to_dict(),
+            "specialized": self.specialized.to_dict(),
+            "receiver": self.receiver,
+            "architecture": self.space.spec.family,
+            "versions": library_versions(),
+        }
+
+
+def library_versions() -> dict[str, str]:
+    import safetensors
+
+    import weightpatch
+
+    return {
+        "weightpatch": weightpatch.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def load_pair(
+    base: str | os.PathLike,
+    specialized: str | os.PathLike,
+    *,
+    receiver: Role = "base",
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    base_gguf_file: str | None = None,
+    specialized_gguf_file: str | None = None,
+    include_kv: bool = False,
+) -> ModelPair:
+    """Load and check a pair. The receiver is loaded with ``from_pretrained``; the donor is read
+    lazily from its safetensors files (loaded in full only for ``.bin``/GGUF checkpoints).
+
+    Raises :class:`PairMismatchError` listing the first differences when the two are not patchable.
+    """
+    dirs = {"base": resolve_checkpoint(base, revision), "specialized": resolve_checkpoint(specialized, revision)}
+    gguf = {"base": base_gguf_file, "specialized": specialized_gguf_file}
+    sources = {"base": str(base), "specialized": str(specialized)}
+    configs = {r: _config(dirs[r], gguf[r], trust_remote_code) for r in dirs}
+    architecture_for(configs["base"])  # unknown families fail before any weights are read
+    tokenizers = {r: _tokenizer(dirs[r], gguf[r], trust_remote_code) for r in dirs}
+    raise_if_mismatched(pair_differences(configs["base"], configs["specialized"],
+                                         tokenizers["base"], tokenizers["specialized"]))
+    donor_role: Role = "specialized" if receiver == "base" else "base"
+    model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, trust_remote_code)
+    space = ComponentSpace.from_model(model, include_kv=include_kv)
+    donor = _donor_source(dirs[donor_role], gguf[donor_role], space, dtype, trust_remote_code)
+    raise_if_mismatched(shape_differences(space.shapes, donor, labels=(receiver, donor_role)))
+    refs = {
+        r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(weight_files(dirs[r], gguf[r])))
+        for r in dirs
+    }
+    return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver)
+
+
+def _tokenizer(directory: Path, gguf_file: str | None, trust_remote_code: bool):
+    try:
+        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise WeightPatchError(f"cannot load a tokenizer from {directory}: {exc}") from exc
+
+
+def _load_model(directory: Path, gguf_file, dtype, device, device_map, trust_remote_code) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if not gguf_file and not weight_files(directory):
+        raise WeightPatchError(f"no weight files (.safetensors/.bin/.gguf) in {directory}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise WeightPatchError(f"{directory} is not a causal language model ({exc})") from exc
+        raise
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _donor_source(directory: Path, gguf_file, space: ComponentSpace, dtype, trust_remote_code) -> WeightSource:
+    aliases: dict[str, list[str]] = {k: list(v) for k, v in space.spec.checkpoint_aliases.items()}
+    for alias, canonical in space.aliases.items():
+        aliases.setdefault(canonical, []).append(alias)
+    if not gguf_file and any(directory.glob("*.safetensors")):
+        return SafetensorsSource(directory, aliases)
+    donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, trust_remote_code)
+    return TensorDictSource.from_model(donor_model)

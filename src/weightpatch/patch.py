@@ -1,0 +1,81 @@
+"""The Weight Patching operator (SPEC section 3).
+
+    M_recv^(C <- donor) := Replace(M_recv, M_donor; union of Θ(c) for c in C)
+
+:func:`patched` applies it in place as a context manager and restores the receiver bit-exactly on
+exit, also when the body raises. With ``alpha`` it interpolates:
+``theta_recv + alpha * (theta_donor - theta_recv)`` on the patched slices (``alpha = 1`` copies the
+donor's values exactly; ``alpha = 0`` is a no-op). The direction is set by which model is the
+receiver (see :class:`weightpatch.pair.ModelPair`): base receiver = repair, specialized receiver =
+knockout.
+
+Memory: the originals of the patched slices only (a head or neuron patch saves a few rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from weightpatch.components import Component, ComponentSpace, ParamSlice
+from weightpatch.weights import WeightSource
+
+
+@dataclass
+class _Saved:
+    param: torch.Tensor
+    piece: ParamSlice
+    index: torch.Tensor | None
+    original: torch.Tensor
+
+
+def _get(param: torch.Tensor, piece: ParamSlice, index: torch.Tensor | None) -> torch.Tensor:
+    return param.data if index is None else param.data.index_select(piece.dim, index)  # type: ignore[arg-type]
+
+
+def _put(param: torch.Tensor, piece: ParamSlice, index: torch.Tensor | None, values: torch.Tensor) -> None:
+    if index is None:
+        param.data.copy_(values)
+    else:
+        param.data.index_copy_(piece.dim, index, values)  # type: ignore[arg-type]
+
+
+def donor_values(donor: WeightSource, piece: ParamSlice, like: torch.Tensor) -> torch.Tensor:
+    """The donor's values for a slice, on the receiver parameter's device and dtype."""
+    return donor.read(piece).to(device=like.device, dtype=like.dtype)
+
+
+@contextmanager
+def patched(
+    model: torch.nn.Module,
+    donor: WeightSource,
+    space: ComponentSpace,
+    components: Iterable[Component | str],
+    alpha: float = 1.0,
+) -> Iterator[list[ParamSlice]]:
+    """Patch ``components`` from ``donor`` into ``model`` for the duration of the block.
+
+    Yields the merged list of patched slices. Overlapping components (``L5`` and ``L5.mlp``) are
+    patched once (the union of their slices).
+    """
+    pieces = space.resolve_all(components)
+    saved: list[_Saved] = []
+    try:
+        with torch.no_grad():
+            for piece in pieces:
+                param = model.get_parameter(piece.name)
+                index = None if piece.is_full else piece.index().to(param.device)
+                original = _get(param, piece, index).clone()
+                saved.append(_Saved(param, piece, index, original))
+                new = donor_values(donor, piece, param)
+                if alpha != 1.0:
+                    new = original + alpha * (new - original)
+                _put(param, piece, index, new)
+        yield pieces
+    finally:
+        with torch.no_grad():
+            for s in reversed(saved):
+                _put(s.param, s.piece, s.index, s.original)

@@ -1,0 +1,131 @@
+"""Donor weights read lazily: a :class:`WeightSource` gives one parameter, or one slice of it, at a
+time, so patching never needs a second full model in memory.
+
+- :class:`SafetensorsSource`: a directory of (optionally sharded) ``.safetensors`` files, read with
+  ``safe_open(...).get_slice`` (memory-mapped: only the requested rows/columns are materialized).
+- :class:`TensorDictSource`: tensors already in memory (``.bin`` checkpoints, GGUF, tests).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from weightpatch.components import ParamSlice
+from weightpatch.errors import PairMismatchError, WeightPatchError
+
+
+class WeightSource(Protocol):
+    """Read access to one model's parameters by canonical (receiver) name."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read(self, piece: ParamSlice) -> torch.Tensor:
+        """The slice's values: the whole tensor, or the selected ranges along ``piece.dim``
+        concatenated in order."""
+        ...
+
+
+def _select(full_or_slice, piece: ParamSlice) -> torch.Tensor:
+    """Index ``piece.ranges`` along ``piece.dim`` of a tensor or a safetensors slice object."""
+    parts = []
+    for a, b in piece.ranges:
+        index = (slice(None),) * piece.dim + (slice(a, b),)  # type: ignore[operator]
+        parts.append(full_or_slice[index])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)  # type: ignore[arg-type]
+
+
+class SafetensorsSource:
+    """Lazy reader over a checkpoint directory's safetensors files.
+
+    ``aliases`` maps a canonical receiver name to other names it may be stored under (tied
+    embeddings; GPT-2 checkpoints saved without the ``transformer.`` prefix)."""
+
+    def __init__(self, directory: str | Path, aliases: dict[str, list[str]] | None = None) -> None:
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+        if not files:
+            raise WeightPatchError(f"no .safetensors files in {self.directory}")
+        self._handles = {f: safe_open(str(self.directory / f), framework="pt") for f in files}
+        self._where: dict[str, str] = {}
+        for f, handle in self._handles.items():
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                self._where[key] = f
+        self.aliases = aliases or {}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _key(self, name: str) -> str:
+        candidates = [name, *self.aliases.get(name, [])]
+        candidates += [c.split(".", 1)[1] for c in candidates if "." in c]
+        for candidate in candidates:
+            if candidate in self._where:
+                return candidate
+        raise PairMismatchError(f"parameter {name} is missing from the checkpoint in {self.directory}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = self._key(name)
+        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+
+    def read(self, piece: ParamSlice) -> torch.Tensor:
+        key = self._key(piece.name)
+        handle = self._handles[self._where[key]]
+        if piece.is_full:
+            return handle.get_tensor(key)
+        return _select(handle.get_slice(key), piece)
+
+
+class TensorDictSource:
+    """Weights already in memory (a state dict). Used for ``.bin`` and GGUF donors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], aliases: dict[str, list[str]] | None = None) -> None:
+        self.tensors = tensors
+        self.aliases = aliases or {}
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> TensorDictSource:
+        return cls({n: p.detach() for n, p in model.named_parameters()})
+
+    def _key(self, name: str) -> str:
+        for candidate in [name, *self.aliases.get(name, [])]:
+            if candidate in self.tensors:
+                return candidate
+        raise PairMismatchError(f"parameter {name} is missing from the donor weights")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[self._key(name)].shape)
+
+    def read(self, piece: ParamSlice) -> torch.Tensor:
+        tensor = self.tensors[self._key(piece.name)]
+        return tensor if piece.is_full else _select(tensor, piece)
+
+
+def shape_differences(
+    receiver: dict[str, tuple[int, ...]],
+    donor: WeightSource,
+    labels: tuple[str, str] = ("base", "specialized"),
+    names: Iterable[str] | None = None,
+) -> list[str]:
+    """Human-readable differences between the receiver's parameter shapes and the donor's
+    (``labels`` name the receiver and the donor in the messages)."""
+    problems = []
+    for name in names or receiver:
+        try:
+            donor_shape = donor.shape(name)
+        except PairMismatchError:
+            problems.append(f"{name}: present in {labels[0]}, missing in {labels[1]}")
+            continue
+        if tuple(donor_shape) != tuple(receiver[name]):
+            problems.append(f"{name}: {labels[0]} {tuple(receiver[name])} vs {labels[1]} {tuple(donor_shape)}")
+    return problems

@@ -1,0 +1,113 @@
+"""Tiny model pairs for every supported family, built from configs in seconds.
+
+``make_pair(family, tmp_path)`` saves a base model and a "specialized" model whose every parameter
+differs from the base (base + noise) as Hugging Face directories with a word-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 64
+
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+    "gemma": lambda: transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+    "gemma2": lambda: transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64,
+        sliding_window_pattern=2),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=64),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    config = TINY_CONFIGS[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init of norms is constant 1: make every parameter informative
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def perturbed_copy(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """A "specialized" model: every parameter of ``model`` plus Gaussian noise."""
+    other = AutoModelForCausalLM.from_config(model.config)
+    other.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return other.eval()
+
+
+def save(model: torch.nn.Module, directory: Path, tokenizer=None) -> Path:
+    model.save_pretrained(directory)
+    (tokenizer or tiny_tokenizer(model.config.vocab_size)).save_pretrained(directory)
+    return directory
+
+
+def make_pair(family: str, root: Path, scale: float = 0.05) -> tuple[Path, Path]:
+    base = tiny_model(family)
+    sft = perturbed_copy(base, scale)
+    return save(base, root / f"{family}-base"), save(sft, root / f"{family}-sft")
+
+
+def tree_hash(directory: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def token_batch(n: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("WEIGHTPATCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(2)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from weightpatch.components import Component, ComponentSpace, ParamSlice, merge_slices
+from weightpatch.errors import ComponentError
+
+
+def masks(space: ComponentSpace, slices: list[ParamSlice]) -> dict[str, torch.Tensor]:
+    """Boolean element masks per parameter for a list of slices."""
+    out = {}
+    for s in slices:
+        m = out.setdefault(s.name, torch.zeros(space.shapes[s.name], dtype=torch.bool))
+        if s.is_full:
+            m[...] = True
+        else:
+            for a, b in s.ranges:
+                m[(slice(None),) * s.dim + (slice(a, b),)] = True
+    return out
+
+
+def same_masks(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_names_round_trip_for_every_component(family):
+    space = ComponentSpace.from_model(tiny_model(family))
+    components = list(space.components())
+    assert len(components) == len({c.name for c in components})
+    for c in components:
+        assert Component.parse(c.name) == c
+        assert space.parse(c.name) == c
+        assert space.resolve(c), f"{c.name} owns no parameters"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vocabulary_covers_every_parameter_and_layer_is_union_of_modules(family):
+    space = ComponentSpace.from_model(tiny_model(family))
+    assert space.uncovered_parameters() == []
+    for layer in range(space.num_layers):
+        top_modules = [c for c in space.components(kinds=("module",), layers=[layer]) if "." not in c.module]
+        top_modules += [c for c in space.components(kinds=("module",), layers=[layer]) if c.module.startswith("norm.")]
+        assert same_masks(masks(space, space.resolve(f"L{layer}")), masks(space, space.resolve_all(top_modules)))
+
+
+def assert_tiles(space: ComponentSpace, parts: list, whole: list) -> None:
+    """The parts' slices cover exactly the whole's, except output biases that no single part owns."""
+    part_masks, whole_masks = masks(space, space.resolve_all(parts)), masks(space, space.resolve_all(whole))
+    assert same_masks(part_masks, {k: v for k, v in whole_masks.items() if k in part_masks})
+    assert all(name.endswith("bias") for name in set(whole_masks) - set(part_masks))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_and_neurons_tile_their_projections(family):
+    """All heads together own all of W_Q (plus bias) and W_O; all neurons own all of the MLP."""
+    space = ComponentSpace.from_model(tiny_model(family))
+    assert_tiles(space, list(space.components(kinds=("head",), layers=[1])), ["L1.attn.q", "L1.attn.o"])
+    assert_tiles(space, list(space.components(kinds=("neuron",), layers=[1])), ["L1.mlp"])
+
+
+def test_disjoint_heads_and_kv_groups():
+    space = ComponentSpace.from_model(tiny_model("llama"))  # 4 heads, 2 KV heads
+    h0, h1 = masks(space, space.resolve("L0.attn.head0")), masks(space, space.resolve("L0.attn.head1"))
+    for name in h0:
+        assert not (h0[name] & h1[name]).any()
+    with_kv = ComponentSpace.from_model(tiny_model("llama"), include_kv=True)
+    k0 = masks(with_kv, with_kv.resolve("L0.attn.head0"))
+    k1 = masks(with_kv, with_kv.resolve("L0.attn.head1"))
+    k2 = masks(with_kv, with_kv.resolve("L0.attn.head2"))
+    kname = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(k0[kname], k1[kname])  # heads 0 and 1 share KV group 0
+    assert not (k0[kname] & k2[kname]).any()
+    assert k0[kname].sum() == 8 * 32  # head_dim rows x hidden columns
+
+
+def test_gpt_neox_head_slices_are_interleaved():
+    space = ComponentSpace.from_model(tiny_model("gpt_neox"))
+    (qkv, *_rest) = space.resolve("L0.attn.head1")
+    assert qkv.name.endswith("query_key_value.weight") and qkv.ranges == ((24, 32),)  # 3*8*1 .. +8
+
+
+def test_merge_slices_unions_ranges_and_full_absorbs():
+    a = ParamSlice("w", 0, ((0, 2),))
+    b = ParamSlice("w", 0, ((1, 4), (6, 7)))
+    assert merge_slices([a, b]) == [ParamSlice("w", 0, ((0, 4), (6, 7)))]
+    assert merge_slices([a, ParamSlice("w")]) == [ParamSlice("w")]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("L7", "layer 7 is out of range"),
+        ("L1.attn.head9", "head 9 is out of range"),
+        ("L1.mlp.neuron480", "neuron 480 is out of range"),
+        ("L1.mlp.gatee", "did you mean 'L1.mlp.gate'"),
+        ("unembedding", "did you mean 'unembed'"),
+        ("L1..x", "cannot parse"),
+    ],
+)
+def test_unknown_components_get_clear_errors(name, message):
+    space = ComponentSpace.from_model(tiny_model("llama"))
+    with pytest.raises(ComponentError, match=message):
+        space.parse(name)

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES, make_pair, token_batch
+from weightpatch.pair import load_pair
+from weightpatch.patch import patched
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair_dirs(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_bit_identical(model, before):
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_patch_everything_gives_specialized_logits_and_nothing_gives_base(pair_dirs):
+    base_dir, sft_dir = pair_dirs
+    pair = load_pair(base_dir, sft_dir)
+    sft = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32).eval()
+    ids = token_batch()
+    base_logits, sft_logits = logits(pair.model, ids), logits(sft, ids)
+    assert not torch.allclose(base_logits, sft_logits)
+    before = snapshot(pair.model)
+    with patched(pair.model, pair.donor, pair.space, pair.space.everything()):
+        assert torch.equal(logits(pair.model, ids), sft_logits)
+    assert_bit_identical(pair.model, before)
+    with patched(pair.model, pair.donor, pair.space, []):
+        assert torch.equal(logits(pair.model, ids), base_logits)
+    assert torch.equal(logits(pair.model, ids), base_logits)
+
+
+def test_knockout_direction_everything_gives_base_logits(pair_dirs):
+    base_dir, sft_dir = pair_dirs
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    pair = load_pair(base_dir, sft_dir, receiver="specialized")
+    ids = token_batch()
+    with patched(pair.model, pair.donor, pair.space, pair.space.everything()):
+        assert torch.equal(logits(pair.model, ids), logits(base, ids))
+
+
+def test_restore_is_bit_exact_when_the_body_raises(pair_dirs):
+    pair = load_pair(*pair_dirs)
+    before = snapshot(pair.model)
+    with pytest.raises(RuntimeError, match="boom"), patched(
+        pair.model, pair.donor, pair.space, ["L1", "L0.attn.head1", "embed"], alpha=0.3
+    ):
+        raise RuntimeError("boom")
+    assert_bit_identical(pair.model, before)
+
+
+@pytest.mark.parametrize("component", ["L1.attn.head2", "L2.mlp.neuron5", "L0.mlp", "unembed"])
+def test_patch_changes_exactly_the_owned_slices(pair_dirs, component):
+    pair = load_pair(*pair_dirs)
+    sft = {n: p for n, p in AutoModelForCausalLM.from_pretrained(pair_dirs[1], dtype=torch.float32).named_parameters()}
+    before = snapshot(pair.model)
+    owned = {s.name: s for s in pair.space.resolve(component)}
+    with patched(pair.model, pair.donor, pair.space, [component]):
+        for name, p in pair.model.named_parameters():
+            changed = p != before[name]
+            if name not in owned:
+                assert not changed.any(), f"{component} changed {name}"
+                continue
+            s = owned[name]
+            expected = torch.zeros_like(changed)
+            if s.is_full:
+                expected[...] = True
+            else:
+                for a, b in s.ranges:
+                    expected[(slice(None),) * s.dim + (slice(a, b),)] = True
+            assert torch.equal(changed, expected), f"{component} on {name}"
+            assert torch.equal(p[expected], sft[name][expected])
+
+
+def test_alpha_interpolates(pair_dirs):
+    pair = load_pair(*pair_dirs)
+    name = pair.space.resolve("L1.mlp")[0].name
+    base_value = pair.model.get_parameter(name).detach().clone()
+    donor_value = pair.donor.read(pair.space.resolve("L1.mlp")[0])
+    with patched(pair.model, pair.donor, pair.space, ["L1.mlp"], alpha=0.25):
+        torch.testing.assert_close(pair.model.get_parameter(name), base_value + 0.25 * (donor_value - base_value))
