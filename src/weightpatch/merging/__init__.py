@@ -1,0 +1,41 @@
+"""Model merging (SPEC section 9): baselines (task arithmetic, TIES, DARE, DARE-TIES), a streaming
+checkpoint merge, the mechanism-aware merge, and a mergekit YAML export."""
+
+from weightpatch.merging.mechanism import (
+    MechanismMerge,
+    component_space_for_checkpoint,
+    load_scores,
+    owner_takes_top,
+    score_weighted,
+)
+from weightpatch.merging.mergekit_export import mergekit_config, write_mergekit_yaml
+from weightpatch.merging.methods import (
+    METHODS,
+    MergeConfig,
+    dare_linear,
+    dare_ties,
+    magnitude_trim,
+    task_arithmetic,
+    ties,
+)
+from weightpatch.merging.stream import Checkpoint, check_compatible, merge_checkpoints
+
+__all__ = [
+    "METHODS",
+    "Checkpoint",
+    "MechanismMerge",
+    "MergeConfig",
+    "check_compatible",
+    "component_space_for_checkpoint",
+    "dare_linear",
+    "dare_ties",
+    "load_scores",
+    "magnitude_trim",
+    "merge_checkpoints",
+    "mergekit_config",
+    "owner_takes_top",
+    "score_weighted",
+    "task_arithmetic",
+    "ties",
+    "write_mergekit_yaml",
+]

@@ -1,0 +1,310 @@
+"""Tensor-level merge formulas: task arithmetic, TIES, DARE (linear) and DARE-TIES.
+
+Every function takes the base tensor and a list of expert tensors of the same shape and returns
+the merged tensor in the base tensor's dtype. Work is done in float32 (float64 inputs stay float64).
+Task vectors are ``delta_i = expert_i - base``.
+
+The formulas follow mergekit's ``GeneralizedTaskArithmeticMerge`` (mergekit 0.1.5,
+``mergekit/merge_methods/generalized_task_arithmetic.py`` and ``mergekit/sparsify.py``)::
+
+    delta_i   = sparsify(expert_i - base)                 # none / magnitude top-k / random drop
+    wd_i      = w_i * delta_i                              # per-expert weight (scalar or tensor)
+    # TIES consensus ("sum" method): elected sign per entry, ties (sum == 0) count as +
+    sign      = +1 if sum_i wd_i >= 0 else -1
+    mask_i    = sign(wd_i) == sign                         # zero entries never agree
+    mixed     = sum_i wd_i * mask_i                        # (no consensus: mask_i = 1)
+    divisor   = sum_i w_i * mask_i    (0 -> 1)             # (no consensus: sum_i w_i, |.|<1e-8 -> 1)
+    mixed     = mixed / divisor  if normalize
+    merged    = base + lam * mixed
+
+``lam`` is mergekit's ``lambda`` parameter. Defaults for ``normalize`` are mergekit's:
+``False`` for task arithmetic, DARE and DARE-TIES, ``True`` for TIES (with unit weights and
+``normalize=True`` TIES is the paper's disjoint mean over the experts agreeing with the
+elected sign).
+
+Differences from mergekit, on purpose:
+
+* weights may be tensors broadcastable to the parameter (per-entry coefficients, used by the
+  mechanism-aware merge); mergekit weights are one scalar per model and tensor.
+* DARE's random drop uses a generator seeded from ``(seed, tensor name, expert index)``, so a
+  merge is reproducible; mergekit draws from torch's global RNG, so its masks differ from ours
+  (same distribution). DARE rescales survivors by ``1 / (1 - p)`` by default (the DARE paper);
+  mergekit >= 0.1 rescales the masked delta to the original L1 norm (``rescale="l1"`` here).
+* ``p`` (``drop_rate``) is the drop probability; mergekit's ``density`` is ``1 - p``.
+* computation is float32 regardless of input dtype (mergekit uses its ``dtype`` option; the
+  export writes ``dtype: float32`` so both agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from weightpatch.errors import WeightPatchError
+
+Weight = float | torch.Tensor
+Weights = Sequence[Weight] | None
+Rescale = Literal["inverse", "l1", "none"]
+Method = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"]
+METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``expert_i - base`` in the working dtype (float32), after checking shapes."""
+    if not experts:
+        raise WeightPatchError("a merge needs at least one expert tensor")
+    dt = _work_dtype(base)
+    b = base.to(dt)
+    out = []
+    for i, e in enumerate(experts):
+        if tuple(e.shape) != tuple(base.shape):
+            raise WeightPatchError(
+                f"expert {i} tensor has shape {tuple(e.shape)}, the base has {tuple(base.shape)}"
+            )
+        out.append(e.to(dt) - b)
+    return out
+
+
+def _per_expert(value: float | Sequence[float], n: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise WeightPatchError(f"{len(values)} {what} values given for {n} experts")
+    return values
+
+
+def _weights(weights: Weights, n: int, like: torch.Tensor) -> list[torch.Tensor]:
+    if weights is None:
+        weights = [1.0] * n
+    if len(weights) != n:
+        raise WeightPatchError(f"{len(weights)} weights given for {n} experts")
+    return [torch.as_tensor(w, dtype=like.dtype).expand_as(like) for w in weights]
+
+
+# ---- sparsification ------------------------------------------------------------------------------
+def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``k = max(1, int(density * numel))`` entries of largest magnitude, zero the rest
+    (mergekit ``sparsify.magnitude`` without rescaling). ``density >= 1`` keeps everything,
+    ``density <= 0`` zeros everything. Ties in magnitude are broken by ``torch.argsort`` order."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    flat = delta.reshape(-1)
+    keep = torch.argsort(flat.abs(), descending=True)[:k]
+    mask = torch.zeros_like(flat)
+    mask[keep] = 1
+    return (flat * mask).reshape(delta.shape)
+
+
+def dare_seed(seed: int, name: str, expert: int) -> int:
+    """The generator seed for one expert's delta of one tensor (stable across processes)."""
+    digest = hashlib.sha256(f"{seed}\x00{name}\x00{expert}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def dare_drop(
+    delta: torch.Tensor, p: float, generator: torch.Generator | None = None, rescale: Rescale = "inverse"
+) -> torch.Tensor:
+    """Drop each entry independently with probability ``p`` (an entry survives when
+    ``u >= p`` for ``u ~ U[0, 1)`` drawn from ``generator``), then rescale the survivors:
+    ``"inverse"`` multiplies by ``1 / (1 - p)`` (DARE paper), ``"l1"`` restores the L1 norm of
+    ``delta`` (mergekit ``rescale: true``), ``"none"`` leaves them."""
+    if not 0 <= p < 1:
+        raise WeightPatchError(f"DARE drop rate must be in [0, 1), got {p}")
+    if p == 0:
+        return delta
+    u = torch.rand(delta.shape, generator=generator, dtype=torch.float64)
+    kept = delta * (u >= p).to(delta.dtype)
+    if rescale == "inverse":
+        return kept / (1 - p)
+    if rescale == "l1":
+        before, after = delta.abs().sum(), kept.abs().sum()
+        if before < 1e-7 or after < 1e-7:
+            return kept
+        return kept * (before / after)
+    return kept
+
+
+# ---- mixing --------------------------------------------------------------------------------------
+def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election (mergekit consensus ``sum``): +1 where the sum of the weighted deltas
+    is >= 0, else -1."""
+    total = torch.stack(list(weighted_deltas)).sum(0)
+    return (total >= 0).to(total.dtype) * 2 - 1
+
+
+def _mix(
+    deltas: Sequence[torch.Tensor],
+    weights: Weights,
+    *,
+    consensus: bool,
+    normalize: bool,
+) -> torch.Tensor:
+    ws = _weights(weights, len(deltas), deltas[0])
+    wd = torch.stack([w * d for w, d in zip(ws, deltas, strict=True)])
+    wt = torch.stack(ws)
+    if consensus:
+        sign = elect_sign(list(wd))
+        mask = (wd.sign() == sign).to(wd.dtype)
+        mixed = (wd * mask).sum(0)
+        divisor = (wt * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = wd.sum(0)
+        divisor = wt.sum(0).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return mixed
+
+
+def task_arithmetic(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Weights = None,
+    lam: float = 1.0,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """``base + lam * sum_i w_i * (expert_i - base)``; with ``normalize`` the sum is divided by
+    ``sum_i w_i`` (mergekit ``task_arithmetic``; ``normalize: true`` makes it a weighted mean)."""
+    deltas = task_vectors(base, experts)
+    mixed = _mix(deltas, weights, consensus=False, normalize=normalize)
+    return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
+
+
+def ties(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Weights = None,
+    density: float | Sequence[float] = 1.0,
+    lam: float = 1.0,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """TIES-merging: trim each delta to its top ``density`` fraction by magnitude, elect the sign
+    of each entry from the sum of the weighted trimmed deltas, average (``normalize``: divide by
+    the summed weights of) the experts agreeing with it, scale by ``lam``."""
+    deltas = task_vectors(base, experts)
+    dens = _per_expert(density, len(deltas), "density")
+    trimmed = [magnitude_trim(d, k) for d, k in zip(deltas, dens, strict=True)]
+    mixed = _mix(trimmed, weights, consensus=True, normalize=normalize)
+    return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
+
+
+def _dare_deltas(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    p: float | Sequence[float],
+    seed: int,
+    name: str,
+    rescale: Rescale,
+) -> list[torch.Tensor]:
+    deltas = task_vectors(base, experts)
+    ps = _per_expert(p, len(deltas), "drop rate")
+    out = []
+    for i, (d, pi) in enumerate(zip(deltas, ps, strict=True)):
+        g = torch.Generator().manual_seed(dare_seed(seed, name, i))
+        out.append(dare_drop(d, pi, g, rescale))
+    return out
+
+
+def dare_linear(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Weights = None,
+    p: float | Sequence[float] = 0.5,
+    lam: float = 1.0,
+    normalize: bool = False,
+    seed: int = 0,
+    name: str = "",
+    rescale: Rescale = "inverse",
+) -> torch.Tensor:
+    """DARE then task arithmetic (mergekit ``dare_linear``): drop each delta entry with
+    probability ``p``, rescale the survivors, then ``base + lam * sum_i w_i * delta_i``.
+    Deterministic given ``seed`` and ``name`` (the tensor's name)."""
+    deltas = _dare_deltas(base, experts, p, seed, name, rescale)
+    mixed = _mix(deltas, weights, consensus=False, normalize=normalize)
+    return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
+
+
+def dare_ties(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Weights = None,
+    p: float | Sequence[float] = 0.5,
+    lam: float = 1.0,
+    normalize: bool = False,
+    seed: int = 0,
+    name: str = "",
+    rescale: Rescale = "inverse",
+) -> torch.Tensor:
+    """DARE sparsification with TIES sign election (mergekit ``dare_ties``; note mergekit's
+    default ``normalize`` is False here, so agreeing deltas are summed, not averaged)."""
+    deltas = _dare_deltas(base, experts, p, seed, name, rescale)
+    mixed = _mix(deltas, weights, consensus=True, normalize=normalize)
+    return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
+
+
+# ---- a whole-merge configuration -----------------------------------------------------------------
+_DEFAULT_NORMALIZE = {"task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False}
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """One standard merge, applied tensor by tensor.
+
+    ``weights``: one per expert (default 1.0 each). ``density``: TIES keep fraction (per expert or
+    one value). ``drop_rate``: DARE drop probability ``p``. ``normalize``: None = mergekit's default
+    for the method. ``seed``: DARE seed (combined with each tensor name and expert index).
+    """
+
+    method: Method = "task_arithmetic"
+    weights: tuple[float, ...] | None = None
+    lam: float = 1.0
+    density: float | tuple[float, ...] = 1.0
+    drop_rate: float | tuple[float, ...] = 0.5
+    normalize: bool | None = None
+    seed: int = 0
+    rescale: Rescale = "inverse"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise WeightPatchError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+    @property
+    def normalize_value(self) -> bool:
+        return _DEFAULT_NORMALIZE[self.method] if self.normalize is None else self.normalize
+
+    def describe(self) -> dict[str, object]:
+        d = dataclasses.asdict(self)
+        d["normalize"] = self.normalize_value
+        return d
+
+    def merge_tensor(
+        self,
+        name: str,
+        base: torch.Tensor,
+        experts: Sequence[torch.Tensor],
+        weights: Weights = None,
+    ) -> torch.Tensor:
+        """Merge one tensor. ``weights`` overrides ``self.weights`` (e.g. per-entry tensors)."""
+        if weights is None and self.weights is not None:
+            weights = list(self.weights)
+        norm = self.normalize_value
+        if self.method == "task_arithmetic":
+            return task_arithmetic(base, experts, weights, self.lam, norm)
+        if self.method == "ties":
+            return ties(base, experts, weights, self.density, self.lam, norm)
+        fn = dare_linear if self.method == "dare_linear" else dare_ties
+        return fn(base, experts, weights, self.drop_rate, self.lam, norm, self.seed, name, self.rescale)
