@@ -36,11 +36,13 @@ def _tensors(space, name, n=2, seed=0):
 
 
 Q = "model.layers.0.self_attn.q_proj.weight"
-O = "model.layers.0.self_attn.o_proj.weight"
+OPROJ = "model.layers.0.self_attn.o_proj.weight"
 UP = "model.layers.1.mlp.up_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
-SCORES_A = pd.DataFrame({"component": ["L0.attn.head1", "L1.mlp.neuron3", "L1.attn"], "score": [0.9, 0.6, 0.1]})
+SCORES_A = pd.DataFrame(
+    {"component": ["L0.attn.head1", "L1.mlp.neuron3", "L1.attn"], "score": [0.9, 0.6, 0.1]}
+)
 SCORES_B = {"L1.mlp": 2.0, "L0.attn.head2": 1.0, "L0.mlp": -0.5}
 
 
@@ -64,8 +66,8 @@ def test_owner_takes_top_puts_owner_delta_exactly_on_its_components(space):
     torch.testing.assert_close(out[2 * hd : 3 * hd], b[2 * hd : 3 * hd])  # B's head 2
     torch.testing.assert_close(out[:hd], std[:hd])  # nobody's: standard merge
     torch.testing.assert_close(out[3 * hd :], std[3 * hd :])
-    base, (a, b) = _tensors(space, O)
-    out = m.merge_tensor(O, base, [a, b])
+    base, (a, b) = _tensors(space, OPROJ)
+    out = m.merge_tensor(OPROJ, base, [a, b])
     torch.testing.assert_close(out[:, hd : 2 * hd], a[:, hd : 2 * hd])  # O columns of head 1
     # conflict: neuron 3 of L1 is in A's L1.mlp.neuron3 (norm 0.6/0.9) and B's L1.mlp (norm 1.0)
     base, (a, b) = _tensors(space, UP)
@@ -79,7 +81,9 @@ def test_owner_takes_top_puts_owner_delta_exactly_on_its_components(space):
 
 def test_owner_conflict_higher_normalized_score_wins(space):
     # A's neuron 3 normalized 1.0 beats B's L1.mlp at 0.5
-    m = owner_takes_top(space, [{"L1.mlp.neuron3": 0.2}, {"L1.mlp": 2.0, "L0.attn": 4.0}], top_k=2, strength=0.5)
+    m = owner_takes_top(
+        space, [{"L1.mlp.neuron3": 0.2}, {"L1.mlp": 2.0, "L0.attn": 4.0}], top_k=2, strength=0.5
+    )
     base, (a, b) = _tensors(space, DOWN)
     out = m.merge_tensor(DOWN, base, [a, b])
     torch.testing.assert_close(out[:, 3], base[:, 3] + 0.5 * (a[:, 3] - base[:, 3]))
@@ -97,7 +101,9 @@ def test_score_weighted_weights(space):
     # L1.attn: A scored 0.1/0.9 < floor -> floor; B nothing -> floor
     name = "model.layers.1.self_attn.v_proj.weight"
     base, (a, b) = _tensors(space, name)
-    torch.testing.assert_close(m.merge_tensor(name, base, [a, b]), task_arithmetic(base, [a, b], [0.2, 0.2], 0.5))
+    torch.testing.assert_close(
+        m.merge_tensor(name, base, [a, b]), task_arithmetic(base, [a, b], [0.2, 0.2], 0.5)
+    )
 
 
 def test_validation(space):

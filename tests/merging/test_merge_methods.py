@@ -28,9 +28,9 @@ def _tensors(n=3, shape=(16, 24), seed=0):
 def test_task_arithmetic_formula():
     base, experts = _tensors()
     w = [0.5, 1.0, -0.25]
-    expected = base + 0.7 * sum(wi * (e - base) for wi, e in zip(w, experts))
+    expected = base + 0.7 * sum(wi * (e - base) for wi, e in zip(w, experts, strict=True))
     torch.testing.assert_close(task_arithmetic(base, experts, w, lam=0.7), expected)
-    normalized = base + 0.7 * sum(wi * (e - base) for wi, e in zip(w, experts)) / sum(w)
+    normalized = base + 0.7 * sum(wi * (e - base) for wi, e in zip(w, experts, strict=True)) / sum(w)
     torch.testing.assert_close(task_arithmetic(base, experts, w, lam=0.7, normalize=True), normalized)
     # default: unit weights, lam 1
     torch.testing.assert_close(task_arithmetic(base, experts), base + sum(e - base for e in experts))
@@ -67,10 +67,10 @@ def _ties_by_hand(base, experts, w, density, lam):
         deltas.append(torch.where(d.abs() >= thresh, d, torch.zeros_like(d)))
     out = flat_base.clone()
     for j in range(flat_base.numel()):
-        total = sum(wi * d[j] for wi, d in zip(w, deltas))
+        total = sum(wi * d[j] for wi, d in zip(w, deltas, strict=True))
         sign = 1.0 if total >= 0 else -1.0
         num, den = 0.0, 0.0
-        for wi, d in zip(w, deltas):
+        for wi, d in zip(w, deltas, strict=True):
             if torch.sign(wi * d[j]) == sign:
                 num += wi * d[j]
                 den += wi
@@ -130,14 +130,12 @@ def test_dare_linear_and_dare_ties_formulas():
     base, experts = _tensors()
     w = [1.0, 0.5, 0.75]
     deltas = _dare_deltas(base, experts, 0.3, 7, "t")
-    expected = base + 0.9 * sum(wi * d for wi, d in zip(w, deltas))
+    expected = base + 0.9 * sum(wi * d for wi, d in zip(w, deltas, strict=True))
     torch.testing.assert_close(dare_linear(base, experts, w, p=0.3, lam=0.9, seed=7, name="t"), expected)
     # DARE-TIES: TIES sign election over the DARE deltas (density 1 = no trimming), summed
     dt = dare_ties(base, experts, w, p=0.3, lam=0.9, seed=7, name="t")
-    by_hand = _ties_by_hand(
-        base, [base + d for d in deltas], w, 1.0, 0.9
-    )  # normalized disjoint mean; rescale back to a sum
-    wd = torch.stack([wi * d for wi, d in zip(w, deltas)])
+    by_hand = _ties_by_hand(base, [base + d for d in deltas], w, 1.0, 0.9)  # normalized variant
+    wd = torch.stack([wi * d for wi, d in zip(w, deltas, strict=True)])
     sign = torch.where(wd.sum(0) >= 0, 1.0, -1.0)
     agree = wd.sign() == sign
     summed = base + 0.9 * (wd * agree).sum(0)

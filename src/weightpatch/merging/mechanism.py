@@ -117,7 +117,9 @@ class MechanismMerge:
         if self.variant not in VARIANTS:
             raise WeightPatchError(f"unknown mechanism-aware variant {self.variant!r}; choose {VARIANTS}")
         if self.variant == "owner_takes_top" and self.top_k is None and self.threshold is None:
-            raise WeightPatchError("owner_takes_top needs top_k or threshold to choose each expert's components")
+            raise WeightPatchError(
+                "owner_takes_top needs top_k or threshold to choose each expert's components"
+            )
         tables = [load_scores(s) for s in self.scores]
         if not tables:
             raise WeightPatchError("mechanism-aware merge needs one score table per expert")

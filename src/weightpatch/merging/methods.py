@@ -280,7 +280,8 @@ class MergeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise WeightPatchError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+            choices = ", ".join(METHODS)
+            raise WeightPatchError(f"unknown merge method {self.method!r}; choose one of {choices}")
 
     @property
     def normalize_value(self) -> bool:

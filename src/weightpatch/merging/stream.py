@@ -51,7 +51,9 @@ class TensorMerger(Protocol):
     """Anything that merges one tensor: :class:`~weightpatch.merging.methods.MergeConfig`,
     :class:`~weightpatch.merging.mechanism.MechanismMerge`."""
 
-    def merge_tensor(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor: ...
+    def merge_tensor(
+        self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]
+    ) -> torch.Tensor: ...
 
 
 class Checkpoint:
@@ -88,7 +90,9 @@ class Checkpoint:
                 self.dtypes[name] = _DTYPES[dt]
         missing = sorted(set(weight_map) - set(self.file_of))
         if missing:
-            raise WeightPatchError(f"{self.path / INDEX_NAME} lists tensors missing from the shards: {missing[:5]}")
+            raise WeightPatchError(
+                f"{self.path / INDEX_NAME} lists tensors missing from the shards: {missing[:5]}"
+            )
 
     def _open(self, file: str) -> Any:
         if file not in self._handles:
