@@ -1,0 +1,279 @@
+"""Verifiable IFEval checkers for the six format constraints of the paper, and IFEval's scoring.
+
+The checks reproduce ``instruction_following_eval/instructions.py`` (google-research) and the strict /
+loose evaluation of ``evaluation_lib.py``:
+
+- ``change_case:english_capital``: ``response.isupper()`` and the response is English. IFEval asks
+  ``langdetect``; weightpatch does not depend on it and skips the language test (every response of the
+  demo pair is English). Pass ``language_check=callable`` to :func:`check_instruction` to add one.
+- ``punctuation:no_comma``: no ``,`` anywhere.
+- ``detectable_format:title``: some ``<<...>>`` on one line whose inside is not blank.
+- ``detectable_format:multiple_sections``: ``re.split(r"\\s?" + spliter + r"\\s?\\d+\\s?", response)``
+  gives at least ``num_sections + 1`` parts (the spliter is matched case-sensitively, as in IFEval).
+- ``startend:quotation``: the stripped response is longer than one character, starts and ends with ``"``.
+- ``detectable_format:number_highlighted_sections``: the non-blank ``*...*`` plus the non-blank
+  ``**...**`` (both counted, as in IFEval) number at least ``num_highlights``.
+
+Strict: the check on the response (an empty / whitespace-only response follows nothing). Loose: the
+check passes on any of the response, the response without its first line, without its last line,
+without both, and each of these with every ``*`` removed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from weightpatch.errors import WeightPatchError
+
+CAPITAL = "change_case:english_capital"
+NO_COMMA = "punctuation:no_comma"
+TITLE = "detectable_format:title"
+SECTIONS = "detectable_format:multiple_sections"
+QUOTATION = "startend:quotation"
+HIGHLIGHTS = "detectable_format:number_highlighted_sections"
+
+
+def check_english_capital(response: str, language_check: Callable[[str], bool] | None = None) -> bool:
+    """All cased characters upper case, at least one of them (``str.isupper``); English if checked."""
+    if not response.isupper():
+        return False
+    return language_check(response) if language_check is not None else True
+
+
+def check_no_comma(response: str) -> bool:
+    return "," not in response
+
+
+def check_title(response: str) -> bool:
+    return any(title.lstrip("<").rstrip(">").strip() for title in re.findall(r"<<[^\n]+>>", response))
+
+
+def check_multiple_sections(response: str, num_sections: int, section_spliter: str = "SECTION") -> bool:
+    spliter = section_spliter.strip()
+    sections = re.split(r"\s?" + spliter + r"\s?\d+\s?", response)
+    return len(sections) - 1 >= num_sections
+
+
+def check_quotation(response: str) -> bool:
+    value = response.strip()
+    return len(value) > 1 and value[0] == '"' and value[-1] == '"'
+
+
+def count_highlights(response: str) -> int:
+    """IFEval's count: non-blank ``*x*`` matches plus non-blank ``**x**`` matches."""
+    n = 0
+    for h in re.findall(r"\*[^\n\*]*\*", response):
+        if h.strip("*").strip():
+            n += 1
+    for h in re.findall(r"\*\*[^\n\*]*\*\*", response):
+        if h.removeprefix("**").removesuffix("**").strip():
+            n += 1
+    return n
+
+
+def check_highlighted_sections(response: str, num_highlights: int) -> bool:
+    return count_highlights(response) >= num_highlights
+
+
+_CHECKS: dict[str, tuple[Callable[..., bool], tuple[str, ...], tuple[str, ...]]] = {
+    # id: (function, required kwargs, optional kwargs)
+    CAPITAL: (check_english_capital, (), ()),
+    NO_COMMA: (check_no_comma, (), ()),
+    TITLE: (check_title, (), ()),
+    SECTIONS: (check_multiple_sections, ("num_sections",), ("section_spliter",)),
+    QUOTATION: (check_quotation, (), ()),
+    HIGHLIGHTS: (check_highlighted_sections, ("num_highlights",), ()),
+}
+
+#: The instruction ids these checkers support.
+SUPPORTED_INSTRUCTIONS: tuple[str, ...] = tuple(_CHECKS)
+
+
+def check_instruction(
+    instruction_id: str,
+    response: str,
+    kwargs: dict | None = None,
+    *,
+    language_check: Callable[[str], bool] | None = None,
+) -> bool:
+    """Whether ``response`` follows one instruction (IFEval's ``check_following``, no empty-guard).
+
+    ``kwargs`` are IFEval's; keys with value ``None`` are ignored (the Hugging Face copy of IFEval
+    stores every key of every instruction, mostly ``None``).
+    """
+    if instruction_id not in _CHECKS:
+        raise WeightPatchError(
+            f"no checker for instruction {instruction_id!r}; supported: {', '.join(SUPPORTED_INSTRUCTIONS)}"
+        )
+    fn, required, optional = _CHECKS[instruction_id]
+    given = {k: v for k, v in (kwargs or {}).items() if v is not None}
+    missing = [k for k in required if k not in given]
+    if missing:
+        raise WeightPatchError(f"instruction {instruction_id!r} needs kwargs {missing}; got {sorted(given)}")
+    args = {k: given[k] for k in (*required, *optional) if k in given}
+    if instruction_id == CAPITAL:
+        return fn(response, language_check=language_check)
+    return fn(response, **args)
+
+
+def loose_variants(response: str) -> list[str]:
+    """The eight response variants of IFEval's loose evaluation, in its order."""
+    r = response.split("\n")
+    remove_first = "\n".join(r[1:]).strip()
+    remove_last = "\n".join(r[:-1]).strip()
+    remove_both = "\n".join(r[1:-1]).strip()
+    return [
+        response,
+        response.replace("*", ""),
+        remove_first,
+        remove_last,
+        remove_both,
+        remove_first.replace("*", ""),
+        remove_last.replace("*", ""),
+        remove_both.replace("*", ""),
+    ]
+
+
+def follows(
+    instruction_id: str,
+    response: str,
+    kwargs: dict | None = None,
+    *,
+    loose: bool = False,
+    language_check: Callable[[str], bool] | None = None,
+) -> bool:
+    """IFEval's strict (default) or loose verdict for one instruction."""
+    candidates = loose_variants(response) if loose else [response]
+    return any(
+        c.strip() and check_instruction(instruction_id, c, kwargs, language_check=language_check)
+        for c in candidates
+    )
+
+
+@dataclass
+class PromptResult:
+    """The verdicts for one prompt: one bool per instruction, strict and loose."""
+
+    key: int | str | None
+    instruction_id_list: list[str]
+    strict: list[bool]
+    loose: list[bool]
+    response: str = ""
+
+    @property
+    def strict_all(self) -> bool:
+        return all(self.strict)
+
+    @property
+    def loose_all(self) -> bool:
+        return all(self.loose)
+
+
+def evaluate_response(
+    instruction_id_list: Sequence[str],
+    kwargs: Sequence[dict],
+    response: str,
+    *,
+    key: int | str | None = None,
+    language_check: Callable[[str], bool] | None = None,
+) -> PromptResult:
+    if len(kwargs) != len(instruction_id_list):
+        raise WeightPatchError(
+            f"prompt {key}: {len(instruction_id_list)} instructions but {len(kwargs)} kwargs dicts"
+        )
+    strict = [
+        follows(i, response, k, language_check=language_check)
+        for i, k in zip(instruction_id_list, kwargs, strict=True)
+    ]
+    loose = [
+        follows(i, response, k, loose=True, language_check=language_check)
+        for i, k in zip(instruction_id_list, kwargs, strict=True)
+    ]
+    return PromptResult(key, list(instruction_id_list), strict, loose, response)
+
+
+@dataclass
+class Accuracy:
+    """IFEval's four headline numbers plus per-instruction accuracy (strict and loose)."""
+
+    n_prompts: int
+    prompt_strict: float
+    prompt_loose: float
+    instruction_strict: float
+    instruction_loose: float
+    per_instruction_strict: dict[str, float] = field(default_factory=dict)
+    per_instruction_loose: dict[str, float] = field(default_factory=dict)
+    per_instruction_count: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "n_prompts": self.n_prompts,
+            "prompt_strict": self.prompt_strict,
+            "prompt_loose": self.prompt_loose,
+            "instruction_strict": self.instruction_strict,
+            "instruction_loose": self.instruction_loose,
+            "per_instruction_strict": dict(self.per_instruction_strict),
+            "per_instruction_loose": dict(self.per_instruction_loose),
+            "per_instruction_count": dict(self.per_instruction_count),
+        }
+
+
+def accuracy(results: Sequence[PromptResult]) -> Accuracy:
+    """Prompt-level and instruction-level accuracy, overall and per instruction id."""
+    if not results:
+        raise WeightPatchError("no results to score: the prompt set is empty")
+    total: dict[str, int] = defaultdict(int)
+    ok_s: dict[str, int] = defaultdict(int)
+    ok_l: dict[str, int] = defaultdict(int)
+    for r in results:
+        for i, s, lo in zip(r.instruction_id_list, r.strict, r.loose, strict=True):
+            total[i] += 1
+            ok_s[i] += s
+            ok_l[i] += lo
+    n_instr = sum(total.values())
+    return Accuracy(
+        n_prompts=len(results),
+        prompt_strict=sum(r.strict_all for r in results) / len(results),
+        prompt_loose=sum(r.loose_all for r in results) / len(results),
+        instruction_strict=sum(ok_s.values()) / n_instr if n_instr else float("nan"),
+        instruction_loose=sum(ok_l.values()) / n_instr if n_instr else float("nan"),
+        per_instruction_strict={i: ok_s[i] / total[i] for i in sorted(total)},
+        per_instruction_loose={i: ok_l[i] / total[i] for i in sorted(total)},
+        per_instruction_count={i: total[i] for i in sorted(total)},
+    )
+
+
+def evaluate(records: Sequence, responses: Sequence[str]) -> tuple[Accuracy, list[PromptResult]]:
+    """Score ``responses`` against prompt records (``PromptRecord`` or IFEval dicts), in order."""
+    if len(records) != len(responses):
+        raise WeightPatchError(f"{len(records)} prompts but {len(responses)} responses")
+    results = []
+    for rec, resp in zip(records, responses, strict=True):
+        get = rec.get if isinstance(rec, dict) else lambda name, r=rec: getattr(r, name)
+        results.append(evaluate_response(get("instruction_id_list"), get("kwargs"), resp, key=get("key")))
+    return accuracy(results), results
+
+
+#: Detectors of each format applied *without being asked*: same checks, with the kwargs that make them
+#: mean "any of it" (one section, one highlight).
+_FORMAT_PROBES: dict[str, Callable[[str], bool]] = {
+    CAPITAL: check_english_capital,
+    NO_COMMA: check_no_comma,
+    TITLE: check_title,
+    SECTIONS: lambda r: check_multiple_sections(r, 1),
+    QUOTATION: check_quotation,
+    HIGHLIGHTS: lambda r: check_highlighted_sections(r, 1),
+}
+
+
+def format_rates(responses: Sequence[str]) -> dict[str, float]:
+    """Fraction of responses showing each format (strict checks); for unrequested-format rates.
+
+    Note that ``punctuation:no_comma`` also fires on a response that has no comma by chance.
+    """
+    if not responses:
+        raise WeightPatchError("no responses")
+    return {i: sum(probe(r) for r in responses) / len(responses) for i, probe in _FORMAT_PROBES.items()}

@@ -1,0 +1,139 @@
+"""Prompt sets in IFEval's JSONL schema.
+
+One JSON object per line with IFEval's fields:
+
+- ``key`` (int; a string is accepted too),
+- ``prompt`` (str),
+- ``instruction_id_list`` (list of str),
+- ``kwargs`` (list of dicts, one per instruction, IFEval's argument names, e.g.
+  ``{"num_highlights": 2}`` or ``{"section_spliter": "SECTION", "num_sections": 3}``).
+
+weightpatch extension (optional, never required): ``prompt_without_instruction`` (str), the same
+request with its instruction sentences removed, used to build instruction-vector anchors. Other
+extra fields are kept in :attr:`PromptRecord.extra`. Blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weightpatch.errors import WeightPatchError
+
+REQUIRED_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
+
+
+@dataclass
+class PromptRecord:
+    """One IFEval prompt (plus the optional instruction-free form)."""
+
+    key: int | str
+    prompt: str
+    instruction_id_list: list[str]
+    kwargs: list[dict[str, Any]]
+    prompt_without_instruction: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "key": self.key,
+            "prompt": self.prompt,
+            "instruction_id_list": list(self.instruction_id_list),
+            "kwargs": [dict(k) for k in self.kwargs],
+        }
+        if self.prompt_without_instruction is not None:
+            d["prompt_without_instruction"] = self.prompt_without_instruction
+        d.update(self.extra)
+        return d
+
+
+def _fail(path: Path, lineno: int, message: str) -> WeightPatchError:
+    return WeightPatchError(f"{path}:{lineno}: {message}")
+
+
+def parse_record(obj: Any, path: Path | str = "<memory>", lineno: int = 0) -> PromptRecord:
+    """Validate one decoded JSON object; errors name the file, line and field."""
+    path = Path(path)
+    if not isinstance(obj, dict):
+        raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+    for name in REQUIRED_FIELDS:
+        if name not in obj:
+            needed = ", ".join(REQUIRED_FIELDS)
+            raise _fail(path, lineno, f"missing field {name!r} (the IFEval schema needs {needed})")
+    key = obj["key"]
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise _fail(path, lineno, f"field 'key' must be an integer or a string, got {type(key).__name__}")
+    if not isinstance(obj["prompt"], str):
+        raise _fail(path, lineno, f"field 'prompt' must be a string, got {type(obj['prompt']).__name__}")
+    ids = obj["instruction_id_list"]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise _fail(path, lineno, "field 'instruction_id_list' must be a list of strings")
+    kwargs = obj["kwargs"]
+    if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs):
+        raise _fail(path, lineno, "field 'kwargs' must be a list of objects (one per instruction)")
+    if len(kwargs) != len(ids):
+        raise _fail(
+            path, lineno,
+            f"field 'kwargs' has {len(kwargs)} entries but 'instruction_id_list' has {len(ids)}",
+        )
+    without = obj.get("prompt_without_instruction")
+    if without is not None and not isinstance(without, str):
+        raise _fail(path, lineno, "field 'prompt_without_instruction' must be a string when present")
+    extra = {k: v for k, v in obj.items() if k not in (*REQUIRED_FIELDS, "prompt_without_instruction")}
+    return PromptRecord(
+        key=key,
+        prompt=obj["prompt"],
+        instruction_id_list=list(ids),
+        kwargs=[dict(k) for k in kwargs],
+        prompt_without_instruction=without,
+        extra=extra,
+    )
+
+
+def load_prompts(path: str | Path) -> list[PromptRecord]:
+    """Read an IFEval-schema JSONL file (e.g. IFEval's ``input_data.jsonl``).
+
+    Raises :class:`~weightpatch.errors.WeightPatchError` naming the file, the line and the field for
+    a missing file, invalid JSON, a missing field or a wrong type, and for a file with no records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightPatchError(f"{path}: prompt file not found")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _fail(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            records.append(parse_record(obj, path, lineno))
+    if not records:
+        raise WeightPatchError(f"{path}: no prompts (the file is empty); expected one JSON object per line")
+    return records
+
+
+def save_prompts(records: list[PromptRecord], path: str | Path) -> Path:
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    return path
+
+
+def without_instruction(records: list[PromptRecord]) -> list[PromptRecord]:
+    """The paired instruction-free prompts (no instructions); needs ``prompt_without_instruction``."""
+    out = []
+    for r in records:
+        if r.prompt_without_instruction is None:
+            raise WeightPatchError(
+                f"prompt {r.key!r} has no 'prompt_without_instruction' (a weightpatch extension of the "
+                "IFEval schema); add it to the file to use instruction-free pairs"
+            )
+        out.append(
+            PromptRecord(key=r.key, prompt=r.prompt_without_instruction, instruction_id_list=[], kwargs=[])
+        )
+    return out

@@ -1,3 +1,0 @@
-from merging_testutil import tiny_checkpoints
-
-__all__ = ["tiny_checkpoints"]
