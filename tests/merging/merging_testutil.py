@@ -1,11 +1,12 @@
-"""Tiny random Llama checkpoints shared by the merging tests (fixture re-exported by conftest)."""
+"""Tiny random Llama checkpoints shared by the merging tests (each test module wraps
+:func:`build_tiny_checkpoints` in its own fixture; no conftest here, so ``conftest`` stays
+``tests/conftest.py`` for the other test packages)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-import pytest
 import torch
 
 
@@ -44,12 +45,10 @@ def dir_hashes(path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory):
-    """(base, expert_a, expert_b): expert_b is sharded (several files + index)."""
+def build_tiny_checkpoints(root: Path) -> tuple[Path, Path, Path]:
+    """(base, expert_a, expert_b) under ``root``: expert_b is sharded (several files + index)."""
     from transformers import AutoModelForCausalLM
 
-    root = tmp_path_factory.mktemp("ckpts")
     base = save_tiny(root / "base", 0)
     (base / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
     state = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(base).named_parameters()}

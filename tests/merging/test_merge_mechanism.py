@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from merging_testutil import tiny_config
+from merging_testutil import build_tiny_checkpoints, tiny_config
 
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import WeightPatchError
@@ -19,6 +19,11 @@ from weightpatch.merging.mechanism import (
 )
 from weightpatch.merging.methods import MergeConfig, task_arithmetic, ties
 from weightpatch.merging.stream import Checkpoint, merge_checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
 @pytest.fixture(scope="module")

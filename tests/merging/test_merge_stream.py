@@ -6,13 +6,18 @@ import json
 
 import pytest
 import torch
-from merging_testutil import dir_hashes
+from merging_testutil import build_tiny_checkpoints, dir_hashes
 from safetensors.torch import load_file
 
 from weightpatch.errors import PairMismatchError, WeightPatchError
 from weightpatch.merging import stream
 from weightpatch.merging.methods import MergeConfig, task_arithmetic, ties
 from weightpatch.merging.stream import Checkpoint, merge_checkpoints, parse_size
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
 def _state(path):

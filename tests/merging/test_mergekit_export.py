@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from merging_testutil import tiny_config
+from merging_testutil import build_tiny_checkpoints, tiny_config
 
 from weightpatch.components import ComponentSpace
 from weightpatch.merging.mechanism import owner_takes_top, score_weighted
 from weightpatch.merging.mergekit_export import mergekit_config, write_mergekit_yaml
 from weightpatch.merging.methods import MergeConfig
 from weightpatch.merging.stream import Checkpoint, merge_checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
 @pytest.fixture(scope="module")
