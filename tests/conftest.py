@@ -12,48 +12,107 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 64
 
 TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
     "mistral": lambda: transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=64,
+    ),
     "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "qwen3": lambda: transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "gemma": lambda: transformers.GemmaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    ),
     "gemma2": lambda: transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=64,
+    ),
     "gemma3": lambda: transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, head_dim=8,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, max_position_embeddings=64,
-        sliding_window_pattern=2),
-    "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=64,
+        sliding_window_pattern=2,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=64),
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    ),
 }
 FAMILIES = sorted(TINY_CONFIGS)
 
 
 def tiny_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    """A byte-level BPE over single characters (no merges), so that every family's own tokenizer
+    class (transformers 5 rebuilds e.g. Qwen2's from vocab and merges) tokenizes it the same way."""
+    chars = ["\u0120", *"abcdefghijklmnopqrstuvwxyz0123456789"]  # \u0120 is byte-level space
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(chars)}
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
@@ -111,3 +170,15 @@ def token_batch(n: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WEIGHTPATCH_CACHE", str(tmp_path_factory.mktemp("cache")))
     torch.set_num_threads(2)
+
+
+def tiny_texts(n: int, seed: int = 0, length: int = 6) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length - 2, length + 3, (n,), generator=g)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return [" ".join(letters[int(t)] for t in torch.randint(0, len(letters), (int(k),), generator=g)) for k in lengths]
+
+
+@pytest.fixture(scope="session")
+def llama_pair_dirs(tmp_path_factory):
+    return make_pair("llama", tmp_path_factory.mktemp("llama-pair"))

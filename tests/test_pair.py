@@ -26,7 +26,9 @@ def test_different_shapes_are_listed(tmp_path):
     other = tiny_model("llama", intermediate_size=40)
     save(base, tmp_path / "a")
     save(other, tmp_path / "b")
-    with pytest.raises(PairMismatchError, match=r"model.layers.0.mlp.down_proj.weight: base \(32, 48\) vs specialized \(32, 40\)"):
+    with pytest.raises(
+        PairMismatchError, match=r"model.layers.0.mlp.down_proj.weight: base \(32, 48\) vs specialized \(32, 40\)"
+    ):
         load_pair(tmp_path / "a", tmp_path / "b")
 
 
@@ -50,8 +52,16 @@ def test_different_architectures_are_refused(tmp_path):
 def test_unknown_architecture_and_missing_directory(tmp_path):
     import transformers
 
-    bert = transformers.BertLMHeadModel(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, is_decoder=True))
+    bert = transformers.BertLMHeadModel(
+        transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            is_decoder=True,
+        )
+    )
     save(bert, tmp_path / "bert")
     with pytest.raises(UnknownArchitectureError, match="Add one"):
         load_pair(tmp_path / "bert", tmp_path / "bert")

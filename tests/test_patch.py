@@ -54,8 +54,9 @@ def test_knockout_direction_everything_gives_base_logits(pair_dirs):
 def test_restore_is_bit_exact_when_the_body_raises(pair_dirs):
     pair = load_pair(*pair_dirs)
     before = snapshot(pair.model)
-    with pytest.raises(RuntimeError, match="boom"), patched(
-        pair.model, pair.donor, pair.space, ["L1", "L0.attn.head1", "embed"], alpha=0.3
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        patched(pair.model, pair.donor, pair.space, ["L1", "L0.attn.head1", "embed"], alpha=0.3),
     ):
         raise RuntimeError("boom")
     assert_bit_identical(pair.model, before)

@@ -13,8 +13,11 @@ IFEVAL_LINES = [
         "key": 1000,
         "prompt": "Write a 300+ word summary of the wikipedia page. Do not use any commas and highlight "
         "at least 3 sections that has titles in markdown format, for example *highlighted section*.",
-        "instruction_id_list": ["punctuation:no_comma", "detectable_format:number_highlighted_sections",
-                                "length_constraints:number_words"],
+        "instruction_id_list": [
+            "punctuation:no_comma",
+            "detectable_format:number_highlighted_sections",
+            "length_constraints:number_words",
+        ],
         "kwargs": [{}, {"num_highlights": 3}, {"relation": "at least", "num_words": 300}],
     },
     {

@@ -148,8 +148,7 @@ def follows(
     """IFEval's strict (default) or loose verdict for one instruction."""
     candidates = loose_variants(response) if loose else [response]
     return any(
-        c.strip() and check_instruction(instruction_id, c, kwargs, language_check=language_check)
-        for c in candidates
+        c.strip() and check_instruction(instruction_id, c, kwargs, language_check=language_check) for c in candidates
     )
 
 
@@ -181,12 +180,9 @@ def evaluate_response(
     language_check: Callable[[str], bool] | None = None,
 ) -> PromptResult:
     if len(kwargs) != len(instruction_id_list):
-        raise WeightPatchError(
-            f"prompt {key}: {len(instruction_id_list)} instructions but {len(kwargs)} kwargs dicts"
-        )
+        raise WeightPatchError(f"prompt {key}: {len(instruction_id_list)} instructions but {len(kwargs)} kwargs dicts")
     strict = [
-        follows(i, response, k, language_check=language_check)
-        for i, k in zip(instruction_id_list, kwargs, strict=True)
+        follows(i, response, k, language_check=language_check) for i, k in zip(instruction_id_list, kwargs, strict=True)
     ]
     loose = [
         follows(i, response, k, loose=True, language_check=language_check)

@@ -165,9 +165,7 @@ class ComponentSpace:
         spec = architecture_for(model.config)
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         ids = {id(p): n for n, p in model.named_parameters()}
-        aliases = {
-            n: ids[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if n not in shapes
-        }
+        aliases = {n: ids[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if n not in shapes}
         return cls(spec, spec.dims(model.config), shapes, aliases, include_kv)
 
     # ---- name lookup -------------------------------------------------------------------------
@@ -286,6 +284,21 @@ class ComponentSpace:
     def model_level_modules(self) -> list[Component]:
         return [Component("module", None, m) for m in self.module_names(None)]
 
+    def first_affected_layer(self, component: Component | str) -> int:
+        """The first decoder block whose output the component's weights change: its own layer,
+        0 for the input embeddings, ``num_layers`` for what acts after the last block (final norm,
+        untied unembedding). With tied embeddings ``unembed`` owns the embedding, so it is 0."""
+        first = self.num_layers
+        embedding = {s.name for m in ("embed", "pos_embed") for s in self._resolve_module(None, m)}
+        for piece in self.resolve(component):
+            if piece.name in embedding:
+                return 0
+            for layer in range(first):
+                if piece.name.startswith(self.spec.layer_prefix.format(layer=layer)):
+                    first = layer
+                    break
+        return first
+
     def uncovered_parameters(self) -> list[str]:
         """Parameters that no layer or model-level module owns (a gap in the description)."""
         owned = {s.name for s in self.resolve_all(self.everything())}
@@ -310,7 +323,9 @@ class ComponentSpace:
         elif c.kind == "neuron" and not 0 <= c.index < self.num_neurons(c.layer):  # type: ignore[operator,arg-type]
             problem = f"neuron {c.index} is out of range (layer {c.layer} has {self.num_neurons(c.layer)} neurons)"  # type: ignore[arg-type]
         elif c.kind == "module" and c.module not in self.module_names(c.layer):
-            problem = f"no module {c.module!r} {'in layer ' + str(c.layer) if c.layer is not None else 'at model level'}"
+            problem = (
+                f"no module {c.module!r} {'in layer ' + str(c.layer) if c.layer is not None else 'at model level'}"
+            )
         if problem is None:
             return c
         close = difflib.get_close_matches(c.name, self._all_names_near(c), n=1, cutoff=0.5)

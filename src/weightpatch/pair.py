@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -178,10 +180,17 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         return "auto"
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float64": torch.float64,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
-        raise WeightPatchError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
+        raise WeightPatchError(f"unknown dtype {dtype!r}; use one of float64, float32, bfloat16, float16, auto")
     return names[dtype]
 
 
@@ -204,6 +213,18 @@ class ModelPair:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @contextmanager
+    def as_model(self, role: Role) -> Iterator[PreTrainedModel]:
+        """The in-memory model with the weights of ``role``: the receiver as it is, or with every
+        component patched from the donor (bit-identical to the other checkpoint)."""
+        if role == self.receiver:
+            yield self.model
+            return
+        from weightpatch.patch import patched
+
+        with patched(self.model, self.donor, self.space, self.space.everything()):
+            yield self.model
 
     def identities(self) -> dict[str, Any]:
         """What every run records: both models' identities and the library versions."""
@@ -254,8 +275,9 @@ def load_pair(
     configs = {r: _config(dirs[r], gguf[r], trust_remote_code) for r in dirs}
     architecture_for(configs["base"])  # unknown families fail before any weights are read
     tokenizers = {r: _tokenizer(dirs[r], gguf[r], trust_remote_code) for r in dirs}
-    raise_if_mismatched(pair_differences(configs["base"], configs["specialized"],
-                                         tokenizers["base"], tokenizers["specialized"]))
+    raise_if_mismatched(
+        pair_differences(configs["base"], configs["specialized"], tokenizers["base"], tokenizers["specialized"])
+    )
     donor_role: Role = "specialized" if receiver == "base" else "base"
     model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, trust_remote_code)
     space = ComponentSpace.from_model(model, include_kv=include_kv)

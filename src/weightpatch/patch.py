@@ -48,6 +48,24 @@ def donor_values(donor: WeightSource, piece: ParamSlice, like: torch.Tensor) -> 
     return donor.read(piece).to(device=like.device, dtype=like.dtype)
 
 
+class Patch:
+    """What a :func:`patched` block yields: the patched slices and the receiver's original values."""
+
+    def __init__(self, saved: list[_Saved]) -> None:
+        self._saved = saved
+
+    @property
+    def slices(self) -> list[ParamSlice]:
+        return [s.piece for s in self._saved]
+
+    def original(self, name: str) -> torch.Tensor:
+        """The receiver's original value of a fully patched parameter."""
+        for s in self._saved:
+            if s.piece.name == name and s.piece.is_full:
+                return s.original
+        raise KeyError(f"{name} is not fully patched in this block")
+
+
 @contextmanager
 def patched(
     model: torch.nn.Module,
@@ -55,11 +73,10 @@ def patched(
     space: ComponentSpace,
     components: Iterable[Component | str],
     alpha: float = 1.0,
-) -> Iterator[list[ParamSlice]]:
+) -> Iterator[Patch]:
     """Patch ``components`` from ``donor`` into ``model`` for the duration of the block.
 
-    Yields the merged list of patched slices. Overlapping components (``L5`` and ``L5.mlp``) are
-    patched once (the union of their slices).
+    Overlapping components (``L5`` and ``L5.mlp``) are patched once (the union of their slices).
     """
     pieces = space.resolve_all(components)
     saved: list[_Saved] = []
@@ -74,7 +91,7 @@ def patched(
                 if alpha != 1.0:
                     new = original + alpha * (new - original)
                 _put(param, piece, index, new)
-        yield pieces
+        yield Patch(saved)
     finally:
         with torch.no_grad():
             for s in reversed(saved):

@@ -75,7 +75,8 @@ def parse_record(obj: Any, path: Path | str = "<memory>", lineno: int = 0) -> Pr
         raise _fail(path, lineno, "field 'kwargs' must be a list of objects (one per instruction)")
     if len(kwargs) != len(ids):
         raise _fail(
-            path, lineno,
+            path,
+            lineno,
             f"field 'kwargs' has {len(kwargs)} entries but 'instruction_id_list' has {len(ids)}",
         )
     without = obj.get("prompt_without_instruction")
@@ -133,7 +134,5 @@ def without_instruction(records: list[PromptRecord]) -> list[PromptRecord]:
                 f"prompt {r.key!r} has no 'prompt_without_instruction' (a weightpatch extension of the "
                 "IFEval schema); add it to the file to use instruction-free pairs"
             )
-        out.append(
-            PromptRecord(key=r.key, prompt=r.prompt_without_instruction, instruction_id_list=[], kwargs=[])
-        )
+        out.append(PromptRecord(key=r.key, prompt=r.prompt_without_instruction, instruction_id_list=[], kwargs=[]))
     return out

@@ -1,0 +1,237 @@
+"""Vector anchors (SPEC section 4): a unit vector ``u`` in the residual stream after block
+``layer``, read at the last prompt token. The anchor score of a model on a prompt is
+``F_a(M, x) = <h_layer(M, x)[last], u>`` (units: residual-stream units along ``u``).
+
+Two constructions (recorded in :attr:`Anchor.method`):
+
+- ``"instruction"`` (instruction vectors, Stolfo et al. 2410.12877): mean over prompts of
+  ``h(M_sft, x with instruction) - h(M_sft, x without instruction)``, normalized.
+- ``"model_diff"``: mean over prompts of ``h(M_sft, x) - h(M_base, x)``, normalized.
+
+An anchor is valid when it separates the two conditions on held-out prompts (Cohen's d and AUC per
+layer, :func:`search_anchor_layer`) and when adding ``alpha * u`` to the base model raises a
+behavioural metric (:func:`steering_curve`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+
+from weightpatch.errors import WeightPatchError
+from weightpatch.pair import ModelPair, Role
+from weightpatch.runner import batches, encode, residual_addition, run_segment
+
+Method = Literal["instruction", "model_diff"]
+
+
+def prompts_sha256(*groups: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for group in groups:
+        for text in group:
+            h.update(text.encode())
+            h.update(b"\0")
+        h.update(b"\1")
+    return h.hexdigest()
+
+
+@dataclass
+class Anchor:
+    vector: Float[torch.Tensor, " hidden"]  # unit norm, float32
+    layer: int
+    method: Method
+    models: dict[str, Any]  # the pair's identities when the anchor was built
+    prompts_sha256: str
+    metrics: dict[str, float] = field(default_factory=dict)  # held-out separation, etc.
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.safetensors`` (the vector) and ``<path>.json`` (metadata), atomically."""
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "layer": self.layer,
+            "method": self.method,
+            "models": self.models,
+            "prompts_sha256": self.prompts_sha256,
+            "metrics": self.metrics,
+        }
+        tmp_t, tmp_j = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
+        save_file({"anchor": self.vector.detach().float().cpu().contiguous()}, str(tmp_t))
+        tmp_j.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_t, path.with_suffix(".safetensors"))
+        os.replace(tmp_j, path.with_suffix(".json"))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, pair: ModelPair | None = None) -> Anchor:
+        """Load an anchor; with ``pair``, refuse it unless it was built for the same models."""
+        path = Path(path).with_suffix("")
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            vector = load_file(str(path.with_suffix(".safetensors")))["anchor"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise WeightPatchError(f"cannot read anchor {path}(.json/.safetensors): {exc}") from exc
+        anchor = cls(vector, meta["layer"], meta["method"], meta["models"], meta["prompts_sha256"], meta["metrics"])
+        if pair is not None:
+            anchor.check_compatible(pair)
+        return anchor
+
+    def check_compatible(self, pair: ModelPair) -> None:
+        hidden = pair.space.dims.hidden_size
+        if self.vector.shape != (hidden,):
+            raise WeightPatchError(
+                f"anchor has dimension {tuple(self.vector.shape)} but the model's hidden size is {hidden}: "
+                f"this anchor belongs to another model; build one for this pair with `wpatch anchor`"
+            )
+        if not 0 <= self.layer < pair.space.num_layers:
+            raise WeightPatchError(
+                f"anchor layer {self.layer} is out of range for a {pair.space.num_layers}-layer model"
+            )
+        ours = pair.identities()
+        for role in ("base", "specialized"):
+            if self.models[role]["weights_sha256"] != ours[role]["weights_sha256"]:
+                raise WeightPatchError(
+                    f"anchor was built for a different {role} model ({self.models[role]['source']}, "
+                    f"sha256 {self.models[role]['weights_sha256'][:12]}) than the one loaded "
+                    f"({ours[role]['source']}, {ours[role]['weights_sha256'][:12]}); rebuild it for this pair"
+                )
+
+
+def last_token_residuals(
+    pair: ModelPair, texts: Sequence[str], layers: Sequence[int], role: Role, batch_size: int = 16
+) -> Float[torch.Tensor, "prompt layer hidden"]:
+    """Residual stream after each block in ``layers`` at each prompt's last token, for ``role``'s
+    weights (float32, on CPU)."""
+    top = max(layers)
+    out = []
+    with pair.as_model(role) as model, torch.no_grad():
+        for batch in batches(encode(pair.tokenizer, texts, pair.device), batch_size):
+            last, inputs = run_segment(
+                model, pair.space, batch, stop=top, capture_inputs=[layer + 1 for layer in layers if layer < top]
+            )
+            per_layer = [last[:, -1] if layer == top else inputs[layer + 1][:, -1] for layer in layers]
+            out.append(torch.stack(per_layer, dim=1).float().cpu())
+    return torch.cat(out)
+
+
+def _differences(pair, method, with_instr, without_instr, layers, batch_size):
+    """Per-prompt difference vectors (prompt, layer, hidden) and the two conditions' residuals."""
+    if method == "instruction":
+        if without_instr is None or len(without_instr) != len(with_instr):
+            raise WeightPatchError("the 'instruction' anchor needs each prompt also in a form without its instruction")
+        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size)
+        b = last_token_residuals(pair, without_instr, layers, "specialized", batch_size)
+    elif method == "model_diff":
+        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size)
+        b = last_token_residuals(pair, with_instr, layers, "base", batch_size)
+    else:
+        raise WeightPatchError(f"unknown anchor method {method!r}; use 'instruction' or 'model_diff'")
+    return a, b
+
+
+def _separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
+    """Cohen's d, AUC and midpoint accuracy of projections (positive condition should be larger)."""
+    pooled = np.sqrt((pos.var(ddof=1) + neg.var(ddof=1)) / 2) if len(pos) > 1 and len(neg) > 1 else np.nan
+    d = float((pos.mean() - neg.mean()) / pooled) if pooled and pooled > 0 else float("inf")
+    auc = float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+    mid = (pos.mean() + neg.mean()) / 2
+    acc = float(((pos > mid).sum() + (neg <= mid).sum()) / (len(pos) + len(neg)))
+    return {"cohen_d": d, "auc": auc, "accuracy": acc, "mean_gap": float(pos.mean() - neg.mean())}
+
+
+def search_anchor_layer(
+    pair: ModelPair,
+    train_with: Sequence[str],
+    train_without: Sequence[str] | None,
+    heldout_with: Sequence[str],
+    heldout_without: Sequence[str] | None,
+    method: Method = "instruction",
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> tuple[Anchor, pd.DataFrame]:
+    """Build a candidate anchor at each layer from the training prompts, measure how well it
+    separates the two conditions on held-out prompts, and return the best (largest Cohen's d among
+    layers with AUC within 0.02 of the best) with the per-layer table.
+
+    Default layers: ``range(n_layers // 5, n_layers, 2)`` as in Stolfo et al., plus the last."""
+    n = pair.space.num_layers
+    layers = sorted(set(layers if layers is not None else [*range(n // 5, n, 2), n - 1]))
+    for layer in layers:
+        if not 0 <= layer < n:
+            raise WeightPatchError(f"anchor layer {layer} is out of range (the model has layers 0..{n - 1})")
+    a, b = _differences(pair, method, train_with, train_without, layers, batch_size)
+    ha, hb = _differences(pair, method, heldout_with, heldout_without, layers, batch_size)
+    rows, vectors = [], {}
+    for i, layer in enumerate(layers):
+        direction = (a[:, i] - b[:, i]).mean(0)
+        u = direction / direction.norm()
+        vectors[layer] = u
+        sep = _separation((ha[:, i] @ u).numpy(), (hb[:, i] @ u).numpy())
+        rows.append({"layer": layer, **sep, "direction_norm": float(direction.norm())})
+    table = pd.DataFrame(rows)
+    good = table[table["auc"] >= table["auc"].max() - 0.02]
+    best = int(good.sort_values("cohen_d", ascending=False).iloc[0]["layer"])
+    metrics = table.set_index("layer").loc[best].to_dict()
+    anchor = Anchor(
+        vectors[best],
+        best,
+        method,
+        pair.identities(),
+        prompts_sha256(train_with, train_without or [], heldout_with, heldout_without or []),
+        {k: float(v) for k, v in metrics.items()},
+    )
+    return anchor, table
+
+
+def build_anchor(
+    pair: ModelPair,
+    with_instruction: Sequence[str],
+    without_instruction: Sequence[str] | None,
+    layer: int,
+    method: Method = "instruction",
+    batch_size: int = 16,
+) -> Anchor:
+    """An anchor at a fixed layer from one prompt set (no held-out validation)."""
+    if not 0 <= layer < pair.space.num_layers:
+        raise WeightPatchError(
+            f"anchor layer {layer} is out of range (the model has layers 0..{pair.space.num_layers - 1})"
+        )
+    a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size)
+    direction = (a[:, 0] - b[:, 0]).mean(0)
+    return Anchor(
+        direction / direction.norm(),
+        layer,
+        method,
+        pair.identities(),
+        prompts_sha256(with_instruction, without_instruction or []),
+    )
+
+
+def steering_curve(
+    pair: ModelPair,
+    anchor: Anchor,
+    alphas: Sequence[float],
+    metric: Callable[[torch.nn.Module], float],
+    scale: float | None = None,
+) -> pd.DataFrame:
+    """The behavioural ``metric(model)`` of the base model with ``alpha * scale * u`` added to the
+    residual stream after the anchor layer, for each alpha. ``scale`` defaults to 1 residual unit;
+    pass the mean anchor gap F(sft) - F(base) to express alpha in gaps."""
+    rows = []
+    vector = anchor.vector.to(pair.device) * (1.0 if scale is None else scale)
+    with pair.as_model("base") as model:
+        for alpha in alphas:
+            with residual_addition(model, pair.space, anchor.layer, alpha * vector):
+                rows.append({"alpha": float(alpha), "metric": float(metric(model))})
+    return pd.DataFrame(rows)

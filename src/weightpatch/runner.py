@@ -1,0 +1,165 @@
+"""Forward-pass machinery shared by anchors and scores: tokenized batches, reading the residual
+stream after a decoder block, and running only a segment of the layer stack.
+
+The residual stream "at layer l" is the output of decoder block ``l`` (0-based), before any final
+norm. Segment runs keep the model's own forward (so each layer gets its own attention mask,
+sliding window and rotary inputs, whatever the family): the blocks below ``start`` are swapped for
+pass-throughs, the cached input of block ``start`` is injected by a pre-hook, and the pass stops by
+exception right after block ``stop``, so nothing above it (or the unembedding) runs. No KV cache is
+used anywhere (``use_cache=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+
+from weightpatch.components import ComponentSpace
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the needed layer has run."""
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts. ``position_ids`` count real tokens only, so a prompt's positions do not
+    depend on how much padding its batch needed."""
+
+    input_ids: Int[torch.Tensor, "batch seq"]
+    attention_mask: Int[torch.Tensor, "batch seq"]
+    position_ids: Int[torch.Tensor, "batch seq"]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def repeat(self, times: int) -> Batch:
+        """The batch stacked ``times`` over (variant-major), for running several variants at once."""
+        return Batch(*(t.repeat(times, 1) for t in (self.input_ids, self.attention_mask, self.position_ids)))
+
+    def kwargs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def encode(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu") -> Batch:
+    """Tokenize already-formatted prompt texts with left padding (the last column is every prompt's
+    last token)."""
+    if not texts:
+        raise ValueError("no prompts to encode")
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=True)
+    finally:
+        tokenizer.padding_side = previous_side
+    mask = enc["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(enc["input_ids"].to(device), mask.to(device), positions.to(device))
+
+
+def batches(batch: Batch, size: int) -> Iterator[Batch]:
+    for i in range(0, len(batch), size):
+        yield Batch(*(t[i : i + size] for t in (batch.input_ids, batch.attention_mask, batch.position_ids)))
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder block: returns its input."""
+
+    def __init__(self, replaced: torch.nn.Module) -> None:
+        super().__init__()
+        for attr in ("attention_type", "layer_idx"):
+            if hasattr(replaced, attr):
+                setattr(self, attr, getattr(replaced, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def decoder_layers(model: torch.nn.Module, space: ComponentSpace) -> torch.nn.ModuleList:
+    path = space.spec.layer_prefix.format(layer=0).rstrip(".").rsplit(".", 1)[0]
+    return model.get_submodule(path)  # type: ignore[return-value]
+
+
+def _first_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def run_segment(
+    model: torch.nn.Module,
+    space: ComponentSpace,
+    batch: Batch,
+    stop: int,
+    start: int = 0,
+    hidden_in: Float[torch.Tensor, "batch seq hidden"] | None = None,
+    capture_inputs: Sequence[int] = (),
+) -> tuple[Float[torch.Tensor, "batch seq hidden"], dict[int, torch.Tensor]]:
+    """Run blocks ``start..stop`` and return the output of block ``stop`` (the residual stream at
+    layer ``stop``), plus the inputs of the blocks listed in ``capture_inputs``.
+
+    With ``start > 0``, ``hidden_in`` is the input of block ``start`` (as cached from an earlier
+    run on the same batch); the blocks below are not run. Gradients flow if enabled by the caller.
+    """
+    if start > 0 and hidden_in is None:
+        raise ValueError("a segment that starts above layer 0 needs the input of its first layer")
+    layers = decoder_layers(model, space)
+    originals = {i: layers[i] for i in range(start)}
+    captured: dict[int, torch.Tensor] = {}
+    result: list[torch.Tensor] = []
+    handles = []
+
+    def inject(_module, args, kwargs):
+        if args:
+            return (hidden_in, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden_in}
+
+    def make_capture(i):
+        def capture(_module, args, kwargs):
+            captured[i] = args[0] if args else kwargs["hidden_states"]
+
+        return capture
+
+    def stop_here(_module, _args, output):
+        result.append(_first_tensor(output))
+        raise _StopForward
+
+    try:
+        for i in originals:
+            layers[i] = _PassThrough(originals[i])
+        for i in capture_inputs:
+            handles.append(layers[i].register_forward_pre_hook(make_capture(i), with_kwargs=True))
+        if start > 0:
+            handles.append(layers[start].register_forward_pre_hook(inject, with_kwargs=True))
+        handles.append(layers[stop].register_forward_hook(stop_here))
+        with suppress(_StopForward):
+            model(**batch.kwargs(), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        for i, layer in originals.items():
+            layers[i] = layer
+    return result[0], captured
+
+
+@contextmanager
+def residual_addition(
+    model: torch.nn.Module, space: ComponentSpace, layer: int, vector: Float[torch.Tensor, " hidden"]
+) -> Iterator[None]:
+    """Add ``vector`` to the residual stream after block ``layer`` at every position (steering)."""
+    block = decoder_layers(model, space)[layer]
+
+    def add(_module, _args, output):
+        if isinstance(output, tuple):
+            return (output[0] + vector.to(output[0].dtype), *output[1:])
+        return output + vector.to(output.dtype)
+
+    handle = block.register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from conftest import FAMILIES, make_pair, tiny_texts
+from weightpatch.anchors import build_anchor
+from weightpatch.pair import load_pair
+from weightpatch.scoring import AnchorScorer
+from weightpatch.screening.exact import ExactScreen, plain_exact_scores
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncated_batched_path_equals_plain_full_forward(family, tmp_path):
+    """Families with per-layer attention types (Gemma2/3, Mistral sliding windows, Qwen layer_types)
+    must keep each layer's own mask and rotary inputs when blocks are skipped."""
+    pair = load_pair(*make_pair(family, tmp_path, scale=0.2))
+    # long prompts (> sliding window of 4) with different lengths, so padding and windows matter
+    anchor = build_anchor(pair, tiny_texts(6, length=9), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4, length=9), batch_size=4, min_relative_gap=0.0)
+    components = [*pair.space.everything(), *pair.space.components(kinds=("head",), layers=[0, 1])]
+    components += ["L0.attn", "L1.attn.q", "L1.mlp", "L0.mlp.neuron0", "L1.mlp.neuron3", "L1.norm.pre_mlp"]
+    fast = ExactScreen(scorer, variants_per_batch=3).run(components, progress=False).frame.set_index("component")
+    plain = plain_exact_scores(scorer, components).frame.set_index("component")
+    assert len(fast) == len(plain) == len(components)
+    assert fast["score"].abs().max() > 0.01  # the pair really differs
+    torch.testing.assert_close(
+        torch.tensor(fast.loc[plain.index, "score"].values), torch.tensor(plain["score"].values), atol=2e-4, rtol=1e-3
+    )
+    above = [c.name for c in pair.space.components(kinds=("layer",)) if c.layer > 1] + ["norm.final"]
+    if not pair.space.aliases:  # untied: the unembedding cannot reach the residual stream
+        above.append("unembed")
+    assert (fast.loc[above, "score"] == 0).all()
+
+
+def test_resume_skips_scored_components_and_streams_results(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4))
+    screen = ExactScreen(scorer, variants_per_batch=2)
+    streamed = []
+    table = screen.run(
+        ["L0.mlp", "L1.attn", "L1.attn.head0"], skip={"L1.attn"}, on_result=streamed.append, progress=False
+    )
+    assert table.components() == ["L0.mlp", "L1.attn.head0"]
+    assert sum(len(t) for t in streamed) == 2

@@ -1,0 +1,57 @@
+import pytest
+
+from conftest import make_pair, tiny_texts
+from weightpatch.anchors import build_anchor
+from weightpatch.pair import load_pair
+from weightpatch.patch import patched
+from weightpatch.scoring import AnchorScorer
+from weightpatch.screening.first_order import gradient_scores
+
+
+@pytest.fixture(scope="module")
+def scorer64(tmp_path_factory):
+    pair = load_pair(*make_pair("qwen2", tmp_path_factory.mktemp("q"), scale=0.05), dtype="float64")
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    return AnchorScorer(pair, anchor, tiny_texts(6, 7), batch_size=4, min_relative_gap=0.0)
+
+
+@pytest.mark.parametrize("component", ["L0.mlp", "L1.attn.head2", "L0.mlp.neuron7", "L2", "embed", "L1.attn.q"])
+def test_first_order_matches_finite_difference(scorer64, component):
+    pair = scorer64.pair
+    score = gradient_scores(scorer64, components=[component], progress=False).frame["score"].item()
+    # central difference along the delta (RMSNorm and RoPE compute in float32 internally, so eps
+    # cannot be tiny; the O(eps^2) error of a central difference is far below the tolerance)
+    eps = 1e-3
+    moved = []
+    for alpha in (eps, -eps):
+        with patched(pair.model, pair.donor, pair.space, [component], alpha=alpha):
+            moved.append(scorer64.effect(scorer64.anchor_scores(pair.model)).mean)
+    fd = (moved[0] - moved[1]) / (2 * eps)
+    assert abs(fd) > 1e-5
+    assert score == pytest.approx(fd, rel=2e-3)
+
+
+def test_one_pass_scores_every_kind_consistently(scorer64):
+    table = gradient_scores(scorer64, progress=False)
+    pair = scorer64.pair
+    assert set(table.frame["kind"]) == {"layer", "module", "head", "neuron"}
+    assert len(table) == len(list(pair.space.components()))
+    s = table.frame.set_index("component")["score"]
+    # first-order scores are linear in the delta: a layer is the sum of its disjoint parts
+    neurons = s[[f"L1.mlp.neuron{j}" for j in range(pair.space.num_neurons(1))]].sum()
+    assert neurons == pytest.approx(s["L1.mlp"], rel=1e-9)
+    heads = s[[f"L1.attn.head{h}" for h in range(4)]].sum()
+    assert heads == pytest.approx(s["L1.attn.q"] + s["L1.attn.o"], rel=1e-9)
+    parts = ["L1.attn", "L1.mlp", "L1.norm.pre_attn", "L1.norm.pre_mlp"]
+    assert s[parts].sum() == pytest.approx(s["L1"], rel=1e-9)
+
+
+def test_integrated_gradients_completeness(scorer64):
+    pair = scorer64.pair
+    partition = pair.space.everything()
+    table = gradient_scores(scorer64, components=partition, steps=24, progress=False)
+    assert table.frame["method"].eq("integrated_gradients").all()
+    # normalized per prompt by its gap, the whole gap is 1 per prompt
+    assert table.frame["score"].sum() == pytest.approx(1.0, abs=2e-3)
+    first = gradient_scores(scorer64, components=partition, progress=False)
+    assert abs(first.frame["score"].sum() - 1.0) > abs(table.frame["score"].sum() - 1.0)

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from conftest import tiny_texts
+from weightpatch.anchors import build_anchor
+from weightpatch.errors import WeightPatchError
+from weightpatch.pair import load_pair
+from weightpatch.patch import patched
+from weightpatch.scoring import AnchorScorer
+
+
+def test_patching_everything_recovers_the_whole_gap_and_nothing_recovers_none(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(8, 5))
+    with patched(pair.model, pair.donor, pair.space, pair.space.everything()):
+        assert scorer.effect(scorer.anchor_scores(pair.model)).mean == pytest.approx(1.0, abs=1e-6)
+    e = scorer.effect(scorer.anchor_scores(pair.model))
+    assert e.mean == 0.0 and e.n_prompts == 8 - scorer.n_excluded
+
+
+def test_tiny_gaps_are_excluded_and_counted(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(16, 5), min_relative_gap=0.9)
+    expected = (scorer.gap.abs() <= 0.9 * scorer.gap.abs().median()).sum()
+    assert scorer.n_excluded == expected > 0
+    assert scorer.effect(scorer.f_receiver).n_prompts == 16 - scorer.n_excluded
+
+
+def test_an_anchor_that_sees_no_gap_is_refused(tmp_path):
+    from conftest import save, tiny_model
+
+    base = tiny_model("llama")
+    pair = load_pair(save(base, tmp_path / "a"), save(base, tmp_path / "b"))  # identical models
+    anchor = build_anchor(pair, tiny_texts(4), tiny_texts(4, 9), layer=1, method="instruction")
+    with pytest.raises(WeightPatchError, match="does not separate"):
+        AnchorScorer(pair, anchor, tiny_texts(4, 3))
+    with pytest.raises(WeightPatchError, match="empty"):
+        AnchorScorer(pair, anchor, [])
+
+
+def test_knockout_scores_fraction_removed(llama_pair_dirs):
+    base_pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(base_pair, tiny_texts(6), None, layer=1, method="model_diff")
+    knockout = load_pair(*llama_pair_dirs, receiver="specialized")
+    scorer = AnchorScorer(knockout, anchor, tiny_texts(8, 5))
+    repair = AnchorScorer(base_pair, anchor, tiny_texts(8, 5))
+    assert torch.allclose(scorer.gap, -repair.gap, atol=1e-5)
+    with patched(knockout.model, knockout.donor, knockout.space, knockout.space.everything()):
+        assert scorer.effect(scorer.anchor_scores(knockout.model)).mean == pytest.approx(1.0, abs=1e-6)
