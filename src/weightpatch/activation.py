@@ -1,0 +1,391 @@
+"""Activation patching on the same anchor as Weight Patching (SPEC sections 7-8).
+
+Weight Patching swaps a component's *weights*; activation patching swaps a component's *output*:
+the receiver (base) runs on a prompt while one component's output is overwritten with the value
+that component produced when the specialized model ran on the same prompt. Scores use the same
+anchor and the same normalization as the weight-space effect ``E_w`` (:meth:`AnchorScorer.effect`),
+so the two numbers per component are directly comparable:
+
+    E_act(c) = mean_x [ (F(base with out_c <- out_c(sft, x)), x) - F(base, x)) / G(x) ]
+
+What "output" means per component (the **site** of the component):
+
+================  ==================================================================================
+component         site
+================  ==================================================================================
+``L5``            output of decoder block 5 (the residual stream at layer 5)
+``L5.attn``       output of the attention block (before any post-attention norm and the residual add)
+``L5.mlp``        output of the MLP block (likewise)
+``L5.<module>``   output of that submodule, when the architecture maps the module to one submodule
+                  (``attn.q``, ``mlp.down``, ``norm.pre_attn``, ...; not fused slices such as GPT-2's
+                  ``attn.q``)
+``L5.attn.head2`` head 2's slice of the **input** of the attention output projection (the per-head
+                  output before ``o_proj`` mixes the heads: head_dim channels ``[2*hd, 3*hd)``); the
+                  projection is the module of the architecture's ``head.output`` rule
+``L5.mlp.neuron7`` channel 7 of the input of the MLP down projection (the neuron's activation)
+``embed``         the input of block 0 (token embeddings, plus positions / scaling where the family
+                  adds them before the first block)
+================  ==================================================================================
+
+Heads and neurons are patched *upstream* of the receiver's output projection, so their scores
+measure what the changed activation does when read out by the base's own ``o_proj`` / ``down``
+weights; a change that lives in those weights is invisible to activation patching (it is what
+Weight Patching measures). By default every token position is patched (``positions="all"``);
+``positions="last"`` patches the last prompt token only.
+
+Efficiency: the specialized model's activations are cached once per prompt batch (one forward),
+the base's block inputs once per batch; components of the same layer are then scored together by
+stacking variants of the batch (variant ``v`` overwrites component ``v``'s site) and running only
+blocks ``layer..anchor``. Components above the anchor layer cannot move it and score exactly 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from weightpatch.components import Component, ComponentSpace, Kind
+from weightpatch.errors import ComponentError
+from weightpatch.pair import ModelPair, Role
+from weightpatch.results import ScoreTable, score_row
+from weightpatch.runner import Batch, run_segment
+from weightpatch.scoring import AnchorScorer
+
+METHOD = "activation"
+Positions = Literal["all", "last"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a component's output lives: a submodule, whether it is that submodule's first input
+    (``"pre"``) or first output tensor (``"post"``), and the channel range ``[start, stop)`` of the
+    last dimension (``None``: all channels)."""
+
+    module: str
+    hook: Literal["pre", "post"]
+    start: int | None = None
+    stop: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.module, self.hook
+
+
+def _layer_path(space: ComponentSpace, layer: int) -> str:
+    return space.spec.layer_prefix.format(layer=layer).rstrip(".")
+
+
+def _single_module(space: ComponentSpace, module: str) -> str | None:
+    """The submodule path (relative to a block) a module name maps to, if it is one submodule."""
+    rules = space.spec.modules.get(module, [])
+    if len(rules) == 1 and isinstance(rules[0], str) and rules[0].endswith("."):
+        return rules[0].rstrip(".")
+    return None
+
+
+def _param_module(rule) -> str:
+    return rule["param"].rsplit(".", 1)[0]
+
+
+def site_of(space: ComponentSpace, component: Component | str) -> Site:
+    """The activation site of a component (see the module docstring); raises
+    :class:`ComponentError` for components without one (model-level modules other than ``embed``,
+    fused sub-projections)."""
+    c = space.validate(component)
+    if c.kind == "layer":
+        return Site(_layer_path(space, c.layer), "post")  # type: ignore[arg-type]
+    if c.kind == "module" and c.layer is None:
+        if c.module == "embed":
+            return Site(_layer_path(space, 0), "pre")
+        raise ComponentError(f"{c.name} has no activation site; model-level modules other than 'embed' cannot be")
+    prefix = _layer_path(space, c.layer) + "."  # type: ignore[arg-type]
+    if c.kind == "module":
+        sub = _single_module(space, c.module)  # type: ignore[arg-type]
+        if sub is None:
+            raise ComponentError(
+                f"{c.name} is a slice of a fused parameter in the {space.spec.family} layout and has no "
+                f"separate output to patch; use the heads or the whole 'attn' module"
+            )
+        return Site(prefix + sub, "post")
+    if c.kind == "head":
+        rules = space.spec.head.get("output", [])
+        if not rules:
+            raise ComponentError(f"the {space.spec.family} description has no head output rule")
+        hd = space.dims.head_dim
+        return Site(prefix + _param_module(rules[0]), "pre", c.index * hd, (c.index + 1) * hd)  # type: ignore[operator]
+    down = _single_module(space, "mlp.down")
+    if down is None:
+        down = _param_module(space.spec.neuron[-1])
+    return Site(prefix + down, "pre", c.index, c.index + 1)  # type: ignore[operator]
+
+
+def site_layer(space: ComponentSpace, component: Component) -> int:
+    """The first block whose computation the site belongs to (``embed``: 0)."""
+    return 0 if component.layer is None else component.layer
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _read_pre(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _hooks(model: torch.nn.Module, keys: Iterable[tuple[str, str]], pre_fn, post_fn) -> Iterator[None]:
+    handles = []
+    try:
+        for module, hook in keys:
+            sub = model.get_submodule(module)
+            if hook == "pre":
+                handles.append(sub.register_forward_pre_hook(pre_fn(module), with_kwargs=True))
+            else:
+                handles.append(sub.register_forward_hook(post_fn(module)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capturing(model: torch.nn.Module, sites: Iterable[Site], store: dict[tuple[str, str], torch.Tensor]):
+    """Record the full tensor at each site's (module, hook) into ``store`` during the block."""
+    keys = list(dict.fromkeys(s.key for s in sites))
+
+    def pre_fn(module):
+        def hook(_m, args, kwargs):
+            store[(module, "pre")] = _read_pre(args, kwargs)
+
+        return hook
+
+    def post_fn(module):
+        def hook(_m, _args, output):
+            store[(module, "post")] = _first(output)
+
+        return hook
+
+    with _hooks(model, keys, pre_fn, post_fn):
+        yield store
+
+
+def collect(
+    model: torch.nn.Module, space: ComponentSpace, batch: Batch, components: Iterable[Component | str], stop: int
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Run ``model`` on ``batch`` up to block ``stop`` and return the tensors at the sites of
+    ``components`` (keyed by ``Site.key``). Sites above ``stop`` are not recorded."""
+    sites = [site_of(space, c) for c in components]
+    store: dict[tuple[str, str], torch.Tensor] = {}
+    with capturing(model, sites, store):
+        run_segment(model, space, batch, stop=stop)
+    return {k: v.detach() for k, v in store.items()}
+
+
+@contextmanager
+def activation_patched(
+    model: torch.nn.Module,
+    space: ComponentSpace,
+    cache: dict[tuple[str, str], torch.Tensor],
+    variants: Sequence[Sequence[Component | str]],
+    positions: Positions = "all",
+) -> Iterator[None]:
+    """Overwrite component outputs with cached values while the block runs.
+
+    The model must be run on the cached batch stacked ``len(variants)`` times (variant-major, as
+    :meth:`Batch.repeat` does); rows of variant ``v`` get the sites of ``variants[v]`` overwritten
+    with ``cache`` (from :func:`collect` on the same batch). With one variant this is plain
+    activation patching of a set of components.
+    """
+    n_var = len(variants)
+    masks: dict[tuple[str, str], torch.Tensor] = {}
+    for v, group in enumerate(variants):
+        for c in group:
+            site = site_of(space, c)
+            if site.key not in cache:
+                raise ComponentError(f"no cached activation for {space.validate(c).name} (site {site.key})")
+            width = cache[site.key].shape[-1]
+            mask = masks.setdefault(site.key, torch.zeros(n_var, width, dtype=torch.bool))
+            mask[v, site.start or 0 : width if site.stop is None else site.stop] = True
+
+    def overwrite(module: str, hook: str, x: torch.Tensor) -> torch.Tensor:
+        src = cache[(module, hook)].to(x.dtype)
+        b, s = src.shape[0], src.shape[1]
+        mask = masks[(module, hook)].to(x.device)[:, None, None, :]
+        if positions == "last":
+            pos = torch.zeros(s, dtype=torch.bool, device=x.device)
+            pos[-1] = True
+            mask = mask & pos[None, None, :, None]
+        mixed = torch.where(mask, src[None], x.reshape(n_var, b, s, -1))
+        return mixed.reshape(x.shape)
+
+    def pre_fn(module):
+        def hook(_m, args, kwargs):
+            if args:
+                return (overwrite(module, "pre", args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": overwrite(module, "pre", kwargs["hidden_states"])}
+
+        return hook
+
+    def post_fn(module):
+        def hook(_m, _args, output):
+            if isinstance(output, tuple):
+                return (overwrite(module, "post", output[0]), *output[1:])
+            return overwrite(module, "post", output)
+
+        return hook
+
+    with _hooks(model, masks, pre_fn, post_fn):
+        yield
+
+
+def default_components(
+    space: ComponentSpace,
+    kinds: Iterable[Kind] = ("layer", "module", "head", "neuron"),
+    modules: Sequence[str] = ("attn", "mlp"),
+    layers: Iterable[int] | None = None,
+) -> list[Component]:
+    """Components with an activation site: per layer the block, its ``modules``, heads, neurons."""
+    out = []
+    for c in space.components(kinds=kinds, layers=range(space.num_layers) if layers is None else layers):
+        if c.kind == "module" and c.module not in modules:
+            continue
+        out.append(c)
+    return out
+
+
+class ActivationScreen:
+    """Activation-patching scores on one scorer's prompts and anchor (method ``"activation"``).
+
+    On construction: one specialized forward per batch caches every site up to the anchor layer
+    that later requests need (all attention/MLP/head/neuron/block sites), and one base forward per
+    batch caches the input of each block.
+    """
+
+    def __init__(self, scorer: AnchorScorer, variants_per_batch: int = 16, positions: Positions = "all") -> None:
+        self.scorer, self.variants_per_batch, self.positions = scorer, variants_per_batch, positions
+        pair = scorer.pair
+        self.pair, self.model, self.space = pair, pair.model, pair.space
+        self.donor_role: Role = "specialized" if pair.receiver == "base" else "base"
+        layers = range(1, scorer.layer + 1)
+        with torch.no_grad():
+            self.inputs = [
+                run_segment(self.model, self.space, b, stop=scorer.layer, capture_inputs=layers)[1]
+                for b in scorer.batches
+            ]
+        self._cache: list[dict[tuple[str, str], torch.Tensor]] = [{} for _ in scorer.batches]
+
+    def _ensure_cached(self, components: Sequence[Component]) -> None:
+        missing = {site_of(self.space, c).key for c in components} - set(self._cache[0])
+        if not missing:
+            return
+        sites = [Site(m, h) for m, h in missing]
+        with torch.no_grad(), self.pair.as_model(self.donor_role) as donor_model:
+            for i, b in enumerate(self.scorer.batches):
+                store: dict[tuple[str, str], torch.Tensor] = {}
+                with capturing(donor_model, sites, store):
+                    run_segment(donor_model, self.space, b, stop=self.scorer.layer)
+                self._cache[i].update({k: v.detach().clone() for k, v in store.items()})
+
+    def anchor_scores(self, variants: Sequence[Sequence[Component]], start: int) -> torch.Tensor:
+        """Anchor scores (variant, prompt) with each variant's components activation-patched,
+        running blocks ``start..anchor`` from the cached base inputs."""
+        self._ensure_cached([c for g in variants for c in g])
+        rows = []
+        n = len(variants)
+        for i, b in enumerate(self.scorer.batches):
+            hidden_in = self.inputs[i][start].repeat(n, 1, 1) if start > 0 else None
+            with activation_patched(self.model, self.space, self._cache[i], variants, self.positions):
+                out = run_segment(
+                    self.model, self.space, b.repeat(n), stop=self.scorer.layer, start=start, hidden_in=hidden_in
+                )[0]
+            rows.append(self.scorer.project(out).view(n, len(b)))
+        return torch.cat(rows, dim=1)
+
+    def effect_of(self, components: Sequence[Component | str]):
+        """The normalized effect (:class:`Effect`) of activation-patching several components at once."""
+        todo = [self.space.validate(c) for c in components]
+        todo = [c for c in todo if site_layer(self.space, c) <= self.scorer.layer]
+        if not todo:
+            return self.scorer.effect(self.scorer.f_receiver)
+        start = min(site_layer(self.space, c) for c in todo)
+        with torch.no_grad():
+            return self.scorer.effect(self.anchor_scores([todo], start)[0])
+
+    def run(self, components: Iterable[Component | str] | None = None, progress: bool = False) -> ScoreTable:
+        """Score each component alone (default: :func:`default_components`)."""
+        todo = [
+            self.space.validate(c) for c in (components if components is not None else default_components(self.space))
+        ]
+        for c in todo:
+            site_of(self.space, c)  # fail early on components without a site
+        layer_of = {c: site_layer(self.space, c) for c in todo}
+        n_valid = int(self.scorer.valid.sum())
+        rows: dict[Component, dict] = {}
+        bar = tqdm(total=len(todo), desc="activation", unit="comp", disable=not progress)
+        with torch.no_grad():
+            for layer, same in groupby(sorted(todo, key=layer_of.__getitem__), key=layer_of.__getitem__):
+                same = list(same)
+                if layer > self.scorer.layer:
+                    rows.update({c: score_row(c, METHOD, 0.0, 0.0, n_valid) for c in same})
+                    bar.update(len(same))
+                    continue
+                for i in range(0, len(same), self.variants_per_batch):
+                    group = same[i : i + self.variants_per_batch]
+                    f = self.anchor_scores([[c] for c in group], layer)
+                    for c, f_c in zip(group, f, strict=True):
+                        e = self.scorer.effect(f_c)
+                        rows[c] = score_row(c, METHOD, e.mean, e.stderr, e.n_prompts)
+                    bar.update(len(group))
+        bar.close()
+        return ScoreTable.from_rows(rows[c] for c in todo)
+
+
+def activation_scores(
+    scorer: AnchorScorer,
+    components: Iterable[Component | str] | None = None,
+    positions: Positions = "all",
+    variants_per_batch: int = 16,
+    progress: bool = False,
+) -> ScoreTable:
+    """Activation-patching scores (method ``"activation"``) of ``components`` (default: every
+    block, attention and MLP module, head and neuron), normalized like ``E_w``."""
+    return ActivationScreen(scorer, variants_per_batch, positions).run(components, progress=progress)
+
+
+def patched_residual(
+    pair: ModelPair,
+    batch: Batch,
+    components: Sequence[Component | str],
+    layer: int,
+    positions: Positions = "all",
+) -> torch.Tensor:
+    """The receiver's residual stream after block ``layer`` with ``components`` activation-patched
+    from the donor model's run on the same batch (all at once)."""
+    donor_role: Role = "specialized" if pair.receiver == "base" else "base"
+    top = max([layer, *(site_layer(pair.space, pair.space.validate(c)) for c in components)])
+    with torch.no_grad():
+        with pair.as_model(donor_role) as donor_model:
+            cache = collect(donor_model, pair.space, batch, components, stop=top)
+            cache = {k: v.clone() for k, v in cache.items()}
+        with activation_patched(pair.model, pair.space, cache, [list(components)], positions):
+            return run_segment(pair.model, pair.space, batch, stop=layer)[0]
+
+
+__all__ = [
+    "METHOD",
+    "ActivationScreen",
+    "Site",
+    "activation_patched",
+    "activation_scores",
+    "capturing",
+    "collect",
+    "default_components",
+    "patched_residual",
+    "site_of",
+]
