@@ -1,0 +1,59 @@
+"""The short summary printed at the end of a run: top components, roles and the merge table when
+the run directory has them."""
+
+from __future__ import annotations
+
+import pandas as pd
+from rich.table import Table
+
+from weightpatch.cli import common
+from weightpatch.results import ScoreTable
+from weightpatch.rundir import RunDir
+
+
+def _fmt(value) -> str:
+    try:
+        return "" if pd.isna(value) else f"{float(value):+.3f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def top_components_table(table: ScoreTable, n: int = 10) -> Table | None:
+    if not len(table):
+        return None
+    wide = table.side_by_side()
+    key = "exact" if "exact" in wide.columns and wide["exact"].notna().any() else None
+    key = key or next((m for m in ("first_order", "integrated_gradients") if m in wide.columns), None)
+    if key is None:
+        return None
+    wide = wide[wide[key].notna()].sort_values(key, ascending=False, key=abs).head(n)
+    methods = [m for m in ("exact", "first_order", "integrated_gradients", "activation") if m in wide.columns]
+    t = Table(title=f"top components (fraction of anchor gap recovered, ranked by |{key}|)")
+    t.add_column("component")
+    t.add_column("kind")
+    for m in methods:
+        t.add_column(m, justify="right")
+    for _, row in wide.iterrows():
+        t.add_row(row["component"], row["kind"], *(_fmt(row[m]) for m in methods))
+    return t
+
+
+def frame_table(frame: pd.DataFrame, title: str, n: int = 10) -> Table:
+    t = Table(title=title)
+    cols = list(frame.columns)[:8]
+    for c in cols:
+        t.add_column(str(c))
+    for _, row in frame.head(n).iterrows():
+        t.add_row(*(_fmt(row[c]) if isinstance(row[c], float) else str(row[c]) for c in cols))
+    return t
+
+
+def print_summary(run: RunDir, table: ScoreTable | None = None) -> None:
+    table = table if table is not None else run.scores()
+    top = top_components_table(table)
+    if top is not None:
+        common.out.print(top)
+    for name, title in (("roles", "component roles"), ("merge_table", "merges")):
+        frame = run.load_table(name)
+        if frame is not None and len(frame):
+            common.out.print(frame_table(frame, title))
