@@ -1,0 +1,278 @@
+"""Validation of a ranking (SPEC section 8): sufficiency, necessity, behaviour, interactions.
+
+All anchor numbers are fractions of the same gap as ``E_w`` (:class:`AnchorScorer`), on the
+scorer's prompts. A ranking is a :class:`ScoreTable` (any method: exact, first order, activation)
+filtered by ``method``/``kind``; its top-``k`` is compared with random ``k``-subsets of the same
+pool (the filtered table's components), several seeds, mean and standard deviation.
+
+- **Sufficiency**: the top-``k`` weights patched into the base; ``recovery`` = mean fraction of the
+  gap recovered (1 = the specialized model's anchor score).
+- **Necessity**: the top-``k`` knocked out of the specialized model (base weights put back);
+  ``drop`` = mean fraction of the gap removed (1 = back to the base's score). With a
+  base-receiver pair the knockout model is built exactly, as "every parameter patched from the
+  specialized model, then the top-``k`` slices restored to the base's values" (this *is*
+  ``M_sft^(C <- base)``, bit for bit); with a specialized-receiver pair (``load_pair(...,
+  receiver="specialized")``) the top-``k`` is patched from the base donor directly.
+- **Behaviour** (optional, per ``k`` for the top-``k`` only): ``kl`` = mean KL(P_sft || P_model) of
+  the next-token distributions at the last prompt token (``kl_positions="last"``) or averaged over
+  every real token (``"all"``), and ``behavior`` = a user metric ``behavior_metric(model) ->
+  float`` called with the patched model (e.g. checker accuracy of greedy generations via
+  :mod:`weightpatch.generation` and :mod:`weightpatch.checkers`). Recovering the anchor does not by
+  itself recover the behaviour; report both.
+- **Interactions**: for the top-``m`` components, ``E(a ∪ b) - E(a) - E(b)`` (0 = additive).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from weightpatch.components import Component, ParamSlice
+from weightpatch.pair import ModelPair
+from weightpatch.patch import Patch, patched
+from weightpatch.results import ScoreTable
+from weightpatch.runner import Batch
+from weightpatch.scoring import AnchorScorer
+
+BehaviorMetric = Callable[[torch.nn.Module], float]
+
+
+class _Originals:
+    """A weight source reading the receiver's original values saved by a full :func:`patched`."""
+
+    def __init__(self, patch: Patch) -> None:
+        self.patch = patch
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.patch.original(name).shape)
+
+    def read(self, piece: ParamSlice) -> torch.Tensor:
+        full = self.patch.original(piece.name)
+        return full if piece.is_full else full.index_select(piece.dim, piece.index().to(full.device))  # type: ignore[arg-type]
+
+
+@contextmanager
+def _complement(pair: ModelPair, components: Sequence[Component | str]) -> Iterator[None]:
+    """The donor model with ``components`` restored to the receiver's values: every parameter
+    patched from the donor, then the components' slices put back from the saved originals."""
+    with patched(pair.model, pair.donor, pair.space, pair.space.everything()) as full:  # noqa: SIM117
+        with patched(pair.model, _Originals(full), pair.space, components):
+            yield
+
+
+@contextmanager
+def with_patch(pair: ModelPair, components: Sequence[Component | str]) -> Iterator[torch.nn.Module]:
+    """The base with ``components`` patched from the specialized model (sufficiency direction)."""
+    if pair.receiver == "base":
+        with patched(pair.model, pair.donor, pair.space, components):
+            yield pair.model
+    else:
+        with _complement(pair, components):
+            yield pair.model
+
+
+@contextmanager
+def with_knockout(pair: ModelPair, components: Sequence[Component | str]) -> Iterator[torch.nn.Module]:
+    """The specialized model with ``components`` knocked out (base weights in), exactly."""
+    if pair.receiver == "specialized":
+        with patched(pair.model, pair.donor, pair.space, components):
+            yield pair.model
+    else:
+        with _complement(pair, components):
+            yield pair.model
+
+
+def _gap_fraction(scorer: AnchorScorer, f: torch.Tensor, toward: Literal["specialized", "base"]) -> float:
+    """Mean fraction of the base->specialized gap covered by ``f`` measured from the base
+    (``toward="specialized"``: recovery) or from the specialized model (``"base"``: drop)."""
+    effect = scorer.effect(f).mean  # from the receiver toward the donor
+    from_base = effect if scorer.pair.receiver == "base" else 1.0 - effect
+    return from_base if toward == "specialized" else 1.0 - from_base
+
+
+def next_token_logprobs(model: torch.nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """Log-probabilities (batch, seq, vocab) of the next token for each batch."""
+    with torch.no_grad():
+        return [torch.log_softmax(model(**b.kwargs(), use_cache=False).logits.float(), -1) for b in batches]
+
+
+def output_kl(
+    model: torch.nn.Module,
+    batches: Sequence[Batch],
+    reference: Sequence[torch.Tensor],
+    positions: Literal["last", "all"] = "last",
+) -> float:
+    """Mean KL(P_ref || P_model) of next-token distributions (nats) at the last token or over
+    every real token."""
+    total, count = 0.0, 0
+    for b, ref, got in zip(batches, reference, next_token_logprobs(model, batches), strict=True):
+        kl = (ref.exp() * (ref - got)).sum(-1)  # (batch, seq)
+        if positions == "last":
+            total += float(kl[:, -1].sum())
+            count += kl.shape[0]
+        else:
+            mask = b.attention_mask.bool()
+            total += float(kl[mask].sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _ranking(table: ScoreTable, method: str | None, kind: str | None) -> list[str]:
+    f = table.select(method, kind).frame
+    return list(dict.fromkeys(f.sort_values("score", ascending=False, kind="stable")["component"]))
+
+
+def _ks(ks: int | Sequence[int], n: int) -> list[int]:
+    values = range(1, ks + 1) if isinstance(ks, int) else ks
+    return sorted({min(int(k), n) for k in values if k > 0})
+
+
+def _curve(
+    scorer: AnchorScorer,
+    table: ScoreTable,
+    ks: int | Sequence[int],
+    method: str | None,
+    kind: str | None,
+    controls: int,
+    seed: int,
+    mode: Literal["sufficiency", "necessity"],
+    kl: bool,
+    kl_positions: Literal["last", "all"],
+    behavior_metric: BehaviorMetric | None,
+) -> pd.DataFrame:
+    pair = scorer.pair
+    ranked = _ranking(table, method, kind)
+    if not ranked:
+        raise ValueError("the score table has no rows for this method/kind")
+    context = with_patch if mode == "sufficiency" else with_knockout
+    toward: Literal["specialized", "base"] = "specialized" if mode == "sufficiency" else "base"
+    column = "recovery" if mode == "sufficiency" else "drop"
+    reference = None
+    if kl:
+        with pair.as_model("specialized") as sft:
+            reference = next_token_logprobs(sft, scorer.batches)
+    rng = random.Random(seed)
+
+    def measure(components: Sequence[str]) -> float:
+        with torch.no_grad(), context(pair, components) as model:
+            return _gap_fraction(scorer, scorer.anchor_scores(model), toward)
+
+    rows = []
+    for k in _ks(ks, len(ranked)):
+        top = ranked[:k]
+        row: dict = {"k": k, column: measure(top)}
+        randoms = [measure(rng.sample(ranked, k)) for _ in range(controls)]
+        row["random_mean"] = float(np.mean(randoms)) if randoms else float("nan")
+        row["random_std"] = float(np.std(randoms, ddof=1)) if len(randoms) > 1 else float("nan")
+        row["n_controls"] = len(randoms)
+        if kl or behavior_metric is not None:
+            with torch.no_grad(), context(pair, top) as model:
+                if kl:
+                    row["kl"] = output_kl(model, scorer.batches, reference, kl_positions)  # type: ignore[arg-type]
+            if behavior_metric is not None:
+                with context(pair, top) as model:
+                    row["behavior"] = float(behavior_metric(model))
+        row["components"] = ",".join(top)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sufficiency_curve(
+    scorer: AnchorScorer,
+    table: ScoreTable,
+    ks: int | Sequence[int] = 10,
+    method: str | None = None,
+    kind: str | None = None,
+    controls: int = 5,
+    seed: int = 0,
+    kl: bool = False,
+    kl_positions: Literal["last", "all"] = "last",
+    behavior_metric: BehaviorMetric | None = None,
+) -> pd.DataFrame:
+    """Anchor recovery of the base with the top-``k`` patched in, for each ``k`` (``ks``: a
+    maximum, meaning 1..K, or explicit values), against ``controls`` random ``k``-subsets.
+    Columns: ``k, recovery, random_mean, random_std, n_controls`` (+ ``kl``, ``behavior`` when
+    asked), ``components``."""
+    return _curve(scorer, table, ks, method, kind, controls, seed, "sufficiency", kl, kl_positions, behavior_metric)
+
+
+def necessity_curve(
+    scorer: AnchorScorer,
+    table: ScoreTable,
+    ks: int | Sequence[int] = 10,
+    method: str | None = None,
+    kind: str | None = None,
+    controls: int = 5,
+    seed: int = 0,
+    kl: bool = False,
+    kl_positions: Literal["last", "all"] = "last",
+    behavior_metric: BehaviorMetric | None = None,
+) -> pd.DataFrame:
+    """Anchor drop of the specialized model with the top-``k`` knocked out, against random
+    controls. Columns: ``k, drop, random_mean, random_std, n_controls`` (+ ``kl``, ``behavior``),
+    ``components``. ``kl`` is still measured to the specialized model (it grows as the knockout
+    removes more)."""
+    return _curve(scorer, table, ks, method, kind, controls, seed, "necessity", kl, kl_positions, behavior_metric)
+
+
+def behavior_of(
+    scorer: AnchorScorer,
+    components: Sequence[Component | str],
+    mode: Literal["sufficiency", "necessity"] = "sufficiency",
+    kl_positions: Literal["last", "all"] = "last",
+    behavior_metric: BehaviorMetric | None = None,
+) -> dict[str, float]:
+    """Anchor fraction, output KL to the specialized model and the optional behaviour metric of
+    one patched (``"sufficiency"``) or knocked-out (``"necessity"``) model."""
+    pair = scorer.pair
+    with pair.as_model("specialized") as sft:
+        reference = next_token_logprobs(sft, scorer.batches)
+    context = with_patch if mode == "sufficiency" else with_knockout
+    toward: Literal["specialized", "base"] = "specialized" if mode == "sufficiency" else "base"
+    with context(pair, components) as model:
+        with torch.no_grad():
+            out = {
+                "anchor": _gap_fraction(scorer, scorer.anchor_scores(model), toward),
+                "kl": output_kl(model, scorer.batches, reference, kl_positions),
+            }
+        if behavior_metric is not None:
+            out["behavior"] = float(behavior_metric(model))
+    return out
+
+
+def interaction_matrix(
+    scorer: AnchorScorer,
+    components: Sequence[Component | str] | None = None,
+    table: ScoreTable | None = None,
+    m: int = 8,
+    method: str | None = None,
+    kind: str | None = None,
+) -> pd.DataFrame:
+    """Pairwise non-additivity ``E(a ∪ b) - E(a) - E(b)`` of exact weight-patch effects (fractions
+    of the gap) for ``components`` (or the top-``m`` of ``table``). Symmetric, NaN diagonal; the
+    single effects are in ``.attrs["single"]``."""
+    if components is None:
+        if table is None:
+            raise ValueError("give components or a score table to take the top-m from")
+        components = _ranking(table, method, kind)[:m]
+    names = [scorer.pair.space.validate(c).name for c in components]
+    pair = scorer.pair
+
+    def effect(group: Sequence[str]) -> float:
+        with torch.no_grad(), with_patch(pair, group) as model:
+            return _gap_fraction(scorer, scorer.anchor_scores(model), "specialized")
+
+    single = {c: effect([c]) for c in names}
+    matrix = pd.DataFrame(np.nan, index=names, columns=names)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            value = effect([a, b]) - single[a] - single[b]
+            matrix.loc[a, b] = matrix.loc[b, a] = value
+    matrix.attrs["single"] = single
+    return matrix
