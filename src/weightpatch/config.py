@@ -60,6 +60,11 @@ class PairConfig(CommonConfig):
     trust_remote_code: bool = False
     revision: str | None = None
 
+    def identity(self) -> dict[str, Any]:
+        """Without the model locations: run directories identify the models by their weights' sha256."""
+        data = super().identity()
+        return {k: v for k, v in data.items() if k not in ("base", "specialized")}
+
 
 class CheckConfig(PairConfig):
     pass

@@ -45,17 +45,23 @@ def steering_metric(pair, records, cfg: AnchorConfig):
     return metric
 
 
+def check_layers(cfg: AnchorConfig, pair) -> list[int] | None:
+    """The layers to search (None: the default range), each checked to exist."""
+    n = pair.space.num_layers
+    layers = [cfg.layer] if cfg.layer is not None else cfg.layers
+    for layer in layers or []:
+        if not 0 <= layer < n:
+            raise WeightPatchError(f"anchor layer {layer} is out of range (the model has layers 0..{n - 1})")
+    return layers
+
+
 def run_anchor(cfg: AnchorConfig, pair, run: RunDir, train: list, heldout: list):
     """Search/build the anchor (reusing one already in the run directory) and its steering curve."""
     from tqdm.auto import tqdm
 
     from weightpatch.anchors import Anchor, search_anchor_layer, steering_curve
 
-    n = pair.space.num_layers
-    layers = [cfg.layer] if cfg.layer is not None else cfg.layers
-    for layer in layers or []:
-        if not 0 <= layer < n:
-            raise WeightPatchError(f"anchor layer {layer} is out of range (the model has layers 0..{n - 1})")
+    layers = check_layers(cfg, pair)
     if run.anchor_stem.with_suffix(".json").is_file() and run.has("anchor_layers"):
         anchor = Anchor.load(run.anchor_stem, pair)
         logger.info("reusing the anchor in %s (layer %d)", run.path, anchor.layer)
@@ -157,6 +163,7 @@ def anchor(
     )
     train, held = common.load_prompt_sets(cfg, cfg.seed)
     pair = common.open_pair(cfg)
+    check_layers(cfg, pair)
     inputs = [cfg.base, cfg.specialized, cfg.prompts, *([cfg.heldout] if cfg.heldout else [])]
     with RunDir.open(common.run_dir_of(cfg), "anchor", cfg.identity(), pair.identities(), inputs) as run:
         result = run_anchor(cfg, pair, run, train, held)
@@ -168,7 +175,7 @@ def anchor(
         curve = run.load_table("steering")
         if curve is not None:
             common.out.print(
-                "steering: " + ", ".join(f"alpha {a:g}: {v:.2f}" for a, v in zip(curve["alpha"], curve["metric"]))
+                "steering: " + ", ".join(f"alpha {a:g}: {v:.2f}" for a, v in zip(curve["alpha"], curve["metric"], strict=True))
             )
         common.echo_path("run directory", Path(run.path))
 

@@ -165,11 +165,10 @@ def screen(
     root = common.run_dir_of(cfg)
     stem = Path(cfg.anchor).with_suffix("") if cfg.anchor else root / "anchor"
     pair = common.open_pair(cfg)
-    loaded = Anchor.load(stem, pair) if stem.with_suffix(".json").is_file() else None
+    for c in cfg.components or []:  # fail on a bad name before anything is written
+        pair.space.parse(c)
     identity = {**cfg.identity(), "anchor_sha256": anchor_sha256(stem)}
-    if cfg.components:  # fail on a bad name before anything is written
-        for c in cfg.components:
-            pair.space.parse(c)
+    loaded = Anchor.load(stem, pair)
     with RunDir.open(root, "screen", identity, pair.identities(), [cfg.base, cfg.specialized, cfg.prompts]) as run:
         texts = common.render(pair.tokenizer, [r.prompt for r in records], cfg.chat_template)
         table = run_screen(cfg, pair, run, loaded, texts)
