@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from conftest import make_pair, perturbed_copy, save, tiny_model, tiny_texts
+from weightpatch.activation import ActivationScreen, activation_scores, patched_residual, site_of
+from weightpatch.anchors import build_anchor
+from weightpatch.errors import ComponentError
+from weightpatch.pair import load_pair
+from weightpatch.runner import encode, run_segment
+from weightpatch.scoring import AnchorScorer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded (and far faster on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ADDITIVE = ["llama", "gpt2", "gpt_neox"]  # residual = input + attn + mlp outputs exactly (no post-norms)
+
+
+def _sft_residual(pair, batch, layer):
+    with pair.as_model("specialized") as m, torch.no_grad():
+        return run_segment(m, pair.space, batch, stop=layer)[0].clone()
+
+
+@pytest.mark.parametrize("family", ADDITIVE)
+def test_patching_every_output_of_a_layer_reproduces_the_specialized_residual(family, tmp_path):
+    pair = load_pair(*make_pair(family, tmp_path, scale=0.2))
+    batch = encode(pair.tokenizer, tiny_texts(4, 3))
+    for layer in (0, 1):
+        ref = _sft_residual(pair, batch, layer)
+        assert torch.allclose(patched_residual(pair, batch, [f"L{layer}"], layer), ref)
+        # the block's own input, attention and MLP outputs (and those of every block below)
+        parts = ["embed", *(f"L{i}.{m}" for i in range(layer + 1) for m in ("attn", "mlp"))]
+        assert torch.allclose(patched_residual(pair, batch, parts, layer), ref, atol=1e-5)
+        assert not torch.allclose(patched_residual(pair, batch, parts[:-1], layer), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ADDITIVE)
+def test_all_heads_and_all_neurons_equal_the_whole_module_when_the_readout_is_shared(family, tmp_path):
+    """Heads are slices of the output projection's input and neurons of the down projection's
+    input: with the base's readout weights in the specialized model, patching every head (every
+    neuron) of a layer equals patching the whole attention (MLP) output."""
+    base = tiny_model(family)
+    sft = perturbed_copy(base, 0.2)
+    space_rules = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj")}
+    space_rules["gpt_neox"] = ("attention.dense", "mlp.dense_4h_to_h")
+    prefix = {"llama": "model.layers.1.", "gpt2": "transformer.h.1.", "gpt_neox": "gpt_neox.layers.1."}[family]
+    for module in space_rules[family]:
+        sft.get_submodule(prefix + module).load_state_dict(base.get_submodule(prefix + module).state_dict())
+    pair = load_pair(save(base, tmp_path / "b"), save(sft, tmp_path / "s"))
+    batch = encode(pair.tokenizer, tiny_texts(3, 1))
+    heads = [f"L1.attn.head{h}" for h in range(pair.space.num_heads)]
+    neurons = [f"L1.mlp.neuron{j}" for j in range(pair.space.num_neurons(1))]
+    assert torch.allclose(patched_residual(pair, batch, heads, 1), patched_residual(pair, batch, ["L1.attn"], 1))
+    assert torch.allclose(patched_residual(pair, batch, neurons, 1), patched_residual(pair, batch, ["L1.mlp"], 1))
+    one = patched_residual(pair, batch, heads[:1], 1)
+    assert not torch.allclose(one, patched_residual(pair, batch, ["L1.attn"], 1))
+
+
+def test_scores_are_normalized_like_weight_patching_and_batching_changes_nothing(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(8, 5), batch_size=3)
+    components = ["L0", "L0.attn", "L0.mlp", "L1", "L1.attn.head2", "L0.mlp.neuron5", "L2", "L2.attn.head0"]
+    table = activation_scores(scorer, components, variants_per_batch=3)
+    scores = dict(zip(table.frame["component"], table.frame["score"], strict=True))
+    assert set(table.frame["method"]) == {"activation"} and table.components() == components
+    assert scores["L1"] == pytest.approx(1.0, abs=1e-6)  # the anchor layer's whole residual
+    assert scores["L2"] == 0.0 and scores["L2.attn.head0"] == 0.0  # above the anchor
+    screen = ActivationScreen(scorer)
+    for name in ("L0.attn", "L1.attn.head2", "L0.mlp.neuron5"):
+        alone = screen.effect_of([name])
+        assert scores[name] == pytest.approx(alone.mean, abs=1e-6)
+    # patching only the last token of the anchor layer is enough to recover it
+    last = ActivationScreen(scorer, positions="last").effect_of(["L1"])
+    assert last.mean == pytest.approx(1.0, abs=1e-6)
+    assert abs(ActivationScreen(scorer, positions="last").effect_of(["L0"]).mean - scores["L0"]) > 0
+
+
+def test_default_components_cover_blocks_modules_heads_neurons(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
+    table = activation_scores(scorer)
+    counts = table.frame["kind"].value_counts().to_dict()
+    n = pair.space.num_layers
+    assert counts == {"layer": n, "module": 2 * n, "head": 4 * n, "neuron": 48 * n}
+    assert table.frame["score"].notna().all()
+
+
+def test_components_without_an_activation_site_are_refused(tmp_path):
+    base = tiny_model("gpt2")
+    pair = load_pair(save(base, tmp_path / "b"), save(perturbed_copy(base), tmp_path / "s"))
+    with pytest.raises(ComponentError, match="fused"):
+        site_of(pair.space, "L0.attn.q")  # a column slice of GPT-2's fused c_attn
+    with pytest.raises(ComponentError, match="activation site"):
+        site_of(pair.space, "unembed")
+    assert site_of(pair.space, "L0.attn.head1").start == 8
