@@ -138,4 +138,3 @@ def test_debug_shows_the_exception(pair_dirs, tmp_path):
 def test_trace_without_anchor_is_a_clear_error(pair_dirs, prompts, tmp_path):
     result = invoke("trace", *pair_dirs, "--prompts", prompts, "--run-dir", tmp_path / "run")
     assert_user_error(result)
-

@@ -36,7 +36,9 @@ def test_check_prints_counts_and_weight_change(pair_dirs, tmp_path):
 def test_anchor_screen_resume_report(pair_dirs, prompts, tmp_path):
     run = tmp_path / "run"
     common = ("--run-dir", run, "--no-progress")
-    result = invoke("anchor", *pair_dirs, "--prompts", prompts, "--max-new-tokens", "4", "--steering-prompts", "3", *common)
+    result = invoke(
+        "anchor", *pair_dirs, "--prompts", prompts, "--max-new-tokens", "4", "--steering-prompts", "3", *common
+    )
     assert result.exit_code == 0, result.output
     for name in ("anchor.json", "anchor.safetensors", "anchor_layers.parquet", "anchor_layers.csv", "steering.parquet"):
         assert (run / name).is_file(), name
@@ -72,9 +74,7 @@ def test_anchor_screen_resume_report(pair_dirs, prompts, tmp_path):
 def test_config_file_and_flags(pair_dirs, prompts, tmp_path):
     cfg = tmp_path / "screen.yaml"
     run = tmp_path / "run"
-    cfg.write_text(
-        yaml.safe_dump({"prompts": str(prompts), "method": "model_diff", "layer": 1, "steering-prompts": 0})
-    )
+    cfg.write_text(yaml.safe_dump({"prompts": str(prompts), "method": "model_diff", "layer": 1, "steering-prompts": 0}))
     result = invoke("anchor", *pair_dirs, "--config", cfg, "--run-dir", run, "--no-progress")
     assert result.exit_code == 0, result.output
     recorded = yaml.safe_load((run / "config.yaml").read_text())["anchor"]

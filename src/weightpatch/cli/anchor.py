@@ -175,7 +175,8 @@ def anchor(
         curve = run.load_table("steering")
         if curve is not None:
             common.out.print(
-                "steering: " + ", ".join(f"alpha {a:g}: {v:.2f}" for a, v in zip(curve["alpha"], curve["metric"], strict=True))
+                "steering: "
+                + ", ".join(f"alpha {a:g}: {v:.2f}" for a, v in zip(curve["alpha"], curve["metric"], strict=True))
             )
         common.echo_path("run directory", Path(run.path))
 
