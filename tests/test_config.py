@@ -25,7 +25,7 @@ def test_identity_drops_run_only_fields_and_model_locations():
 def test_validation_errors_are_one_clear_message(tmp_path):
     with pytest.raises(WeightPatchError, match="prompts: missing"):
         build_config(ScreenConfig, None, base="b", specialized="s")
-    with pytest.raises(WeightPatchError, match="kinds.0: Input should be"):
+    with pytest.raises(WeightPatchError, match=r"kinds\.0: Input should be"):
         build_config(ScreenConfig, None, base="b", specialized="s", prompts="p", kinds="heads")
     with pytest.raises(WeightPatchError, match="not found"):
         build_config(ScreenConfig, tmp_path / "missing.yaml")

@@ -31,7 +31,7 @@ def _rows(names, method="exact", score=0.5):
 
 
 def test_open_records_config_models_and_log(tmp_path):
-    with RunDir.open(tmp_path / "r", "screen", {"top_k": 3}, MODELS) as run:
+    with RunDir.open(tmp_path / "r", "screen", {"top_k": 3}, MODELS):
         pass
     record = json.loads((tmp_path / "r" / "run.json").read_text())
     assert record["commands"]["screen"] == {"top_k": 3}

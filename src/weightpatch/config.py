@@ -105,7 +105,11 @@ class ScreenConfig(PairConfig, PromptOptions):
 
 class TraceConfig(PairConfig, PromptOptions):
     anchor: Path | None = None
-    targets: int = Field(5, ge=1)
+    target_names: list[str] | None = None
+    targets: int = Field(3, ge=1)
+    method: Literal["first_order", "exact"] = "first_order"
+
+    _split_lists = field_validator("target_names", mode="before")(classmethod(lambda cls, v: _split(v)))
 
 
 class MergeCommandConfig(CommonConfig):

@@ -277,13 +277,20 @@ def curves_section(run: Path) -> str:
         if frame is None or not len(frame):
             continue
         x = _first_col(frame, ("k", "n_components", "top_k", "size"))
-        y = _first_col(frame, ("recovery", "fraction", "score", "drop", "value", "mean", "effect"))
+        y = _first_col(frame, ("recovery", "drop", "fraction", "score", "value", "mean", "effect"))
         group = _first_col(frame, ("selection", "control", "condition", "set", "kind", "method"))
         if x is None or y is None:
             tables.append(f"<h3>{name}</h3>" + table_html(frame))
             continue
         fig, ax = plt.subplots(figsize=(6, 3.8))
-        for g, sub in frame.groupby(group) if group else [(name, frame)]:
+        if "random_mean" in frame.columns:  # wide form: top-k column plus random-control mean and std
+            ax.plot(frame[x], frame[y], marker="o", label="top-k")
+            std = frame["random_std"].fillna(0) if "random_std" in frame.columns else 0
+            ax.plot(frame[x], frame["random_mean"], marker="s", color="grey", label="random k (mean ± sd)")
+            ax.fill_between(frame[x], frame["random_mean"] - std, frame["random_mean"] + std, color="grey", alpha=0.2)
+            group = None
+            frame = frame.iloc[0:0]
+        for g, sub in frame.groupby(group) if group else ([(name, frame)] if len(frame) else []):
             sub = sub.groupby(x, as_index=False).agg(
                 y=(y, "mean"), lo=(y, lambda s: s.quantile(0.1)), hi=(y, lambda s: s.quantile(0.9))
             )
@@ -305,7 +312,7 @@ def curves_section(run: Path) -> str:
         "Validation",
         f'<div class="row">{"".join(figs)}</div>',
         *tables,
-        note="Random-k controls (shaded: 10-90% range over random draws) show what any k components would do.",
+        note="Random-k controls (shaded: their spread) show what any k components would do.",
     )
 
 
@@ -316,7 +323,7 @@ def supplier_section(run: Path) -> str:
     if edges is not None and len(edges):
         src = _first_col(edges, ("supplier", "source", "upstream"))
         dst = _first_col(edges, ("target", "destination", "downstream"))
-        w = _first_col(edges, ("score", "weight", "effect", "recovery"))
+        w = _first_col(edges, ("supply", "score", "weight", "effect", "recovery"))
         if src and dst and w:
             parts.append(figure_html(_supplier_graph(edges, src, dst, w), "supplier graph"))
         parts.append(table_html(edges.sort_values(w, ascending=False, key=abs) if w else edges))

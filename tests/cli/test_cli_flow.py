@@ -92,6 +92,11 @@ def test_screen_first_order_neurons(pair_dirs, prompts, tmp_path):
     assert result.exit_code == 0, result.output
     scores = ScoreTable.load(run / "scores.parquet")
     assert len(scores.select("first_order", "neuron")) == 144
+    result = invoke("trace", *pair_dirs, "--prompts", prompts, "--targets", "L2.attn.head1", *args)
+    assert result.exit_code == 0, result.output
+    edges = pd.read_parquet(run / "supplier_edges.parquet")
+    assert set(edges["target"]) == {"L2.attn.head1"} and {"supplier", "supply"} <= set(edges.columns)
+    assert "Hierarchy" in (run / "report.html").read_text() if invoke("report", run).exit_code == 0 else False
 
 
 def test_merge_baseline_and_mechanism(pair_dirs, prompts, tmp_path):
@@ -129,6 +134,7 @@ def test_merge_baseline_and_mechanism(pair_dirs, prompts, tmp_path):
     assert (tree_hash(base), tree_hash(sft)) == before
 
 
+@pytest.mark.slow  # ~45 s on a busy 2-core machine; run with -m slow
 def test_demo_pipeline_on_replaced_pair(pair_dirs, prompts, tmp_path):
     run = tmp_path / "demo"
     args = ("--base", pair_dirs[0], "--specialized", pair_dirs[1], "--prompts", prompts, "--heldout", prompts)

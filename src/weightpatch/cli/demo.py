@@ -41,6 +41,45 @@ def _activation_stage(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConf
     run.append_scores(activation_scores(scorer, components, progress=cfg.progress))
 
 
+def _analysis_stages(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConfig) -> None:
+    """Roles, supplier tracing and sufficiency/necessity validation, for the modules that exist."""
+    from weightpatch.scoring import AnchorScorer
+
+    table = run.scores()
+    methods = set(table.frame["method"])
+    scorer = None
+
+    def get_scorer():
+        nonlocal scorer
+        scorer = scorer or AnchorScorer(pair, anchor, texts, cfg.batch_size)
+        return scorer
+
+    if importlib.util.find_spec("weightpatch.roles") and {"activation", "exact"} <= methods and not run.has("roles"):
+        from weightpatch.roles import assign_roles
+
+        run.save_table("roles", assign_roles(table, table))
+    if importlib.util.find_spec("weightpatch.tracing") and "activation" in methods and not run.has("supplier_edges"):
+        from weightpatch.tracing import trace_suppliers
+
+        heads = table.top(3, method="activation", kind="head", by_abs=True).components()
+        heads = [h for h in heads if pair.space.parse(h).layer > 0]
+        if heads:
+            with common.console.status(f"tracing suppliers of {', '.join(heads)}"):
+                edges = trace_suppliers(
+                    get_scorer(), heads, kinds=("head", "neuron"), method="first_order", verify_top=3
+                )
+            run.save_table("supplier_edges", edges)
+    if importlib.util.find_spec("weightpatch.validation") and "exact" in methods:
+        from weightpatch.validation import necessity_curve, sufficiency_curve
+
+        ks = [k for k in (1, 2, 4, 8, 16) if k <= len(table.select("exact"))]
+        for name, fn in (("sufficiency", sufficiency_curve), ("necessity", necessity_curve)):
+            if not run.has(name) and ks:
+                with common.console.status(f"{name} curve (top-k vs random-k)"):
+                    curve = fn(get_scorer(), table, ks=ks, method="exact", controls=3, seed=cfg.seed)
+                run.save_table(name, curve)
+
+
 def demo(
     run_dir: common.RunDirOpt = None,
     top_k: Annotated[int | None, typer.Option(help="components per kind verified exactly.")] = None,
@@ -127,6 +166,9 @@ def demo(
         t = time.perf_counter()
         _activation_stage(pair, run, anchor, texts, cfg)
         timings["activation"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _analysis_stages(pair, run, anchor, texts, cfg)
+        timings["roles_tracing_validation"] = time.perf_counter() - t
         from weightpatch.report import build_report
 
         t = time.perf_counter()
