@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # a tiny model: intra-op threads only add synchronization cost
     root = args.models
     dirs = {"base": root / "base", "specialized": root / "specialized"} if root else {
         "base": demo.paths().base, "specialized": demo.paths().specialized}
