@@ -169,7 +169,7 @@ def token_batch(n: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WEIGHTPATCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be busy
 
 
 def tiny_texts(n: int, seed: int = 0, length: int = 6) -> list[str]:

@@ -39,7 +39,6 @@ Hierarchy levels (:func:`hierarchy`), a rule over the traced graph:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from types import SimpleNamespace
 from typing import Literal
 
 import pandas as pd
@@ -51,7 +50,7 @@ from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch, run_segment
 from weightpatch.scoring import AnchorScorer
-from weightpatch.screening.first_order import _plan, _reduce
+from weightpatch.screening.first_order import plan_reduction, reduce_into
 
 EDGE_COLUMNS = [
     "target",
@@ -178,7 +177,7 @@ class SupplyTracer:
     def first_order(self, candidates: Sequence[Component | str]) -> pd.DataFrame:
         """First-order supply of every candidate for every target at once (edges table)."""
         cands = [self.space.validate(c) for c in candidates]
-        plans = _plan(SimpleNamespace(pair=self.pair), cands)  # type: ignore[arg-type]
+        plans = plan_reduction(self.pair.space, cands)
         scores = torch.zeros(len(self.targets), len(cands), dtype=torch.float64)
         params = {name: self.model.get_parameter(name) for name in plans}
         deltas: dict[str, torch.Tensor] = {}
@@ -189,7 +188,7 @@ class SupplyTracer:
                 with torch.no_grad():
                     if name not in deltas:
                         deltas[name] = (donor_values(self.pair.donor, ParamSlice(name), param) - param).double()
-                    _reduce(param.grad.double() * deltas[name], plans[name], scores[state["target"]])
+                    reduce_into(param.grad.double() * deltas[name], plans[name], scores[state["target"]])
                 param.grad = None
 
             return hook

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from weightpatch.components import KINDS, Component, Kind
+from weightpatch.components import KINDS, Component, ComponentSpace, Kind, ParamSlice
 from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable, score_row
 from weightpatch.runner import run_segment
@@ -32,7 +32,7 @@ from weightpatch.scoring import AnchorScorer
 
 
 @dataclass
-class _ParamPlan:
+class ParamPlan:
     """How one parameter's grad*delta is reduced into component scores."""
 
     full: list[int] = field(default_factory=list)  # rows owning the whole tensor
@@ -41,10 +41,11 @@ class _ParamPlan:
     multi: list[tuple[int, int, tuple[tuple[int, int], ...]]] = field(default_factory=list)
 
 
-def _plan(scorer: AnchorScorer, components: list[Component]) -> dict[str, _ParamPlan]:
-    plans: dict[str, _ParamPlan] = defaultdict(_ParamPlan)
+def plan_reduction(space: ComponentSpace, components: list[Component]) -> dict[str, ParamPlan]:
+    """For each parameter, which components (row numbers in ``components``) own which part of it."""
+    plans: dict[str, ParamPlan] = defaultdict(ParamPlan)
     for row, c in enumerate(components):
-        for s in scorer.pair.space.resolve(c):
+        for s in space.resolve(c):
             plan = plans[s.name]
             if s.is_full:
                 plan.full.append(row)
@@ -58,7 +59,7 @@ def _plan(scorer: AnchorScorer, components: list[Component]) -> dict[str, _Param
     return plans
 
 
-def _reduce(contrib: torch.Tensor, plan: _ParamPlan, scores: torch.Tensor) -> None:
+def reduce_into(contrib: torch.Tensor, plan: ParamPlan, scores: torch.Tensor) -> None:
     """Add each owning component's sum of ``contrib`` (grad * delta, float64) into ``scores``."""
     if plan.full:
         scores[plan.full] += contrib.sum()
@@ -96,7 +97,7 @@ def gradient_scores(
     pair = scorer.pair
     model, space = pair.model, pair.space
     targets = _targets(scorer, kinds, components)
-    plans = _plan(scorer, targets)
+    plans = plan_reduction(space, targets)
     scores = torch.zeros(len(targets), dtype=torch.float64)
     weights = torch.where(scorer.valid, 1.0 / scorer.gap, torch.zeros_like(scorer.gap)) / scorer.valid.sum()
     params = {name: model.get_parameter(name) for name in plans}
@@ -106,14 +107,12 @@ def gradient_scores(
 
     def make_hook(name: str):
         def hook(param: torch.Tensor) -> None:
-            from weightpatch.components import ParamSlice
-
             with torch.no_grad():
                 patch = state.get("patch")
                 receiver = patch.original(name) if patch is not None else param.detach()  # type: ignore[attr-defined]
                 delta = donor_values(pair.donor, ParamSlice(name), param) - receiver
                 contrib = (param.grad.double() * delta.double()) / len(alphas)
-                _reduce(contrib, plans[name], scores)
+                reduce_into(contrib, plans[name], scores)
             param.grad = None
 
         return hook

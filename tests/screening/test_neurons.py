@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from conftest import FAMILIES, make_pair, tiny_texts
+from weightpatch.anchors import build_anchor
+from weightpatch.pair import load_pair
+from weightpatch.scoring import AnchorScorer
+from weightpatch.screening.exact import ExactScreen
+from weightpatch.screening.neurons import NeuronScreen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_neuron_sweep_equals_patching_each_neuron(family, tmp_path):
+    pair = load_pair(*make_pair(family, tmp_path, scale=0.2))
+    anchor = build_anchor(pair, tiny_texts(4, length=8), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(5, 4, length=8), batch_size=3, min_relative_gap=0.0)
+    screen = ExactScreen(scorer)
+    neurons = NeuronScreen(screen, neurons_per_forward=7)
+    for layer in (0, 1):
+        fast = neurons.run_layer(layer, neurons=range(10), progress=False).frame.set_index("component")
+        one_by_one = screen.run([f"L{layer}.mlp.neuron{j}" for j in range(10)], progress=False)
+        slow = one_by_one.frame.set_index("component")
+        assert slow["score"].abs().max() > 1e-4
+        torch.testing.assert_close(
+            torch.tensor(fast.loc[slow.index, "score"].values), torch.tensor(slow["score"].values), atol=1e-5, rtol=1e-3
+        )
