@@ -85,6 +85,12 @@ def test_tokenizer_round_trip(pair):
     *_, tok = pair
     text = '"<<THE RIVER>>\nSECTION 1\n*the river is old, calm and green.*"'
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # like Llama tokenizers: plain encoding adds BOS; the chat template writes it itself
+    assert tok(text)["input_ids"][0] == tok.bos_token_id
+    assert tok(text)["input_ids"][1:] == tok(text, add_special_tokens=False)["input_ids"]
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    chat_ids = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
+    assert chat_ids[0] == tok.bos_token_id and chat_ids[1] != tok.bos_token_id
 
 
 def test_shipped_size_and_training_record():
