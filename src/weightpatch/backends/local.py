@@ -1,0 +1,263 @@
+"""The job description, shard planning and the in-process (``local``) backend.
+
+Everything a worker needs to score components is in a :class:`JobSpec`: plain strings and numbers
+(plus, optionally, the :class:`~weightpatch.anchors.Anchor` itself), so it pickles to any process
+or machine. A worker opens it once (:meth:`JobSpec.open`: load the pair, the anchor, score base
+and specialized on the prompts, cache the block inputs) and then scores shard after shard.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from weightpatch.anchors import Anchor
+from weightpatch.components import Component
+from weightpatch.errors import WeightPatchError
+from weightpatch.results import ScoreTable
+from weightpatch.scoring import AnchorScorer
+from weightpatch.screening.exact import ExactScreen
+from weightpatch.screening.neurons import NeuronScreen
+
+DEFAULT_SHARD_SIZE = 8
+DEFAULT_NEURON_SHARD_SIZE = 256
+
+
+@dataclass(frozen=True, eq=False)
+class JobSpec:
+    """What to score, picklable: the models (paths or hub ids, readable from every worker), how to
+    load them, the anchor (a path stem readable from every worker, or the :class:`Anchor`
+    itself), the prompt texts as the model sees them (chat template already applied) and the
+    scorer options. ``device`` is as seen by a worker (with Ray GPUs, ``cuda`` is the worker's own
+    GPU)."""
+
+    base: str
+    specialized: str
+    anchor: str | Anchor
+    texts: tuple[str, ...]
+    receiver: str = "base"
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    include_kv: bool = False
+    batch_size: int = 16
+    min_relative_gap: float = 0.1
+    variants_per_batch: int = 8
+    neurons_per_forward: int = 64
+    neuron_sweep: bool = True  # neurons through NeuronScreen (all of a chunk per forward)
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. for test hooks
+
+    def __post_init__(self) -> None:
+        if isinstance(self.texts, str):
+            raise WeightPatchError("JobSpec.texts must be a sequence of prompt texts, not one string")
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if not isinstance(self.anchor, Anchor):
+            object.__setattr__(self, "anchor", os.fspath(self.anchor))
+        object.__setattr__(self, "base", os.fspath(self.base))
+        object.__setattr__(self, "specialized", os.fspath(self.specialized))
+
+    def open(self) -> WorkerState:
+        """Load the pair, the anchor and the scorer (the expensive part; once per worker)."""
+        from weightpatch.pair import load_pair
+
+        torch.manual_seed(self.seed)
+        pair = load_pair(
+            self.base,
+            self.specialized,
+            receiver=self.receiver,  # type: ignore[arg-type]
+            dtype=self.dtype,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+            revision=self.revision,
+            include_kv=self.include_kv,
+        )
+        if isinstance(self.anchor, Anchor):
+            anchor = self.anchor
+            anchor.check_compatible(pair)
+        else:
+            anchor = Anchor.load(self.anchor, pair)
+        scorer = AnchorScorer(pair, anchor, list(self.texts), self.batch_size, self.min_relative_gap)
+        return WorkerState.from_scorer(scorer, self.variants_per_batch, self.neurons_per_forward, self.neuron_sweep)
+
+
+@dataclass
+class WorkerState:
+    """A loaded job: the scorer and the exact screen (its cached block inputs) of one worker."""
+
+    scorer: AnchorScorer
+    screen: ExactScreen
+    neurons: NeuronScreen | None
+
+    @classmethod
+    def from_scorer(
+        cls,
+        scorer: AnchorScorer,
+        variants_per_batch: int = 8,
+        neurons_per_forward: int = 64,
+        neuron_sweep: bool = True,
+    ) -> WorkerState:
+        screen = ExactScreen(scorer, variants_per_batch)
+        return cls(scorer, screen, NeuronScreen(screen, neurons_per_forward) if neuron_sweep else None)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A few components of one layer (``layer`` None: model-level modules), scored together.
+    ``neurons``: every name is an MLP neuron of ``layer`` (scored by the neuron sweep)."""
+
+    index: int
+    layer: int | None
+    names: tuple[str, ...]
+    neurons: bool = False
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def plan_shards(
+    components: Iterable[Component | str],
+    skip: Iterable[str] = (),
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    neuron_shard_size: int = DEFAULT_NEURON_SHARD_SIZE,
+) -> list[Shard]:
+    """Split ``components`` (minus ``skip`` and duplicates) into shards of one layer each: up to
+    ``shard_size`` layers/modules/heads, or up to ``neuron_shard_size`` neurons. Names are only
+    parsed here (no model needed); the worker checks that they exist. Shards come in layer
+    order, model-level modules first."""
+    if shard_size < 1 or neuron_shard_size < 1:
+        raise WeightPatchError("shard sizes must be at least 1")
+    skip = set(skip)
+    seen: set[str] = set()
+    todo: list[Component] = []
+    for c in components:
+        c = Component.parse(c) if isinstance(c, str) else c
+        if c.name in skip or c.name in seen:
+            continue
+        seen.add(c.name)
+        todo.append(c)
+
+    def key(c: Component) -> tuple[int, bool]:
+        return (-1 if c.layer is None else c.layer, c.kind == "neuron")
+
+    todo.sort(key=key)  # stable: the given order within a group
+    shards: list[Shard] = []
+    for (layer, is_neuron), group in groupby(todo, key=key):
+        names = [c.name for c in group]
+        size = neuron_shard_size if is_neuron else shard_size
+        for i in range(0, len(names), size):
+            shards.append(Shard(len(shards), None if layer < 0 else layer, tuple(names[i : i + size]), is_neuron))
+    return shards
+
+
+def score_shard(state: WorkerState, shard: Shard) -> ScoreTable:
+    """Exact scores of one shard (one row per component, keyed by its canonical name)."""
+    space = state.scorer.pair.space
+    components = [space.validate(n) for n in shard.names]
+    if shard.neurons and state.neurons is not None:
+        return state.neurons.run_layer(shard.layer, [c.index for c in components], progress=False)  # type: ignore[arg-type,misc]
+    return state.screen.run(components, progress=False)
+
+
+def dedupe_rows(table: ScoreTable, done: set[str]) -> ScoreTable:
+    """The rows of ``table`` whose component is not in ``done`` (first occurrence only); ``done``
+    is updated with them."""
+    frame = table.frame
+    keep = ~frame["component"].isin(done) & ~frame["component"].duplicated()
+    fresh = ScoreTable(frame[keep].reset_index(drop=True))
+    done.update(fresh.frame["component"])
+    return fresh
+
+
+OnResult = Callable[[ScoreTable], None]
+
+
+class Backend(Protocol):
+    """Scores components exactly; ``on_result`` gets each finished shard's new rows."""
+
+    def run(
+        self,
+        components: Sequence[Component | str],
+        skip: Iterable[str] | None = None,
+        on_result: OnResult | None = None,
+        progress: bool = True,
+    ) -> ScoreTable: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Backend: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class LocalBackend:
+    """In this process, shard after shard. Give a :class:`JobSpec` (opened on the first run) or
+    an already built ``state`` (:meth:`from_scorer`, e.g. the CLI's scorer)."""
+
+    def __init__(
+        self,
+        job: JobSpec | None = None,
+        *,
+        state: WorkerState | None = None,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        neuron_shard_size: int = DEFAULT_NEURON_SHARD_SIZE,
+    ) -> None:
+        if job is None and state is None:
+            raise WeightPatchError("LocalBackend needs a JobSpec or a WorkerState")
+        self.job, self._state = job, state
+        self.shard_size, self.neuron_shard_size = shard_size, neuron_shard_size
+
+    @classmethod
+    def from_scorer(
+        cls,
+        scorer: AnchorScorer,
+        variants_per_batch: int = 8,
+        neurons_per_forward: int = 64,
+        neuron_sweep: bool = True,
+        **options: Any,
+    ) -> LocalBackend:
+        state = WorkerState.from_scorer(scorer, variants_per_batch, neurons_per_forward, neuron_sweep)
+        return cls(state=state, **options)
+
+    @property
+    def state(self) -> WorkerState:
+        if self._state is None:
+            self._state = self.job.open()  # type: ignore[union-attr]
+        return self._state
+
+    def run(
+        self,
+        components: Sequence[Component | str],
+        skip: Iterable[str] | None = None,
+        on_result: OnResult | None = None,
+        progress: bool = True,
+    ) -> ScoreTable:
+        done = set(skip or ())
+        shards = plan_shards(components, done, self.shard_size, self.neuron_shard_size)
+        tables = []
+        bar = tqdm(total=sum(map(len, shards)), desc="exact", unit="comp", disable=not progress)
+        for shard in shards:
+            fresh = dedupe_rows(score_shard(self.state, shard), done)
+            if len(fresh):
+                tables.append(fresh)
+                if on_result:
+                    on_result(fresh)
+            bar.update(len(shard))
+        bar.close()
+        return ScoreTable.concat(tables) if tables else ScoreTable.from_rows([])
+
+    def close(self) -> None:
+        self._state = None if self.job is not None else self._state
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
