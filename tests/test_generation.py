@@ -6,7 +6,8 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from weightpatch import demo
 from weightpatch.errors import WeightPatchError
-from weightpatch.generation import encode_prompts, generate, load_model, render_prompt
+from weightpatch.generation import generate, load_model
+from weightpatch.runner import encode, render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +26,24 @@ def _one_thread():
 
 def test_render_uses_chat_template(specialized):
     _, tok = specialized
-    text, add_special = render_prompt(tok, "Tell me about the river.")
-    assert text == "<s><|user|>Tell me about the river.<|assistant|>"
-    assert add_special is False
-    raw, add_special = render_prompt(tok, "hi", use_chat_template=False)
-    assert raw == "hi" and add_special is True
+    text = render_prompt(tok, "Tell me about the river.")
+    assert text == "<|user|>Tell me about the river.<|assistant|>"  # encode adds the BOS
+    ids = encode(tok, [text]).input_ids[0].tolist()
+    assert ids == tok("<s><|user|>Tell me about the river.<|assistant|>", add_special_tokens=False)["input_ids"]
+    assert render_prompt(tok, "hi", chat_template=False) == "hi"
 
 
 def test_render_without_template_raises_when_forced():
     with pytest.raises(WeightPatchError, match="chat template"):
-        render_prompt(tiny_tokenizer(), "w5", use_chat_template=True)
+        render_prompt(tiny_tokenizer(), "w5", chat_template=True)
 
 
 def test_left_padding(specialized):
     _, tok = specialized
-    enc = encode_prompts(tok, ["Tell me about the river.", "Write a short essay about the old city bridge."])
-    assert enc["attention_mask"][0, 0] == 0 and enc["attention_mask"][0, -1] == 1  # row 0 is padded left
-    assert enc["input_ids"][0, 0] == tok.pad_token_id
+    enc = encode(tok, ["Tell me about the river.", "Write a short essay about the old city bridge."])
+    assert enc.attention_mask[0, 0] == 0 and enc.attention_mask[0, -1] == 1  # row 0 is padded left
+    assert enc.input_ids[0, 0] == tok.pad_token_id
+    assert enc.position_ids[0, -1] == enc.position_ids[1, -1] - (enc.attention_mask[0] == 0).sum()
     assert tok.padding_side == "left" or tok.padding_side == "right"  # restored, whatever it was
 
 
@@ -77,4 +79,4 @@ def test_without_chat_template_tiny_model():
     assert len(out) == 2 and all(isinstance(o, str) for o in out)
     assert not model.training
     expected = tok(["w5"], return_tensors="pt")["input_ids"]
-    torch.testing.assert_close(encode_prompts(tok, ["w5"])["input_ids"], expected)
+    torch.testing.assert_close(encode(tok, ["w5"]).input_ids, expected)

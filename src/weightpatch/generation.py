@@ -1,9 +1,8 @@
 """Greedy generation helpers: render prompts the way the model was trained, generate, decode responses.
 
-Prompts are rendered with the tokenizer's chat template when it has one (one user message, generation
-prompt appended), and tokenized without adding special tokens again; without a chat template the raw
-prompt is tokenized with the tokenizer's own special tokens. Batches are left-padded, so the last
-prompt token of every row sits at position -1 (what anchors read).
+Prompts are rendered and encoded exactly as anchors and scores see them
+(:func:`weightpatch.runner.render_prompts`, :func:`weightpatch.runner.encode`): through the chat
+template when the tokenizer has one, left-padded.
 """
 
 from __future__ import annotations
@@ -13,44 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from weightpatch.errors import WeightPatchError
-
-
-def render_prompt(tokenizer, prompt: str, use_chat_template: bool | None = None) -> tuple[str, bool]:
-    """The text fed to the model for ``prompt`` and whether special tokens must still be added.
-
-    ``use_chat_template=None`` uses the template when the tokenizer has one.
-    """
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template is None:
-        use_chat_template = has_template
-    if use_chat_template:
-        if not has_template:
-            raise WeightPatchError("use_chat_template=True but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return text, False
-    return prompt, True
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], use_chat_template: bool | None = None):
-    """Left-padded ``input_ids`` / ``attention_mask`` tensors for a batch of prompts."""
-    if not prompts:
-        raise WeightPatchError("no prompts to encode")
-    rendered = [render_prompt(tokenizer, p, use_chat_template) for p in prompts]
-    add_special = rendered[0][1]
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise WeightPatchError("the tokenizer has neither a pad token nor an eos token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return tokenizer(
-            [text for text, _ in rendered], return_tensors="pt", padding=True, add_special_tokens=add_special
-        )
-    finally:
-        tokenizer.padding_side = old_side
+from weightpatch.runner import encode, render_prompts
 
 
 @torch.no_grad()
@@ -76,8 +38,8 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            enc = encode_prompts(tokenizer, chunk, use_chat_template)
-            enc = {k: v.to(device) for k, v in enc.items()}
+            batch = encode(tokenizer, render_prompts(tokenizer, chunk, use_chat_template), device)
+            enc = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             generated = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 
 from weightpatch.components import ComponentSpace
+from weightpatch.errors import WeightPatchError
 
 
 class _StopForward(Exception):
@@ -45,15 +46,41 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
+def render_prompt(tokenizer, prompt: str, chat_template: bool | None = None) -> str:
+    """The text the model sees for a raw ``prompt``: through the tokenizer's chat template (one user
+    message, generation prompt appended) when it has one or when ``chat_template=True``, the prompt
+    itself otherwise. A leading BOS written by the template is dropped, since :func:`encode` adds the
+    tokenizer's special tokens (so both paths give the same ids)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is None:
+        chat_template = has_template
+    if not chat_template:
+        return prompt
+    if not has_template:
+        raise WeightPatchError("chat_template=True but the tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    bos = getattr(tokenizer, "bos_token", None)
+    adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos) :] if adds_bos and text.startswith(bos) else text
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], chat_template: bool | None = None) -> list[str]:
+    return [render_prompt(tokenizer, p, chat_template) for p in prompts]
+
+
 def encode(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu") -> Batch:
-    """Tokenize already-formatted prompt texts with left padding (the last column is every prompt's
-    last token)."""
+    """Tokenize model-ready texts (see :func:`render_prompts`) with left padding, so the last column
+    is every prompt's last token."""
     if not texts:
-        raise ValueError("no prompts to encode")
+        raise WeightPatchError("no prompts to encode")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise WeightPatchError("the tokenizer has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     try:
         enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=True)
     finally:

@@ -19,6 +19,7 @@ from weightpatch.cli import common
 from weightpatch.config import AnchorConfig, build_config
 from weightpatch.errors import WeightPatchError
 from weightpatch.rundir import RunDir
+from weightpatch.runner import render_prompts
 
 logger = logging.getLogger("weightpatch")
 
@@ -70,10 +71,10 @@ def run_anchor(cfg: AnchorConfig, pair, run: RunDir, train: list, heldout: list)
         if instruction:
             from weightpatch.prompts import without_instruction
 
-            without_train = common.render(
+            without_train = render_prompts(
                 pair.tokenizer, [r.prompt for r in without_instruction(train)], cfg.chat_template
             )
-            without_held = common.render(
+            without_held = render_prompts(
                 pair.tokenizer, [r.prompt for r in without_instruction(heldout)], cfg.chat_template
             )
         else:
@@ -81,9 +82,9 @@ def run_anchor(cfg: AnchorConfig, pair, run: RunDir, train: list, heldout: list)
         with common.console.status(f"anchor layer search ({cfg.method}, {len(train)}+{len(heldout)} prompts)"):
             anchor, table = search_anchor_layer(
                 pair,
-                common.render(pair.tokenizer, [r.prompt for r in train], cfg.chat_template),
+                render_prompts(pair.tokenizer, [r.prompt for r in train], cfg.chat_template),
                 without_train,
-                common.render(pair.tokenizer, [r.prompt for r in heldout], cfg.chat_template),
+                render_prompts(pair.tokenizer, [r.prompt for r in heldout], cfg.chat_template),
                 without_held,
                 method=cfg.method,
                 layers=layers,

@@ -133,21 +133,6 @@ def read_prompt_file(path: Path) -> list:
     return records
 
 
-def render(tokenizer, prompts: list[str], chat_template: bool | None) -> list[str]:
-    """Prompt texts as the model sees them: through the chat template when there is one (its
-    leading BOS dropped, since encoding adds it again)."""
-    from weightpatch.generation import render_prompt
-
-    out = []
-    bos = getattr(tokenizer, "bos_token", None)
-    for p in prompts:
-        text, _ = render_prompt(tokenizer, p, chat_template)
-        if bos and text != p and text.startswith(bos):
-            text = text[len(bos) :]
-        out.append(text)
-    return out
-
-
 def load_prompt_sets(cfg: PromptOptions, seed: int) -> tuple[list, list]:
     """``(train, heldout)`` prompt records: the two files, or ``--prompts`` split in half."""
     records = read_prompt_file(cfg.prompts)

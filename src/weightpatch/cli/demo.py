@@ -23,6 +23,7 @@ from weightpatch.cli.anchor import run_anchor
 from weightpatch.cli.screen import run_screen
 from weightpatch.config import AnchorConfig, DemoConfig, ScreenConfig, build_config
 from weightpatch.rundir import RunDir
+from weightpatch.runner import render_prompts
 
 logger = logging.getLogger("weightpatch")
 
@@ -159,7 +160,7 @@ def demo(
         import random
 
         random.Random(cfg.seed + 1).shuffle(records)
-        texts = common.render(pair.tokenizer, [r.prompt for r in records[: cfg.screen_prompts]], None)
+        texts = render_prompts(pair.tokenizer, [r.prompt for r in records[: cfg.screen_prompts]], None)
         t = time.perf_counter()
         table = run_screen(scfg, pair, run, anchor, texts)
         timings["screen"] = time.perf_counter() - t

@@ -24,6 +24,7 @@ from weightpatch.config import ScreenConfig, build_config
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import RunDir
+from weightpatch.runner import render_prompts
 
 logger = logging.getLogger("weightpatch")
 
@@ -170,7 +171,7 @@ def screen(
     identity = {**cfg.identity(), "anchor_sha256": anchor_sha256(stem)}
     loaded = Anchor.load(stem, pair)
     with RunDir.open(root, "screen", identity, pair.identities(), [cfg.base, cfg.specialized, cfg.prompts]) as run:
-        texts = common.render(pair.tokenizer, [r.prompt for r in records], cfg.chat_template)
+        texts = render_prompts(pair.tokenizer, [r.prompt for r in records], cfg.chat_template)
         table = run_screen(cfg, pair, run, loaded, texts)
         summary.print_summary(run, table)
         common.echo_path("run directory", Path(run.path))

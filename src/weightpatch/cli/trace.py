@@ -14,6 +14,7 @@ from weightpatch.cli import common
 from weightpatch.config import TraceConfig, build_config
 from weightpatch.errors import WeightPatchError
 from weightpatch.rundir import RunDir
+from weightpatch.runner import render_prompts
 
 
 def trace(
@@ -68,7 +69,7 @@ def trace(
             names = run.scores().top(cfg.targets, method="activation", kind="head", by_abs=True).components()
         if not names:
             raise WeightPatchError("no targets: pass --targets, or compute activation-space head scores first")
-        texts = common.render(pair.tokenizer, [r.prompt for r in records], cfg.chat_template)
+        texts = render_prompts(pair.tokenizer, [r.prompt for r in records], cfg.chat_template)
         scorer = AnchorScorer(pair, anchor, texts, cfg.batch_size)
         verify = 3 if cfg.method == "first_order" else 0
         edges = trace_suppliers(scorer, names, method=cfg.method, verify_top=verify)  # type: ignore[arg-type]
