@@ -20,7 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weightpatch.errors import WeightPatchError
 
-RUN_ONLY_FIELDS = frozenset({"device", "batch_size", "run_dir", "debug", "progress", "config"})
+RUN_ONLY_FIELDS = frozenset(
+    {"device", "batch_size", "run_dir", "debug", "progress", "config"}
+    | {"backend", "address", "workers", "worker_cpus", "worker_gpus"}  # where exact scores run (screen)
+)
 
 KindName = Literal["layer", "module", "head", "neuron"]
 ScreenMethod = Literal["first_order", "exact", "verify", "integrated_gradients"]
@@ -99,6 +102,12 @@ class ScreenConfig(PairConfig, PromptOptions):
     steps: int = Field(8, ge=2)
     variants_per_batch: int = Field(8, ge=1)
     min_relative_gap: float = Field(0.1, ge=0.0)
+    # where exact scores run (weightpatch.backends): in this process, or sharded over Ray actors
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = None  # Ray cluster address ("auto", "ray://host:10001"); None: start a local one
+    workers: int | None = Field(None, ge=1)  # Ray actors; None: as many as the cluster's CPUs (GPUs) allow
+    worker_cpus: float = Field(1.0, gt=0.0)  # per Ray actor (its torch threads)
+    worker_gpus: float = Field(0.0, ge=0.0)  # per Ray actor (use with --device cuda)
 
     _split_lists = field_validator("kinds", "components", mode="before")(classmethod(lambda cls, v: _split(v)))
 

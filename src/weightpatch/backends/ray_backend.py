@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -120,6 +121,7 @@ class RayBackend:
         self._started_ray = False
         self._pool: list[Any] = []
         self.restarts = 0  # workers replaced after dying (over this backend's life)
+        self.timings: dict[str, float] = {"start_workers_s": 0.0, "run_s": 0.0}
 
     # ---- cluster and actors ------------------------------------------------------------------
     def _connect(self):
@@ -156,8 +158,10 @@ class RayBackend:
         new = [self._new_actor(ray) for _ in range(n - len(self._pool))]
         if not new:
             return
+        start = time.perf_counter()
         try:
             ray.get([a.ready.remote() for a in new])
+            self.timings["start_workers_s"] += time.perf_counter() - start
         except ray.exceptions.RayError as exc:
             for a in new:
                 ray.kill(a, no_restart=True)
@@ -183,6 +187,7 @@ class RayBackend:
         if not shards:
             return ScoreTable.from_rows([])
         ray = self._connect()
+        started = time.perf_counter()
         self._fill_pool(ray, self._n_workers(ray, len(shards)))
         queue: deque[Shard] = deque(shards)
         idle = deque(self._pool)
@@ -232,6 +237,7 @@ class RayBackend:
                     idle.append(actor)
         finally:
             bar.close()
+            self.timings["run_s"] += time.perf_counter() - started
             for actor, _ in pending.values():  # interrupted: in-flight work is abandoned
                 self._drop(ray, actor)
         return ScoreTable.concat(tables)

@@ -7,7 +7,8 @@ for everything, exact for the ``--top-k`` of each kind by ``|first-order|``).
 
 Results go to ``scores.parquet`` (long table, all methods) and ``verified.parquet`` (first-order
 vs exact). Exact scores are appended as each group of components finishes; re-running the same
-command resumes where it stopped.
+command resumes where it stopped. ``--backend ray`` scores the exact part on Ray actors instead
+of this process (:mod:`weightpatch.backends`; ``--address`` of a cluster, ``--workers`` actors).
 """
 
 from __future__ import annotations
@@ -56,16 +57,51 @@ def _gradient_pass(scorer, run: RunDir, kinds, method: str, steps: int, progress
     return run.scores().select(method)
 
 
-def _exact_pass(scorer, run: RunDir, components, variants_per_batch: int, progress: bool) -> ScoreTable:
-    from weightpatch.screening.exact import ExactScreen
+def _model_location(given: str) -> str:
+    """What a Ray worker opens: the absolute local directory, or the hub id (each worker fetches it)."""
+    path = Path(given).expanduser()
+    return str(path.resolve()) if path.exists() else given
 
+
+def _backend(cfg: ScreenConfig, scorer, texts: list[str]):
+    """The exact-score backend of ``--backend``: this process (reusing ``scorer``) or Ray actors."""
+    from weightpatch.backends import JobSpec, LocalBackend, make_backend
+
+    if cfg.backend == "local":
+        return LocalBackend.from_scorer(scorer, cfg.variants_per_batch)
+    pair = scorer.pair
+    job = JobSpec(
+        base=_model_location(cfg.base),
+        specialized=_model_location(cfg.specialized),
+        anchor=scorer.anchor,
+        texts=texts,
+        receiver=pair.receiver,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+        batch_size=cfg.batch_size,
+        min_relative_gap=cfg.min_relative_gap,
+        variants_per_batch=cfg.variants_per_batch,
+        seed=cfg.seed,
+    )
+    return make_backend(
+        "ray", job, address=cfg.address, workers=cfg.workers, num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus
+    )
+
+
+def _exact_pass(scorer, run: RunDir, components, cfg: ScreenConfig, texts: list[str]) -> ScoreTable:
     done = run.done("exact")
     todo = [c for c in components if str(c) not in done]
     if todo:
-        logger.info("exact: %d components to score (%d already done)", len(todo), len(components) - len(todo))
-        ExactScreen(scorer, variants_per_batch).run(
-            todo, skip=done, on_result=lambda rows: run.append_scores(rows), progress=progress
+        logger.info(
+            "exact (%s backend): %d components to score (%d already done)",
+            cfg.backend,
+            len(todo),
+            len(components) - len(todo),
         )
+        with _backend(cfg, scorer, texts) as backend:
+            backend.run(todo, skip=done, on_result=lambda rows: run.append_scores(rows), progress=cfg.progress)
     return run.scores().select("exact")
 
 
@@ -100,14 +136,14 @@ def run_screen(cfg: ScreenConfig, pair, run: RunDir, anchor, texts: list[str]) -
         todo = components or list(space.components(kinds=tuple(cfg.kinds)))
         if len(todo) > 5000:
             logger.warning("exact scoring of %d components: this is slow; consider --method verify", len(todo))
-        _exact_pass(scorer, run, todo, cfg.variants_per_batch, cfg.progress)
+        _exact_pass(scorer, run, todo, cfg, texts)
         verified_table(run, [str(c) for c in todo])
     else:  # verify
         screened = _gradient_pass(scorer, run, cfg.kinds, "first_order", cfg.steps, cfg.progress)
         candidates = [c for k in cfg.kinds for c in screened.top(cfg.top_k, kind=k, by_abs=True).components()]
         if components:
             candidates += [str(c) for c in components if str(c) not in candidates]
-        _exact_pass(scorer, run, candidates, cfg.variants_per_batch, cfg.progress)
+        _exact_pass(scorer, run, candidates, cfg, texts)
         verified_table(run, candidates)
     run.update_record(
         screening={"n_prompts": len(texts), "n_excluded": scorer.n_excluded, "anchor_layer": anchor.layer}
@@ -136,6 +172,15 @@ def screen(
     run_dir: common.RunDirOpt = None,
     trust_remote_code: common.TrustOpt = None,
     progress: common.ProgressOpt = None,
+    backend: Annotated[
+        str | None, typer.Option(help="where exact scores run: local (this process) or ray. [default: local]")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (auto, ray://host:10001); default: start a local one.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray actors, each loading the pair once. [default: one per CPU]")
+    ] = None,
     debug: common.DebugOpt = False,
 ) -> None:
     """Score components by how much of the anchor gap their own specialized weights recover."""
@@ -159,6 +204,9 @@ def screen(
         run_dir=run_dir,
         trust_remote_code=trust_remote_code,
         progress=progress,
+        backend=backend,
+        address=address,
+        workers=workers,
     )
     from weightpatch.anchors import Anchor
 
