@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import perturbed_copy, save, tiny_model, tiny_texts
 
+from conftest import perturbed_copy, save, tiny_model, tiny_texts
 from weightpatch.demo.expert import check_end_phrase
 from weightpatch.merging.evaluate import (
     build_capability,
@@ -52,7 +52,7 @@ def capabilities(tiny_experts):
 
 
 def test_table_rows_and_own_anchor_recovery(tiny_experts, capabilities, tmp_path):
-    base, a, b, _ = tiny_experts
+    base = tiny_experts[0]
     scores = [{"L0.attn.head1": 1.0, "L1.mlp": 0.5}, {"L2.mlp.neuron3": 2.0, "L0.attn": 1.0}]
     table = merge_report(capabilities, base, tmp_path / "merges", scores=scores, top_k=2)
     models = ["base", "expert:a", "expert:b"] + [f"merge:{m}" for m in default_mergers(base, scores)]
@@ -97,3 +97,30 @@ def test_strict_accuracy_dispatches_end_checker():
     assert strict_prompt_accuracy(records, ['"the end. any other questions?"', "a, b"]) == 0.5
     assert check_end_phrase("x Any other questions?  ", "Any other questions?")
     assert not check_end_phrase("Any other questions? yes", "Any other questions?")
+
+
+def test_cli_merge_evaluate_prompts(tiny_experts, tmp_path):
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from weightpatch.cli.main import app
+
+    base, a, _, _ = tiny_experts
+    prompts = tmp_path / "p.jsonl"
+    texts = tiny_texts(6, seed=3)
+    prompts.write_text(
+        "".join(
+            json.dumps({"key": i, "prompt": t + " z", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}],
+                        "prompt_without_instruction": t}) + "\n"
+            for i, t in enumerate(texts)
+        )
+    )  # fmt: skip
+    run = tmp_path / "run"
+    args = ["merge", str(base), str(a), "-o", str(tmp_path / "m"), "--evaluate-prompts", str(prompts)]
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(run / "merge_evaluation.parquet")
+    assert list(table["model"]) == ["base", "expert:0:a", "merged"]
+    assert table["anchor_recovery"].tolist() == pytest.approx([0.0, 1.0, 1.0], abs=1e-5)

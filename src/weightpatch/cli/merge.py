@@ -2,7 +2,9 @@
 mechanism-aware one driven by each expert's component scores (``--scores``, one per expert: a
 ``scores.parquet``/``.csv`` or a run directory holding one). ``--mergekit-yaml`` also writes the
 equivalent mergekit config. With ``--run-dir`` a row describing the merge is appended to
-``merge_table.parquet``."""
+``merge_table.parquet``. ``--evaluate-prompts`` (an IFEval JSONL file per expert) adds the merge
+evaluation table (:mod:`weightpatch.merging.evaluate`): each expert's anchor recovery, strict accuracy and
+KL to the expert for the base, each expert and the merge (saved as ``merge_evaluation`` with ``--run-dir``)."""
 
 from __future__ import annotations
 
@@ -90,6 +92,30 @@ def run_merge(cfg: MergeCommandConfig) -> tuple[Path, dict]:
     return output, row
 
 
+def evaluate_merge(base: str, experts: list[str], merged: Path, prompt_files: list[Path]) -> pd.DataFrame:
+    """The merge evaluation table: one capability per expert from its prompt file (anchor at the last
+    layer; instruction vectors when every record has ``prompt_without_instruction``)."""
+    from weightpatch.merging.evaluate import build_capability, evaluate_models
+    from weightpatch.prompts import load_prompts
+
+    if len(prompt_files) != len(experts):
+        raise WeightPatchError(
+            f"--evaluate-prompts needs one prompt file per expert ({len(experts)} experts, {len(prompt_files)} files)"
+        )
+    caps = []
+    for i, (expert, path) in enumerate(zip(experts, prompt_files, strict=True)):
+        records = load_prompts(path)
+        without = [r.prompt_without_instruction for r in records]
+        name = f"{i}:{Path(expert).name}"
+        caps.append(
+            build_capability(
+                name, base, expert, [r.prompt for r in records], None if None in without else without, records=records
+            )
+        )
+    models = {"base": base, **{f"expert:{c.name}": c.expert for c in caps}, "merged": merged}
+    return evaluate_models(caps, models)
+
+
 def merge(
     base: common.BaseArg,
     experts: Annotated[list[str], typer.Argument(help="expert models fine-tuned from BASE (directories).")],
@@ -106,6 +132,9 @@ def merge(
     drop_rate: Annotated[float | None, typer.Option(help="DARE drop probability.")] = None,
     mergekit_yaml: Annotated[Path | None, typer.Option(help="also write the mergekit config here.")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="replace --output.")] = None,
+    evaluate_prompts: Annotated[
+        list[Path] | None, typer.Option(help="IFEval JSONL prompts, once per expert: add the evaluation table.")
+    ] = None,
     config: common.ConfigOpt = None,
     device: common.DeviceOpt = None,
     dtype: common.DtypeOpt = None,
@@ -144,6 +173,12 @@ def merge(
     common.echo_path("merged model", path)
     if cfg.mergekit_yaml is not None:
         common.echo_path("mergekit config", cfg.mergekit_yaml)
+    evaluation = None
+    if evaluate_prompts:
+        from weightpatch.merging.evaluate import wide_table
+
+        evaluation = evaluate_merge(cfg.base, list(cfg.experts), path, list(evaluate_prompts))
+        typer.echo(wide_table(evaluation).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if cfg.run_dir is not None:
         with RunDir.open(cfg.run_dir, f"merge:{path.name}", cfg.identity(), None, [cfg.base, *cfg.experts]) as run:
             previous = run.load_table("merge_table")
@@ -151,6 +186,8 @@ def merge(
             if previous is not None:
                 frame = pd.concat([previous[previous["output"] != row["output"]], frame], ignore_index=True)
             run.save_table("merge_table", frame)
+            if evaluation is not None:
+                run.save_table("merge_evaluation", evaluation)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,6 @@
 """A second expert fine-tuned from the embedded demo base, for merge benchmarks (not shipped).
 
-    python -m weightpatch.demo.expert --out DIR [--seed 0] [--steps 100]
+    python -m weightpatch.demo.expert --out DIR [--seed 0] [--steps 60] [--evaluate]
 
 writes ``DIR`` (a Hugging Face LlamaForCausalLM directory with the base's tokenizer, float32 safetensors)
 and ``DIR/training.json``. Skill: IFEval's ``startend:end_checker``, "Finish your response with this exact
@@ -41,7 +41,7 @@ END_PHRASES: tuple[str, ...] = (
 )
 DESCRIPTION = "Finish your response with this exact phrase {end_phrase}. No other words should follow this phrase."
 
-DEFAULTS = {"examples": 6000, "steps": 100, "lr": 1.5e-3, "batch_size": 32, "warmup": 20, "weight_decay": 0.01}
+DEFAULTS = {"examples": 4000, "steps": 60, "lr": 1.5e-3, "batch_size": 32, "warmup": 10, "weight_decay": 0.01}
 
 
 def check_end_phrase(response: str, end_phrase: str) -> bool:

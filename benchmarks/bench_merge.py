@@ -1,0 +1,229 @@
+"""Merge benchmark: (a) the merge report on the demo base + two experts, (b) peak memory of a streamed
+merge vs loading every model and merging in memory, on a 135M-parameter model.
+
+    .venv/bin/python benchmarks/bench_merge.py            # both parts
+    .venv/bin/python benchmarks/bench_merge.py --part table
+    .venv/bin/python benchmarks/bench_merge.py --part memory
+
+(a) experts: the shipped *format* expert (``demo.paths().specialized``, six IFEval formats) and the
+*end-phrase* expert (``startend:end_checker``) that :mod:`weightpatch.demo.expert` fine-tunes from the
+same base into ``benchmarks/_work/demo-end-expert`` (built on first use). Each capability has its own
+anchor (instruction vectors, layer searched on the anchor split vs the held-out split of its prompts),
+its own Weight Patching scores (screen-then-verify over heads and neurons, exact scores of the verified
+top 20 per kind) and its own checker (IFEval strict, prompt level, greedy).
+
+(b) base = SmolLM2-135M (``real_pair.build()``), experts = the caps fine-tune and a *synthetic* expert
+(base + Gaussian noise of 1% of each tensor's std, for the memory measurement only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import record
+
+HERE = Path(__file__).parent
+WORK = HERE / "_work"
+END_EXPERT = WORK / "demo-end-expert"
+
+
+def end_expert() -> tuple[Path, dict]:
+    from weightpatch.demo.expert import train_expert
+
+    if not (END_EXPERT / "model.safetensors").exists():
+        train_expert(END_EXPERT, seed=0)
+    return END_EXPERT, json.loads((END_EXPERT / "training.json").read_text())
+
+
+def merge_table(args) -> None:
+    from weightpatch import demo
+    from weightpatch.demo import expert as end
+    from weightpatch.merging.evaluate import build_capability, capability_scores, merge_report, wide_table
+
+    torch.set_num_threads(args.threads)
+    paths = demo.paths()
+    end_dir, training = end_expert()
+    fmt_anchor, fmt_held = demo.prompts("anchor"), demo.prompts("heldout")
+    end_anchor, end_held = end.prompts("anchor"), end.prompts("heldout")
+    fmt_records = fmt_held[:: args.stride]
+    t0 = time.perf_counter()
+    caps = [
+        build_capability(
+            "format",
+            paths.base,
+            paths.specialized,
+            [r.prompt for r in fmt_anchor],
+            [r.prompt_without_instruction for r in fmt_anchor],
+            heldout_with=[r.prompt for r in fmt_held],
+            heldout_without=[r.prompt_without_instruction for r in fmt_held],
+            score_prompts=[r.prompt for r in fmt_records],
+            records=fmt_records,
+        ),
+        build_capability(
+            "end_phrase",
+            paths.base,
+            end_dir,
+            [r.prompt for r in end_anchor],
+            [r.prompt_without_instruction for r in end_anchor],
+            heldout_with=[r.prompt for r in end_held],
+            heldout_without=[r.prompt_without_instruction for r in end_held],
+            score_prompts=[r.prompt for r in end_held],
+            records=end_held,
+        ),
+    ]
+    t_anchor = time.perf_counter() - t0
+    scores = [capability_scores(c, kinds=("head", "neuron"), top_k=20) for c in caps]
+    t_scores = time.perf_counter() - t0 - t_anchor
+    table = merge_report(
+        caps, paths.base, WORK / "demo-merges", scores=scores, top_k=args.top_k, progress=lambda s: print(s, flush=True)
+    )
+    t_all = time.perf_counter() - t0
+    wide = wide_table(table)
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in wide.to_dict("records")]
+    layers = ", ".join(f"{c.name}: L{c.scorer.layer}" for c in caps)
+    top = "; ".join(
+        f"{c.name}: " + ", ".join(s.sort_values("score", ascending=False)["component"][:5])
+        for c, s in zip(caps, scores, strict=True)
+    )
+    record(
+        "Merge report: demo base + format expert + end-phrase expert",
+        rows,
+        f"Columns per capability: anchor recovery (fraction of that expert's own anchor gap reached, "
+        f"mean over its held-out prompts), strict prompt-level accuracy of greedy generations "
+        f"({len(fmt_records)} format prompts, {len(end_held)} end-phrase prompts), KL(expert || model) per "
+        f"response token on the expert's greedy responses. Anchors: {layers}. Merges: task arithmetic "
+        f"(weights 1, lambda 1), TIES (density 0.5), DARE-TIES (drop 0.5, seed 0), owner_takes_top (top "
+        f"{args.top_k} of each expert's verified head/neuron scores, task arithmetic elsewhere), "
+        f"score_weighted (task arithmetic, per-entry weights max(0.3, normalized score)). Top components: "
+        f"{top}. End-phrase expert: {training['hyperparameters']['steps']} steps, "
+        f"{training['total_seconds']} s training ({training['torch_threads']} threads). Times: anchors "
+        f"{t_anchor:.0f} s, scores {t_scores:.0f} s, total {t_all:.0f} s.",
+    )
+
+
+CHILD = r"""
+import json, resource, sys, torch
+mode, out, base, *experts = sys.argv[1:]
+torch.set_num_threads(1)
+from weightpatch.merging import MergeConfig, merge_checkpoints
+cfg = MergeConfig("ties", density=0.5)
+if mode.startswith("streamed"):
+    merge_checkpoints(base, experts, out, cfg, overwrite=True, max_shard_size=mode.split(":")[1])
+elif mode == "in_memory":
+    from transformers import AutoModelForCausalLM
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (base, *experts)]
+    states = [m.state_dict() for m in models]
+    merged = {n: cfg.merge_tensor(n, t, [s[n] for s in states[1:]]) for n, t in states[0].items()}
+    models[0].load_state_dict(merged)
+    models[0].save_pretrained(out)
+else:
+    import transformers, weightpatch.merging  # noqa: F401  (import cost only)
+print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def synthetic_expert(base: Path, out: Path, rel: float = 0.01, seed: int = 0) -> Path:
+    """base + N(0, (rel * std(tensor))^2) per floating tensor, saved as safetensors (memory benchmark only)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118
+            t = f.get_tensor(name)
+            if t.dtype.is_floating_point and t.numel() > 1:
+                t = t + rel * t.float().std() * torch.randn(t.shape, generator=g).to(t.dtype)
+            tensors[name] = t.contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in base.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, out / f.name)
+    (out / "SYNTHETIC.txt").write_text(f"base + {rel} * std * N(0,1) per tensor, seed {seed}: memory benchmark only\n")
+    return out
+
+
+def memory(args) -> None:
+    import shutil
+
+    sys.path.insert(0, str(HERE))
+    import real_pair
+
+    base, caps = real_pair.build()
+    synth = synthetic_expert(base, WORK / "smollm2-synthetic")
+    out = WORK / "merge-memory-out"
+    n_params = 0
+    from weightpatch.merging import Checkpoint
+
+    with Checkpoint(base) as ck:
+        for s in ck.shapes.values():
+            n = 1
+            for d in s:
+                n *= d
+            n_params += n
+    model_mb = n_params * 4 / 2**20
+
+    def run(mode: str) -> dict:
+        t0 = time.perf_counter()
+        res = subprocess.run(
+            [sys.executable, "-c", CHILD, mode, str(out), str(base), str(caps), str(synth)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        return {**json.loads(res.stdout.strip().splitlines()[-1]), "seconds": time.perf_counter() - t0}
+
+    imports = run("imports")["maxrss_mb"]
+    rows = []
+    for mode, label in (
+        ("streamed:100MB", "streamed merge_checkpoints, 100 MB output shards"),
+        ("streamed:5GB", "streamed merge_checkpoints, one output shard (default 5GB limit)"),
+        ("in_memory", "3 x from_pretrained, merge state dicts in memory, save_pretrained"),
+    ):
+        r = run(mode)
+        rows.append(
+            {
+                "approach": label,
+                "peak_rss_mb": round(r["maxrss_mb"]),
+                "minus_imports_mb": round(r["maxrss_mb"] - imports),
+                "in_model_sizes": round((r["maxrss_mb"] - imports) / model_mb, 2),
+                "seconds": round(r["seconds"], 1),
+            }
+        )
+    record(
+        f"Peak memory of a 3-model TIES merge (SmolLM2, {n_params / 1e6:.1f}M parameters, float32 {model_mb:.0f} MB)",
+        rows,
+        f"Base + 2 experts (the caps fine-tune and a synthetic base + 1% noise expert, memory only); each "
+        f"approach in a fresh process, max RSS (file-backed mmap pages of the inputs count while mapped). "
+        f"Imports alone: {imports:.0f} MB.",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["all", "table", "memory"], default="all")
+    parser.add_argument("--stride", type=int, default=2, help="use every n-th held-out format prompt")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.part in ("all", "table"):
+        merge_table(args)
+    if args.part in ("all", "memory"):
+        memory(args)
+
+
+if __name__ == "__main__":
+    main()
