@@ -284,10 +284,17 @@ def curves_section(run: Path) -> str:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.8))
         if "random_mean" in frame.columns:  # wide form: top-k column plus random-control mean and std
-            ax.plot(frame[x], frame[y], marker="o", label="top-k")
-            std = frame["random_std"].fillna(0) if "random_std" in frame.columns else 0
-            ax.plot(frame[x], frame["random_mean"], marker="s", color="grey", label="random k (mean ± sd)")
-            ax.fill_between(frame[x], frame["random_mean"] - std, frame["random_mean"] + std, color="grey", alpha=0.2)
+            rankings = frame.groupby("ranking", sort=False) if "ranking" in frame.columns else [("", frame)]
+            for ranking, sub in rankings:
+                prefix = f"{ranking}: " if ranking else ""
+                line = ax.plot(sub[x], sub[y], marker="o", label=f"{prefix}top-k")[0]
+                std = sub["random_std"].fillna(0) if "random_std" in sub.columns else 0
+                ax.plot(sub[x], sub["random_mean"], ls="--", color=line.get_color(), label=f"{prefix}random k")
+                ax.fill_between(
+                    sub[x], sub["random_mean"] - std, sub["random_mean"] + std, color=line.get_color(), alpha=0.15
+                )
+            if frame[x].max() > 16:
+                ax.set_xscale("log", base=2)
             group = None
             frame = frame.iloc[0:0]
         for g, sub in frame.groupby(group) if group else ([(name, frame)] if len(frame) else []):

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import pandas as pd
 import typer
 
 from weightpatch.cli import common, summary
 from weightpatch.cli.anchor import run_anchor
 from weightpatch.cli.screen import run_screen
 from weightpatch.config import AnchorConfig, DemoConfig, ScreenConfig, build_config
+from weightpatch.results import ScoreTable
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts
 
@@ -62,23 +64,37 @@ def _analysis_stages(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConfi
     if importlib.util.find_spec("weightpatch.tracing") and "activation" in methods and not run.has("supplier_edges"):
         from weightpatch.tracing import trace_suppliers
 
-        heads = table.top(3, method="activation", kind="head", by_abs=True).components()
-        heads = [h for h in heads if pair.space.parse(h).layer > 0]
+        # targets: the strongest activation-space heads that have upstream layers to trace into
+        upstream = ScoreTable(table.select("activation", "head").frame.query("layer > 0"))
+        heads = upstream.top(3, by_abs=True).components()
         if heads:
             with common.console.status(f"tracing suppliers of {', '.join(heads)}"):
                 edges = trace_suppliers(
                     get_scorer(), heads, kinds=("head", "neuron"), method="first_order", verify_top=3
                 )
             run.save_table("supplier_edges", edges)
-    if importlib.util.find_spec("weightpatch.validation") and "exact" in methods:
+    if importlib.util.find_spec("weightpatch.validation") and "first_order" in methods:
         from weightpatch.validation import necessity_curve, sufficiency_curve
 
-        ks = [k for k in (1, 2, 4, 8, 16) if k <= len(table.select("exact"))]
+        first = table.select("first_order").frame
+        blocks = first[(first["kind"] == "module") & first["component"].str.fullmatch(r"L\d+\.(attn|mlp)")]
+        rankings = {  # disjoint components within each ranking, ranked by the first-order screen
+            "attention/MLP blocks": (ScoreTable(blocks), [1, 2, 4, 8]),
+            "heads": (table.select("first_order", "head"), [1, 2, 4, 8]),
+            "neurons": (table.select("first_order", "neuron"), [1, 4, 16, 64]),
+        }
         for name, fn in (("sufficiency", sufficiency_curve), ("necessity", necessity_curve)):
-            if not run.has(name) and ks:
-                with common.console.status(f"{name} curve (top-k vs random-k)"):
-                    curve = fn(get_scorer(), table, ks=ks, method="exact", controls=3, seed=cfg.seed)
-                run.save_table(name, curve)
+            if run.has(name):
+                continue
+            curves = []
+            with common.console.status(f"{name} curves (top-k vs random-k)"):
+                for label, (ranked, ks) in rankings.items():
+                    ks = [k for k in ks if k <= len(ranked)]
+                    if ks:
+                        curve = fn(get_scorer(), ranked, ks=ks, method="first_order", controls=3, seed=cfg.seed)
+                        curves.append(curve.assign(ranking=label))
+            if curves:
+                run.save_table(name, pd.concat(curves, ignore_index=True))
 
 
 def demo(
@@ -102,6 +118,10 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the embedded model pair and write the report."""
     start = time.perf_counter()
+    import torch
+
+    if base is None and specialized is None:
+        torch.set_num_threads(1)  # the embedded pair is tiny: one thread is fastest, and robust to a busy machine
     cfg = build_config(
         DemoConfig,
         config,

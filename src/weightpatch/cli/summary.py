@@ -53,7 +53,15 @@ def print_summary(run: RunDir, table: ScoreTable | None = None) -> None:
     top = top_components_table(table)
     if top is not None:
         common.out.print(top)
-    for name, title in (("roles", "component roles"), ("merge_table", "merges")):
-        frame = run.load_table(name)
-        if frame is not None and len(frame):
-            common.out.print(frame_table(frame, title))
+    roles = run.load_table("roles")
+    if roles is not None and len(roles):
+        shown = roles[roles["role"] != "neither"].sort_values("weight", ascending=False, key=abs)
+        common.out.print(
+            frame_table(
+                shown[["component", "kind", "activation", "weight", "role"]],
+                "component roles (activation- vs weight-space effect)",
+            )
+        )
+    merges = run.load_table("merge_table")
+    if merges is not None and len(merges):
+        common.out.print(frame_table(merges, "merges"))
