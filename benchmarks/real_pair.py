@@ -66,7 +66,10 @@ def build_base() -> None:
         return
     gguf = _gguf_file()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config)  # GGUF-loaded models refuse save_pretrained
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # a GGUF origin would make the re-saved model "quantized"
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)  # GGUF-loaded models refuse save_pretrained
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(BASE)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(BASE)
