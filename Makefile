@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weightpatch-installed
 
-.PHONY: setup test test-slow demo lint bench clean
+.PHONY: setup test test-slow test-ray demo lint clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+test-ray: setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[ray]'
+	$(PY) -m pytest -q -m slow tests/backends
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

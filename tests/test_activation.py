@@ -9,16 +9,6 @@ from weightpatch.pair import load_pair
 from weightpatch.runner import encode, run_segment
 from weightpatch.scoring import AnchorScorer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded (and far faster on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ADDITIVE = ["llama", "gpt2", "gpt_neox"]  # residual = input + attn + mlp outputs exactly (no post-norms)
 
 

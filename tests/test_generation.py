@@ -15,15 +15,6 @@ def specialized():
     return load_model(demo.paths().specialized)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models generate fastest on one thread; two threads collapse when other jobs share the cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_render_uses_chat_template(specialized):
     _, tok = specialized
     text = render_prompt(tok, "Tell me about the river.")

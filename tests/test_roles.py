@@ -15,7 +15,6 @@ columns does not), head = router (its output matters, its weights hardly).
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -32,14 +31,6 @@ from weightpatch.screening.exact import ExactScreen
 NEURONS, NEURON_LAYER, HEAD, HEAD_LAYER = (3, 7), 0, 1, 2
 PLANTED_NEURONS = [f"L{NEURON_LAYER}.mlp.neuron{j}" for j in NEURONS]
 PLANTED_HEAD = f"L{HEAD_LAYER}.attn.head{HEAD}"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def planted_pair(root: Path) -> tuple[Path, Path]:

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from conftest import tiny_texts
 from test_roles import PLANTED_HEAD, PLANTED_NEURONS, planted_scorer
@@ -16,14 +15,6 @@ from weightpatch.tracing import (
     top_suppliers,
     trace_suppliers,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,6 @@ from weightpatch.screening.exact import ExactScreen
 from weightpatch.validation import behavior_of, interaction_matrix, necessity_curve, sufficiency_curve
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _everything_table(pair):
     return ScoreTable.from_rows(score_row(c, "exact", 1.0, 0.0, 1) for c in pair.space.everything())
 

@@ -35,12 +35,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CAPITAL = "change_case:english_capital"
-NO_COMMA = "punctuation:no_comma"
-TITLE = "detectable_format:title"
-SECTIONS = "detectable_format:multiple_sections"
-QUOTATION = "startend:quotation"
-HIGHLIGHTS = "detectable_format:number_highlighted_sections"
+from weightpatch.checkers import CAPITAL, HIGHLIGHTS, NO_COMMA, QUOTATION, SECTIONS, TITLE
 
 #: The six instruction ids of the demo, in a fixed order.
 INSTRUCTION_IDS: tuple[str, ...] = (CAPITAL, NO_COMMA, TITLE, SECTIONS, QUOTATION, HIGHLIGHTS)
