@@ -161,7 +161,15 @@ def memory(args) -> None:
     sys.path.insert(0, str(HERE))
     import real_pair
 
-    base, caps = real_pair.build()
+    if (real_pair.SPECIALIZED / "model.safetensors").exists() or args.build_caps:
+        base, caps = real_pair.build()
+        second = "the caps fine-tune"
+    else:  # the caps expert is not built (or another process is building it): a second synthetic expert
+        base = real_pair.BASE
+        if not (base / "model.safetensors").exists():
+            real_pair.build_base()
+        caps = synthetic_expert(base, WORK / "smollm2-synthetic-1", seed=1)
+        second = "a second synthetic expert (seed 1; the caps fine-tune was not built)"
     synth = synthetic_expert(base, WORK / "smollm2-synthetic")
     out = WORK / "merge-memory-out"
     n_params = 0
@@ -206,7 +214,7 @@ def memory(args) -> None:
     record(
         f"Peak memory of a 3-model TIES merge (SmolLM2, {n_params / 1e6:.1f}M parameters, float32 {model_mb:.0f} MB)",
         rows,
-        f"Base + 2 experts (the caps fine-tune and a synthetic base + 1% noise expert, memory only); each "
+        f"Base + 2 experts ({second} and a synthetic base + 1% noise expert, memory only); each "
         f"approach in a fresh process, max RSS (file-backed mmap pages of the inputs count while mapped). "
         f"Imports alone: {imports:.0f} MB.",
     )
@@ -218,6 +226,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=2, help="use every n-th held-out format prompt")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--build-caps", action="store_true", help="build the SmolLM2 caps expert if missing")
     args = parser.parse_args()
     if args.part in ("all", "table"):
         merge_table(args)
