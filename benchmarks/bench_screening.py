@@ -69,13 +69,14 @@ def main() -> None:
     ):
         e = fast.frame.set_index("component").loc[names, "score"]
         f = first.frame.set_index("component").loc[names, "score"]
-        top_e, top_f = set(e.nlargest(10).index), set(f.nlargest(10).index)
+        top = min(10, len(names))
+        top_e, top_f = set(e.nlargest(top).index), set(f.nlargest(top).index)
         agreement.append(
             {
                 "components": kind,
                 "n": len(names),
                 "spearman": float(spearmanr(e, f).statistic),
-                "top10_overlap": len(top_e & top_f) / 10,
+                "top_k_overlap": f"{len(top_e & top_f)}/{top}",
             }
         )
 

@@ -10,8 +10,8 @@ from weightpatch.pair import load_pair
 def test_search_picks_a_separating_layer_and_round_trips(llama_pair_dirs, tmp_path):
     pair = load_pair(*llama_pair_dirs)
     anchor, table = search_anchor_layer(pair, tiny_texts(12, 1), None, tiny_texts(12, 2), None, method="model_diff")
-    assert list(table["layer"]) == [0, 2]  # range(3 // 5, 3, 2) plus the last layer
-    assert anchor.layer in (0, 2) and torch.isclose(anchor.vector.norm(), torch.tensor(1.0))
+    assert list(table["layer"]) == [1, 2]  # range(max(1, 3 // 5), 3, 2) plus the last layer
+    assert anchor.layer in (1, 2) and torch.isclose(anchor.vector.norm(), torch.tensor(1.0))
     assert table.set_index("layer").loc[anchor.layer, "auc"] == table["auc"].max()
     anchor.save(tmp_path / "anchor")
     loaded = Anchor.load(tmp_path / "anchor", pair)

@@ -164,9 +164,12 @@ def search_anchor_layer(
     separates the two conditions on held-out prompts, and return the best (largest Cohen's d among
     layers with AUC within 0.02 of the best) with the per-layer table.
 
-    Default layers: ``range(n_layers // 5, n_layers, 2)`` as in Stolfo et al., plus the last."""
+    Default layers: ``range(max(1, n_layers // 5), n_layers, 2)`` as in Stolfo et al., plus the
+    last. Block 0 is left out by default (for models of 2+ layers): its output still mostly encodes
+    token identity, so prompts that differ in their text separate there without any control state."""
     n = pair.space.num_layers
-    layers = sorted(set(layers if layers is not None else [*range(n // 5, n, 2), n - 1]))
+    first = max(1, n // 5) if n > 1 else 0
+    layers = sorted(set(layers if layers is not None else [*range(first, n, 2), n - 1]))
     for layer in layers:
         if not 0 <= layer < n:
             raise WeightPatchError(f"anchor layer {layer} is out of range (the model has layers 0..{n - 1})")
