@@ -44,6 +44,19 @@ def _activation_stage(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConf
     run.append_scores(activation_scores(scorer, components, progress=cfg.progress))
 
 
+def _trace_targets(run: RunDir, table: ScoreTable, n: int = 3) -> list[str]:
+    """Targets for supplier tracing: components whose activation carries the state (router or both)
+    and that have upstream layers, strongest first; else the strongest activation-space heads
+    above layer 0."""
+    roles = run.load_table("roles")
+    if roles is not None and len(roles):
+        carriers = roles[roles["role"].isin(["router", "both"]) & (roles["layer"] > 0) & (roles["kind"] != "layer")]
+        if len(carriers):
+            return carriers.sort_values("activation", ascending=False, key=abs)["component"].head(n).tolist()
+    upstream = ScoreTable(table.select("activation", "head").frame.query("layer > 0"))
+    return upstream.top(n, by_abs=True).components()
+
+
 def _analysis_stages(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConfig) -> None:
     """Roles, supplier tracing and sufficiency/necessity validation, for the modules that exist."""
     from weightpatch.scoring import AnchorScorer
@@ -64,13 +77,11 @@ def _analysis_stages(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConfi
     if importlib.util.find_spec("weightpatch.tracing") and "activation" in methods and not run.has("supplier_edges"):
         from weightpatch.tracing import trace_suppliers
 
-        # targets: the strongest activation-space heads that have upstream layers to trace into
-        upstream = ScoreTable(table.select("activation", "head").frame.query("layer > 0"))
-        heads = upstream.top(3, by_abs=True).components()
-        if heads:
-            with common.console.status(f"tracing suppliers of {', '.join(heads)}"):
+        targets = _trace_targets(run, table)
+        if targets:
+            with common.console.status(f"tracing suppliers of {', '.join(targets)}"):
                 edges = trace_suppliers(
-                    get_scorer(), heads, kinds=("head", "neuron"), method="first_order", verify_top=3
+                    get_scorer(), targets, kinds=("head", "neuron"), method="first_order", verify_top=5
                 )
             run.save_table("supplier_edges", edges)
     if importlib.util.find_spec("weightpatch.validation") and "first_order" in methods:
