@@ -42,3 +42,19 @@ def test_resume_skips_scored_components_and_streams_results(llama_pair_dirs):
     )
     assert table.components() == ["L0.mlp", "L1.attn.head0"]
     assert sum(len(t) for t in streamed) == 2
+
+
+def test_bfloat16_weights_score_in_float32_close_to_float32_run(llama_pair_dirs):
+    """bf16 receivers: anchor projections and effects accumulate in float32/float64."""
+    texts = tiny_texts(6, 4)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        pair = load_pair(*llama_pair_dirs, dtype=dtype)
+        anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+        scorer = AnchorScorer(pair, anchor, texts)
+        assert scorer.f_receiver.dtype == torch.float32
+        table = ExactScreen(scorer).run(["L0.mlp", "L1.attn", "L2"], progress=False)
+        results[dtype] = table.frame.set_index("component")["score"]
+    torch.testing.assert_close(
+        torch.tensor(results["bfloat16"].values), torch.tensor(results["float32"].values), atol=0.05, rtol=0.1
+    )
