@@ -43,6 +43,8 @@ def _select(full_or_slice, piece: ParamSlice) -> torch.Tensor:
 class SafetensorsSource:
     """Lazy reader over a checkpoint directory's safetensors files.
 
+    Only the headers are read up front. Each read opens the file, copies out the requested tensor or
+    slice and closes it again, so the donor's pages do not stay mapped (and resident) across reads.
     ``aliases`` maps a canonical receiver name to other names it may be stored under (tied
     embeddings; GPT-2 checkpoints saved without the ``transformer.`` prefix)."""
 
@@ -56,11 +58,13 @@ class SafetensorsSource:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not files:
             raise WeightPatchError(f"no .safetensors files in {self.directory}")
-        self._handles = {f: safe_open(str(self.directory / f), framework="pt") for f in files}
         self._where: dict[str, str] = {}
-        for f, handle in self._handles.items():
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                self._where[key] = f
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(str(self.directory / f), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                    self._where[key] = f
+                    self._shapes[key] = tuple(handle.get_slice(key).get_shape())
         self.aliases = aliases or {}
 
     def names(self) -> list[str]:
@@ -75,15 +79,14 @@ class SafetensorsSource:
         raise PairMismatchError(f"parameter {name} is missing from the checkpoint in {self.directory}")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        key = self._key(name)
-        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+        return self._shapes[self._key(name)]
 
     def read(self, piece: ParamSlice) -> torch.Tensor:
         key = self._key(piece.name)
-        handle = self._handles[self._where[key]]
-        if piece.is_full:
-            return handle.get_tensor(key)
-        return _select(handle.get_slice(key), piece)
+        with safe_open(str(self.directory / self._where[key]), framework="pt") as handle:
+            if piece.is_full:
+                return handle.get_tensor(key)
+            return _select(handle.get_slice(key), piece).clone()
 
 
 class TensorDictSource:
