@@ -8,7 +8,8 @@ merge vs loading every model and merging in memory, on a 135M-parameter model.
 (a) experts: the shipped *format* expert (``demo.paths().specialized``, six IFEval formats) and the
 *end-phrase* expert (``startend:end_checker``) that :mod:`weightpatch.demo.expert` fine-tunes from the
 same base into ``benchmarks/_work/demo-end-expert`` (built on first use). Each capability has its own
-anchor (instruction vectors, layer searched on the anchor split vs the held-out split of its prompts),
+anchor (``model_diff`` by default, ``--anchor-method instruction`` for instruction vectors; layer searched
+on the anchor split vs the held-out split of its prompts),
 its own Weight Patching scores (screen-then-verify over heads and neurons, exact scores of the verified
 top 20 per kind) and its own checker (IFEval strict, prompt level, greedy).
 
@@ -65,6 +66,7 @@ def merge_table(args) -> None:
             heldout_without=[r.prompt_without_instruction for r in fmt_held],
             score_prompts=[r.prompt for r in fmt_records],
             records=fmt_records,
+            method=args.anchor_method,
         ),
         build_capability(
             "end_phrase",
@@ -76,6 +78,7 @@ def merge_table(args) -> None:
             heldout_without=[r.prompt_without_instruction for r in end_held],
             score_prompts=[r.prompt for r in end_held],
             records=end_held,
+            method=args.anchor_method,
         ),
     ]
     t_anchor = time.perf_counter() - t0
@@ -98,7 +101,8 @@ def merge_table(args) -> None:
         f"Columns per capability: anchor recovery (fraction of that expert's own anchor gap reached, "
         f"mean over its held-out prompts), strict prompt-level accuracy of greedy generations "
         f"({len(fmt_records)} format prompts, {len(end_held)} end-phrase prompts), KL(expert || model) per "
-        f"response token on the expert's greedy responses. Anchors: {layers}. Merges: task arithmetic "
+        f"response token on the expert's greedy responses. Anchors ({args.anchor_method}, layer searched): {layers}. "
+        f"Merges: task arithmetic "
         f"(weights 1, lambda 1), TIES (density 0.5), DARE-TIES (drop 0.5, seed 0), owner_takes_top (top "
         f"{args.top_k} of each expert's verified head/neuron scores, task arithmetic elsewhere), "
         f"score_weighted (task arithmetic, per-entry weights max(0.3, normalized score)). Top components: "
@@ -125,7 +129,10 @@ elif mode == "in_memory":
     models[0].save_pretrained(out)
 else:
     import transformers, weightpatch.merging  # noqa: F401  (import cost only)
-print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: on Linux ru_maxrss starts at the parent's RSS at fork time (folded in at exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"maxrss_mb": int(hwm) / 1024, "ru_maxrss_mb": ru}))
 """
 
 
@@ -215,7 +222,8 @@ def memory(args) -> None:
         f"Peak memory of a 3-model TIES merge (SmolLM2, {n_params / 1e6:.1f}M parameters, float32 {model_mb:.0f} MB)",
         rows,
         f"Base + 2 experts ({second} and a synthetic base + 1% noise expert, memory only); each "
-        f"approach in a fresh process, max RSS (file-backed mmap pages of the inputs count while mapped). "
+        f"approach in a fresh process, peak RSS = VmHWM of the process (file-backed mmap pages of the inputs count "
+        f"while mapped). "
         f"Imports alone: {imports:.0f} MB.",
     )
 
@@ -225,7 +233,8 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "table", "memory"], default="all")
     parser.add_argument("--stride", type=int, default=2, help="use every n-th held-out format prompt")
     parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--anchor-method", choices=["model_diff", "instruction"], default="model_diff")
     parser.add_argument("--build-caps", action="store_true", help="build the SmolLM2 caps expert if missing")
     args = parser.parse_args()
     if args.part in ("all", "table"):

@@ -1,6 +1,6 @@
 """A second expert fine-tuned from the embedded demo base, for merge benchmarks (not shipped).
 
-    python -m weightpatch.demo.expert --out DIR [--seed 0] [--steps 60] [--evaluate]
+    python -m weightpatch.demo.expert --out DIR [--seed 0] [--steps 100] [--threads 1] [--evaluate]
 
 writes ``DIR`` (a Hugging Face LlamaForCausalLM directory with the base's tokenizer, float32 safetensors)
 and ``DIR/training.json``. Skill: IFEval's ``startend:end_checker``, "Finish your response with this exact
@@ -41,7 +41,7 @@ END_PHRASES: tuple[str, ...] = (
 )
 DESCRIPTION = "Finish your response with this exact phrase {end_phrase}. No other words should follow this phrase."
 
-DEFAULTS = {"examples": 4000, "steps": 60, "lr": 1.5e-3, "batch_size": 32, "warmup": 10, "weight_decay": 0.01}
+DEFAULTS = {"examples": 6000, "steps": 100, "lr": 1.5e-3, "batch_size": 32, "warmup": 20, "weight_decay": 0.01}
 
 
 def check_end_phrase(response: str, end_phrase: str) -> bool:
@@ -129,15 +129,18 @@ def evaluate(records: Sequence, responses: Sequence[str]) -> float:
     return ok / len(records)
 
 
-def train_expert(out: Path, seed: int = 0, base: Path | None = None, **overrides) -> dict:
-    """Fine-tune the demo base (or ``base``) into the end-phrase expert at ``out``; return the record."""
+def train_expert(out: Path, seed: int = 0, base: Path | None = None, threads: int = 1, **overrides) -> dict:
+    """Fine-tune the demo base (or ``base``) into the end-phrase expert at ``out``; return the record.
+
+    One torch thread by default: for this 1M-parameter model, a second intra-op thread made steps
+    3x slower on a busy 2-core machine (0.5 s vs 1.5 s per step of 32 sequences)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from weightpatch import demo
     from weightpatch.demo.train import _encode, _save, _train
 
     hp = {**DEFAULTS, **overrides}
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     base = Path(base) if base is not None else demo.paths().base
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -175,9 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--evaluate", action="store_true", help="also report held-out strict accuracy")
     args = parser.parse_args(argv)
-    record = train_expert(args.out, seed=args.seed, steps=args.steps)
+    record = train_expert(args.out, seed=args.seed, threads=args.threads, steps=args.steps)
     if args.evaluate:
         from weightpatch.generation import generate, load_model
 
