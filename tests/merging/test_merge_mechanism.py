@@ -45,9 +45,7 @@ OPROJ = "model.layers.0.self_attn.o_proj.weight"
 UP = "model.layers.1.mlp.up_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
-SCORES_A = pd.DataFrame(
-    {"component": ["L0.attn.head1", "L1.mlp.neuron3", "L1.attn"], "score": [0.9, 0.6, 0.1]}
-)
+SCORES_A = pd.DataFrame({"component": ["L0.attn.head1", "L1.mlp.neuron3", "L1.attn"], "score": [0.9, 0.6, 0.1]})
 SCORES_B = {"L1.mlp": 2.0, "L0.attn.head2": 1.0, "L0.mlp": -0.5}
 
 
@@ -86,9 +84,7 @@ def test_owner_takes_top_puts_owner_delta_exactly_on_its_components(space):
 
 def test_owner_conflict_higher_normalized_score_wins(space):
     # A's neuron 3 normalized 1.0 beats B's L1.mlp at 0.5
-    m = owner_takes_top(
-        space, [{"L1.mlp.neuron3": 0.2}, {"L1.mlp": 2.0, "L0.attn": 4.0}], top_k=2, strength=0.5
-    )
+    m = owner_takes_top(space, [{"L1.mlp.neuron3": 0.2}, {"L1.mlp": 2.0, "L0.attn": 4.0}], top_k=2, strength=0.5)
     base, (a, b) = _tensors(space, DOWN)
     out = m.merge_tensor(DOWN, base, [a, b])
     torch.testing.assert_close(out[:, 3], base[:, 3] + 0.5 * (a[:, 3] - base[:, 3]))
@@ -106,9 +102,7 @@ def test_score_weighted_weights(space):
     # L1.attn: A scored 0.1/0.9 < floor -> floor; B nothing -> floor
     name = "model.layers.1.self_attn.v_proj.weight"
     base, (a, b) = _tensors(space, name)
-    torch.testing.assert_close(
-        m.merge_tensor(name, base, [a, b]), task_arithmetic(base, [a, b], [0.2, 0.2], 0.5)
-    )
+    torch.testing.assert_close(m.merge_tensor(name, base, [a, b]), task_arithmetic(base, [a, b], [0.2, 0.2], 0.5))
 
 
 def test_validation(space):
@@ -123,9 +117,12 @@ def test_mechanism_merge_streams(tiny_checkpoints, tmp_path):
     space = component_space_for_checkpoint(base)
     m = owner_takes_top(space, [SCORES_A, SCORES_B], top_k=2)
     out = merge_checkpoints(base, [a, b], tmp_path / "m", m, max_shard_size="40KB")
-    with Checkpoint(out) as o, Checkpoint(base) as cb, Checkpoint(a) as ca, Checkpoint(b) as cbb:
-        q = o.get(Q)
-        torch.testing.assert_close(q[8:16], ca.get(Q)[8:16])
-        torch.testing.assert_close(o.get(UP), cbb.get(UP))
-        name = "model.layers.0.mlp.gate_proj.weight"
-        torch.testing.assert_close(o.get(name), task_arithmetic(cb.get(name), [ca.get(name), cbb.get(name)]))
+    o = Checkpoint(out)
+    cb = Checkpoint(base)
+    ca = Checkpoint(a)
+    cbb = Checkpoint(b)
+    q = o.get(Q)
+    torch.testing.assert_close(q[8:16], ca.get(Q)[8:16])
+    torch.testing.assert_close(o.get(UP), cbb.get(UP))
+    name = "model.layers.0.mlp.gate_proj.weight"
+    torch.testing.assert_close(o.get(name), task_arithmetic(cb.get(name), [ca.get(name), cbb.get(name)]))

@@ -121,8 +121,7 @@ def test_dare_is_deterministic_per_seed_and_name():
 
 def _dare_deltas(base, experts, p, seed, name):
     return [
-        dare_drop(e - base, p, torch.Generator().manual_seed(dare_seed(seed, name, i)))
-        for i, e in enumerate(experts)
+        dare_drop(e - base, p, torch.Generator().manual_seed(dare_seed(seed, name, i))) for i, e in enumerate(experts)
     ]
 
 
@@ -149,9 +148,7 @@ def test_merge_config_dispatch_and_defaults():
     assert MergeConfig("ties").normalize_value is True
     assert MergeConfig("dare_ties").normalize_value is False
     cfg = MergeConfig("ties", weights=(1.0, 2.0, 0.5), density=0.5, lam=0.5)
-    torch.testing.assert_close(
-        cfg.merge_tensor("x", base, experts), ties(base, experts, [1.0, 2.0, 0.5], 0.5, 0.5)
-    )
+    torch.testing.assert_close(cfg.merge_tensor("x", base, experts), ties(base, experts, [1.0, 2.0, 0.5], 0.5, 0.5))
     cfg = MergeConfig("dare_linear", drop_rate=0.2, seed=1)
     torch.testing.assert_close(
         cfg.merge_tensor("x", base, experts), dare_linear(base, experts, p=0.2, seed=1, name="x")

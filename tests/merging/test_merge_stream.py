@@ -21,8 +21,8 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 def _state(path):
-    with Checkpoint(path) as c:
-        return {n: c.get(n) for n in c.names}
+    c = Checkpoint(path)
+    return {n: c.get(n) for n in c.names}
 
 
 def _load_output(path):

@@ -94,10 +94,11 @@ def test_agrees_with_mergekit(tiny_checkpoints, tmp_path, cfg):
     report = mergekit_config(cfg, base, [a, b])
     assert report.exact
     _run_mergekit(report.config, tmp_path / "theirs")
-    with Checkpoint(ours) as o, Checkpoint(tmp_path / "theirs") as t:
-        assert set(t.names) <= set(o.names)
-        for name in t.names:
-            torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+    o = Checkpoint(ours)
+    t = Checkpoint(tmp_path / "theirs")
+    assert set(t.names) <= set(o.names)
+    for name in t.names:
+        torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_mechanism_export_agrees_with_mergekit(tiny_checkpoints, tmp_path):
@@ -111,6 +112,7 @@ def test_mechanism_export_agrees_with_mergekit(tiny_checkpoints, tmp_path):
     report = mergekit_config(m, base, [a, b])
     assert report.exact
     _run_mergekit(report.config, tmp_path / "theirs")
-    with Checkpoint(ours) as o, Checkpoint(tmp_path / "theirs") as t:
-        for name in t.names:
-            torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+    o = Checkpoint(ours)
+    t = Checkpoint(tmp_path / "theirs")
+    for name in t.names:
+        torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)

@@ -53,9 +53,7 @@ def load_scores(scores: Any, component_col: str = "component", score_col: str = 
     elif hasattr(scores, "columns"):
         cols = list(scores.columns)
         if component_col not in cols or score_col not in cols:
-            raise WeightPatchError(
-                f"score table needs columns {component_col!r} and {score_col!r}; it has {cols}"
-            )
+            raise WeightPatchError(f"score table needs columns {component_col!r} and {score_col!r}; it has {cols}")
         items = [(str(c), float(s)) for c, s in zip(scores[component_col], scores[score_col], strict=True)]
     else:
         raise WeightPatchError(f"scores must be a dict or a DataFrame, got {type(scores).__name__}")
@@ -117,17 +115,13 @@ class MechanismMerge:
         if self.variant not in VARIANTS:
             raise WeightPatchError(f"unknown mechanism-aware variant {self.variant!r}; choose {VARIANTS}")
         if self.variant == "owner_takes_top" and self.top_k is None and self.threshold is None:
-            raise WeightPatchError(
-                "owner_takes_top needs top_k or threshold to choose each expert's components"
-            )
+            raise WeightPatchError("owner_takes_top needs top_k or threshold to choose each expert's components")
         tables = [load_scores(s) for s in self.scores]
         if not tables:
             raise WeightPatchError("mechanism-aware merge needs one score table per expert")
         self.scores = tables
         if self.standard.weights is not None and len(self.standard.weights) != len(tables):
-            raise WeightPatchError(
-                f"{len(self.standard.weights)} standard weights for {len(tables)} score tables"
-            )
+            raise WeightPatchError(f"{len(self.standard.weights)} standard weights for {len(tables)} score tables")
         self._entries = {}
         self.selected = []
         for i, table in enumerate(tables):
@@ -265,8 +259,7 @@ def component_space_for_checkpoint(path: Any, include_kv: bool = False) -> Compo
 
     config = AutoConfig.from_pretrained(str(path))
     spec = architecture_for(config)
-    with Checkpoint(path) as ckpt:
-        shapes = dict(ckpt.shapes)
+    shapes = dict(Checkpoint(path).shapes)
     aliases: dict[str, str] = {}
     if getattr(config, "tie_word_embeddings", False):
         embed = [r for r in spec.globals.get("embed", []) if isinstance(r, str)]

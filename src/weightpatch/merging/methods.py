@@ -67,9 +67,7 @@ def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[to
     out = []
     for i, e in enumerate(experts):
         if tuple(e.shape) != tuple(base.shape):
-            raise WeightPatchError(
-                f"expert {i} tensor has shape {tuple(e.shape)}, the base has {tuple(base.shape)}"
-            )
+            raise WeightPatchError(f"expert {i} tensor has shape {tuple(e.shape)}, the base has {tuple(base.shape)}")
         out.append(e.to(dt) - b)
     return out
 

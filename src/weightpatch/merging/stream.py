@@ -51,13 +51,14 @@ class TensorMerger(Protocol):
     """Anything that merges one tensor: :class:`~weightpatch.merging.methods.MergeConfig`,
     :class:`~weightpatch.merging.mechanism.MechanismMerge`."""
 
-    def merge_tensor(
-        self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]
-    ) -> torch.Tensor: ...
+    def merge_tensor(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor: ...
 
 
 class Checkpoint:
-    """A read-only, lazy view of a safetensors checkpoint directory (sharded or not)."""
+    """A read-only, lazy view of a safetensors checkpoint directory (sharded or not).
+
+    Only headers are read up front; :meth:`get` opens the file, copies one tensor out and closes it,
+    so input pages do not stay mapped (and resident) while the merge streams through."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -73,47 +74,31 @@ class Checkpoint:
                 f"no safetensors weights in {str(self.path)!r} (expected {SINGLE_NAME} or {INDEX_NAME}); "
                 f"re-save the model with save_pretrained(..., safe_serialization=True)"
             )
-        self._handles: dict[str, Any] = {}
         self.file_of: dict[str, str] = {}
         files = list(dict.fromkeys(weight_map.values())) if weight_map else [SINGLE_NAME]
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         for file in files:
-            handle = self._open(file)
-            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
-                sl = handle.get_slice(name)
-                self.file_of[name] = file
-                self.shapes[name] = tuple(sl.get_shape())
-                dt = sl.get_dtype()
-                if dt not in _DTYPES:
-                    raise WeightPatchError(f"tensor {name} in {self.path} has unsupported dtype {dt}")
-                self.dtypes[name] = _DTYPES[dt]
+            with safe_open(str(self.path / file), framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                    sl = handle.get_slice(name)
+                    self.file_of[name] = file
+                    self.shapes[name] = tuple(sl.get_shape())
+                    dt = sl.get_dtype()
+                    if dt not in _DTYPES:
+                        raise WeightPatchError(f"tensor {name} in {self.path} has unsupported dtype {dt}")
+                    self.dtypes[name] = _DTYPES[dt]
         missing = sorted(set(weight_map) - set(self.file_of))
         if missing:
-            raise WeightPatchError(
-                f"{self.path / INDEX_NAME} lists tensors missing from the shards: {missing[:5]}"
-            )
-
-    def _open(self, file: str) -> Any:
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.path / file), framework="pt", device="cpu")
-        return self._handles[file]
+            raise WeightPatchError(f"{self.path / INDEX_NAME} lists tensors missing from the shards: {missing[:5]}")
 
     @property
     def names(self) -> list[str]:
         return list(self.shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._open(self.file_of[name]).get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        with safe_open(str(self.path / self.file_of[name]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
 
 
 def check_compatible(base: Checkpoint, experts: Sequence[Checkpoint], limit: int = 5) -> None:
@@ -292,10 +277,6 @@ def merge_checkpoints(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        base_ckpt.close()
-        for e in expert_ckpts:
-            e.close()
     return target
 
 
