@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ig-steps", type=int, default=8)
-    parser.add_argument("--neuron-layer", type=int, default=None, help="layer of the neuron sweep (default: 0)")
+    parser.add_argument("--neuron-layer", type=int, default=None, help="layer of the neuron sweep (default: two below the anchor)")
     parser.add_argument("--neuron-sample", type=int, default=32, help="neurons scored one by one for the baseline")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def main() -> None:
             }
         )
 
-    layer = args.neuron_layer if args.neuron_layer is not None else 0
+    layer = args.neuron_layer if args.neuron_layer is not None else max(0, anchor.layer - 2)
     n_neurons = space.num_neurons(layer)
     with timed(t, "neurons_batched"):
         NeuronScreen(screen, neurons_per_forward=64).run_layer(layer, progress=False)
