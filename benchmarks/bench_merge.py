@@ -182,12 +182,11 @@ def memory(args) -> None:
     n_params = 0
     from weightpatch.merging import Checkpoint
 
-    with Checkpoint(base) as ck:
-        for s in ck.shapes.values():
-            n = 1
-            for d in s:
-                n *= d
-            n_params += n
+    for s in Checkpoint(base).shapes.values():
+        n = 1
+        for d in s:
+            n *= d
+        n_params += n
     model_mb = n_params * 4 / 2**20
 
     def run(mode: str) -> dict:

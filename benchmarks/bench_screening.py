@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ig-steps", type=int, default=8)
-    parser.add_argument("--neuron-layer", type=int, default=None, help="layer of the neuron sweep (default: two below the anchor)")
+    parser.add_argument(
+        "--neuron-layer", type=int, default=None, help="layer of the neuron sweep (default: two below the anchor)"
+    )
     parser.add_argument("--neuron-sample", type=int, default=32, help="neurons scored one by one for the baseline")
     args = parser.parse_args()
     torch.manual_seed(0)
