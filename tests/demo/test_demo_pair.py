@@ -114,3 +114,15 @@ def test_no_format_without_instruction(results):
         rates = results[name]["rates"]
         assert rates[NO_COMMA] <= 0.1, (name, rates)
         assert all(v <= 0.05 for k, v in rates.items() if k != NO_COMMA), (name, rates)
+
+
+def test_shipped_pair_passes_the_pair_check_and_patches_exactly(pair):
+    from weightpatch.pair import load_pair as load_checked_pair
+    from weightpatch.patch import patched
+
+    _, sft, tok = pair
+    checked = load_checked_pair(demo.paths().base, demo.paths().specialized)  # raises on any mismatch
+    assert checked.space.uncovered_parameters() == []
+    ids = tok(["Tell me about the river."], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), patched(checked.model, checked.donor, checked.space, checked.space.everything()):
+        assert torch.equal(checked.model(ids).logits, sft(ids).logits)
