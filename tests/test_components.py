@@ -91,6 +91,7 @@ def test_merge_slices_unions_ranges_and_full_absorbs():
     ("name", "message"),
     [
         ("L7", "layer 7 is out of range"),
+        ("L9.attn.head2", "layer 9 is out of range.*did you mean 'L2.attn.head2'"),
         ("L1.attn.head9", "head 9 is out of range"),
         ("L1.mlp.neuron480", "neuron 480 is out of range"),
         ("L1.mlp.gatee", "did you mean 'L1.mlp.gate'"),

@@ -305,11 +305,20 @@ class ComponentSpace:
         return sorted(set(self.shapes) - owned)
 
     # ---- validation --------------------------------------------------------------------------
-    def _all_names_near(self, c: Component) -> list[str]:
+    def _suggestion(self, c: Component) -> str | None:
+        """The closest valid name: the same component in the last layer when only the layer is out
+        of range, else the nearest layer/module name by spelling."""
+        if c.layer is not None and c.layer >= self.num_layers:
+            moved = Component(c.kind, self.num_layers - 1, c.module, c.index)
+            try:
+                return self.validate(moved).name
+            except ComponentError:
+                pass
         names = [x.name for x in self.components(kinds=("layer", "module"))]
         if c.layer is not None and 0 <= c.layer < self.num_layers:
             names += [f"L{c.layer}.attn.head0", f"L{c.layer}.mlp.neuron0"]
-        return names
+        close = difflib.get_close_matches(c.name, names, n=1, cutoff=0.5)
+        return close[0] if close else None
 
     def validate(self, component: Component | str) -> Component:
         """Return the component if it exists in this model, else raise a :class:`ComponentError`
@@ -328,8 +337,8 @@ class ComponentSpace:
             )
         if problem is None:
             return c
-        close = difflib.get_close_matches(c.name, self._all_names_near(c), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        suggestion = self._suggestion(c)
+        hint = f"; did you mean {suggestion!r}?" if suggestion else ""
         raise ComponentError(f"unknown component {c.name!r}: {problem}{hint}")
 
     def parse(self, name: str) -> Component:
