@@ -96,6 +96,13 @@ def test_screen_first_order_neurons(pair_dirs, prompts, tmp_path):
     assert result.exit_code == 0, result.output
     edges = pd.read_parquet(run / "supplier_edges.parquet")
     assert set(edges["target"]) == {"L2.attn.head1"} and {"supplier", "supply"} <= set(edges.columns)
+    scores = ScoreTable.load(run / "scores.parquet")
+    assert len(scores.select("activation", "head")) == len(scores.select("first_order", "head")) > 0
+    roles = pd.read_parquet(run / "roles.parquet")
+    assert set(roles["role"]) <= {"source", "router", "both", "neither"}
+    for curve in ("sufficiency", "necessity"):
+        frame = pd.read_parquet(run / f"{curve}.parquet")
+        assert {"k", "random_mean", "ranking"} <= set(frame.columns) and len(frame) > 0
     assert "Hierarchy" in (run / "report.html").read_text() if invoke("report", run).exit_code == 0 else False
 
 

@@ -4,108 +4,29 @@ Stages (each resumable in the run directory): load the pair; anchor layer search
 instruction method on paired prompts (with / without the format instruction); steering check
 (checker accuracy of short greedy generations of the base with the anchor added); screen-then-verify
 on heads, modules and neurons (first order for all, exact for the top-k of each kind);
-activation-space scores of heads and modules when :mod:`weightpatch.activation` is available; the
-report. ``--base``/``--specialized``/``--prompts``/``--heldout`` replace the shipped pair and prompts.
+then ``wpatch trace``'s stages (activation-space scores, roles, supplier tracing of the carriers,
+sufficiency/necessity curves); the report. ``--base``/``--specialized``/``--prompts``/``--heldout``
+replace the shipped pair and prompts.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
 import typer
 
 from weightpatch.cli import common, summary
 from weightpatch.cli.anchor import run_anchor
 from weightpatch.cli.screen import run_screen
+from weightpatch.cli.trace import run_trace
 from weightpatch.config import AnchorConfig, DemoConfig, ScreenConfig, build_config
-from weightpatch.results import ScoreTable
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts
 
 logger = logging.getLogger("weightpatch")
-
-
-def _activation_stage(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConfig) -> None:
-    if importlib.util.find_spec("weightpatch.activation") is None:
-        logger.info("weightpatch.activation not available: activation-space scores skipped")
-        return
-    from weightpatch.activation import activation_scores, default_components
-    from weightpatch.scoring import AnchorScorer
-
-    if (run.scores().frame["method"] == "activation").any():
-        return
-    components = default_components(pair.space, kinds=("module", "head"))
-    scorer = AnchorScorer(pair, anchor, texts, cfg.batch_size)
-    run.append_scores(activation_scores(scorer, components, progress=cfg.progress))
-
-
-def _trace_targets(run: RunDir, table: ScoreTable, n: int = 3) -> list[str]:
-    """Targets for supplier tracing: components whose activation carries the state (router or both)
-    and that have upstream layers, strongest first; else the strongest activation-space heads
-    above layer 0."""
-    roles = run.load_table("roles")
-    if roles is not None and len(roles):
-        carriers = roles[roles["role"].isin(["router", "both"]) & (roles["layer"] > 0) & (roles["kind"] != "layer")]
-        if len(carriers):
-            return carriers.sort_values("activation", ascending=False, key=abs)["component"].head(n).tolist()
-    upstream = ScoreTable(table.select("activation", "head").frame.query("layer > 0"))
-    return upstream.top(n, by_abs=True).components()
-
-
-def _analysis_stages(pair, run: RunDir, anchor, texts: list[str], cfg: DemoConfig) -> None:
-    """Roles, supplier tracing and sufficiency/necessity validation, for the modules that exist."""
-    from weightpatch.scoring import AnchorScorer
-
-    table = run.scores()
-    methods = set(table.frame["method"])
-    scorer = None
-
-    def get_scorer():
-        nonlocal scorer
-        scorer = scorer or AnchorScorer(pair, anchor, texts, cfg.batch_size)
-        return scorer
-
-    if importlib.util.find_spec("weightpatch.roles") and {"activation", "exact"} <= methods and not run.has("roles"):
-        from weightpatch.roles import assign_roles
-
-        run.save_table("roles", assign_roles(table, table))
-    if importlib.util.find_spec("weightpatch.tracing") and "activation" in methods and not run.has("supplier_edges"):
-        from weightpatch.tracing import trace_suppliers
-
-        targets = _trace_targets(run, table)
-        if targets:
-            with common.console.status(f"tracing suppliers of {', '.join(targets)}"):
-                edges = trace_suppliers(
-                    get_scorer(), targets, kinds=("head", "neuron"), method="first_order", verify_top=5
-                )
-            run.save_table("supplier_edges", edges)
-    if importlib.util.find_spec("weightpatch.validation") and "first_order" in methods:
-        from weightpatch.validation import necessity_curve, sufficiency_curve
-
-        first = table.select("first_order").frame
-        blocks = first[(first["kind"] == "module") & first["component"].str.fullmatch(r"L\d+\.(attn|mlp)")]
-        rankings = {  # disjoint components within each ranking, ranked by the first-order screen
-            "attention/MLP blocks": (ScoreTable(blocks), [1, 2, 4, 8]),
-            "heads": (table.select("first_order", "head"), [1, 2, 4, 8]),
-            "neurons": (table.select("first_order", "neuron"), [1, 4, 16, 64]),
-        }
-        for name, fn in (("sufficiency", sufficiency_curve), ("necessity", necessity_curve)):
-            if run.has(name):
-                continue
-            curves = []
-            with common.console.status(f"{name} curves (top-k vs random-k)"):
-                for label, (ranked, ks) in rankings.items():
-                    ks = [k for k in ks if k <= len(ranked)]
-                    if ks:
-                        curve = fn(get_scorer(), ranked, ks=ks, method="first_order", controls=3, seed=cfg.seed)
-                        curves.append(curve.assign(ranking=label))
-            if curves:
-                run.save_table(name, pd.concat(curves, ignore_index=True))
 
 
 def demo(
@@ -196,11 +117,8 @@ def demo(
         table = run_screen(scfg, pair, run, anchor, texts)
         timings["screen"] = time.perf_counter() - t
         t = time.perf_counter()
-        _activation_stage(pair, run, anchor, texts, cfg)
-        timings["activation"] = time.perf_counter() - t
-        t = time.perf_counter()
-        _analysis_stages(pair, run, anchor, texts, cfg)
-        timings["roles_tracing_validation"] = time.perf_counter() - t
+        run_trace(pair, run, anchor, texts, batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
+        timings["activation_roles_tracing_validation"] = time.perf_counter() - t
         from weightpatch.report import build_report
 
         t = time.perf_counter()
