@@ -334,6 +334,17 @@ def supplier_section(run: Path) -> str:
         if src and dst and w:
             parts.append(figure_html(_supplier_graph(edges, src, dst, w), "supplier graph"))
         parts.append(table_html(edges.sort_values(w, ascending=False, key=abs) if w else edges))
+    overlap = _load(run, "supplier_overlap")
+    if overlap is not None and len(overlap):
+        parts.append(
+            "<h3>Traced suppliers vs Weight Patching top-k (neurons)</h3>"
+            + table_html(overlap)
+            + '<p class="note">fraction: share of the k strongest traced neuron suppliers that are also in the '
+            "first-order Weight Patching top-k (the paper reports about 0.75).</p>"
+        )
+    levels = _load(run, "hierarchy")
+    if levels is not None and len(levels):
+        parts.append("<h3>Hierarchy levels (source -> router -> execution -> unembedding)</h3>" + table_html(levels))
     if roles is not None and len(roles):
         parts.append("<h3>Roles</h3>" + table_html(roles))
     if not parts:

@@ -100,6 +100,9 @@ def test_screen_first_order_neurons(pair_dirs, prompts, tmp_path):
     assert len(scores.select("activation", "head")) == len(scores.select("first_order", "head")) > 0
     roles = pd.read_parquet(run / "roles.parquet")
     assert set(roles["role"]) <= {"source", "router", "both", "neither"}
+    levels = pd.read_parquet(run / "hierarchy.parquet")
+    assert "L2.attn.head1" in set(levels.loc[levels["level_name"] == "router", "component"])
+    assert (pd.read_parquet(run / "supplier_overlap.parquet")["fraction"].between(0, 1)).all()
     for curve in ("sufficiency", "necessity"):
         frame = pd.read_parquet(run / f"{curve}.parquet")
         assert {"k", "random_mean", "ranking"} <= set(frame.columns) and len(frame) > 0

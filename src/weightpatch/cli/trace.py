@@ -80,7 +80,7 @@ def run_trace(
     from weightpatch.roles import assign_roles
     from weightpatch.scoring import AnchorScorer
     from weightpatch.screening.first_order import gradient_scores
-    from weightpatch.tracing import trace_suppliers
+    from weightpatch.tracing import hierarchy, supplier_overlap, trace_suppliers
 
     scorer = AnchorScorer(pair, anchor, texts, batch_size)
     if not (run.scores().frame["method"] == "activation").any():
@@ -104,6 +104,16 @@ def run_trace(
             verify = 5 if method == "first_order" else 0
             edges = trace_suppliers(scorer, names, kinds=("head", "neuron"), method=method, verify_top=verify)
         run.save_table("supplier_edges", edges)
+    edges = run.load_table("supplier_edges")
+    if not run.has("hierarchy"):
+        levels = hierarchy(edges, pair.space, anchor.layer, run.load_table("roles"), k=5, min_supply=0.0)
+        run.save_table("hierarchy", levels)
+    if not run.has("supplier_overlap"):
+        overlaps = [supplier_overlap(edges, table, k=k, method="first_order", kind="neuron") for k in (5, 10, 20)]
+        run.save_table(
+            "supplier_overlap",
+            pd.DataFrame([{"k": o["k"], "fraction": o["fraction"], "shared": ",".join(o["shared"])} for o in overlaps]),
+        )
     validation_stage(run, scorer, table, seed)
 
 
