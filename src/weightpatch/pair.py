@@ -47,9 +47,10 @@ class ModelRef:
         return asdict(self)
 
 
-def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, gguf_file: str | None = None) -> Path:
     """A local directory for ``source``: the directory itself, or a hub snapshot (downloaded or
-    from the local cache). Raises a clear error when neither exists."""
+    from the local cache: configs, tokenizer files, and the weights: safetensors, else ``.bin``, or
+    the one GGUF file asked for). Raises a clear error when neither exists."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -57,16 +58,19 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None) -
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1
     if looks_like_path or path.exists():
         raise WeightPatchError(f"model directory {text!r} does not exist; pass a local directory or a hub id")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import list_repo_files, snapshot_download
 
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja"]
+    if gguf_file:
+        patterns.append(gguf_file)
+    else:
+        try:  # PyTorch .bin weights only for repositories without safetensors
+            has_safetensors = any(f.endswith(".safetensors") for f in list_repo_files(text, revision=revision))
+        except Exception:  # offline: rely on what the local cache has
+            has_safetensors = True
+        patterns += ["*.safetensors"] if has_safetensors else ["pytorch_model*.bin"]
     try:
-        return Path(
-            snapshot_download(
-                text,
-                revision=revision,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.gguf", "*.jinja"],
-            )
-        )
+        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
         raise WeightPatchError(
             f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub "
@@ -269,8 +273,11 @@ def load_pair(
 
     Raises :class:`PairMismatchError` listing the first differences when the two are not patchable.
     """
-    dirs = {"base": resolve_checkpoint(base, revision), "specialized": resolve_checkpoint(specialized, revision)}
     gguf = {"base": base_gguf_file, "specialized": specialized_gguf_file}
+    dirs = {
+        "base": resolve_checkpoint(base, revision, base_gguf_file),
+        "specialized": resolve_checkpoint(specialized, revision, specialized_gguf_file),
+    }
     sources = {"base": str(base), "specialized": str(specialized)}
     configs = {r: _config(dirs[r], gguf[r], trust_remote_code) for r in dirs}
     architecture_for(configs["base"])  # unknown families fail before any weights are read
