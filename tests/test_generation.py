@@ -7,35 +7,12 @@ from conftest import tiny_model, tiny_tokenizer
 from weightpatch import demo
 from weightpatch.errors import WeightPatchError
 from weightpatch.generation import generate, load_model
-from weightpatch.runner import encode, render_prompt
+from weightpatch.runner import encode
 
 
 @pytest.fixture(scope="module")
 def specialized():
     return load_model(demo.paths().specialized)
-
-
-def test_render_uses_chat_template(specialized):
-    _, tok = specialized
-    text = render_prompt(tok, "Tell me about the river.")
-    assert text == "<|user|>Tell me about the river.<|assistant|>"  # encode adds the BOS
-    ids = encode(tok, [text]).input_ids[0].tolist()
-    assert ids == tok("<s><|user|>Tell me about the river.<|assistant|>", add_special_tokens=False)["input_ids"]
-    assert render_prompt(tok, "hi", chat_template=False) == "hi"
-
-
-def test_render_without_template_raises_when_forced():
-    with pytest.raises(WeightPatchError, match="chat template"):
-        render_prompt(tiny_tokenizer(), "w5", chat_template=True)
-
-
-def test_left_padding(specialized):
-    _, tok = specialized
-    enc = encode(tok, ["Tell me about the river.", "Write a short essay about the old city bridge."])
-    assert enc.attention_mask[0, 0] == 0 and enc.attention_mask[0, -1] == 1  # row 0 is padded left
-    assert enc.input_ids[0, 0] == tok.pad_token_id
-    assert enc.position_ids[0, -1] == enc.position_ids[1, -1] - (enc.attention_mask[0] == 0).sum()
-    assert tok.padding_side == "left" or tok.padding_side == "right"  # restored, whatever it was
 
 
 def test_batched_equals_single_and_stops_at_eos(specialized):

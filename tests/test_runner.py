@@ -1,0 +1,57 @@
+"""Prompt rendering and encoding, and segment runs of the layer stack."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model, tiny_tokenizer, token_batch
+from weightpatch import demo
+from weightpatch.components import ComponentSpace
+from weightpatch.errors import WeightPatchError
+from weightpatch.generation import load_model
+from weightpatch.runner import Batch, encode, render_prompt, run_segment
+
+
+@pytest.fixture(scope="module")
+def specialized():
+    return load_model(demo.paths().specialized)
+
+
+def test_render_uses_chat_template(specialized):
+    _, tok = specialized
+    text = render_prompt(tok, "Tell me about the river.")
+    assert text == "<|user|>Tell me about the river.<|assistant|>"  # encode adds the BOS
+    ids = encode(tok, [text]).input_ids[0].tolist()
+    assert ids == tok("<s><|user|>Tell me about the river.<|assistant|>", add_special_tokens=False)["input_ids"]
+    assert render_prompt(tok, "hi", chat_template=False) == "hi"
+
+
+def test_render_without_template_raises_when_forced():
+    with pytest.raises(WeightPatchError, match="chat template"):
+        render_prompt(tiny_tokenizer(), "w5", chat_template=True)
+
+
+def test_left_padding(specialized):
+    _, tok = specialized
+    enc = encode(tok, ["Tell me about the river.", "Write a short essay about the old city bridge."])
+    assert enc.attention_mask[0, 0] == 0 and enc.attention_mask[0, -1] == 1  # row 0 is padded left
+    assert enc.input_ids[0, 0] == tok.pad_token_id
+    assert enc.position_ids[0, -1] == enc.position_ids[1, -1] - (enc.attention_mask[0] == 0).sum()
+    assert tok.padding_side == "left" or tok.padding_side == "right"  # restored, whatever it was
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segment_from_a_cached_input_equals_the_full_run(family):
+    """Skipped blocks are pass-throughs inside the model's own forward: the output of block 2 from the
+    cached input of block 1 equals the full run's, per-layer masks and rotary inputs included."""
+    model = tiny_model(family)
+    space = ComponentSpace.from_model(model)
+    ids = token_batch(n=3, length=12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding on one row
+    batch = Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        full, inputs = run_segment(model, space, batch, stop=2, capture_inputs=[1])
+        resumed, _ = run_segment(model, space, batch, stop=2, start=1, hidden_in=inputs[1])
+    torch.testing.assert_close(resumed, full, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the input"):
+        run_segment(model, space, batch, stop=2, start=1)
