@@ -216,6 +216,13 @@ class ModelPair:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's device, or with accelerate offload (parameters on
+        ``meta`` between forwards) the execution device of the first offload hook."""
+        for module in self.model.modules():
+            hook = getattr(module, "_hf_hook", None)
+            for h in getattr(hook, "hooks", [hook]):
+                if getattr(h, "execution_device", None) is not None:
+                    return torch.device(h.execution_device)
         return next(self.model.parameters()).device
 
     @contextmanager

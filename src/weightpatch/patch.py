@@ -10,6 +10,8 @@ receiver (see :class:`weightpatch.pair.ModelPair`): base receiver = repair, spec
 knockout.
 
 Memory: the originals of the patched slices only (a head or neuron patch saves a few rows).
+Modules offloaded to the CPU by accelerate are patched in their hook's weights map; disk offload is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from weightpatch.components import Component, ComponentSpace, ParamSlice
+from weightpatch.errors import WeightPatchError
 from weightpatch.weights import WeightSource
 
 
@@ -30,6 +33,29 @@ class _Saved:
     piece: ParamSlice
     index: torch.Tensor | None
     original: torch.Tensor
+
+
+def _offload_hooks(module: torch.nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    return [h for h in getattr(hook, "hooks", [hook]) if getattr(h, "weights_map", None) is not None]
+
+
+def parameter_storage(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor that holds a parameter's values: the parameter itself, or, for a module offloaded
+    by accelerate (the parameter sits on the ``meta`` device between forwards), the CPU tensor in its
+    hook's weights map, which the hook copies in at every forward."""
+    param = model.get_parameter(name)
+    if param.device.type != "meta":
+        return param
+    module_name, _, local = name.rpartition(".")
+    for hook in _offload_hooks(model.get_submodule(module_name)):
+        value = hook.weights_map[local]
+        if value.device.type != "meta" and hook.weights_map[local].data_ptr() == value.data_ptr():
+            return value
+    raise WeightPatchError(
+        f"{name} is offloaded to disk (or not loaded): weights cannot be patched there; load the model "
+        f"without disk offload (device_map over devices, or CPU offload) or with more memory"
+    )
 
 
 def _get(param: torch.Tensor, piece: ParamSlice, index: torch.Tensor | None) -> torch.Tensor:
@@ -83,7 +109,7 @@ def patched(
     try:
         with torch.no_grad():
             for piece in pieces:
-                param = model.get_parameter(piece.name)
+                param = parameter_storage(model, piece.name)
                 index = None if piece.is_full else piece.index().to(param.device)
                 original = _get(param, piece, index).clone()
                 saved.append(_Saved(param, piece, index, original))

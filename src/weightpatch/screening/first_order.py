@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from weightpatch.components import KINDS, Component, ComponentSpace, Kind, ParamSlice
+from weightpatch.errors import WeightPatchError
 from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable, score_row
 from weightpatch.runner import run_segment
@@ -101,6 +102,11 @@ def gradient_scores(
     scores = torch.zeros(len(targets), dtype=torch.float64)
     weights = torch.where(scorer.valid, 1.0 / scorer.gap, torch.zeros_like(scorer.gap)) / scorer.valid.sum()
     params = {name: model.get_parameter(name) for name in plans}
+    if any(p.device.type == "meta" for p in params.values()):
+        raise WeightPatchError(
+            "gradient scores need the weights in the module: this model is offloaded by accelerate; "
+            "use exact scores, or load it without offload"
+        )
     alphas = [0.0] if steps <= 1 else [(k + 0.5) / steps for k in range(steps)]
     method = "first_order" if steps <= 1 else "integrated_gradients"
     state: dict[str, object] = {}
