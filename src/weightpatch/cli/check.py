@@ -107,15 +107,17 @@ def check(
     )
     common.out.print("components: " + ", ".join(f"{n} {k}s" for k, n in counts.items()))
     wide = table[table["layer"] >= 0].pivot_table(index="layer", columns="group", values="relative_change")
+    per_layer = table[table["layer"] >= 0].groupby("layer")[["delta_norm", "base_norm"]].agg(lambda x: (x**2).sum())
+    wide["whole"] = (per_layer["delta_norm"] / per_layer["base_norm"]) ** 0.5
     t = Table(title="relative weight change ||sft - base|| / ||base||")
-    t.add_column("layer", justify="right")
-    cols = [g for g in GROUPS if g in wide.columns]
+    t.add_column("layer / module", justify="right")
+    cols = [g for g in (*GROUPS, "whole") if g in wide.columns]
     for g in cols:
         t.add_column(g, justify="right")
     for layer, row in wide.iterrows():
-        t.add_row(str(layer), *(f"{row[g]:.2e}" for g in cols))
-    for _, row in table[table["layer"] < 0].iterrows():
-        t.add_row(row["group"], f"{row['relative_change']:.2e}", *([""] * (len(cols) - 1)))
+        t.add_row(str(layer), *(f"{row[g]:.2e}" if pd.notna(row[g]) else "" for g in cols))
+    for _, row in table[table["layer"] < 0].iterrows():  # model-level modules: one number each
+        t.add_row(row["group"], *([""] * (len(cols) - 1)), f"{row['relative_change']:.2e}")
     common.out.print(t)
     if run_dir is not None or (config is not None and cfg.run_dir is not None):
         with RunDir.open(cfg.run_dir, "check", cfg.identity(), pair.identities(), inputs=[base, specialized]) as run:
