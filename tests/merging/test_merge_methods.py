@@ -164,3 +164,19 @@ def test_tensor_weights_are_per_entry():
     out = task_arithmetic(base, experts, [mask, 1.0])
     torch.testing.assert_close(out[1], experts[0][1] + experts[1][1] - base[1])
     torch.testing.assert_close(out[0], experts[1][0])
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_row_block_mixing_equals_whole_tensor_mixing(monkeypatch, method):
+    """Large tensors are mixed in row blocks; the result must not depend on the block size."""
+    from weightpatch.merging import methods
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(37, 11, generator=g)
+    experts = [base + torch.randn(37, 11, generator=g) for _ in range(3)]
+    weights = [torch.rand(37, 11, generator=g), 0.5, 2.0]
+    config = methods.MergeConfig(method, density=0.6, drop_rate=0.3, seed=1)
+    whole = config.merge_tensor("w", base, experts, weights)
+    monkeypatch.setattr(methods, "_CHUNK_ENTRIES", 30)  # blocks of 2 rows
+    blocked = config.merge_tensor("w", base, experts, weights)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)

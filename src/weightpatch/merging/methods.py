@@ -93,17 +93,18 @@ def _weights(weights: Weights, n: int, like: torch.Tensor) -> list[torch.Tensor]
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``k = max(1, int(density * numel))`` entries of largest magnitude, zero the rest
     (mergekit ``sparsify.magnitude`` without rescaling). ``density >= 1`` keeps everything,
-    ``density <= 0`` zeros everything. Ties in magnitude are broken by ``torch.argsort`` order."""
+    ``density <= 0`` zeros everything. Ties in magnitude are broken by ``torch.topk`` order.
+    Memory: the magnitudes plus the ``k`` kept values and indices (no full sort)."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
     flat = delta.reshape(-1)
-    keep = torch.argsort(flat.abs(), descending=True)[:k]
-    mask = torch.zeros_like(flat)
-    mask[keep] = 1
-    return (flat * mask).reshape(delta.shape)
+    keep = torch.topk(flat.abs(), k, sorted=False).indices
+    trimmed = torch.zeros_like(flat)
+    trimmed[keep] = flat[keep]
+    return trimmed.reshape(delta.shape)
 
 
 def dare_seed(seed: int, name: str, expert: int) -> int:
@@ -143,6 +144,9 @@ def elect_sign(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return (total >= 0).to(total.dtype) * 2 - 1
 
 
+_CHUNK_ENTRIES = 1 << 22  # element-wise mixing runs on row blocks of about this many entries
+
+
 def _mix(
     deltas: Sequence[torch.Tensor],
     weights: Weights,
@@ -150,9 +154,26 @@ def _mix(
     consensus: bool,
     normalize: bool,
 ) -> torch.Tensor:
+    """Weighted (optionally sign-consensus, optionally normalized) sum of deltas. Every step is
+    element-wise, so large tensors are mixed in row blocks: the temporaries stay a few blocks in
+    size instead of several copies of the whole tensor."""
     ws = _weights(weights, len(deltas), deltas[0])
+    first = deltas[0]
+    if first.dim() == 0 or first.numel() <= _CHUNK_ENTRIES:
+        return _mix_block(deltas, ws, consensus, normalize)
+    rows = max(1, _CHUNK_ENTRIES // (first.numel() // first.shape[0]))
+    out = torch.empty_like(first)
+    for i in range(0, first.shape[0], rows):
+        block = slice(i, i + rows)
+        out[block] = _mix_block([d[block] for d in deltas], [w[block] for w in ws], consensus, normalize)
+    return out
+
+
+def _mix_block(
+    deltas: Sequence[torch.Tensor], ws: Sequence[torch.Tensor], consensus: bool, normalize: bool
+) -> torch.Tensor:
     wd = torch.stack([w * d for w, d in zip(ws, deltas, strict=True)])
-    wt = torch.stack(ws)
+    wt = torch.stack(list(ws))
     if consensus:
         sign = elect_sign(list(wd))
         mask = (wd.sign() == sign).to(wd.dtype)
@@ -196,6 +217,7 @@ def ties(
     deltas = task_vectors(base, experts)
     dens = _per_expert(density, len(deltas), "density")
     trimmed = [magnitude_trim(d, k) for d, k in zip(deltas, dens, strict=True)]
+    del deltas  # the untrimmed copies are not needed while mixing (peak memory of large tensors)
     mixed = _mix(trimmed, weights, consensus=True, normalize=normalize)
     return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
 
