@@ -50,7 +50,7 @@ from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch, run_segment
 from weightpatch.scoring import AnchorScorer
-from weightpatch.screening.first_order import plan_reduction, reduce_into
+from weightpatch.screening.first_order import gradient_hooks, plan_reduction, reduce_into
 
 EDGE_COLUMNS = [
     "target",
@@ -179,29 +179,19 @@ class SupplyTracer:
         cands = [self.space.validate(c) for c in candidates]
         plans = plan_reduction(self.pair.space, cands)
         scores = torch.zeros(len(self.targets), len(cands), dtype=torch.float64)
-        params = {name: self.model.get_parameter(name) for name in plans}
         deltas: dict[str, torch.Tensor] = {}
         state = {"target": 0}
 
-        def make_hook(name: str):
-            def hook(param: torch.Tensor) -> None:
-                with torch.no_grad():
-                    if name not in deltas:
-                        deltas[name] = (donor_values(self.pair.donor, ParamSlice(name), param) - param).double()
-                    reduce_into(param.grad.double() * deltas[name], plans[name], scores[state["target"]])
-                param.grad = None
-
-            return hook
+        def on_grad(name: str, param: torch.Tensor) -> None:
+            if name not in deltas:
+                deltas[name] = (donor_values(self.pair.donor, ParamSlice(name), param) - param).double()
+            reduce_into(param.grad.double() * deltas[name], plans[name], scores[state["target"]])
 
         weights = [
             torch.where(v, 1.0 / n, torch.zeros_like(n)) / v.sum().clamp(min=1)
             for v, n in zip(self.valid, self.norm2, strict=True)
         ]
-        handles = []
-        try:
-            for name, p in params.items():
-                p.requires_grad_(True)
-                handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+        with gradient_hooks(self.model, plans, on_grad):
             offset = 0
             for b in self.batches:
                 store: dict = {}
@@ -216,12 +206,6 @@ class SupplyTracer:
                         state["target"] = k
                         objective.backward(retain_graph=k < len(self.sites) - 1)
                 del store
-        finally:
-            for h in handles:
-                h.remove()
-            for p in params.values():
-                p.requires_grad_(False)
-                p.grad = None
         rows_out = []
         for k, t in enumerate(self.targets):
             n = int(self.valid[k].sum())

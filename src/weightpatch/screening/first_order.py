@@ -18,7 +18,8 @@ approximation of the single-component exact score.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,42 @@ def reduce_into(contrib: torch.Tensor, plan: ParamPlan, scores: torch.Tensor) ->
         scores[row] += sum(along[a:b].sum() for a, b in ranges)
 
 
+@contextmanager
+def gradient_hooks(
+    model: torch.nn.Module, names: Iterable[str], on_grad: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
+    """Within the block, the named parameters require grad and each accumulated gradient is handed
+    to ``on_grad(name, param)`` (under ``no_grad``) and freed at once, so no full gradient copy is
+    ever held. On exit the hooks are removed and the parameters no longer require grad."""
+    params = {name: model.get_parameter(name) for name in names}
+    if any(p.device.type == "meta" for p in params.values()):
+        raise WeightPatchError(
+            "gradient scores need the weights in the module: this model is offloaded by accelerate; "
+            "use exact scores, or load it without offload"
+        )
+
+    def make_hook(name: str):
+        def hook(param: torch.Tensor) -> None:
+            with torch.no_grad():
+                on_grad(name, param)
+            param.grad = None
+
+        return hook
+
+    handles = []
+    try:
+        for name, p in params.items():
+            p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+
+
 def _targets(
     scorer: AnchorScorer, kinds: Iterable[Kind], components: Iterable[Component | str] | None
 ) -> list[Component]:
@@ -101,33 +138,17 @@ def gradient_scores(
     plans = plan_reduction(space, targets)
     scores = torch.zeros(len(targets), dtype=torch.float64)
     weights = torch.where(scorer.valid, 1.0 / scorer.gap, torch.zeros_like(scorer.gap)) / scorer.valid.sum()
-    params = {name: model.get_parameter(name) for name in plans}
-    if any(p.device.type == "meta" for p in params.values()):
-        raise WeightPatchError(
-            "gradient scores need the weights in the module: this model is offloaded by accelerate; "
-            "use exact scores, or load it without offload"
-        )
     alphas = [0.0] if steps <= 1 else [(k + 0.5) / steps for k in range(steps)]
     method = "first_order" if steps <= 1 else "integrated_gradients"
     state: dict[str, object] = {}
 
-    def make_hook(name: str):
-        def hook(param: torch.Tensor) -> None:
-            with torch.no_grad():
-                patch = state.get("patch")
-                receiver = patch.original(name) if patch is not None else param.detach()  # type: ignore[attr-defined]
-                delta = donor_values(pair.donor, ParamSlice(name), param) - receiver
-                contrib = (param.grad.double() * delta.double()) / len(alphas)
-                reduce_into(contrib, plans[name], scores)
-            param.grad = None
+    def on_grad(name: str, param: torch.Tensor) -> None:
+        patch = state.get("patch")
+        receiver = patch.original(name) if patch is not None else param.detach()  # type: ignore[attr-defined]
+        delta = donor_values(pair.donor, ParamSlice(name), param) - receiver
+        reduce_into((param.grad.double() * delta.double()) / len(alphas), plans[name], scores)
 
-        return hook
-
-    handles = []
-    try:
-        for name, p in params.items():
-            p.requires_grad_(True)
-            handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+    with gradient_hooks(model, plans, on_grad):
         bar = tqdm(total=len(alphas) * len(scorer.batches), desc=method, unit="batch", disable=not progress)
         offset_of = [0]
         for b in scorer.batches:
@@ -142,12 +163,6 @@ def gradient_scores(
                     (scorer.project(hidden) * w).sum().backward()
                     bar.update(1)
         bar.close()
-    finally:
-        for h in handles:
-            h.remove()
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
     n = int(scorer.valid.sum())
     return ScoreTable.from_rows(
         score_row(c, method, float(s), float("nan"), n) for c, s in zip(targets, scores, strict=True)
