@@ -47,3 +47,19 @@ def test_steering_adds_along_the_anchor(llama_pair_dirs):
     curve = steering_curve(pair, anchor, [0.0, 1.0, 2.0], lambda m: float(scorer.anchor_scores(m).mean()))
     steps = curve["metric"].diff().dropna()
     assert torch.allclose(torch.tensor(steps.values), torch.tensor(1.0, dtype=torch.float64), atol=1e-4)
+
+
+def test_anchor_from_a_vector_scores_like_the_built_one(llama_pair_dirs):
+    from weightpatch.scoring import AnchorScorer
+
+    pair = load_pair(*llama_pair_dirs)
+    built = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    bare = Anchor(built.vector * 3.0, 2, "model_diff", models={}, prompts_sha256="")
+    with pytest.raises(WeightPatchError, match=r"records no base model.*Anchor\.from_vector"):
+        AnchorScorer(pair, bare, tiny_texts(4, 3))
+    mine = Anchor.from_vector(built.vector * 3.0, 2, pair)
+    assert torch.allclose(mine.vector, built.vector, atol=1e-6) and mine.models == pair.identities()
+    a, b = AnchorScorer(pair, mine, tiny_texts(4, 3)), AnchorScorer(pair, built, tiny_texts(4, 3))
+    assert torch.allclose(a.gap, b.gap, atol=1e-5)
+    with pytest.raises(WeightPatchError, match="norm 0.0"):
+        Anchor.from_vector(torch.zeros(32), 2, pair)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from weightpatch.config import AnchorConfig, MergeCommandConfig, ScreenConfig, build_config
+from weightpatch.config import AnchorConfig, MergeStageConfig, ScreenConfig, build_config
 from weightpatch.errors import WeightPatchError
 
 
@@ -19,6 +19,8 @@ def test_identity_drops_run_only_fields_and_model_locations():
     b = AnchorConfig(base="other/b", specialized="s2", prompts="p", device="cuda", batch_size=32, layers=[1, 3])
     assert a.identity() == b.identity() and a.identity()["layers"] == [1, 3]
     assert "device" not in a.identity() and "base" not in a.identity()
+    # prompt files are identified by content in the run record, not by where they lie
+    assert a.identity() == AnchorConfig(base="b", specialized="s", prompts="/abs/p", layers="1,3").identity()
     assert a.identity() != AnchorConfig(base="b", specialized="s", prompts="p", layers="1,2").identity()
 
 
@@ -36,5 +38,5 @@ def test_validation_errors_are_one_clear_message(tmp_path):
 
 
 def test_merge_config_lists():
-    cfg = MergeCommandConfig(base="b", experts="e1,e2", output="o", weights="1,0.5")
+    cfg = MergeStageConfig(base="b", experts="e1,e2", output="o", weights="1,0.5")
     assert cfg.experts == ["e1", "e2"] and cfg.weights == [1.0, 0.5]

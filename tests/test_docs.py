@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from weightpatch import demo
 
 DOCS = Path(__file__).parents[1] / "docs" / "patterns.md"
@@ -30,3 +32,49 @@ def test_pattern_recipes_run_on_the_demo_pair(tmp_path, monkeypatch):
     exec(compile(code, str(DOCS), "exec"), namespace)
     assert (tmp_path / "runs" / "scores.parquet").is_file()
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def run_readme_python(tmp_path, monkeypatch) -> dict:
+    section = README.read_text().split("## Python", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    return namespace
+
+
+def test_readme_python_runs_as_written_with_the_demo_configs(tmp_path, monkeypatch):
+    """The README's Python section runs unchanged, and its stage configs are the demo's (so the
+    demo, which runs the same stage functions, gives the same numbers: the slow test below checks)."""
+    from weightpatch.pipeline import demo_configs
+
+    namespace = run_readme_python(tmp_path, monkeypatch)
+    verified = namespace["result"].verified
+    assert {"component", "first_order", "exact"} <= set(verified.columns) and len(verified) == 3 * 8
+    demo = demo_configs()
+    for ours, theirs in ((namespace["anchor_cfg"], demo.anchor), (namespace["screen_cfg"], demo.screen)):
+        assert ours.model_dump(exclude={"run_dir"}) == theirs.model_dump(exclude={"run_dir"})
+
+
+@pytest.mark.slow  # runs the whole demo (~40 s of CPU)
+def test_readme_python_gives_exactly_the_demo_scores(tmp_path, monkeypatch):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from weightpatch.cli.main import app
+    from weightpatch.results import ScoreTable
+
+    run_readme_python(tmp_path, monkeypatch)
+    result = CliRunner().invoke(app, ["demo", "--run-dir", "demo-run", "--steering-prompts", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    cli = ScoreTable.load(tmp_path / "demo-run" / "scores.parquet").frame
+    python = ScoreTable.load(tmp_path / "wpatch-runs" / "python" / "scores.parquet").frame
+    keys = ["component", "method"]
+    cli = cli[cli["method"].isin(["exact", "first_order"])].set_index(keys)
+    python = python.set_index(keys)
+    common = python.index.intersection(cli.index)
+    assert len(common) == len(python) and python["score"].notna().all()
+    pd.testing.assert_frame_equal(python.loc[common].sort_index(), cli.loc[common].sort_index(), check_exact=True)

@@ -22,12 +22,12 @@ def test_render_uses_chat_template(specialized):
     assert text == "<|user|>Tell me about the river.<|assistant|>"  # encode adds the BOS
     ids = encode(tok, [text]).input_ids[0].tolist()
     assert ids == tok("<s><|user|>Tell me about the river.<|assistant|>", add_special_tokens=False)["input_ids"]
-    assert render_prompt(tok, "hi", chat_template=False) == "hi"
+    assert render_prompt(tok, "hi", "raw") == "hi" and render_prompt(tok, "hi", "chat") == render_prompt(tok, "hi")
 
 
 def test_render_without_template_raises_when_forced():
     with pytest.raises(WeightPatchError, match="chat template"):
-        render_prompt(tiny_tokenizer(), "w5", chat_template=True)
+        render_prompt(tiny_tokenizer(), "w5", "chat")
 
 
 def test_left_padding(specialized):

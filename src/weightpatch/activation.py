@@ -264,7 +264,7 @@ class ActivationScreen:
 
     On construction: one specialized forward per batch caches every site up to the anchor layer
     that later requests need (all attention/MLP/head/neuron/block sites), and one base forward per
-    batch caches the input of each block.
+    batch caches the input of each block (the scorer's shared cache).
     """
 
     def __init__(self, scorer: AnchorScorer, variants_per_batch: int = 16, positions: Positions = "all") -> None:
@@ -272,12 +272,7 @@ class ActivationScreen:
         pair = scorer.pair
         self.pair, self.model, self.space = pair, pair.model, pair.space
         self.donor_role: Role = "specialized" if pair.receiver == "base" else "base"
-        layers = range(1, scorer.layer + 1)
-        with torch.no_grad():
-            self.inputs = [
-                run_segment(self.model, self.space, b, stop=scorer.layer, capture_inputs=layers)[1]
-                for b in scorer.batches
-            ]
+        self.inputs = scorer.block_inputs()
         self._cache: list[dict[tuple[str, str], torch.Tensor]] = [{} for _ in scorer.batches]
 
     def _ensure_cached(self, components: Sequence[Component]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,20 @@ class Anchor:
             anchor.check_compatible(pair)
         return anchor
 
+    @classmethod
+    def from_vector(
+        cls, vector: Float[torch.Tensor, " hidden"], layer: int, pair: ModelPair, method: Method = "model_diff"
+    ) -> Anchor:
+        """An anchor for ``pair`` from a vector of your own (normalized to unit length), read after
+        block ``layer``; ``method`` records how the vector was made."""
+        vector = vector.detach().float().flatten().cpu()
+        norm = float(vector.norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            raise WeightPatchError(f"anchor vector has norm {norm}; give a finite, non-zero vector")
+        anchor = cls(vector / norm, layer, method, pair.identities(), prompts_sha256="")
+        anchor.check_compatible(pair)
+        return anchor
+
     def check_compatible(self, pair: ModelPair) -> None:
         hidden = pair.space.dims.hidden_size
         if self.vector.shape != (hidden,):
@@ -100,6 +115,11 @@ class Anchor:
             )
         ours = pair.identities()
         for role in ("base", "specialized"):
+            if role not in self.models:
+                raise WeightPatchError(
+                    f"anchor records no {role} model, so it cannot be checked against this pair; make it with "
+                    f"Anchor.from_vector(vector, layer, pair) or build it with search_anchor_layer / build_anchor"
+                )
             if self.models[role]["weights_sha256"] != ours[role]["weights_sha256"]:
                 raise WeightPatchError(
                     f"anchor was built for a different {role} model ({self.models[role]['source']}, "

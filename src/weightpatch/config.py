@@ -1,13 +1,17 @@
-"""Configuration of every ``wpatch`` command as pydantic models.
+"""Configuration of every pipeline stage as pydantic models: the one list of options.
 
-Each command builds its config from an optional YAML file (``--config FILE``) overlaid with the
-flags given on the command line (flags win). Unknown keys in the file are an error, so a typo does
-not silently fall back to a default. Comma-separated strings are accepted for list fields
-(``kinds: head,neuron`` or ``--kinds head,neuron``).
+A stage (:mod:`weightpatch.pipeline`) takes one of these configs, from Python or from ``wpatch``;
+the CLI generates its flags from the fields here (name, type, default, ``description`` as help), so a
+new field is a new flag with no second list. Configs are built from an optional YAML file
+(``--config FILE``) overlaid with the flags given (flags win). Unknown keys are an error, so a typo
+does not silently fall back to a default. Comma-separated strings are accepted for list fields
+(``kinds: head,neuron`` or ``--kinds head,neuron``). A run directory's own ``config.yaml`` (one section
+per command) can be given to ``--config``: the section of the command being run is used.
 
-The resolved config is written into the run directory; :data:`RUN_ONLY_FIELDS` are the fields that
-do not change results (where to run, how big the batches are, logging) and are ignored when a run
-directory checks that a re-run uses the same configuration.
+The resolved config is written into the run directory. :meth:`StageConfig.identity` is the part that
+determines results, which a resumed run must match: it leaves out where and how fast the run goes
+(:data:`RUN_ONLY_FIELDS`) and where the inputs lie (models are identified by the SHA-256 of their
+weights, prompt files by the SHA-256 of their content, in the run directory's record).
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weightpatch.errors import WeightPatchError
 
+DEFAULT_RUN_DIR = Path("wpatch-runs/default")
+
 RUN_ONLY_FIELDS = frozenset(
-    {"device", "batch_size", "run_dir", "debug", "progress", "config"}
+    {"device", "batch_size", "run_dir", "debug", "progress", "variants_per_batch"}
     | {"backend", "address", "workers", "worker_cpus", "worker_gpus"}  # where exact scores run (screen)
 )
+# where the inputs lie: identified by content in the run record instead
+LOCATION_FIELDS = frozenset({"base", "specialized", "prompts", "heldout", "anchor"})
 
 KindName = Literal["layer", "module", "head", "neuron"]
 ScreenMethod = Literal["first_order", "exact", "verify", "integrated_gradients"]
+PromptFormat = Literal["auto", "chat", "raw"]
+Dtype = Literal["float32", "float64", "bfloat16", "float16", "auto"]
 
 
 def _split(value: Any) -> Any:
@@ -38,120 +48,183 @@ def _split(value: Any) -> Any:
     return value
 
 
-class CommonConfig(BaseModel):
-    """Options that mean the same for every command."""
+def _split_lists(*fields: str):
+    """A before-validator that accepts comma-separated strings for the list ``fields``."""
+    return field_validator(*fields, mode="before")(classmethod(lambda cls, v: _split(v)))
+
+
+class StageConfig(BaseModel):
+    """Options every command has."""
 
     model_config = ConfigDict(extra="forbid")
 
-    device: str = "cpu"
-    dtype: Literal["float32", "float64", "bfloat16", "float16", "auto"] = "float32"
-    batch_size: int = Field(16, ge=1)
-    seed: int = 0
-    run_dir: Path | None = None
-    debug: bool = False
-    progress: bool = True
+    run_dir: Path | None = Field(DEFAULT_RUN_DIR, description="run directory (created, or resumed when it exists).")
+    seed: int = Field(0, description="random seed (prompt shuffling and splits, random controls, DARE).")
+    progress: bool = Field(True, description="show progress bars (only when stderr is a terminal).")
+    debug: bool = Field(False, description="show full tracebacks and debug logging.")
+
+    @property
+    def run_path(self) -> Path:
+        return self.run_dir if self.run_dir is not None else DEFAULT_RUN_DIR
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the results (what a resumed run must match)."""
         data = self.model_dump(mode="json")
-        return {k: v for k, v in data.items() if k not in RUN_ONLY_FIELDS}
+        return {k: v for k, v in data.items() if k not in RUN_ONLY_FIELDS | LOCATION_FIELDS}
 
 
-class PairConfig(CommonConfig):
-    base: str
-    specialized: str
-    trust_remote_code: bool = False
-    revision: str | None = None
+class ModelOptions(BaseModel):
+    """How models are loaded."""
 
-    def identity(self) -> dict[str, Any]:
-        """Without the model locations: run directories identify the models by their weights' sha256."""
-        data = super().identity()
-        return {k: v for k, v in data.items() if k not in ("base", "specialized")}
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps.")
+    dtype: Dtype = Field("float32", description="weight dtype: float32, float64, bfloat16, float16 or auto.")
+    trust_remote_code: bool = Field(False, description="run the checkpoint's own code (custom architectures).")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of hub-id models.")
 
 
-class CheckConfig(PairConfig):
-    pass
+class PairOptions(ModelOptions):
+    base: str = Field(description="base model: local directory, .gguf file or Hugging Face hub id.")
+    specialized: str = Field(description="specialized model (fine-tuned from BASE): directory, .gguf file or hub id.")
 
 
 class PromptOptions(BaseModel):
-    """Where prompts come from (mixed into commands that read prompts)."""
+    """Where prompts come from and how the model sees them."""
 
-    prompts: Path
-    heldout: Path | None = None
-    max_prompts: int | None = Field(None, ge=2)
-    chat_template: bool | None = None  # None: use the tokenizer's chat template when it has one
-
-
-class AnchorConfig(PairConfig, PromptOptions):
-    method: Literal["instruction", "model_diff"] = "instruction"
-    layer: int | None = None
-    layers: list[int] | None = None
-    alphas: list[float] = [0.0, 0.5, 1.0, 2.0, 4.0]
-    steering_prompts: int = Field(12, ge=0)
-    max_new_tokens: int = Field(48, ge=1)
-
-    _split_layers = field_validator("layers", "alphas", mode="before")(classmethod(lambda cls, v: _split(v)))
+    prompts: Path = Field(
+        description="IFEval-style JSONL (prompt_without_instruction needed by the instruction anchor) "
+        "or a .txt file with one prompt per line."
+    )
+    max_prompts: int | None = Field(
+        None, ge=2, description="use at most this many prompts per set (after shuffling with --seed)."
+    )
+    prompt_format: PromptFormat = Field(
+        "auto",
+        description="chat: through the tokenizer's chat template; raw: the text as is; auto: chat when the "
+        "tokenizer has a template.",
+    )
 
 
-class ScreenConfig(PairConfig, PromptOptions):
-    anchor: Path | None = None  # default: <run_dir>/anchor
-    method: ScreenMethod = "verify"
-    kinds: list[KindName] = ["head", "module", "neuron"]
-    components: list[str] | None = None
-    top_k: int = Field(20, ge=1)
-    steps: int = Field(8, ge=2)
-    variants_per_batch: int = Field(8, ge=1)
-    min_relative_gap: float = Field(0.1, ge=0.0)
-    # where exact scores run (weightpatch.backends): in this process, or sharded over Ray actors
-    backend: Literal["local", "ray"] = "local"
-    address: str | None = None  # Ray cluster address ("auto", "ray://host:10001"); None: start a local one
-    workers: int | None = Field(None, ge=1)  # Ray actors; None: as many as the cluster's CPUs (GPUs) allow
-    worker_cpus: float = Field(1.0, gt=0.0)  # per Ray actor (its torch threads)
-    worker_gpus: float = Field(0.0, ge=0.0)  # per Ray actor (use with --device cuda)
-
-    _split_lists = field_validator("kinds", "components", mode="before")(classmethod(lambda cls, v: _split(v)))
+class ScoringOptions(BaseModel):
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass.")
+    min_relative_gap: float = Field(
+        0.1, ge=0.0, description="prompts whose anchor gap is below this fraction of the median gap are excluded."
+    )
+    variants_per_batch: int = Field(8, ge=1, description="patched variants run together in one forward pass.")
 
 
-class TraceConfig(PairConfig, PromptOptions):
-    anchor: Path | None = None
-    target_names: list[str] | None = None
-    targets: int = Field(3, ge=1)
-    method: Literal["first_order", "exact"] = "first_order"
-
-    _split_lists = field_validator("target_names", mode="before")(classmethod(lambda cls, v: _split(v)))
+class CheckConfig(StageConfig, PairOptions):
+    run_dir: Path | None = Field(None, description="save the weight-change table in this run directory.")
 
 
-class MergeCommandConfig(CommonConfig):
-    base: str
-    experts: list[str]
-    output: Path
-    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = "task_arithmetic"
-    mechanism: Literal["none", "owner_takes_top", "score_weighted"] = "none"
-    scores: list[Path] = []
-    score_method: str = "exact"
-    top_k: int | None = Field(10, ge=1)
-    threshold: float | None = None
-    weights: list[float] | None = None
-    lam: float = 1.0
-    density: float = Field(1.0, gt=0.0, le=1.0)
-    drop_rate: float = Field(0.5, ge=0.0, lt=1.0)
-    mergekit_yaml: Path | None = None
-    overwrite: bool = False
+class AnchorConfig(StageConfig, PairOptions, PromptOptions):
+    heldout: Path | None = Field(None, description="held-out prompt file (default: half of --prompts).")
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass.")
+    method: Literal["instruction", "model_diff"] = Field(
+        "instruction", description="instruction (with vs without instruction) or model_diff (specialized vs base)."
+    )
+    layer: int | None = Field(None, description="build the anchor at this layer (no search).")
+    layers: list[int] | None = Field(None, description="layers to search, e.g. 2,4,6 (default: n//5..n step 2).")
+    alphas: list[float] = Field([0.0, 0.5, 1.0, 2.0, 4.0], description="steering strengths in anchor gaps.")
+    steering_prompts: int = Field(12, ge=0, description="held-out prompts for the steering check (0: skip).")
+    max_new_tokens: int = Field(48, ge=1, description="tokens generated per steering prompt.")
 
-    _split_lists = field_validator("experts", "weights", "scores", mode="before")(classmethod(lambda cls, v: _split(v)))
+    _lists = _split_lists("layers", "alphas")
 
 
-class DemoConfig(CommonConfig):
-    run_dir: Path | None = Path("wpatch-runs/demo")
-    anchor_prompts: int = Field(48, ge=4)
-    screen_prompts: int = Field(24, ge=2)
-    steering_prompts: int = Field(12, ge=0)
-    max_new_tokens: int = Field(48, ge=1)
-    alphas: list[float] = [0.0, 0.5, 1.0, 2.0]
-    top_k: int = Field(8, ge=1)
-    kinds: list[KindName] = ["head", "module", "neuron"]
+class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
+    anchor: Path | None = Field(None, description="anchor path stem (default: RUN_DIR/anchor).")
+    method: ScreenMethod = Field(
+        "verify",
+        description="first_order, integrated_gradients, exact, or verify (first-order screen, exact for the top-k).",
+    )
+    kinds: list[KindName] = Field(["head", "module", "neuron"], description="granularities: layer,module,head,neuron.")
+    components: list[str] | None = Field(
+        None, description="score only these (and, with verify, add them to the verified set), e.g. L1.attn.head2."
+    )
+    top_k: int = Field(20, ge=1, description="components per kind verified exactly (verify).")
+    steps: int = Field(8, ge=2, description="integrated-gradient steps (integrated_gradients only).")
+    backend: Literal["local", "ray"] = Field("local", description="where exact scores run: local or ray.")
+    address: str | None = Field(None, description="Ray cluster address (auto, ray://host:10001); default: a local one.")
+    workers: int | None = Field(None, ge=1, description="Ray actors, each loading the pair once (default: per CPU).")
+    worker_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray actor (its torch threads).")
+    worker_gpus: float = Field(0.0, ge=0.0, description="GPUs per Ray actor (with --device cuda).")
 
-    _split_lists = field_validator("alphas", "kinds", mode="before")(classmethod(lambda cls, v: _split(v)))
+    _lists = _split_lists("kinds", "components")
+
+
+class TraceConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
+    anchor: Path | None = Field(None, description="anchor path stem (default: RUN_DIR/anchor).")
+    targets: list[str] | None = Field(
+        None, description="target components to trace, e.g. L2.attn.head1 (default: the strongest carriers)."
+    )
+    n_targets: int = Field(3, ge=1, description="without --targets: trace this many strongest carriers.")
+    method: Literal["first_order", "exact"] = Field(
+        "first_order", description="supplier scores: first_order (with the top --verify-top exact) or exact."
+    )
+    verify_top: int = Field(5, ge=0, description="first_order: suppliers per target re-scored exactly.")
+    random_controls: int = Field(5, ge=1, description="random draws per k in the sufficiency/necessity curves.")
+
+    _lists = _split_lists("targets")
+
+
+class MergeStageConfig(StageConfig):
+    """The merge stage (``merging.MergeConfig`` is the merge method itself)."""
+
+    base: str = Field(description="base model: local directory or hub id.")
+    experts: list[str] = Field(description="expert models fine-tuned from BASE: directories or hub ids.")
+    output: Path = Field(description="directory for the merged model.")
+    run_dir: Path | None = Field(None, description="append the merge (and its evaluation) to this run directory.")
+    revision: str | None = Field(None, description="hub revision of hub-id models.")
+    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = Field(
+        "task_arithmetic", description="task_arithmetic, ties, dare_linear or dare_ties."
+    )
+    mechanism: Literal["none", "owner_takes_top", "score_weighted"] = Field(
+        "none", description="none, owner_takes_top or score_weighted (needs --scores per expert)."
+    )
+    scores: list[Path] = Field([], description="score table or run directory, one per expert (mechanism-aware).")
+    score_method: str = Field("exact", description="which scores of --scores to use.")
+    top_k: int | None = Field(10, ge=1, description="components each expert owns (mechanism-aware).")
+    threshold: float | None = Field(None, description="minimum score of an owned component (mechanism-aware).")
+    weights: list[float] | None = Field(None, description="per-expert weights, e.g. 1,0.5.")
+    lam: float = Field(1.0, description="task-arithmetic scaling lambda.")
+    density: float = Field(1.0, gt=0.0, le=1.0, description="TIES/DARE-TIES keep fraction.")
+    drop_rate: float = Field(0.5, ge=0.0, lt=1.0, description="DARE drop probability.")
+    mergekit_yaml: Path | None = Field(None, description="also write the equivalent mergekit config here.")
+    overwrite: bool = Field(False, description="replace an existing --output.")
+    evaluate_prompts: list[Path] = Field(
+        [], description="IFEval JSONL prompts, one per expert: add the merge evaluation table."
+    )
+
+    _lists = _split_lists("experts", "weights", "scores", "evaluate_prompts")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}
+
+
+class ReportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path = Field(description="a run directory written by wpatch.")
+    output: Path | None = Field(None, description="where to write the report (default: RUN_DIR/report.html).")
+    debug: bool = Field(False, description="show full tracebacks.")
+
+
+class DemoConfig(StageConfig, ModelOptions):
+    run_dir: Path | None = Field(Path("wpatch-runs/demo"), description="run directory of the demo.")
+    base: str | None = Field(None, description="replace the shipped base model.")
+    specialized: str | None = Field(None, description="replace the shipped specialized model.")
+    prompts: Path | None = Field(None, description="replace the shipped anchor prompts.")
+    heldout: Path | None = Field(None, description="replace the shipped held-out prompts.")
+    batch_size: int = Field(16, ge=1, description="prompts per forward pass.")
+    anchor_prompts: int = Field(48, ge=4, description="prompts per set for the anchor search.")
+    screen_prompts: int = Field(24, ge=2, description="held-out prompts scored when screening and tracing.")
+    steering_prompts: int = Field(12, ge=0, description="prompts generated per steering alpha.")
+    max_new_tokens: int = Field(48, ge=1, description="tokens generated per steering prompt.")
+    alphas: list[float] = Field([0.0, 0.5, 1.0, 2.0], description="steering strengths in anchor gaps.")
+    top_k: int = Field(8, ge=1, description="components per kind verified exactly.")
+    kinds: list[KindName] = Field(["head", "module", "neuron"], description="granularities screened.")
+
+    _lists = _split_lists("alphas", "kinds")
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -170,8 +243,10 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def read_config_file(path: Path | None) -> dict[str, Any]:
-    """The mapping in a YAML (or JSON) config file; ``{}`` without a file."""
+def read_config_file(path: Path | None, command: str | None = None) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) config file; ``{}`` without a file. A run directory's
+    ``config.yaml`` holds one section per command: with ``command`` given and present as a section,
+    that section is returned."""
     if path is None:
         return {}
     path = Path(path)
@@ -185,12 +260,15 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise WeightPatchError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+    if command is not None and isinstance(data.get(command), dict):
+        data = data[command]
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def build_config(cls: type[C], config_file: Path | None = None, **flags: Any) -> C:
-    """``cls`` from the config file overlaid with the flags that were given (not None)."""
-    data = read_config_file(config_file)
+def build_config(cls: type[C], config_file: Path | None = None, command: str | None = None, **flags: Any) -> C:
+    """``cls`` from the config file (its ``command`` section, if it has one) overlaid with the flags
+    that were given (not None)."""
+    data = read_config_file(config_file, command)
     data.update({k: v for k, v in flags.items() if v is not None})
     try:
         return cls.model_validate(data)

@@ -2,7 +2,7 @@
 
 Prompts are rendered and encoded exactly as anchors and scores see them
 (:func:`weightpatch.runner.render_prompts`, :func:`weightpatch.runner.encode`): through the chat
-template when the tokenizer has one, left-padded.
+template when the tokenizer has one (``prompt_format="auto"``), left-padded.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def generate(
     *,
     max_new_tokens: int = 160,
     batch_size: int = 64,
-    use_chat_template: bool | None = None,
+    prompt_format: str = "auto",
 ) -> list[str]:
     """Greedy responses to ``prompts`` (decoded, prompt and special tokens removed), in order.
 
@@ -38,7 +38,7 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            batch = encode(tokenizer, render_prompts(tokenizer, chunk, use_chat_template), device)
+            batch = encode(tokenizer, render_prompts(tokenizer, chunk, prompt_format), device)
             enc = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             generated = model.generate(
                 **enc,

@@ -4,7 +4,7 @@ Layout (all files optional except ``run.json``)::
 
     run.json            commands run here with their resolved configs, the models' identities
                         (source, path, sha256 of the weights) and library versions
-    config.yaml         the same resolved configs, for reading and for ``--config``
+    config.yaml         every command's full resolved config, replayable with ``--config``
     log.txt             a log of every command run here
     anchor.safetensors  the anchor vector, anchor.json its metadata
     <table>.parquet     result tables, each with a .csv twin (scores, verified, anchor_layers, ...)
@@ -72,9 +72,12 @@ class RunDir:
         config: dict[str, Any],
         models: dict[str, Any] | None = None,
         inputs: Iterable[str | os.PathLike] = (),
+        full_config: dict[str, Any] | None = None,
     ) -> RunDir:
         """Create or resume ``path`` for ``command`` with the given resolved ``config`` (the fields
         that determine results) and model ``identities`` (from ``ModelPair.identities()``).
+        ``full_config`` (every field, run-only ones included) goes into ``config.yaml``, which
+        ``--config`` replays.
 
         Refuses (``WeightPatchError``) when the directory lies inside an input path, when it is
         not a run directory but not empty, when ``command`` was run here with another config, or
@@ -108,6 +111,7 @@ class RunDir:
             record["architecture"] = models.get("architecture")
             record["versions"] = models.get("versions")
         record["commands"][command] = config
+        record.setdefault("configs", {})[command] = full_config if full_config is not None else config
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_record(record)
         run.start_log()
@@ -137,7 +141,9 @@ class RunDir:
 
     def write_record(self, record: dict[str, Any]) -> None:
         write_text_atomic(self.path / RUN_FILE, json.dumps(record, indent=2, default=str))
-        write_text_atomic(self.path / "config.yaml", yaml.safe_dump(record["commands"], sort_keys=False))
+        write_text_atomic(
+            self.path / "config.yaml", yaml.safe_dump(record.get("configs", record["commands"]), sort_keys=False)
+        )
 
     def update_record(self, **entries: Any) -> None:
         record = self.record() or {"commands": {}}

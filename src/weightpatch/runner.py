@@ -46,18 +46,16 @@ class Batch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
-def render_prompt(tokenizer, prompt: str, chat_template: bool | None = None) -> str:
-    """The text the model sees for a raw ``prompt``: through the tokenizer's chat template (one user
-    message, generation prompt appended) when it has one or when ``chat_template=True``, the prompt
-    itself otherwise. A leading BOS written by the template is dropped, since :func:`encode` adds the
-    tokenizer's special tokens (so both paths give the same ids)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat_template is None:
-        chat_template = has_template
-    if not chat_template:
+def render_prompt(tokenizer, prompt: str, prompt_format: str = "auto") -> str:
+    """The text the model sees for a raw ``prompt``. ``prompt_format``: ``"chat"`` through the
+    tokenizer's chat template (one user message, generation prompt appended), ``"raw"`` the prompt
+    itself, ``"auto"`` chat when the tokenizer has a template, raw otherwise. A leading BOS written
+    by the template is dropped, since :func:`encode` adds the tokenizer's special tokens (so both
+    paths give the same ids)."""
+    if prompt_format not in ("auto", "chat", "raw"):
+        raise WeightPatchError(f"unknown prompt format {prompt_format!r}; choose auto, chat or raw")
+    if resolve_prompt_format(tokenizer, prompt_format) == "raw":
         return prompt
-    if not has_template:
-        raise WeightPatchError("chat_template=True but the tokenizer has no chat template")
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
     )
@@ -66,8 +64,19 @@ def render_prompt(tokenizer, prompt: str, chat_template: bool | None = None) -> 
     return text[len(bos) :] if adds_bos and text.startswith(bos) else text
 
 
-def render_prompts(tokenizer, prompts: Sequence[str], chat_template: bool | None = None) -> list[str]:
-    return [render_prompt(tokenizer, p, chat_template) for p in prompts]
+def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> str:
+    """``"chat"`` or ``"raw"``: what ``prompt_format`` means for this tokenizer (``"auto"`` is chat
+    exactly when it has a chat template). Refuses ``"chat"`` without a template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "auto":
+        return "chat" if has_template else "raw"
+    if prompt_format == "chat" and not has_template:
+        raise WeightPatchError("prompt format 'chat' but the tokenizer has no chat template; use --prompt-format raw")
+    return prompt_format
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], prompt_format: str = "auto") -> list[str]:
+    return [render_prompt(tokenizer, p, prompt_format) for p in prompts]
 
 
 def encode(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu") -> Batch:

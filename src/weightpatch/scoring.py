@@ -62,6 +62,8 @@ class AnchorScorer:
         dtype = torch.float64 if pair.model.dtype == torch.float64 else torch.float32
         self.u = anchor.vector.to(device=pair.device, dtype=dtype)
         self.batches: list[Batch] = list(batches(encode(pair.tokenizer, self.texts, pair.device), batch_size))
+        self._block_inputs: list[dict[int, torch.Tensor]] | None = None
+        self._block_inputs_top = -1
         with torch.no_grad():
             self.f_receiver = self.anchor_scores(pair.model)
             donor_role = "specialized" if pair.receiver == "base" else "base"
@@ -82,6 +84,22 @@ class AnchorScorer:
     @property
     def layer(self) -> int:
         return self.anchor.layer
+
+    def block_inputs(self, top: int | None = None) -> list[dict[int, Float[torch.Tensor, "batch seq hidden"]]]:
+        """Per prompt batch, the receiver's input of every block ``1..top`` (default: the anchor
+        layer), computed once and shared by every engine that re-runs a segment of blocks from a
+        cached input (exact weight patching, activation patching, supplier tracing). Engines call it
+        on construction, with the receiver's own weights in place (patches restore them bit-exactly,
+        so the cache stays valid)."""
+        top = self.layer if top is None else top
+        if self._block_inputs is None or self._block_inputs_top < top:
+            with torch.no_grad():
+                self._block_inputs = [
+                    run_segment(self.pair.model, self.pair.space, b, stop=top, capture_inputs=range(1, top + 1))[1]
+                    for b in self.batches
+                ]
+            self._block_inputs_top = top
+        return self._block_inputs
 
     def project(self, hidden: Float[torch.Tensor, "batch seq hidden"]) -> Float[torch.Tensor, " batch"]:
         """Anchor score of each row: the last token's residual projected on ``u``."""

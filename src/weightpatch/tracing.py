@@ -121,10 +121,7 @@ class SupplyTracer:
         self.positions = positions
         self.top = max(_site_layer(t) for t in self.targets)
         with torch.no_grad():
-            self.inputs = [
-                run_segment(self.model, self.space, b, stop=self.top, capture_inputs=range(1, self.top + 1))[1]
-                for b in self.batches
-            ]
+            self.inputs = scorer.block_inputs(max(self.top, scorer.layer))
             self.out_base = self._outputs(self.model, 0)
             donor_role = "specialized" if pair.receiver == "base" else "base"
             with pair.as_model(donor_role) as donor_model:

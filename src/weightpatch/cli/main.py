@@ -1,15 +1,30 @@
-"""Entry point of ``wpatch``: one small module per subcommand, each thin over a config in
-:mod:`weightpatch.config`. User errors print one line on stderr and exit with code 2."""
+"""Entry point of ``wpatch``: one small module per subcommand, each flags -> config -> one pipeline
+stage (:mod:`weightpatch.pipeline`). User errors print one line on stderr and exit with code 2."""
+
+from typing import Annotated
 
 import typer
 
 from weightpatch.cli import anchor, check, demo, merge, report_cmd, screen, trace
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Weight Patching for language models.")
+# plain (click) help: flags are never truncated and help text is never read as Rich markup
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Weight Patching for language models.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from weightpatch import __version__
+
+        typer.echo(f"weightpatch {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit.")
+    ] = False,
+) -> None:
     """Weight Patching: find which of a specialized model's own parameters recreate its capability."""
 
 

@@ -1,26 +1,27 @@
-"""``wpatch report RUN_DIR``: write the self-contained HTML report of a run directory."""
+"""``wpatch report RUN_DIR``: the self-contained HTML report of a run directory."""
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from weightpatch.cli import common
+from weightpatch.cli.options import add_command
+from weightpatch.config import ReportConfig
 
 
-def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by wpatch.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="[default: RUN_DIR/report.html]")] = None,
-    debug: common.DebugOpt = False,
-) -> None:
-    """Write report.html (figures embedded) from the results in RUN_DIR."""
+def show(cfg: ReportConfig) -> None:
     from weightpatch.report import build_report
 
-    path = build_report(run_dir, output)
-    common.echo_path("report", path)
+    common.echo_path("report", build_report(cfg.run_dir, cfg.output))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("report")(common.handle_errors(report))
+    add_command(
+        app,
+        "report",
+        ReportConfig,
+        show,
+        arguments=("run_dir",),
+        short={"output": "-o"},
+        help="Write report.html (figures embedded) from RUN_DIR.",
+    )

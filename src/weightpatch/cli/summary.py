@@ -3,6 +3,8 @@ the run directory has them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from rich.table import Table
 
@@ -48,7 +50,8 @@ def frame_table(frame: pd.DataFrame, title: str, n: int = 10) -> Table:
     return t
 
 
-def print_summary(run: RunDir, table: ScoreTable | None = None) -> None:
+def print_summary(run_dir: Path, table: ScoreTable | None = None) -> None:
+    run = RunDir(run_dir)
     table = table if table is not None else run.scores()
     top = top_components_table(table)
     if top is not None:

@@ -140,7 +140,7 @@ def capability_scores(
     """The expert's Weight Patching scores for its own capability (screen-then-verify on its own
     scorer): ``component``/``score`` rows of ``method`` (``exact``: the verified ``top_k`` per kind;
     ``first_order``: every component)."""
-    from weightpatch.screening.pipeline import screen_then_verify
+    from weightpatch.screening.verify import screen_then_verify
 
     table, _ = screen_then_verify(capability.scorer, kinds=tuple(kinds), top_k=top_k, progress=progress)
     frame = table.select(method=method).to_pandas()

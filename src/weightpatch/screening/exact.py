@@ -2,7 +2,8 @@
 
 The plain way costs a full forward per component per prompt batch. Here:
 
-- the base inputs of every block up to the anchor layer are cached once per prompt batch, so a
+- the base inputs of every block up to the anchor layer are cached once per prompt batch (by the
+  scorer, :meth:`~weightpatch.scoring.AnchorScorer.block_inputs`, shared with the other engines), so a
   component in layer ``l`` re-runs only blocks ``l..anchor`` (nothing above the anchor, no
   unembedding);
 - several components of the same layer are patched one at a time for block ``l`` only, then their
@@ -36,12 +37,7 @@ class ExactScreen:
         self.scorer, self.variants_per_batch = scorer, variants_per_batch
         pair = scorer.pair
         self.model, self.space = pair.model, pair.space
-        layers = range(1, scorer.layer + 1)
-        with torch.no_grad():
-            self.inputs = [
-                run_segment(self.model, self.space, b, stop=scorer.layer, capture_inputs=layers)[1]
-                for b in scorer.batches
-            ]
+        self.inputs = scorer.block_inputs()
 
     def _anchor_scores(self, group: Sequence[Component], start: int) -> torch.Tensor:
         """Anchor scores (variant, prompt) of each component of ``group`` patched alone, all

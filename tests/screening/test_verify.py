@@ -2,7 +2,7 @@ from conftest import tiny_texts
 from weightpatch.anchors import build_anchor
 from weightpatch.pair import load_pair
 from weightpatch.scoring import AnchorScorer
-from weightpatch.screening.pipeline import screen_then_verify
+from weightpatch.screening.verify import screen_then_verify
 
 
 def test_screen_then_verify_verifies_the_top_of_each_kind(llama_pair_dirs, tmp_path):

@@ -1,0 +1,102 @@
+"""The check stage: is the pair patchable, what components it has, and how much each layer's weights
+changed (relative Frobenius norm ``||sft - base|| / ||base||``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from weightpatch.components import ComponentSpace, ParamSlice
+from weightpatch.config import CheckConfig
+from weightpatch.pair import ModelPair
+from weightpatch.pipeline.inputs import open_run, pair_for
+
+
+@dataclass
+class CheckResult:
+    """What ``wpatch check`` reports: the family and sizes, component counts per kind, and the
+    weight change per (layer, group); ``layer`` is -1 for model-level modules (group = their name)."""
+
+    family: str
+    num_layers: int
+    num_heads: int
+    neurons_per_layer: int
+    component_counts: dict[str, int]
+    weight_delta: pd.DataFrame
+    run_dir: Path | None
+
+
+def parameter_groups(space: ComponentSpace) -> dict[str, tuple[int, str]]:
+    """Canonical parameter name -> (layer, group); layer -1 and the module name for model-level ones."""
+    groups: dict[str, tuple[int, str]] = {}
+    for layer in range(space.num_layers):
+        for module in space.module_names(layer):
+            top = module.split(".")[0]
+            group = top if top in ("attn", "mlp", "norm") else "other"
+            for s in space.resolve(f"L{layer}.{module}"):
+                if s.is_full and (s.name not in groups or groups[s.name][1] == "other"):
+                    groups[s.name] = (layer, group)
+        for s in space.resolve(f"L{layer}"):
+            groups.setdefault(s.name, (layer, "other"))
+    for c in space.model_level_modules():
+        for s in space.resolve(c):
+            groups.setdefault(s.name, (-1, c.name))
+    return groups
+
+
+def weight_delta_table(pair: ModelPair, progress: bool = True) -> pd.DataFrame:
+    """Relative Frobenius norm of the weight change per (layer, group), read one donor tensor at a time."""
+    sq_delta: dict[tuple[int, str], float] = defaultdict(float)
+    sq_base: dict[tuple[int, str], float] = defaultdict(float)
+    numel: dict[tuple[int, str], int] = defaultdict(int)
+    groups = parameter_groups(pair.space)
+    for name, key in tqdm(groups.items(), desc="weight delta", unit="tensor", disable=not progress):
+        base = pair.model.get_parameter(name).detach().double()
+        donor = pair.donor.read(ParamSlice(name)).to(base.device, torch.float64)
+        sq_delta[key] += float((donor - base).pow(2).sum())
+        sq_base[key] += float(base.pow(2).sum())
+        numel[key] += base.numel()
+    rows = [
+        {
+            "layer": layer,
+            "group": group,
+            "relative_change": (sq_delta[(layer, group)] ** 0.5) / max(sq_base[(layer, group)] ** 0.5, 1e-30),
+            "delta_norm": sq_delta[(layer, group)] ** 0.5,
+            "base_norm": sq_base[(layer, group)] ** 0.5,
+            "parameters": numel[(layer, group)],
+        }
+        for layer, group in sorted(sq_delta)
+    ]
+    return pd.DataFrame(rows)
+
+
+def component_counts(space: ComponentSpace) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for c in space.components():
+        counts[c.kind] += 1
+    return dict(counts)
+
+
+def run_check(cfg: CheckConfig, pair: ModelPair | None = None) -> CheckResult:
+    """Load (or take) the pair, which checks it; measure the weight change. With ``cfg.run_dir`` the
+    table is saved there as ``weight_delta``."""
+    pair = pair_for(cfg, pair)
+    space = pair.space
+    table = weight_delta_table(pair, cfg.progress)
+    if cfg.run_dir is not None:
+        with open_run(cfg, "check", pair, [cfg.base, cfg.specialized]) as run:
+            run.save_table("weight_delta", table)
+    return CheckResult(
+        family=space.spec.family,
+        num_layers=space.num_layers,
+        num_heads=space.num_heads,
+        neurons_per_layer=space.num_neurons(0),
+        component_counts=component_counts(space),
+        weight_delta=table,
+        run_dir=cfg.run_dir,
+    )

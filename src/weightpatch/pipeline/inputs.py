@@ -1,0 +1,167 @@
+"""What every stage reads the same way: the pair, the prompts, how prompts are rendered, the anchor,
+and the run directory it writes into.
+
+Prompt selection and rendering are decided here once, for Python and ``wpatch`` alike: a prompt file
+is read (IFEval JSONL or one prompt per line), shuffled with the config's seed, cut to
+``max_prompts``, and rendered by :func:`weightpatch.runner.render_prompts` with the config's
+``prompt_format``; the format actually used (``chat`` or ``raw``) is recorded in the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from weightpatch.anchors import Anchor
+from weightpatch.config import AnchorConfig, ModelOptions, PairOptions, PromptOptions, StageConfig
+from weightpatch.errors import WeightPatchError
+from weightpatch.pair import ModelPair, load_pair
+from weightpatch.prompts import PromptRecord, load_prompts
+from weightpatch.rundir import RunDir
+from weightpatch.runner import render_prompts, resolve_prompt_format
+
+logger = logging.getLogger("weightpatch")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def open_pair(cfg: PairOptions, receiver: str = "base") -> ModelPair:
+    """The pair named by ``cfg`` (receiver in memory, donor read lazily)."""
+    logger.info("loading %s and %s", cfg.base, cfg.specialized)
+    return load_pair(
+        cfg.base,
+        cfg.specialized,
+        receiver=receiver,  # type: ignore[arg-type]
+        dtype=cfg.dtype,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )
+
+
+def pair_for(cfg: PairOptions, pair: ModelPair | None) -> ModelPair:
+    """``pair`` when the caller already holds one (a notebook, the demo), else the pair of ``cfg``."""
+    if isinstance(cfg, StageConfig):
+        seed_everything(cfg.seed)
+    return pair if pair is not None else open_pair(cfg)
+
+
+def read_prompt_file(path: Path) -> list[PromptRecord]:
+    """Prompt records from an IFEval JSONL file, or from a text file with one prompt per line."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".json"):
+        return load_prompts(path)
+    if not path.is_file():
+        raise WeightPatchError(f"{path}: prompt file not found")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise WeightPatchError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    records = [PromptRecord(key=i, prompt=line, instruction_id_list=[], kwargs=[]) for i, line in enumerate(lines)]
+    records = [r for r in records if r.prompt]
+    if not records:
+        raise WeightPatchError(f"{path}: no prompts (the file is empty); expected one prompt per line")
+    return records
+
+
+def select_prompts(cfg: PromptOptions, seed: int) -> list[PromptRecord]:
+    """The prompts a scoring stage uses: ``cfg.prompts`` shuffled with ``seed``, at most ``max_prompts``."""
+    records = read_prompt_file(cfg.prompts)
+    random.Random(seed).shuffle(records)
+    return records[: cfg.max_prompts]
+
+
+def anchor_prompt_sets(cfg: AnchorConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """``(train, heldout)`` prompt records of the anchor stage: the two files, or ``prompts`` split in
+    half, each shuffled with the seed and cut to ``max_prompts``."""
+    records = read_prompt_file(cfg.prompts)
+    rng = random.Random(cfg.seed)
+    if cfg.heldout is not None:
+        train, heldout = list(records), read_prompt_file(cfg.heldout)
+        rng.shuffle(train)
+        rng.shuffle(heldout)
+    else:
+        if len(records) < 4:
+            raise WeightPatchError(
+                f"{cfg.prompts}: {len(records)} prompts are too few to split into training and held-out "
+                f"halves; give at least 4, or a --heldout file"
+            )
+        shuffled = list(records)
+        rng.shuffle(shuffled)
+        half = len(shuffled) // 2
+        train, heldout = shuffled[:half], shuffled[half:]
+    if cfg.max_prompts is not None:
+        train, heldout = train[: cfg.max_prompts], heldout[: cfg.max_prompts]
+    return train, heldout
+
+
+def render(pair: ModelPair, texts: Sequence[str], cfg: PromptOptions) -> list[str]:
+    """Model-ready texts of raw prompts, in the config's prompt format."""
+    return render_prompts(pair.tokenizer, list(texts), cfg.prompt_format)
+
+
+def anchor_stem(cfg: StageConfig, anchor: Path | None) -> Path:
+    """Where a stage reads its anchor: ``anchor`` (a path stem), else ``RUN_DIR/anchor``."""
+    return Path(anchor).with_suffix("") if anchor else cfg.run_path / "anchor"
+
+
+def anchor_sha256(stem: Path) -> str:
+    """SHA-256 of an anchor's two files (what a screen or trace run is identified by)."""
+    h = hashlib.sha256()
+    for suffix in (".safetensors", ".json"):
+        f = stem.with_suffix(suffix)
+        if not f.is_file():
+            raise WeightPatchError(
+                f"no anchor at {stem}(.safetensors/.json); build one with `wpatch anchor` (same --run-dir) "
+                f"or pass --anchor"
+            )
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def load_anchor(cfg: StageConfig, anchor: Path | None, pair: ModelPair) -> tuple[Anchor, str]:
+    """The stage's anchor, checked against ``pair``, and its SHA-256."""
+    stem = anchor_stem(cfg, anchor)
+    sha = anchor_sha256(stem)
+    return Anchor.load(stem, pair), sha
+
+
+def open_run(
+    cfg: StageConfig,
+    command: str,
+    pair: ModelPair | None,
+    inputs: Sequence[str | Path | None],
+    **identity: Any,
+) -> RunDir:
+    """Create or resume the run directory of ``cfg`` for ``command``: refuses one made from other
+    models, prompts or settings. ``identity`` adds facts that determine the results beyond the config
+    (the anchor's SHA-256). The prompt format actually used is recorded with the config."""
+    config = {**cfg.identity(), **identity}
+    if pair is not None and isinstance(cfg, PromptOptions):
+        config["prompt_format"] = resolve_prompt_format(pair.tokenizer, cfg.prompt_format)
+    models = pair.identities() if pair is not None else None
+    return RunDir.open(
+        cfg.run_path,
+        command,
+        config,
+        models,
+        [i for i in inputs if i is not None],
+        full_config=cfg.model_dump(mode="json"),
+    )
+
+
+def model_options(cfg: ModelOptions) -> dict[str, Any]:
+    """The loading options of ``cfg`` as keyword arguments (device, dtype, ...)."""
+    return {k: getattr(cfg, k) for k in ModelOptions.model_fields}

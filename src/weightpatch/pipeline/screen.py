@@ -1,0 +1,167 @@
+"""The screen stage: score components against the anchor, first-order and/or exact (docs/method.md,
+"Scores").
+
+Methods: ``first_order`` (every component of ``kinds``, or the given ``components``, in one backward
+pass per batch), ``integrated_gradients`` (``steps`` points), ``exact`` (one patched forward per
+component, for ``components`` or every component of ``kinds``), ``verify`` (screen-then-verify:
+first-order for everything, exact for the ``top_k`` of each kind by ``|first-order|`` plus any
+``components``).
+
+Results go to ``scores`` (long table, all methods) and ``verified`` (first-order vs exact). Exact
+scores are appended as each group of components finishes; re-running the same config resumes where it
+stopped. ``backend="ray"`` scores the exact part on Ray actors (:mod:`weightpatch.backends`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from weightpatch.anchors import Anchor
+from weightpatch.config import ScreenConfig
+from weightpatch.pair import ModelPair
+from weightpatch.pipeline.inputs import load_anchor, open_run, pair_for, render, select_prompts
+from weightpatch.results import ScoreTable
+from weightpatch.rundir import RunDir
+from weightpatch.scoring import AnchorScorer
+from weightpatch.screening.first_order import gradient_scores
+from weightpatch.screening.verify import screen_then_verify, verification_candidates, verified_table
+
+logger = logging.getLogger("weightpatch")
+EXHAUSTIVE_WARNING = 5000
+
+
+@dataclass
+class ScreenResult:
+    scores: ScoreTable  # every score in the run directory (all methods)
+    verified: pd.DataFrame | None  # first_order vs exact of the verified components
+    n_prompts: int
+    n_excluded: int  # prompts with a tiny anchor gap, left out of every mean
+    run_dir: Path
+
+
+def make_scorer(cfg: ScreenConfig, pair: ModelPair, anchor: Anchor, texts: list[str]) -> AnchorScorer:
+    logger.info("scoring base and specialized on %d prompts", len(texts))
+    scorer = AnchorScorer(pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap)
+    if scorer.n_excluded:
+        logger.warning("%d prompts with a tiny anchor gap are excluded from every mean", scorer.n_excluded)
+    return scorer
+
+
+def gradient_stage(scorer: AnchorScorer, run: RunDir, kinds, method: str, steps: int, progress: bool) -> ScoreTable:
+    """First-order / integrated-gradient scores of ``kinds``, reused from the run directory per kind."""
+    have = set(run.scores().select(method).frame["kind"])
+    missing = [k for k in kinds if k not in have]
+    if missing:
+        steps = 1 if method == "first_order" else steps
+        run.append_scores(gradient_scores(scorer, kinds=missing, steps=steps, progress=progress))
+    else:
+        logger.info("%s scores for %s already in the run directory", method, ", ".join(kinds))
+    return run.scores().select(method)
+
+
+def _model_location(given: str) -> str:
+    """What a Ray worker opens: the absolute local directory, or the hub id (each worker fetches it)."""
+    path = Path(given).expanduser()
+    return str(path.resolve()) if path.exists() else given
+
+
+def exact_backend(cfg: ScreenConfig, scorer: AnchorScorer):
+    """The exact-score backend of ``cfg.backend``: this process (reusing ``scorer``) or Ray actors."""
+    from weightpatch.backends import JobSpec, LocalBackend, make_backend
+
+    if cfg.backend == "local":
+        return LocalBackend.from_scorer(scorer, cfg.variants_per_batch)
+    job = JobSpec(
+        base=_model_location(cfg.base),
+        specialized=_model_location(cfg.specialized),
+        anchor=scorer.anchor,
+        texts=scorer.texts,
+        receiver=scorer.pair.receiver,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+        batch_size=cfg.batch_size,
+        min_relative_gap=cfg.min_relative_gap,
+        variants_per_batch=cfg.variants_per_batch,
+        seed=cfg.seed,
+    )
+    return make_backend(
+        "ray", job, address=cfg.address, workers=cfg.workers, num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus
+    )
+
+
+def _log_todo(cfg: ScreenConfig, run: RunDir, names: list[str]) -> set[str]:
+    done = run.done("exact")
+    todo = [n for n in names if n not in done]
+    if todo:
+        logger.info(
+            "exact (%s backend): %d components to score (%d already done)",
+            cfg.backend,
+            len(todo),
+            len(names) - len(todo),
+        )
+    return done
+
+
+def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> list[str]:
+    """Compute (or resume) ``cfg.method``'s scores into ``run``; returns the verified component names."""
+    space = scorer.pair.space
+    named = [str(space.parse(c)) for c in cfg.components or []]
+    save = run.append_scores
+    if cfg.method in ("first_order", "integrated_gradients"):
+        if named:
+            steps = 1 if cfg.method == "first_order" else cfg.steps
+            save(gradient_scores(scorer, components=named, steps=steps, progress=cfg.progress))
+        else:
+            gradient_stage(scorer, run, cfg.kinds, cfg.method, cfg.steps, cfg.progress)
+        return []
+    if cfg.method == "exact":
+        todo = named or [str(c) for c in space.components(kinds=tuple(cfg.kinds))]
+        if len(todo) > EXHAUSTIVE_WARNING:
+            logger.warning("exact scoring of %d components: this is slow; consider --method verify", len(todo))
+        done = _log_todo(cfg, run, todo)
+        with exact_backend(cfg, scorer) as backend:
+            backend.run(todo, skip=done, on_result=save, progress=cfg.progress)
+        return todo
+    screened = gradient_stage(scorer, run, cfg.kinds, "first_order", cfg.steps, cfg.progress)
+    candidates = verification_candidates(screened, cfg.kinds, cfg.top_k, extra=named)
+    done = _log_todo(cfg, run, candidates)
+    screen_then_verify(
+        scorer,
+        cfg.kinds,
+        cfg.top_k,
+        extra=named,
+        screened=screened,
+        backend=exact_backend(cfg, scorer),
+        skip=done,
+        on_result=save,
+        progress=cfg.progress,
+    )
+    return candidates
+
+
+def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult:
+    """Score the components of ``cfg`` on its prompts against its anchor, in its run directory."""
+    records = select_prompts(cfg, cfg.seed)
+    pair = pair_for(cfg, pair)
+    for c in cfg.components or []:  # fail on a bad name before anything is written
+        pair.space.parse(c)
+    anchor, sha = load_anchor(cfg, cfg.anchor, pair)
+    inputs = [cfg.base, cfg.specialized, cfg.prompts]
+    with open_run(cfg, "screen", pair, inputs, anchor_sha256=sha) as run:
+        scorer = make_scorer(cfg, pair, anchor, render(pair, [r.prompt for r in records], cfg))
+        verified_names = screen_components(cfg, scorer, run)
+        scores = run.scores()
+        verified = None
+        if verified_names:
+            verified = verified_table(scores, verified_names)
+            run.save_table("verified", verified)
+        run.update_record(
+            screening={"n_prompts": len(scorer.texts), "n_excluded": scorer.n_excluded, "anchor_layer": anchor.layer}
+        )
+        return ScreenResult(scores, verified, len(scorer.texts), scorer.n_excluded, run.path)
