@@ -61,5 +61,5 @@ def test_anchor_from_a_vector_scores_like_the_built_one(llama_pair_dirs):
     assert torch.allclose(mine.vector, built.vector, atol=1e-6) and mine.models == pair.identities()
     a, b = AnchorScorer(pair, mine, tiny_texts(4, 3)), AnchorScorer(pair, built, tiny_texts(4, 3))
     assert torch.allclose(a.gap, b.gap, atol=1e-5)
-    with pytest.raises(WeightPatchError, match="norm 0.0"):
+    with pytest.raises(WeightPatchError, match=r"norm 0\.0"):
         Anchor.from_vector(torch.zeros(32), 2, pair)

@@ -89,7 +89,8 @@ def add_command(
     section: str | None = None,
 ) -> None:
     """Register ``wpatch NAME``: flags from ``config_cls`` (``arguments`` positional, in order), then
-    ``run(config)``. ``short``: one-letter aliases (``{"output": "-o"}``). ``section``: the part of a run directory's config.yaml this command replays."""
+    ``run(config)``. ``short``: one-letter aliases (``{"output": "-o"}``). ``section``: the part of a
+    run directory's config.yaml this command replays (default: ``name``)."""
     from weightpatch.cli.common import handle_errors
 
     fields = config_cls.model_fields
