@@ -7,6 +7,8 @@ differs from the base (base + noise) as Hugging Face directories with a word-lev
 from __future__ import annotations
 
 import hashlib
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,20 @@ def tiny_texts(n: int, seed: int = 0, length: int = 6) -> list[str]:
 @pytest.fixture(scope="session")
 def llama_pair_dirs(tmp_path_factory):
     return make_pair("llama", tmp_path_factory.mktemp("llama-pair"))
+
+
+def write_prompts(path: Path, n: int = 16, seed: int = 0) -> Path:
+    """Paired prompts (with / without a no-comma instruction) the tiny tokenizer can encode."""
+    r = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            body = " ".join(r.choice("abcdefghij") for _ in range(r.randint(3, 6)))
+            record = {
+                "key": i,
+                "prompt": f"{body} no comma please",
+                "instruction_id_list": ["punctuation:no_comma"],
+                "kwargs": [{}],
+                "prompt_without_instruction": body,
+            }
+            f.write(json.dumps(record) + "\n")
+    return path

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from conftest import write_prompts  # noqa: F401  (re-exported for the CLI tests)
 from weightpatch.cli.main import app
 
 runner = CliRunner()
@@ -15,23 +14,6 @@ runner = CliRunner()
 
 def invoke(*args: str | Path):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def write_prompts(path: Path, n: int = 16, seed: int = 0) -> Path:
-    """Paired prompts (with / without a no-comma instruction) the tiny tokenizer can encode."""
-    r = random.Random(seed)
-    with path.open("w") as f:
-        for i in range(n):
-            body = " ".join(r.choice("abcdefghij") for _ in range(r.randint(3, 6)))
-            record = {
-                "key": i,
-                "prompt": f"{body} no comma please",
-                "instruction_id_list": ["punctuation:no_comma"],
-                "kwargs": [{}],
-                "prompt_without_instruction": body,
-            }
-            f.write(json.dumps(record) + "\n")
-    return path
 
 
 def error_lines(result) -> list[str]:
