@@ -15,7 +15,6 @@ from rich.console import Console
 
 from weightpatch.errors import WeightPatchError
 
-console = Console(stderr=True)
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
