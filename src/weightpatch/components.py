@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from weightpatch.architecture import ArchitectureSpec, ModelDims, Rule, architecture_for
-from weightpatch.errors import ComponentError
+from weightpatch.errors import ArchitectureDescriptionError, ComponentError
 
 Kind = Literal["layer", "module", "head", "neuron"]
 KINDS: tuple[Kind, ...] = ("layer", "module", "head", "neuron")
@@ -140,12 +140,31 @@ def merge_slices(slices: Iterable[ParamSlice]) -> list[ParamSlice]:
     return merged
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where a component's activation lives: a submodule path, whether it is that submodule's first
+    input (``"pre"``) or first output tensor (``"post"``), and the channel range ``[start, stop)`` of
+    the last dimension (``None``: all channels)."""
+
+    module: str
+    hook: Literal["pre", "post"]
+    start: int | None = None
+    stop: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.module, self.hook
+
+
 class ComponentSpace:
-    """The vocabulary of one concrete model: which components exist and which slices each owns.
+    """The vocabulary of one concrete model: which components exist, which slices each owns, and
+    where each one's activation is (its :class:`Site`).
 
     Built from parameter names and shapes (of a model or a checkpoint), so it never needs weights.
     ``aliases`` maps tied parameter names (``lm_head.weight``) to their canonical name.
     ``include_kv`` adds each head's KV-group K/V rows to the head (shared under GQA).
+    Raises :class:`ArchitectureDescriptionError` when some parameter is owned by no module of the
+    description (a gap that would otherwise show up as a wrong score).
     """
 
     def __init__(
@@ -159,40 +178,55 @@ class ComponentSpace:
         self.spec, self.dims, self.shapes = spec, dims, shapes
         self.aliases = aliases or {}
         self.include_kv = include_kv
+        uncovered = self.uncovered_parameters()
+        if uncovered:
+            listed = ", ".join(uncovered[:8]) + (f" and {len(uncovered) - 8} more" if len(uncovered) > 8 else "")
+            raise ArchitectureDescriptionError(
+                f"{spec.family}.json: no module owns the parameters {listed}; add them to 'modules' "
+                f"(per layer) or 'globals' of the description"
+            )
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, include_kv: bool = False) -> ComponentSpace:
-        spec = architecture_for(model.config)
-        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        ids = {id(p): n for n, p in model.named_parameters()}
-        aliases = {n: ids[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if n not in shapes}
-        return cls(spec, spec.dims(model.config), shapes, aliases, include_kv)
+        """The space of a loaded (or meta-device) model."""
+        return cls.from_shapes(
+            model.config, {n: tuple(p.shape) for n, p in model.named_parameters()}, include_kv=include_kv
+        )
+
+    @classmethod
+    def from_shapes(cls, config: Any, shapes: dict[str, tuple[int, ...]], include_kv: bool = False) -> ComponentSpace:
+        """The space of a model given its config and parameter shapes (e.g. read from checkpoint
+        headers); tied embeddings are aliased by :meth:`ArchitectureSpec.tied_aliases`."""
+        spec = architecture_for(config)
+        return cls(spec, spec.dims(config), shapes, spec.tied_aliases(config, shapes), include_kv)
 
     # ---- name lookup -------------------------------------------------------------------------
     def _canonical(self, name: str) -> str | None:
         name = self.aliases.get(name, name)
         return name if name in self.shapes else None
 
-    def _layer_name(self, layer: int | None, rel: str) -> str:
-        return rel if layer is None else self.spec.layer_prefix.format(layer=layer) + rel
+    def _prefixed(self, prefix: str) -> list[ParamSlice]:
+        names = {self._canonical(n) for n in list(self.shapes) + list(self.aliases) if n.startswith(prefix)}
+        return [ParamSlice(n) for n in sorted(n for n in names if n)]
 
     def _expand(self, rule: Rule, layer: int | None, unit: int | None, defaults: dict[str, Any]) -> list[ParamSlice]:
+        """The slices one rule selects for unit index ``unit`` (head, neuron); ``defaults`` fills
+        the rule's unset ``size``/``stride``/``unit``."""
         if isinstance(rule, str):
-            full = self._layer_name(layer, rule)
-            if full.endswith(".") or full == "":
-                names = {self._canonical(n) for n in list(self.shapes) + list(self.aliases) if n.startswith(full)}
-                return [ParamSlice(n) for n in sorted(n for n in names if n)]
+            full = self.spec.param_name(layer, rule)
+            if full.endswith("."):
+                return self._prefixed(full)
             canonical = self._canonical(full)
             return [ParamSlice(canonical)] if canonical else []
-        rule = {**defaults, **rule}
-        canonical = self._canonical(self._layer_name(layer, rule["param"]))
+        canonical = self._canonical(self.spec.param_name(layer, rule.param))
         if canonical is None:
             return []
-        dim, d = int(rule["dim"]), self.dims
-        offset = d.eval(rule.get("offset", 0))
-        size = d.eval(rule["size"]) if "size" in rule else self.shapes[canonical][dim]
-        stride = d.eval(rule.get("stride", size))
-        kind = rule.get("unit")
+        d = self.dims
+        offset = d.eval(rule.offset)
+        size_expr = rule.size if rule.size is not None else defaults.get("size")
+        size = d.eval(size_expr) if size_expr is not None else self.shapes[canonical][rule.dim]
+        stride = d.eval(rule.stride if rule.stride is not None else defaults.get("stride", size))
+        kind = rule.unit or defaults.get("unit")
         if kind == "all_heads":
             units = range(d.num_heads)
         elif kind == "kv_head":
@@ -202,7 +236,7 @@ class ComponentSpace:
         else:
             units = [0]
         ranges = tuple((u * stride + offset, u * stride + offset + size) for u in units)
-        return [ParamSlice(canonical, dim, ranges)]
+        return [ParamSlice(canonical, rule.dim, ranges)]
 
     # ---- vocabulary --------------------------------------------------------------------------
     @property
@@ -214,11 +248,18 @@ class ComponentSpace:
         return self.dims.num_heads
 
     def num_neurons(self, layer: int) -> int:
+        """Neurons of the MLP of ``layer``: the largest count for which every neuron rule present in
+        the model stays inside its tensor (so a fused ``gate_up_proj`` of ``2*intermediate_size``
+        rows, sliced twice, counts ``intermediate_size``)."""
+        counts = []
         for rule in self.spec.neuron:
-            canonical = self._canonical(self._layer_name(layer, rule["param"]))  # type: ignore[index]
-            if canonical:
-                return self.shapes[canonical][int(rule["dim"])]  # type: ignore[index]
-        return 0
+            canonical = self._canonical(self.spec.param_name(layer, rule.param))
+            if canonical is None:
+                continue
+            size, stride = (self.dims.eval(e) if e is not None else 1 for e in (rule.size, rule.stride))
+            extent = self.shapes[canonical][rule.dim] - self.dims.eval(rule.offset)
+            counts.append((extent - size) // stride + 1)
+        return max(0, min(counts, default=0))
 
     def module_names(self, layer: int | None) -> list[str]:
         """Module names that own at least one parameter at this layer (None: model-level)."""
@@ -227,25 +268,29 @@ class ComponentSpace:
 
     def _resolve_module(self, layer: int | None, module: str) -> list[ParamSlice]:
         table = self.spec.globals if layer is None else self.spec.modules
-        head_defaults = {"stride": "head_dim", "size": "head_dim"}
-        return [s for rule in table.get(module, []) for s in self._expand(rule, layer, None, head_defaults)]
+        per_head = {"stride": "head_dim", "size": "head_dim"}  # for "all_heads" rules (fused per-head layouts)
+        return [
+            s
+            for rule in table.get(module, [])
+            for s in self._expand(rule, layer, None, per_head if getattr(rule, "unit", None) == "all_heads" else {})
+        ]
 
     def resolve(self, component: Component | str) -> list[ParamSlice]:
         """The merged parameter slices a component owns (validated first)."""
         c = self.validate(component)
         if c.kind == "layer":
-            slices = self._expand(self.spec.layer_prefix.format(layer=c.layer), None, None, {})
+            slices = self._prefixed(self.spec.param_name(c.layer, ""))
         elif c.kind == "module":
             slices = self._resolve_module(c.layer, c.module)  # type: ignore[arg-type]
         elif c.kind == "head":
             hd = {"stride": "head_dim", "size": "head_dim"}
-            groups = [("query", "head"), ("output", "head")]
+            groups = [(self.spec.head.query, "head"), (self.spec.head.output, "head")]
             if self.include_kv:
-                groups.append(("key_value", "kv_head"))
+                groups.append((self.spec.head.key_value, "kv_head"))
             slices = [
                 s
-                for group, unit in groups
-                for rule in self.spec.head.get(group, [])
+                for rules, unit in groups
+                for rule in rules
                 for s in self._expand(rule, c.layer, c.index, {**hd, "unit": unit})
             ]
         else:
@@ -294,15 +339,76 @@ class ComponentSpace:
             if piece.name in embedding:
                 return 0
             for layer in range(first):
-                if piece.name.startswith(self.spec.layer_prefix.format(layer=layer)):
+                if piece.name.startswith(self.spec.param_name(layer, "")):
                     first = layer
                     break
         return first
 
     def uncovered_parameters(self) -> list[str]:
-        """Parameters that no layer or model-level module owns (a gap in the description)."""
-        owned = {s.name for s in self.resolve_all(self.everything())}
+        """Parameters that no model-level module and no per-layer module owns (a gap in the
+        description; the layer components own everything under their prefix and do not count)."""
+        owned = {s.name for m in self.spec.globals for s in self._resolve_module(None, m)}
+        for layer in range(self.num_layers):
+            owned |= {s.name for m in self.spec.modules for s in self._resolve_module(layer, m)}
         return sorted(set(self.shapes) - owned)
+
+    # ---- model structure ---------------------------------------------------------------------
+    def layer_path(self, layer: int) -> str:
+        """The module path of decoder block ``layer``."""
+        return self.spec.layer_path(layer)
+
+    @property
+    def layers_path(self) -> str:
+        """The module path of the list of decoder blocks."""
+        return self.spec.layers_path
+
+    def module_path(self, layer: int, module: str) -> str:
+        """The full submodule path of module name ``module`` in block ``layer`` (``L3.mlp`` ->
+        ``model.layers.3.mlp``); ComponentError when the name is no single submodule."""
+        sites = self.spec.sites
+        sub = {"attn": sites.attn, "mlp": sites.mlp}.get(module) or self.spec.submodule(module)
+        if sub is None:
+            raise ComponentError(
+                f"L{layer}.{module} is a slice of a fused parameter in the {self.spec.family} layout and has "
+                f"no separate output to patch; use the heads or the whole 'attn'/'mlp' module"
+            )
+        return f"{self.layer_path(layer)}.{sub}"
+
+    def neuron_readout(self, layer: int) -> tuple[str, int]:
+        """(down-projection weight name, neuron dim) of ``layer``: neuron ``j``'s output vector is
+        the weight's slice ``j`` along that dim."""
+        rule = self.spec.neuron_readout()
+        return self.spec.param_name(layer, rule.param), rule.dim
+
+    def site(self, component: Component | str) -> Site:
+        """The activation site of a component (the tensor a hook on that module sees):
+
+        - ``L5``: output of block 5; ``embed``: input of block 0;
+        - ``L5.attn`` / ``L5.mlp``: output of the declared attention / MLP module;
+        - ``L5.<module>``: output of that submodule (when the module is exactly one submodule);
+        - ``L5.attn.head2``: channels ``[2*head_dim, 3*head_dim)`` of the input of the head-output
+          module (the per-head output before ``o_proj`` mixes the heads);
+        - ``L5.mlp.neuron7``: channel 7 of the input of the neuron-activation module (down proj).
+
+        Raises :class:`ComponentError` for components without one (model-level modules other than
+        ``embed``, slices of fused parameters)."""
+        c = self.validate(component)
+        sites = self.spec.sites
+        if c.kind == "layer":
+            return Site(self.layer_path(c.layer), "post")  # type: ignore[arg-type]
+        if c.layer is None:
+            if c.module == "embed":
+                return Site(self.layer_path(0), "pre")
+            raise ComponentError(f"{c.name} has no activation site; model-level modules other than 'embed' cannot be")
+        block = self.layer_path(c.layer)
+        if c.kind == "module":
+            return Site(self.module_path(c.layer, c.module), "post")  # type: ignore[arg-type]
+        if c.kind == "head":
+            hd = self.dims.head_dim
+            return Site(f"{block}.{sites.head_output}", "pre", c.index * hd, (c.index + 1) * hd)  # type: ignore[operator]
+        if c.kind == "neuron":
+            return Site(f"{block}.{sites.neuron_activation}", "pre", c.index, c.index + 1)  # type: ignore[operator]
+        raise ComponentError(f"{c.name}: components of kind {c.kind!r} have no activation site")
 
     # ---- validation --------------------------------------------------------------------------
     def _suggestion(self, c: Component) -> str | None:

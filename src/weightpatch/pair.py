@@ -26,10 +26,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from weightpatch.architecture import architecture_for
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import PairMismatchError, WeightPatchError
-from weightpatch.weights import SafetensorsSource, TensorDictSource, WeightSource, shape_differences
+from weightpatch.weights import (
+    WEIGHT_FILE_SUFFIXES,
+    SafetensorsSource,
+    TensorDictSource,
+    WeightSource,
+    shape_differences,
+)
 
 Role = Literal["base", "specialized"]
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 _MAX_LISTED = 8
 
 
@@ -81,7 +86,7 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, g
 def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
     if gguf_file:
         return [directory / gguf_file]
-    return sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    return sorted(p for p in directory.iterdir() if p.name.endswith(WEIGHT_FILE_SUFFIXES) and p.is_file())
 
 
 def weights_sha256(files: list[Path]) -> str:

@@ -19,6 +19,10 @@ from safetensors import safe_open
 from weightpatch.components import ParamSlice
 from weightpatch.errors import PairMismatchError, WeightPatchError
 
+WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+"""File name endings of weight files (any framework): hashed as a model's identity, never copied
+as auxiliary files by a merge."""
+
 
 class WeightSource(Protocol):
     """Read access to one model's parameters by canonical (receiver) name."""
