@@ -330,14 +330,14 @@ def _fail(path: Path, where: str, problem: str, fix: str) -> ArchitectureDescrip
 
 
 def _explain(path: Path, error: ValidationError) -> ArchitectureDescriptionError:
-    first = error.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    # drop pydantic's union-branch markers ("str", "SliceRule") from the location
-    loc = [p for p in loc if p not in ("str", "SliceRule", "int")]
-    where = ".".join(loc) or "(top level)"
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # typos explain the rest
+    # drop pydantic's union-branch markers from the location; list indices print as [i]
+    loc = [p for p in first["loc"] if p not in ("str", "SliceRule", "int")]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).removeprefix(".") or "(top level)"
     if first["type"] == "extra_forbidden":
-        key = loc[-1]
-        fields = _known_keys(loc[:-1])
+        key = str(loc[-1])
+        fields = _known_keys([str(p) for p in loc[:-1] if not isinstance(p, int)])
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(fields)}"
         return _fail(path, where, f"unknown key {key!r}", f"remove it or fix the spelling ({hint})")
@@ -347,11 +347,11 @@ def _explain(path: Path, error: ValidationError) -> ArchitectureDescriptionError
 
 
 def _known_keys(loc: list[str]) -> list[str]:
-    """The field names allowed at a location (for suggestions)."""
+    """The field names allowed at a location (list indices dropped), for suggestions."""
     if not loc:
         return [*ArchitectureSpec.model_fields, "extends"]
     nested: dict[str, type[BaseModel]] = {"config": ConfigKeys, "sites": Sites, "head": HeadRules}
-    model = nested.get(loc[0], SliceRule) if len(loc) == 1 else SliceRule
+    model = nested.get(loc[0], SliceRule) if len(loc) == 1 and loc[0] != "neuron" else SliceRule
     return list(model.model_fields)
 
 
