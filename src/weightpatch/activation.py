@@ -8,21 +8,23 @@ so the two numbers per component are directly comparable:
 
     E_act(c) = mean_x [ (F(base with out_c <- out_c(sft, x)), x) - F(base, x)) / G(x) ]
 
-What "output" means per component (the **site** of the component):
+What "output" means per component (the **site** of the component) is declared by the
+architecture description (its ``sites`` table) and answered by :meth:`ComponentSpace.site`:
 
 ================  ==================================================================================
 component         site
 ================  ==================================================================================
 ``L5``            output of decoder block 5 (the residual stream at layer 5)
-``L5.attn``       output of the attention block (before any post-attention norm and the residual add)
-``L5.mlp``        output of the MLP block (likewise)
-``L5.<module>``   output of that submodule, when the architecture maps the module to one submodule
+``L5.attn``       output of the declared attention module (before any post-attention norm and the
+                  residual add)
+``L5.mlp``        output of the declared MLP module (likewise)
+``L5.<module>``   output of that submodule, when the module name is exactly one submodule
                   (``attn.q``, ``mlp.down``, ``norm.pre_attn``, ...; not fused slices such as GPT-2's
                   ``attn.q``)
-``L5.attn.head2`` head 2's slice of the **input** of the attention output projection (the per-head
-                  output before ``o_proj`` mixes the heads: head_dim channels ``[2*hd, 3*hd)``); the
-                  projection is the module of the architecture's ``head.output`` rule
-``L5.mlp.neuron7`` channel 7 of the input of the MLP down projection (the neuron's activation)
+``L5.attn.head2`` head 2's slice of the **input** of the declared head-output module (the per-head
+                  output before ``o_proj`` mixes the heads: head_dim channels ``[2*hd, 3*hd)``)
+``L5.mlp.neuron7`` channel 7 of the input of the declared neuron-activation module (the MLP down
+                  projection: the neuron's activation)
 ``embed``         the input of block 0 (token embeddings, plus positions / scaling where the family
                   adds them before the first block)
 ================  ==================================================================================
