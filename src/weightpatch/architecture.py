@@ -97,15 +97,16 @@ class SliceRule(_Strict):
     ``dim`` for unit index ``u``. ``unit`` says what ``u`` counts: ``head`` (default in
     ``head.query``/``head.output``), ``kv_head`` (default in ``head.key_value``: the KV group of
     the head), ``neuron`` (default in ``neuron``), ``all_heads`` (every head's slice, for fused
-    per-head layouts such as GPT-NeoX) or None (one slice, ``u = 0``; default in ``modules``).
-    ``size`` defaults to the whole extent of ``dim`` in module rules."""
+    per-head layouts such as GPT-NeoX), ``expert`` (default in ``experts.expert``) or None (one
+    slice, ``u = 0``; default in ``modules``). ``size`` defaults to the whole extent of ``dim`` in
+    module rules."""
 
     param: str = Field(min_length=1)
     dim: int = Field(ge=0)
     offset: Expr = 0
     size: Expr | None = None
     stride: Expr | None = None
-    unit: Literal["head", "kv_head", "neuron", "all_heads"] | None = None
+    unit: Literal["head", "kv_head", "neuron", "expert", "all_heads"] | None = None
 
     @field_validator("offset", "size", "stride")
     @classmethod
@@ -158,15 +159,45 @@ class Sites(_Strict):
     - ``head_output``: the module whose **input** holds the per-head outputs, head ``h`` in channels
       ``[h*head_dim, (h+1)*head_dim)`` (the attention output projection; ``L5.attn.head2``).
     - ``neuron_activation``: the module whose **input** holds the neuron activations, neuron ``j``
-      in channel ``j`` (the MLP down projection; ``L5.mlp.neuron7``).
+      in channel ``j`` (the MLP down projection; ``L5.mlp.neuron7``); required when the family
+      has ``neuron`` rules.
     - ``router`` (mixture-of-experts only): the module whose output is the router logits.
     """
 
     attn: str
     mlp: str
     head_output: str
-    neuron_activation: str
+    neuron_activation: str | None = None
     router: str | None = None
+
+
+class FusedParameter(_Strict):
+    """How a checkpoint may store one fused per-expert tensor of the in-memory model: expert ``e``'s
+    slab ``fused[e]`` is the concatenation along ``dim`` of the tensors ``parts`` (names relative
+    to the layer prefix, ``{expert}`` standing for ``e``). transformers 5 fuses the experts of
+    several mixture-of-experts families into 3-D tensors when loading checkpoints that store one
+    tensor per expert (and splits them again when saving)."""
+
+    parts: list[str] = Field(min_length=1)
+    dim: int = Field(default=0, ge=0)
+
+    @field_validator("parts")
+    @classmethod
+    def _check_parts(cls, value: list[str]) -> list[str]:
+        for part in value:
+            if "{expert}" not in part:
+                raise ValueError(f"{part!r} must contain '{{expert}}' (where the expert index goes)")
+        return value
+
+
+class ExpertRules(_Strict):
+    """Mixture-of-experts layers: the slices of one expert (``L3.mlp.expert5``; defaults ``unit =
+    expert``, ``stride = size = 1``: experts are the leading dim of fused 3-D tensors) and the
+    per-expert checkpoint layout of those fused tensors (keys: parameter names relative to the
+    layer prefix)."""
+
+    expert: list[SliceRule] = Field(min_length=1)
+    checkpoint_layout: dict[str, FusedParameter] = {}
 
 
 class ArchitectureSpec(_Strict):
@@ -180,7 +211,8 @@ class ArchitectureSpec(_Strict):
     globals: dict[str, list[Rule]] = {}
     modules: dict[str, list[Rule]]
     head: HeadRules
-    neuron: list[SliceRule] = Field(min_length=1)
+    neuron: list[SliceRule] = []
+    experts: ExpertRules | None = None
     sites: Sites
     checkpoint_aliases: dict[str, list[str]] = {}
 
@@ -217,7 +249,7 @@ class ArchitectureSpec(_Strict):
     def neuron_readout(self) -> SliceRule:
         """The neuron rule on the weight of the neuron-activation module (the down projection):
         neuron ``j``'s output vector is that weight's slice ``j`` along ``dim`` (checked at load)."""
-        weight = self.sites.neuron_activation + ".weight"
+        weight = f"{self.sites.neuron_activation}.weight"
         return next(r for r in self.neuron if r.param == weight)
 
     def tied_embedding(self) -> tuple[str, str] | None:
@@ -273,6 +305,8 @@ class ArchitectureSpec(_Strict):
         for group in ("query", "output", "key_value"):
             out += [(f"head.{group}[{i}]", r) for i, r in enumerate(getattr(self.head, group))]
         out += [(f"neuron[{i}]", r) for i, r in enumerate(self.neuron)]
+        if self.experts is not None:
+            out += [(f"experts.expert[{i}]", r) for i, r in enumerate(self.experts.expert)]
         return out
 
 
@@ -350,13 +384,27 @@ def _known_keys(loc: list[str]) -> list[str]:
     """The field names allowed at a location (list indices dropped), for suggestions."""
     if not loc:
         return [*ArchitectureSpec.model_fields, "extends"]
-    nested: dict[str, type[BaseModel]] = {"config": ConfigKeys, "sites": Sites, "head": HeadRules}
+    nested: dict[str, type[BaseModel]] = {
+        "config": ConfigKeys,
+        "sites": Sites,
+        "head": HeadRules,
+        "experts": ExpertRules,
+    }
     model = nested.get(loc[0], SliceRule) if len(loc) == 1 and loc[0] != "neuron" else SliceRule
+    if len(loc) == 3 and loc[:2] == ["experts", "checkpoint_layout"]:
+        model = FusedParameter
     return list(model.model_fields)
 
 
 def _check_dimensions(path: Path, spec: ArchitectureSpec) -> None:
-    """Every dimension a rule names must be readable from the config."""
+    """Every dimension a rule names must be readable from the config (experts: ``num_experts``)."""
+    if spec.experts is not None and not spec.config.num_experts:
+        raise _fail(
+            path,
+            "experts",
+            "mixture-of-experts rules need the number of experts, which 'config' does not say where to read",
+            'add "num_experts": ["<config attribute>"] to "config" (e.g. ["num_experts"])',
+        )
     for where, rule in spec.rules():
         if isinstance(rule, str):
             continue
@@ -382,8 +430,10 @@ def _check_sites(path: Path, spec: ArchitectureSpec) -> None:
             f"{site!r} is not the module of any head.output rule",
             "set it to the attention output projection (the module whose weight head.output slices)",
         )
-    weight = spec.sites.neuron_activation + ".weight"
-    if not any(r.param == weight for r in spec.neuron):
+    if not spec.neuron:
+        return
+    weight = f"{spec.sites.neuron_activation}.weight"
+    if spec.sites.neuron_activation is None or not any(r.param == weight for r in spec.neuron):
         raise _fail(
             path,
             "sites.neuron_activation",

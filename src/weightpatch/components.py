@@ -13,6 +13,9 @@ name                       kind      owns
 ``L12.attn.head7``         head      the Q rows and O columns of head 7 (plus, with
                                      ``include_kv=True``, the K/V rows of its KV group)
 ``L3.mlp.neuron1021``      neuron    the gate/up rows and the down column of neuron 1021
+``L3.mlp.expert5``         expert    expert 5's slab of the fused expert tensors
+                                     (mixture-of-experts families; ``L3.mlp.router``
+                                     is the router module)
 =========================  ========  ===============================================
 
 Layer and head indices are 0-based. With tied embeddings ``unembed`` owns the same tensor as
@@ -32,12 +35,13 @@ import torch
 from weightpatch.architecture import ArchitectureSpec, ModelDims, Rule, architecture_for
 from weightpatch.errors import ArchitectureDescriptionError, ComponentError
 
-Kind = Literal["layer", "module", "head", "neuron"]
-KINDS: tuple[Kind, ...] = ("layer", "module", "head", "neuron")
+Kind = Literal["layer", "module", "head", "neuron", "expert"]
+KINDS: tuple[Kind, ...] = ("layer", "module", "head", "neuron", "expert")
 
 _LAYER = re.compile(r"^L(\d+)$")
 _HEAD = re.compile(r"^L(\d+)\.attn\.head(\d+)$")
 _NEURON = re.compile(r"^L(\d+)\.mlp\.neuron(\d+)$")
+_EXPERT = re.compile(r"^L(\d+)\.mlp\.expert(\d+)$")
 _LAYER_MODULE = re.compile(r"^L(\d+)\.([a-z_][a-z0-9_.]*)$")
 _GLOBAL_MODULE = re.compile(r"^[a-z_][a-z0-9_.]*$")
 
@@ -61,6 +65,8 @@ class Component:
             return f"L{self.layer}.attn.head{self.index}"
         if self.kind == "neuron":
             return f"L{self.layer}.mlp.neuron{self.index}"
+        if self.kind == "expert":
+            return f"L{self.layer}.mlp.expert{self.index}"
         return self.module if self.layer is None else f"L{self.layer}.{self.module}"  # type: ignore[return-value]
 
     def __str__(self) -> str:
@@ -76,6 +82,8 @@ class Component:
             return cls("head", int(m[1]), "attn", int(m[2]))
         if m := _NEURON.match(name):
             return cls("neuron", int(m[1]), "mlp", int(m[2]))
+        if m := _EXPERT.match(name):
+            return cls("expert", int(m[1]), "mlp", int(m[2]))
         if m := _LAYER_MODULE.match(name):
             return cls("module", int(m[1]), m[2])
         if _GLOBAL_MODULE.match(name):
@@ -231,7 +239,7 @@ class ComponentSpace:
             units = range(d.num_heads)
         elif kind == "kv_head":
             units = [unit // (d.num_heads // d.num_kv_heads)]  # type: ignore[operator]
-        elif kind in ("head", "neuron"):
+        elif kind in ("head", "neuron", "expert"):
             units = [unit]  # type: ignore[list-item]
         else:
             units = [0]
@@ -260,6 +268,13 @@ class ComponentSpace:
             extent = self.shapes[canonical][rule.dim] - self.dims.eval(rule.offset)
             counts.append((extent - size) // stride + 1)
         return max(0, min(counts, default=0))
+
+    def num_experts(self, layer: int) -> int:
+        """Experts of the mixture-of-experts MLP of ``layer`` (0 for dense layers and families)."""
+        if self.spec.experts is None or not self.dims.num_experts:
+            return 0
+        present = [self.spec.param_name(layer, r.param) for r in self.spec.experts.expert]
+        return self.dims.num_experts if any(self._canonical(n) for n in present) else 0
 
     def module_names(self, layer: int | None) -> list[str]:
         """Module names that own at least one parameter at this layer (None: model-level)."""
@@ -293,9 +308,13 @@ class ComponentSpace:
                 for rule in rules
                 for s in self._expand(rule, c.layer, c.index, {**hd, "unit": unit})
             ]
-        else:
+        elif c.kind == "neuron":
             nd = {"stride": 1, "size": 1, "unit": "neuron"}
             slices = [s for rule in self.spec.neuron for s in self._expand(rule, c.layer, c.index, nd)]
+        else:
+            ed = {"stride": 1, "size": 1, "unit": "expert"}
+            rules = self.spec.experts.expert if self.spec.experts else []
+            slices = [s for rule in rules for s in self._expand(rule, c.layer, c.index, ed)]
         return merge_slices(slices)
 
     def resolve_all(self, components: Iterable[Component | str]) -> list[ParamSlice]:
@@ -321,6 +340,9 @@ class ComponentSpace:
             if "neuron" in kinds:
                 for j in range(self.num_neurons(layer)):
                     yield Component("neuron", layer, "mlp", j)
+            if "expert" in kinds:
+                for e in range(self.num_experts(layer)):
+                    yield Component("expert", layer, "mlp", e)
 
     def everything(self) -> list[Component]:
         """A component set whose union is every parameter: all layers plus model-level modules."""
@@ -366,7 +388,9 @@ class ComponentSpace:
         """The full submodule path of module name ``module`` in block ``layer`` (``L3.mlp`` ->
         ``model.layers.3.mlp``); ComponentError when the name is no single submodule."""
         sites = self.spec.sites
-        sub = {"attn": sites.attn, "mlp": sites.mlp}.get(module) or self.spec.submodule(module)
+        sub = {"attn": sites.attn, "mlp": sites.mlp, "mlp.router": sites.router}.get(module) or self.spec.submodule(
+            module
+        )
         if sub is None:
             raise ComponentError(
                 f"L{layer}.{module} is a slice of a fused parameter in the {self.spec.family} layout and has "
@@ -374,9 +398,26 @@ class ComponentSpace:
             )
         return f"{self.layer_path(layer)}.{sub}"
 
+    def checkpoint_layouts(self) -> dict[str, tuple[list[str], int, int]]:
+        """Fused expert tensors of this model that checkpoints may store per expert:
+        ``{fused name: (part name templates with {expert}, concat dim, number of experts)}``
+        (for :class:`~weightpatch.weights.FusedExpertSource`)."""
+        if self.spec.experts is None:
+            return {}
+        layouts = {}
+        for layer in range(self.num_layers):
+            for rel, fused in self.spec.experts.checkpoint_layout.items():
+                name = self.spec.param_name(layer, rel)
+                if name in self.shapes:
+                    parts = [self.spec.param_name(layer, p) for p in fused.parts]
+                    layouts[name] = (parts, fused.dim, self.shapes[name][0])
+        return layouts
+
     def neuron_readout(self, layer: int) -> tuple[str, int]:
         """(down-projection weight name, neuron dim) of ``layer``: neuron ``j``'s output vector is
         the weight's slice ``j`` along that dim."""
+        if not self.num_neurons(layer):
+            raise ComponentError(f"layer {layer} of this {self.spec.family} model has no dense MLP neurons")
         rule = self.spec.neuron_readout()
         return self.spec.param_name(layer, rule.param), rule.dim
 
@@ -406,8 +447,13 @@ class ComponentSpace:
         if c.kind == "head":
             hd = self.dims.head_dim
             return Site(f"{block}.{sites.head_output}", "pre", c.index * hd, (c.index + 1) * hd)  # type: ignore[operator]
-        if c.kind == "neuron":
+        if c.kind == "neuron" and sites.neuron_activation is not None:
             return Site(f"{block}.{sites.neuron_activation}", "pre", c.index, c.index + 1)  # type: ignore[operator]
+        if c.kind == "expert":
+            raise ComponentError(
+                f"{c.name} has no activation site: fused experts compute every expert inside one module; "
+                f"patch the whole 'L{c.layer}.mlp' or the router 'L{c.layer}.mlp.router'"
+            )
         raise ComponentError(f"{c.name}: components of kind {c.kind!r} have no activation site")
 
     # ---- validation --------------------------------------------------------------------------
@@ -437,6 +483,8 @@ class ComponentSpace:
             problem = f"head {c.index} is out of range (layer {c.layer} has heads 0..{self.num_heads - 1})"
         elif c.kind == "neuron" and not 0 <= c.index < self.num_neurons(c.layer):  # type: ignore[operator,arg-type]
             problem = f"neuron {c.index} is out of range (layer {c.layer} has {self.num_neurons(c.layer)} neurons)"  # type: ignore[arg-type]
+        elif c.kind == "expert" and not 0 <= c.index < self.num_experts(c.layer):  # type: ignore[operator,arg-type]
+            problem = f"expert {c.index} is out of range (layer {c.layer} has {self.num_experts(c.layer)} experts)"  # type: ignore[arg-type]
         elif c.kind == "module" and c.module not in self.module_names(c.layer):
             problem = (
                 f"no module {c.module!r} {'in layer ' + str(c.layer) if c.layer is not None else 'at model level'}"

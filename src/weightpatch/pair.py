@@ -28,6 +28,7 @@ from weightpatch.components import ComponentSpace
 from weightpatch.errors import PairMismatchError, WeightPatchError
 from weightpatch.weights import (
     WEIGHT_FILE_SUFFIXES,
+    FusedExpertSource,
     SafetensorsSource,
     TensorDictSource,
     WeightSource,
@@ -342,6 +343,9 @@ def _donor_source(directory: Path, gguf_file, space: ComponentSpace, dtype, trus
     for alias, canonical in space.aliases.items():
         aliases.setdefault(canonical, []).append(alias)
     if not gguf_file and any(directory.glob("*.safetensors")):
-        return SafetensorsSource(directory, aliases)
+        source = SafetensorsSource(directory, aliases)
+        stored = set(source.names())
+        layouts = {name: layout for name, layout in space.checkpoint_layouts().items() if name not in stored}
+        return FusedExpertSource(source, layouts) if layouts else source
     donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, trust_remote_code)
     return TensorDictSource.from_model(donor_model)
