@@ -76,7 +76,7 @@ def test_every_expression_is_checked_against_the_dimension_vocabulary(tmp_path):
     _refused(typo, r"neuron\[0\]\.offset: 'hiden_size' is not a dimension; did you mean 'hidden_size'")
     syntax = _write(tmp_path, "syntax", lambda r: r["neuron"][0].update(size="2*(hidden_size)"))
     _refused(syntax, r"neuron\[0\]\.size: .* is not a sum of products")
-    unit = _write(tmp_path, "unit", lambda r: r["neuron"][0].update(unit="expert"))
+    unit = _write(tmp_path, "unit", lambda r: r["neuron"][0].update(unit="layer"))
     _refused(unit, r"neuron\[0\]\.unit")
 
 
