@@ -13,12 +13,13 @@ from transformers import AutoModelForCausalLM
 from conftest import VOCAB, perturbed_copy, save, tiny_texts, token_batch
 from weightpatch.activation import capturing
 from weightpatch.anchors import build_anchor
-from weightpatch.components import Component, ComponentSpace, ParamSlice
+from weightpatch.components import Component, ComponentSpace, ParamSlice, merge_slices
 from weightpatch.errors import ComponentError
 from weightpatch.pair import load_pair
 from weightpatch.patch import patched
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen, plain_exact_scores
+from weightpatch.screening.first_order import gradient_scores
 from weightpatch.weights import FusedExpertSource
 
 
@@ -63,7 +64,7 @@ def test_vocabulary_router_experts_and_dense_layers():
     assert space.num_experts(2) == 0 and space.num_neurons(2) == 48  # dense block
     names = [c.name for c in space.components(layers=[1])]
     assert {"L1.mlp.router", "L1.mlp.experts", "L1.mlp.expert0", "L1.mlp.expert3"} <= set(names)
-    assert not any(".neuron" in n for n in names)
+    assert not any(n.startswith("L1.mlp.neuron") for n in names) and "L1.mlp.expert3.neuron15" in names
     for name in names:
         assert Component.parse(name).name == name and space.resolve(name)
     assert space.resolve("L1.mlp.expert2") == [
@@ -124,7 +125,7 @@ def test_truncated_exact_path_equals_plain_full_forward(moe_dirs):
     anchor = build_anchor(pair, tiny_texts(6, length=9), None, layer=3, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4, length=9), batch_size=4, min_relative_gap=0.0)
     components = ["L0", "L1", "L1.mlp", "L1.mlp.router", "L1.mlp.experts", "L1.attn.head1", "L2.mlp.neuron3"]
-    components += [f"L1.mlp.expert{e}" for e in range(4)]
+    components += [f"L1.mlp.expert{e}" for e in range(4)] + ["L1.mlp.expert2.neuron3", "L0.mlp.expert0.neuron15"]
     fast = ExactScreen(scorer, variants_per_batch=3).run(components, progress=False).frame.set_index("component")
     plain = plain_exact_scores(scorer, components).frame.set_index("component")
     assert fast.loc[[f"L1.mlp.expert{e}" for e in range(4)], "score"].abs().min() > 0
@@ -143,3 +144,71 @@ def test_the_router_site_is_the_router_logits():
     assert site.module == "model.layers.1.mlp.gate"
     torch.testing.assert_close(store[site.key], out.router_logits[1])  # (batch*seq, experts)
     assert store[site.key].shape == (10, 4)
+
+
+def _mask(shape, pieces) -> torch.Tensor:
+    """Boolean mask of the entries a list of slices of one tensor covers."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for p in pieces:
+        region = p.region(mask)
+        for a, b in p.ranges:
+            region.narrow(p.dim, a, b - a).fill_(True)
+    return mask
+
+
+def test_expert_neurons_are_rows_and_columns_inside_one_expert_and_tile_it():
+    """Neuron j of expert e: gate row j and up row 16 + j of gate_up_proj[e], column j of
+    down_proj[e]; the 16 neurons of an expert tile its slab, which absorbs them in a union."""
+    space = ComponentSpace.from_model(tiny_moe())
+    assert space.num_expert_neurons(1) == 16 and space.num_expert_neurons(2) == 0
+    c = space.parse("L1.mlp.expert2.neuron3")
+    assert (c.kind, c.expert, c.index, c.name) == ("expert_neuron", 2, 3, "L1.mlp.expert2.neuron3")
+    gate_up, down = "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"
+    assert space.resolve(c) == [ParamSlice(gate_up, 1, ((3, 4), (19, 20)), 2), ParamSlice(down, 2, ((3, 4),), 2)]
+    neurons = [n for n in space.components(kinds=("expert_neuron",), layers=[1]) if n.expert == 2]
+    assert len(neurons) == 16 and len(list(space.components(kinds=("expert_neuron",), layers=[1]))) == 64
+    pieces = space.resolve_all(neurons)
+    for name in (gate_up, down):
+        covered = _mask(space.shapes[name], [p for p in pieces if p.name == name])
+        expected = torch.zeros(space.shapes[name], dtype=torch.bool)
+        expected[2] = True
+        assert torch.equal(covered, expected)
+    assert merge_slices([*space.resolve("L1.mlp.expert2"), *pieces]) == space.resolve("L1.mlp.expert2")
+    with pytest.raises(ComponentError, match=r"neuron 16 is out of range \(the experts of layer 1 have 16"):
+        space.parse("L1.mlp.expert2.neuron16")
+    with pytest.raises(ComponentError, match="expert 7 is out of range"):
+        space.parse("L1.mlp.expert7.neuron0")
+
+
+def test_patching_an_expert_neuron_changes_exactly_its_entries_reading_one_expert(moe_dirs):
+    pair = load_pair(*moe_dirs)
+    sft = AutoModelForCausalLM.from_pretrained(moe_dirs[1], dtype=torch.float32)
+    reads: list[str] = []
+    inner_read = pair.donor.inner.read
+    pair.donor.inner.read = lambda piece: reads.append(piece.name) or inner_read(piece)  # type: ignore[method-assign]
+    before = {n: p.detach().clone() for n, p in pair.model.named_parameters()}
+    owned = {s.name: s for s in pair.space.resolve("L1.mlp.expert2.neuron3")}
+    with patched(pair.model, pair.donor, pair.space, ["L1.mlp.expert2.neuron3"]):
+        for name, p in pair.model.named_parameters():
+            changed = p != before[name]
+            if name not in owned:
+                assert not changed.any(), name
+                continue
+            expected = _mask(p.shape, [owned[name]])
+            assert torch.equal(changed, expected), name
+            assert torch.equal(p[expected], sft.get_parameter(name)[expected])
+    assert all(".experts.2." in r for r in reads)
+    assert all(torch.equal(p, before[n]) for n, p in pair.model.named_parameters())
+
+
+def test_first_order_scores_of_an_experts_neurons_add_up_to_the_expert(moe_dirs):
+    """grad * delta is additive over disjoint slices: the 16 neurons of an expert tile its slab."""
+    pair = load_pair(*moe_dirs)
+    anchor = build_anchor(pair, tiny_texts(6, length=9), None, layer=3, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4, length=9), batch_size=6, min_relative_gap=0.0)
+    neurons = [f"L1.mlp.expert1.neuron{j}" for j in range(16)]
+    table = gradient_scores(scorer, components=["L1.mlp.expert1", "L1.mlp.expert0", *neurons], progress=False)
+    scores = table.frame.set_index("component")["score"]
+    assert scores["L1.mlp.expert1"] != 0
+    assert scores[neurons].sum() == pytest.approx(scores["L1.mlp.expert1"], rel=1e-9, abs=1e-12)
+    assert scores[neurons].sum() != pytest.approx(scores["L1.mlp.expert0"])

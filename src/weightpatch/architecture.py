@@ -61,6 +61,7 @@ DIMENSIONS: tuple[str, ...] = (
     "head_dim",
     "intermediate_size",
     "num_experts",
+    "expert_intermediate_size",
 )
 """The dimension vocabulary that rule expressions may name."""
 
@@ -138,6 +139,7 @@ class ConfigKeys(_Strict):
     head_dim: list[str] = []
     intermediate_size: list[str] = []
     num_experts: list[str] = []
+    expert_intermediate_size: list[str] = []
 
 
 class HeadRules(_Strict):
@@ -192,11 +194,13 @@ class FusedParameter(_Strict):
 
 class ExpertRules(_Strict):
     """Mixture-of-experts layers: the slices of one expert (``L3.mlp.expert5``; defaults ``unit =
-    expert``, ``stride = size = 1``: experts are the leading dim of fused 3-D tensors) and the
-    per-expert checkpoint layout of those fused tensors (keys: parameter names relative to the
-    layer prefix)."""
+    expert``, ``stride = size = 1``: experts are the leading dim of fused 3-D tensors), of one neuron
+    inside an expert (``L3.mlp.expert5.neuron17``; like ``neuron`` rules, ``dim`` counting the
+    fused tensor's dims, taken inside the expert's slab) and the per-expert checkpoint layout of
+    the fused tensors (keys: parameter names relative to the layer prefix)."""
 
     expert: list[SliceRule] = Field(min_length=1)
+    neuron: list[SliceRule] = []
     checkpoint_layout: dict[str, FusedParameter] = {}
 
 
@@ -293,7 +297,14 @@ class ArchitectureSpec(_Strict):
         num_kv = read("num_kv_heads") or num_heads
         head_dim = read("head_dim") or hidden // num_heads
         return ModelDims(
-            num_layers, num_heads, num_kv, hidden, head_dim, read("intermediate_size"), read("num_experts")
+            num_layers,
+            num_heads,
+            num_kv,
+            hidden,
+            head_dim,
+            read("intermediate_size"),
+            read("num_experts"),
+            read("expert_intermediate_size"),
         )
 
     def rules(self) -> list[tuple[str, Rule]]:
@@ -307,6 +318,7 @@ class ArchitectureSpec(_Strict):
         out += [(f"neuron[{i}]", r) for i, r in enumerate(self.neuron)]
         if self.experts is not None:
             out += [(f"experts.expert[{i}]", r) for i, r in enumerate(self.experts.expert)]
+            out += [(f"experts.neuron[{i}]", r) for i, r in enumerate(self.experts.neuron)]
         return out
 
 
@@ -321,6 +333,7 @@ class ModelDims:
     head_dim: int
     intermediate_size: int | None = None
     num_experts: int | None = None
+    expert_intermediate_size: int | None = None
 
     def eval(self, expr: Expr) -> int:
         """Evaluate a rule expression: an integer or a sum of products of integers and names."""

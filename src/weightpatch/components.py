@@ -16,6 +16,8 @@ name                       kind      owns
 ``L3.mlp.expert5``         expert    expert 5's slab of the fused expert tensors
                                      (mixture-of-experts families; ``L3.mlp.router``
                                      is the router module)
+``L3.mlp.expert5.neuron17``  expert_   neuron 17 of expert 5: its gate/up rows and down
+                           neuron    column inside the expert's slab
 =========================  ========  ===============================================
 
 Layer and head indices are 0-based. With tied embeddings ``unembed`` owns the same tensor as
@@ -32,16 +34,17 @@ from typing import Any, Literal
 
 import torch
 
-from weightpatch.architecture import ArchitectureSpec, ModelDims, Rule, architecture_for
+from weightpatch.architecture import ArchitectureSpec, ModelDims, Rule, SliceRule, architecture_for
 from weightpatch.errors import ArchitectureDescriptionError, ComponentError
 
-Kind = Literal["layer", "module", "head", "neuron", "expert"]
-KINDS: tuple[Kind, ...] = ("layer", "module", "head", "neuron", "expert")
+Kind = Literal["layer", "module", "head", "neuron", "expert", "expert_neuron"]
+KINDS: tuple[Kind, ...] = ("layer", "module", "head", "neuron", "expert", "expert_neuron")
 
 _LAYER = re.compile(r"^L(\d+)$")
 _HEAD = re.compile(r"^L(\d+)\.attn\.head(\d+)$")
 _NEURON = re.compile(r"^L(\d+)\.mlp\.neuron(\d+)$")
 _EXPERT = re.compile(r"^L(\d+)\.mlp\.expert(\d+)$")
+_EXPERT_NEURON = re.compile(r"^L(\d+)\.(mlp\.expert\d+)\.neuron(\d+)$")
 _LAYER_MODULE = re.compile(r"^L(\d+)\.([a-z_][a-z0-9_.]*)$")
 _GLOBAL_MODULE = re.compile(r"^[a-z_][a-z0-9_.]*$")
 
@@ -67,10 +70,22 @@ class Component:
             return f"L{self.layer}.mlp.neuron{self.index}"
         if self.kind == "expert":
             return f"L{self.layer}.mlp.expert{self.index}"
+        if self.kind == "expert_neuron":
+            return f"L{self.layer}.{self.module}.neuron{self.index}"
         return self.module if self.layer is None else f"L{self.layer}.{self.module}"  # type: ignore[return-value]
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def expert(self) -> int | None:
+        """The expert number of an expert or an expert's neuron (``module`` is ``"mlp.expert5"``
+        for ``L3.mlp.expert5.neuron17``), None otherwise."""
+        if self.kind == "expert":
+            return self.index
+        if self.kind == "expert_neuron":
+            return int(self.module.removeprefix("mlp.expert"))  # type: ignore[union-attr]
+        return None
 
     @classmethod
     def parse(cls, name: str) -> Component:
@@ -84,6 +99,8 @@ class Component:
             return cls("neuron", int(m[1]), "mlp", int(m[2]))
         if m := _EXPERT.match(name):
             return cls("expert", int(m[1]), "mlp", int(m[2]))
+        if m := _EXPERT_NEURON.match(name):
+            return cls("expert_neuron", int(m[1]), m[2], int(m[3]))
         if m := _LAYER_MODULE.match(name):
             return cls("module", int(m[1]), m[2])
         if _GLOBAL_MODULE.match(name):
@@ -97,15 +114,26 @@ class Component:
 @dataclass(frozen=True)
 class ParamSlice:
     """A slice of one parameter: the index ranges ``[start, stop)`` along ``dim``, or the whole
-    tensor when ``dim`` is None. ``name`` is the canonical parameter name in the receiver model."""
+    tensor when ``dim`` is None. ``name`` is the canonical parameter name in the receiver model.
+
+    ``expert`` (fused mixture-of-experts tensors only): the slice lies inside expert ``expert``'s
+    slab ``tensor[expert : expert + 1]`` of a tensor whose dim 0 counts experts; ``dim`` still
+    counts the full tensor's dims. Readers and writers index :meth:`region` of the tensor, which
+    is the tensor itself when ``expert`` is None."""
 
     name: str
     dim: int | None = None
     ranges: tuple[tuple[int, int], ...] = ()
+    expert: int | None = None
 
     @property
     def is_full(self) -> bool:
-        return self.dim is None
+        return self.dim is None and self.expert is None
+
+    def region(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The view of ``tensor`` that ``dim``/``ranges`` index: the expert's slab (dim 0 kept,
+        size 1) or the whole tensor."""
+        return tensor if self.expert is None else tensor.narrow(0, self.expert, 1)
 
     def index(self) -> torch.Tensor:
         """The selected indices along ``dim`` as a 1-D int64 tensor."""
@@ -116,6 +144,8 @@ class ParamSlice:
         total = 1
         for s in shape:
             total *= s
+        if self.expert is not None:
+            total //= shape[0]
         if self.dim is None:
             return total
         return total // shape[self.dim] * sum(b - a for a, b in self.ranges)
@@ -132,7 +162,8 @@ def _union_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], .
 
 
 def merge_slices(slices: Iterable[ParamSlice]) -> list[ParamSlice]:
-    """Union of slices, one :class:`ParamSlice` per parameter (a full slice absorbs partial ones)."""
+    """Union of slices, one :class:`ParamSlice` per parameter and expert slab (a full slice absorbs
+    partial ones; a dim-0 slice of whole experts absorbs slices inside those experts)."""
     by_name: dict[str, list[ParamSlice]] = {}
     for s in slices:
         by_name.setdefault(s.name, []).append(s)
@@ -141,10 +172,26 @@ def merge_slices(slices: Iterable[ParamSlice]) -> list[ParamSlice]:
         if any(s.is_full for s in group):
             merged.append(ParamSlice(name))
             continue
-        dims = {s.dim for s in group}
-        if len(dims) != 1:
-            raise ValueError(f"slices of {name} along different dims {sorted(dims)} cannot be merged")
-        merged.append(ParamSlice(name, group[0].dim, _union_ranges(r for s in group for r in s.ranges)))
+        whole = [s for s in group if s.expert is None]
+        if whole:
+            dims = {s.dim for s in whole}
+            if len(dims) != 1:
+                raise ValueError(f"slices of {name} along different dims {sorted(dims)} cannot be merged")
+            merged.append(ParamSlice(name, whole[0].dim, _union_ranges(r for s in whole for r in s.ranges)))
+        covered = {e for a, b in merged[-1].ranges for e in range(a, b)} if whole and whole[0].dim == 0 else set()
+        inside: dict[int, list[ParamSlice]] = {}
+        for s in group:
+            if s.expert is not None and s.expert not in covered:
+                inside.setdefault(s.expert, []).append(s)
+        for expert, parts in sorted(inside.items()):
+            if whole and whole[0].dim != 0:
+                raise ValueError(
+                    f"slices of {name} along dim {whole[0].dim} and inside expert {expert} cannot be merged"
+                )
+            dims = {s.dim for s in parts}
+            if len(dims) != 1:
+                raise ValueError(f"slices of {name} in expert {expert} along different dims {sorted(dims)}")
+            merged.append(ParamSlice(name, parts[0].dim, _union_ranges(r for s in parts for r in s.ranges), expert))
     return merged
 
 
@@ -259,8 +306,17 @@ class ComponentSpace:
         """Neurons of the MLP of ``layer``: the largest count for which every neuron rule present in
         the model stays inside its tensor (so a fused ``gate_up_proj`` of ``2*intermediate_size``
         rows, sliced twice, counts ``intermediate_size``)."""
+        return self._unit_count(layer, self.spec.neuron)
+
+    def num_expert_neurons(self, layer: int) -> int:
+        """Neurons of each expert of ``layer`` (0 without experts)."""
+        if not self.num_experts(layer):
+            return 0
+        return self._unit_count(layer, self.spec.experts.neuron)  # type: ignore[union-attr]
+
+    def _unit_count(self, layer: int, rules: Sequence[SliceRule]) -> int:
         counts = []
-        for rule in self.spec.neuron:
+        for rule in rules:
             canonical = self._canonical(self.spec.param_name(layer, rule.param))
             if canonical is None:
                 continue
@@ -311,10 +367,18 @@ class ComponentSpace:
         elif c.kind == "neuron":
             nd = {"stride": 1, "size": 1, "unit": "neuron"}
             slices = [s for rule in self.spec.neuron for s in self._expand(rule, c.layer, c.index, nd)]
-        else:
+        elif c.kind == "expert":
             ed = {"stride": 1, "size": 1, "unit": "expert"}
             rules = self.spec.experts.expert if self.spec.experts else []
             slices = [s for rule in rules for s in self._expand(rule, c.layer, c.index, ed)]
+        else:
+            nd = {"stride": 1, "size": 1, "unit": "neuron"}
+            rules = self.spec.experts.neuron if self.spec.experts else []
+            slices = [
+                ParamSlice(s.name, s.dim, s.ranges, c.expert)
+                for rule in rules
+                for s in self._expand(rule, c.layer, c.index, nd)
+            ]
         return merge_slices(slices)
 
     def resolve_all(self, components: Iterable[Component | str]) -> list[ParamSlice]:
@@ -343,6 +407,10 @@ class ComponentSpace:
             if "expert" in kinds:
                 for e in range(self.num_experts(layer)):
                     yield Component("expert", layer, "mlp", e)
+            if "expert_neuron" in kinds:
+                for e in range(self.num_experts(layer)):
+                    for j in range(self.num_expert_neurons(layer)):
+                        yield Component("expert_neuron", layer, f"mlp.expert{e}", j)
 
     def everything(self) -> list[Component]:
         """A component set whose union is every parameter: all layers plus model-level modules."""
@@ -449,7 +517,7 @@ class ComponentSpace:
             return Site(f"{block}.{sites.head_output}", "pre", c.index * hd, (c.index + 1) * hd)  # type: ignore[operator]
         if c.kind == "neuron" and sites.neuron_activation is not None:
             return Site(f"{block}.{sites.neuron_activation}", "pre", c.index, c.index + 1)  # type: ignore[operator]
-        if c.kind == "expert":
+        if c.kind in ("expert", "expert_neuron"):
             raise ComponentError(
                 f"{c.name} has no activation site: fused experts compute every expert inside one module; "
                 f"patch the whole 'L{c.layer}.mlp' or the router 'L{c.layer}.mlp.router'"
@@ -485,6 +553,11 @@ class ComponentSpace:
             problem = f"neuron {c.index} is out of range (layer {c.layer} has {self.num_neurons(c.layer)} neurons)"  # type: ignore[arg-type]
         elif c.kind == "expert" and not 0 <= c.index < self.num_experts(c.layer):  # type: ignore[operator,arg-type]
             problem = f"expert {c.index} is out of range (layer {c.layer} has {self.num_experts(c.layer)} experts)"  # type: ignore[arg-type]
+        elif c.kind == "expert_neuron" and not 0 <= c.expert < self.num_experts(c.layer):  # type: ignore[operator,arg-type]
+            problem = f"expert {c.expert} is out of range (layer {c.layer} has {self.num_experts(c.layer)} experts)"  # type: ignore[arg-type]
+        elif c.kind == "expert_neuron" and not 0 <= c.index < self.num_expert_neurons(c.layer):  # type: ignore[operator,arg-type]
+            n = self.num_expert_neurons(c.layer)  # type: ignore[arg-type]
+            problem = f"neuron {c.index} is out of range (the experts of layer {c.layer} have {n} neurons)"
         elif c.kind == "module" and c.module not in self.module_names(c.layer):
             problem = (
                 f"no module {c.module!r} {'in layer ' + str(c.layer) if c.layer is not None else 'at model level'}"

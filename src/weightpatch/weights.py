@@ -36,12 +36,16 @@ class WeightSource(Protocol):
 
 
 def _select(full_or_slice, piece: ParamSlice) -> torch.Tensor:
-    """Index ``piece.ranges`` along ``piece.dim`` of a tensor or a safetensors slice object."""
+    """Index ``piece.ranges`` along ``piece.dim`` (inside ``piece.expert``'s slab, if any) of a
+    tensor or a safetensors slice object."""
+    lead: tuple[slice, ...] = () if piece.expert is None else (slice(piece.expert, piece.expert + 1),)
+    if piece.dim is None:
+        return full_or_slice[lead]
     parts = []
     for a, b in piece.ranges:
-        index = (slice(None),) * piece.dim + (slice(a, b),)  # type: ignore[operator]
+        index = lead + (slice(None),) * (piece.dim - len(lead)) + (slice(a, b),)
         parts.append(full_or_slice[index])
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)  # type: ignore[arg-type]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
 
 
 class SafetensorsSource:
@@ -170,6 +174,9 @@ class FusedExpertSource:
         if piece.name not in self.layouts:
             return self.inner.read(piece)
         num_experts = self.layouts[piece.name][2]
+        if piece.expert is not None:  # inside one expert's slab: read that expert only
+            slab = self._expert(piece.name, piece.expert)[None]
+            return _select(slab, ParamSlice(piece.name, piece.dim, piece.ranges))
         if piece.dim == 0:
             experts = [e for a, b in piece.ranges for e in range(a, b)]
             return torch.stack([self._expert(piece.name, e) for e in experts])

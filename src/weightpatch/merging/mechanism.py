@@ -87,6 +87,7 @@ def select_components(
 
 
 def _regions(t: torch.Tensor, sl: ParamSlice) -> list[torch.Tensor]:
+    t = sl.region(t)
     if sl.dim is None:
         return [t]
     return [t.narrow(sl.dim, a, b - a) for a, b in sl.ranges]
