@@ -11,12 +11,13 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from conftest import VOCAB, perturbed_copy, save, tiny_texts, token_batch
-from weightpatch.activation import capturing
+from weightpatch.activation import capturing, patched_residual
 from weightpatch.anchors import build_anchor
 from weightpatch.components import Component, ComponentSpace, ParamSlice, merge_slices
 from weightpatch.errors import ComponentError
 from weightpatch.pair import load_pair
 from weightpatch.patch import patched
+from weightpatch.runner import encode
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen, plain_exact_scores
 from weightpatch.screening.first_order import gradient_scores
@@ -144,6 +145,14 @@ def test_the_router_site_is_the_router_logits():
     assert site.module == "model.layers.1.mlp.gate"
     torch.testing.assert_close(store[site.key], out.router_logits[1])  # (batch*seq, experts)
     assert store[site.key].shape == (10, 4)
+
+
+def test_router_logits_are_observed_not_activation_patched(moe_dirs):
+    pair = load_pair(*moe_dirs)
+    batch = encode(pair.tokenizer, tiny_texts(2))
+    with pytest.raises(ComponentError, match=r"L1.mlp.router cannot be activation-patched: .* patch the whole MLP"):
+        patched_residual(pair, batch, ["L1.mlp.router"], 1)
+    assert patched_residual(pair, batch, ["L1.mlp"], 1).shape[-1] == 32
 
 
 def _mask(shape, pieces) -> torch.Tensor:

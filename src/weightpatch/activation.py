@@ -152,6 +152,12 @@ def activation_patched(
             site = site_of(space, c)
             if site.key not in cache:
                 raise ComponentError(f"no cached activation for {space.validate(c).name} (site {site.key})")
+            if cache[site.key].dim() != 3:
+                raise ComponentError(
+                    f"{space.validate(c).name} cannot be activation-patched: its site {site.module} is an observation "
+                    f"of shape {tuple(cache[site.key].shape)}, not (batch, seq, channels) (router logits: the block "
+                    f"routes with values computed inside the router); patch the whole MLP instead"
+                )
             width = cache[site.key].shape[-1]
             mask = masks.setdefault(site.key, torch.zeros(n_var, width, dtype=torch.bool))
             mask[v, site.start or 0 : width if site.stop is None else site.stop] = True
