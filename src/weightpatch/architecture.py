@@ -472,8 +472,9 @@ def _resolve(path: Path) -> dict[str, Any]:
         parent_path = _package_file(str(parent_name))
     if not parent_path.exists():
         raise _fail(path, "extends", f"no description {parent_name!r} to extend", "name a file in architectures/")
-    _validate(parent_path, _resolve(parent_path))
-    return _merge(_resolve(parent_path), raw)
+    parent = _resolve(parent_path)
+    _validate(parent_path, parent)
+    return _merge(parent, raw)
 
 
 def _validate(path: Path, raw: dict[str, Any]) -> ArchitectureSpec:
