@@ -19,8 +19,16 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 64
 
+
+def _config(config_class, **defaults):
+    """A config factory: ``factory(**overrides)`` builds ``config_class`` from the defaults with
+    ``overrides`` applied at construction (so derived fields such as ``layer_types`` follow)."""
+    return lambda **overrides: config_class(**{**defaults, **overrides})
+
+
 TINY_CONFIGS = {
-    "llama": lambda: transformers.LlamaConfig(
+    "llama": _config(
+        transformers.LlamaConfig,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -29,7 +37,8 @@ TINY_CONFIGS = {
         num_key_value_heads=2,
         max_position_embeddings=64,
     ),
-    "mistral": lambda: transformers.MistralConfig(
+    "mistral": _config(
+        transformers.MistralConfig,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -39,7 +48,8 @@ TINY_CONFIGS = {
         sliding_window=4,
         max_position_embeddings=64,
     ),
-    "qwen2": lambda: transformers.Qwen2Config(
+    "qwen2": _config(
+        transformers.Qwen2Config,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -49,7 +59,8 @@ TINY_CONFIGS = {
         max_position_embeddings=64,
         tie_word_embeddings=False,
     ),
-    "qwen3": lambda: transformers.Qwen3Config(
+    "qwen3": _config(
+        transformers.Qwen3Config,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -60,7 +71,8 @@ TINY_CONFIGS = {
         max_position_embeddings=64,
         tie_word_embeddings=False,
     ),
-    "gemma": lambda: transformers.GemmaConfig(
+    "gemma": _config(
+        transformers.GemmaConfig,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -70,7 +82,8 @@ TINY_CONFIGS = {
         num_key_value_heads=1,
         max_position_embeddings=64,
     ),
-    "gemma2": lambda: transformers.Gemma2Config(
+    "gemma2": _config(
+        transformers.Gemma2Config,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -81,7 +94,8 @@ TINY_CONFIGS = {
         sliding_window=4,
         max_position_embeddings=64,
     ),
-    "gemma3": lambda: transformers.Gemma3TextConfig(
+    "gemma3": _config(
+        transformers.Gemma3TextConfig,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -93,8 +107,35 @@ TINY_CONFIGS = {
         max_position_embeddings=64,
         sliding_window_pattern=2,
     ),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+    "phi3": _config(
+        transformers.Phi3Config,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "olmo2": _config(
+        transformers.Olmo2Config,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "gpt2": _config(transformers.GPT2Config, vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64),
+    "gpt_neox": _config(
+        transformers.GPTNeoXConfig,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -121,9 +162,7 @@ def tiny_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    config = TINY_CONFIGS[family]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config = TINY_CONFIGS[family](**overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init of norms is constant 1: make every parameter informative
@@ -149,8 +188,10 @@ def save(model: torch.nn.Module, directory: Path, tokenizer=None) -> Path:
     return directory
 
 
-def make_pair(family: str, root: Path, scale: float = 0.05) -> tuple[Path, Path]:
-    base = tiny_model(family)
+def make_pair(family: str, root: Path, scale: float = 0.05, **overrides) -> tuple[Path, Path]:
+    """Base and specialized directories under ``root``; ``overrides`` change the tiny config
+    (e.g. ``num_hidden_layers=4``)."""
+    base = tiny_model(family, **overrides)
     sft = perturbed_copy(base, scale)
     return save(base, root / f"{family}-base"), save(sft, root / f"{family}-sft")
 

@@ -30,28 +30,6 @@ def test_patching_every_output_of_a_layer_reproduces_the_specialized_residual(fa
         assert not torch.allclose(patched_residual(pair, batch, parts[:-1], layer), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ADDITIVE)
-def test_all_heads_and_all_neurons_equal_the_whole_module_when_the_readout_is_shared(family, tmp_path):
-    """Heads are slices of the output projection's input and neurons of the down projection's
-    input: with the base's readout weights in the specialized model, patching every head (every
-    neuron) of a layer equals patching the whole attention (MLP) output."""
-    base = tiny_model(family)
-    sft = perturbed_copy(base, 0.2)
-    space_rules = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj")}
-    space_rules["gpt_neox"] = ("attention.dense", "mlp.dense_4h_to_h")
-    prefix = {"llama": "model.layers.1.", "gpt2": "transformer.h.1.", "gpt_neox": "gpt_neox.layers.1."}[family]
-    for module in space_rules[family]:
-        sft.get_submodule(prefix + module).load_state_dict(base.get_submodule(prefix + module).state_dict())
-    pair = load_pair(save(base, tmp_path / "b"), save(sft, tmp_path / "s"))
-    batch = encode(pair.tokenizer, tiny_texts(3, 1))
-    heads = [f"L1.attn.head{h}" for h in range(pair.space.num_heads)]
-    neurons = [f"L1.mlp.neuron{j}" for j in range(pair.space.num_neurons(1))]
-    assert torch.allclose(patched_residual(pair, batch, heads, 1), patched_residual(pair, batch, ["L1.attn"], 1))
-    assert torch.allclose(patched_residual(pair, batch, neurons, 1), patched_residual(pair, batch, ["L1.mlp"], 1))
-    one = patched_residual(pair, batch, heads[:1], 1)
-    assert not torch.allclose(one, patched_residual(pair, batch, ["L1.attn"], 1))
-
-
 def test_scores_are_normalized_like_weight_patching_and_batching_changes_nothing(llama_pair_dirs):
     pair = load_pair(*llama_pair_dirs)
     anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")

@@ -53,9 +53,16 @@ def assert_tiles(space: ComponentSpace, parts: list, whole: list) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_heads_and_neurons_tile_their_projections(family):
-    """All heads together own all of W_Q (plus bias) and W_O; all neurons own all of the MLP."""
+    """All heads together own all of W_Q (plus bias and a per-channel q norm) and W_O, with
+    ``include_kv`` also all of W_K and W_V; all neurons own all of the MLP."""
     space = ComponentSpace.from_model(tiny_model(family))
-    assert_tiles(space, list(space.components(kinds=("head",), layers=[1])), ["L1.attn.q", "L1.attn.o"])
+    heads = list(space.components(kinds=("head",), layers=[1]))
+    norms = {m: f"L1.attn.{m}" for m in ("q_norm", "k_norm")}
+    sliced = {m for m in norms for r in [*space.spec.head.query, *space.spec.head.key_value] if f".{m}." in r.param}
+    q_whole = ["L1.attn.q", "L1.attn.o", *(norms[m] for m in sliced if m == "q_norm")]
+    assert_tiles(space, heads, q_whole)
+    with_kv = ComponentSpace.from_model(tiny_model(family), include_kv=True)
+    assert_tiles(with_kv, heads, [*q_whole, "L1.attn.k", "L1.attn.v", *(norms[m] for m in sliced if m == "k_norm")])
     assert_tiles(space, list(space.components(kinds=("neuron",), layers=[1])), ["L1.mlp"])
 
 

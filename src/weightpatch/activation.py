@@ -8,21 +8,23 @@ so the two numbers per component are directly comparable:
 
     E_act(c) = mean_x [ (F(base with out_c <- out_c(sft, x)), x) - F(base, x)) / G(x) ]
 
-What "output" means per component (the **site** of the component):
+What "output" means per component (the **site** of the component) is declared by the
+architecture description (its ``sites`` table) and answered by :meth:`ComponentSpace.site`:
 
 ================  ==================================================================================
 component         site
 ================  ==================================================================================
 ``L5``            output of decoder block 5 (the residual stream at layer 5)
-``L5.attn``       output of the attention block (before any post-attention norm and the residual add)
-``L5.mlp``        output of the MLP block (likewise)
-``L5.<module>``   output of that submodule, when the architecture maps the module to one submodule
+``L5.attn``       output of the declared attention module (before any post-attention norm and the
+                  residual add)
+``L5.mlp``        output of the declared MLP module (likewise)
+``L5.<module>``   output of that submodule, when the module name is exactly one submodule
                   (``attn.q``, ``mlp.down``, ``norm.pre_attn``, ...; not fused slices such as GPT-2's
                   ``attn.q``)
-``L5.attn.head2`` head 2's slice of the **input** of the attention output projection (the per-head
-                  output before ``o_proj`` mixes the heads: head_dim channels ``[2*hd, 3*hd)``); the
-                  projection is the module of the architecture's ``head.output`` rule
-``L5.mlp.neuron7`` channel 7 of the input of the MLP down projection (the neuron's activation)
+``L5.attn.head2`` head 2's slice of the **input** of the declared head-output module (the per-head
+                  output before ``o_proj`` mixes the heads: head_dim channels ``[2*hd, 3*hd)``)
+``L5.mlp.neuron7`` channel 7 of the input of the declared neuron-activation module (the MLP down
+                  projection: the neuron's activation)
 ``embed``         the input of block 0 (token embeddings, plus positions / scaling where the family
                   adds them before the first block)
 ================  ==================================================================================
@@ -43,14 +45,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from itertools import groupby
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from weightpatch.components import Component, ComponentSpace, Kind
+from weightpatch.components import Component, ComponentSpace, Kind, Site
 from weightpatch.errors import ComponentError
 from weightpatch.pair import ModelPair, Role
 from weightpatch.results import ScoreTable, score_row
@@ -61,68 +62,10 @@ METHOD = "activation"
 Positions = Literal["all", "last"]
 
 
-@dataclass(frozen=True)
-class Site:
-    """Where a component's output lives: a submodule, whether it is that submodule's first input
-    (``"pre"``) or first output tensor (``"post"``), and the channel range ``[start, stop)`` of the
-    last dimension (``None``: all channels)."""
-
-    module: str
-    hook: Literal["pre", "post"]
-    start: int | None = None
-    stop: int | None = None
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.module, self.hook
-
-
-def _layer_path(space: ComponentSpace, layer: int) -> str:
-    return space.spec.layer_prefix.format(layer=layer).rstrip(".")
-
-
-def _single_module(space: ComponentSpace, module: str) -> str | None:
-    """The submodule path (relative to a block) a module name maps to, if it is one submodule."""
-    rules = space.spec.modules.get(module, [])
-    if len(rules) == 1 and isinstance(rules[0], str) and rules[0].endswith("."):
-        return rules[0].rstrip(".")
-    return None
-
-
-def _param_module(rule) -> str:
-    return rule["param"].rsplit(".", 1)[0]
-
-
 def site_of(space: ComponentSpace, component: Component | str) -> Site:
-    """The activation site of a component (see the module docstring); raises
-    :class:`ComponentError` for components without one (model-level modules other than ``embed``,
-    fused sub-projections)."""
-    c = space.validate(component)
-    if c.kind == "layer":
-        return Site(_layer_path(space, c.layer), "post")  # type: ignore[arg-type]
-    if c.kind == "module" and c.layer is None:
-        if c.module == "embed":
-            return Site(_layer_path(space, 0), "pre")
-        raise ComponentError(f"{c.name} has no activation site; model-level modules other than 'embed' cannot be")
-    prefix = _layer_path(space, c.layer) + "."  # type: ignore[arg-type]
-    if c.kind == "module":
-        sub = _single_module(space, c.module)  # type: ignore[arg-type]
-        if sub is None:
-            raise ComponentError(
-                f"{c.name} is a slice of a fused parameter in the {space.spec.family} layout and has no "
-                f"separate output to patch; use the heads or the whole 'attn' module"
-            )
-        return Site(prefix + sub, "post")
-    if c.kind == "head":
-        rules = space.spec.head.get("output", [])
-        if not rules:
-            raise ComponentError(f"the {space.spec.family} description has no head output rule")
-        hd = space.dims.head_dim
-        return Site(prefix + _param_module(rules[0]), "pre", c.index * hd, (c.index + 1) * hd)  # type: ignore[operator]
-    down = _single_module(space, "mlp.down")
-    if down is None:
-        down = _param_module(space.spec.neuron[-1])
-    return Site(prefix + down, "pre", c.index, c.index + 1)  # type: ignore[operator]
+    """The activation site of a component, as the architecture declares it
+    (:meth:`ComponentSpace.site`); raises :class:`ComponentError` for components without one."""
+    return space.site(component)
 
 
 def site_layer(space: ComponentSpace, component: Component) -> int:
@@ -209,6 +152,12 @@ def activation_patched(
             site = site_of(space, c)
             if site.key not in cache:
                 raise ComponentError(f"no cached activation for {space.validate(c).name} (site {site.key})")
+            if cache[site.key].dim() != 3:
+                raise ComponentError(
+                    f"{space.validate(c).name} cannot be activation-patched: its site {site.module} is an observation "
+                    f"of shape {tuple(cache[site.key].shape)}, not (batch, seq, channels) (router logits: the block "
+                    f"routes with values computed inside the router); patch the whole MLP instead"
+                )
             width = cache[site.key].shape[-1]
             mask = masks.setdefault(site.key, torch.zeros(n_var, width, dtype=torch.bool))
             mask[v, site.start or 0 : width if site.stop is None else site.stop] = True

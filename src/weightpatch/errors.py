@@ -16,3 +16,8 @@ class UnknownArchitectureError(WeightPatchError):
 
 class ComponentError(WeightPatchError):
     """A component name that does not parse or does not exist in this model."""
+
+
+class ArchitectureDescriptionError(WeightPatchError):
+    """An architecture description file (or its fit to a model) is wrong: names the file, the key
+    and the fix."""

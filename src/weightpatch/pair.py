@@ -26,10 +26,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from weightpatch.architecture import architecture_for
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import PairMismatchError, WeightPatchError
-from weightpatch.weights import SafetensorsSource, TensorDictSource, WeightSource, shape_differences
+from weightpatch.weights import (
+    WEIGHT_FILE_SUFFIXES,
+    FusedExpertSource,
+    SafetensorsSource,
+    TensorDictSource,
+    WeightSource,
+    shape_differences,
+)
 
 Role = Literal["base", "specialized"]
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 _MAX_LISTED = 8
 
 
@@ -81,7 +87,7 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, g
 def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
     if gguf_file:
         return [directory / gguf_file]
-    return sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    return sorted(p for p in directory.iterdir() if p.name.endswith(WEIGHT_FILE_SUFFIXES) and p.is_file())
 
 
 def weights_sha256(files: list[Path]) -> str:
@@ -337,6 +343,9 @@ def _donor_source(directory: Path, gguf_file, space: ComponentSpace, dtype, trus
     for alias, canonical in space.aliases.items():
         aliases.setdefault(canonical, []).append(alias)
     if not gguf_file and any(directory.glob("*.safetensors")):
-        return SafetensorsSource(directory, aliases)
+        source = SafetensorsSource(directory, aliases)
+        stored = set(source.names())
+        layouts = {name: layout for name, layout in space.checkpoint_layouts().items() if name not in stored}
+        return FusedExpertSource(source, layouts) if layouts else source
     donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, trust_remote_code)
     return TensorDictSource.from_model(donor_model)

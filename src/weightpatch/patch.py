@@ -59,14 +59,14 @@ def parameter_storage(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def _get(param: torch.Tensor, piece: ParamSlice, index: torch.Tensor | None) -> torch.Tensor:
-    return param.data if index is None else param.data.index_select(piece.dim, index)  # type: ignore[arg-type]
+    return param.data if index is None else piece.region(param.data).index_select(piece.dim, index)  # type: ignore[arg-type]
 
 
 def _put(param: torch.Tensor, piece: ParamSlice, index: torch.Tensor | None, values: torch.Tensor) -> None:
     if index is None:
         param.data.copy_(values)
     else:
-        param.data.index_copy_(piece.dim, index, values)  # type: ignore[arg-type]
+        piece.region(param.data).index_copy_(piece.dim, index, values)  # type: ignore[arg-type]
 
 
 def donor_values(donor: WeightSource, piece: ParamSlice, like: torch.Tensor) -> torch.Tensor:

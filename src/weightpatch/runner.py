@@ -118,8 +118,7 @@ class _PassThrough(torch.nn.Module):
 
 
 def decoder_layers(model: torch.nn.Module, space: ComponentSpace) -> torch.nn.ModuleList:
-    path = space.spec.layer_prefix.format(layer=0).rstrip(".").rsplit(".", 1)[0]
-    return model.get_submodule(path)  # type: ignore[return-value]
+    return model.get_submodule(space.layers_path)  # type: ignore[return-value]
 
 
 def _first_tensor(output):

@@ -54,7 +54,9 @@ class _Originals:
 
     def read(self, piece: ParamSlice) -> torch.Tensor:
         full = self.patch.original(piece.name)
-        return full if piece.is_full else full.index_select(piece.dim, piece.index().to(full.device))  # type: ignore[arg-type]
+        if piece.is_full:
+            return full
+        return piece.region(full).index_select(piece.dim, piece.index().to(full.device))  # type: ignore[arg-type]
 
 
 @contextmanager

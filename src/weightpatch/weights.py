@@ -19,6 +19,10 @@ from safetensors import safe_open
 from weightpatch.components import ParamSlice
 from weightpatch.errors import PairMismatchError, WeightPatchError
 
+WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+"""File name endings of weight files (any framework): hashed as a model's identity, never copied
+as auxiliary files by a merge."""
+
 
 class WeightSource(Protocol):
     """Read access to one model's parameters by canonical (receiver) name."""
@@ -32,12 +36,16 @@ class WeightSource(Protocol):
 
 
 def _select(full_or_slice, piece: ParamSlice) -> torch.Tensor:
-    """Index ``piece.ranges`` along ``piece.dim`` of a tensor or a safetensors slice object."""
+    """Index ``piece.ranges`` along ``piece.dim`` (inside ``piece.expert``'s slab, if any) of a
+    tensor or a safetensors slice object."""
+    lead: tuple[slice, ...] = () if piece.expert is None else (slice(piece.expert, piece.expert + 1),)
+    if piece.dim is None:
+        return full_or_slice[lead]
     parts = []
     for a, b in piece.ranges:
-        index = (slice(None),) * piece.dim + (slice(a, b),)  # type: ignore[operator]
+        index = lead + (slice(None),) * (piece.dim - len(lead)) + (slice(a, b),)
         parts.append(full_or_slice[index])
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)  # type: ignore[arg-type]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
 
 
 class SafetensorsSource:
@@ -132,3 +140,45 @@ def shape_differences(
         if tuple(donor_shape) != tuple(receiver[name]):
             problems.append(f"{name}: {labels[0]} {tuple(receiver[name])} vs {labels[1]} {tuple(donor_shape)}")
     return problems
+
+
+class FusedExpertSource:
+    """A donor whose checkpoint stores one tensor per expert, read as the model's fused 3-D expert
+    tensors (transformers 5 fuses e.g. Qwen3-MoE's ``experts.{e}.gate_proj/up_proj.weight`` into
+    ``experts.gate_up_proj`` on load).
+
+    ``layouts`` maps a fused parameter name to ``(part name templates with {expert}, concat dim,
+    number of experts)`` (see :meth:`ComponentSpace.checkpoint_layouts`). Expert ``e`` of a fused
+    tensor is its parts for ``e`` concatenated along the dim; a slice along dim 0 (experts) reads
+    only the experts it selects, any other slice reads each expert's parts and selects from them,
+    so no read materializes more than one fused tensor. Other names pass through to ``inner``."""
+
+    def __init__(self, inner: WeightSource, layouts: dict[str, tuple[list[str], int, int]]) -> None:
+        self.inner, self.layouts = inner, layouts
+
+    def _expert(self, name: str, expert: int) -> torch.Tensor:
+        parts, dim, _ = self.layouts[name]
+        tensors = [self.inner.read(ParamSlice(p.format(expert=expert))) for p in parts]
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.layouts:
+            return self.inner.shape(name)
+        parts, dim, num_experts = self.layouts[name]
+        shapes = [list(self.inner.shape(p.format(expert=0))) for p in parts]
+        fused = shapes[0]
+        fused[dim] = sum(s[dim] for s in shapes)
+        return (num_experts, *fused)
+
+    def read(self, piece: ParamSlice) -> torch.Tensor:
+        if piece.name not in self.layouts:
+            return self.inner.read(piece)
+        num_experts = self.layouts[piece.name][2]
+        if piece.expert is not None:  # inside one expert's slab: read that expert only
+            slab = self._expert(piece.name, piece.expert)[None]
+            return _select(slab, ParamSlice(piece.name, piece.dim, piece.ranges))
+        if piece.dim == 0:
+            experts = [e for a, b in piece.ranges for e in range(a, b)]
+            return torch.stack([self._expert(piece.name, e) for e in experts])
+        full = torch.stack([self._expert(piece.name, e) for e in range(num_experts)])
+        return full if piece.is_full else _select(full, piece)

@@ -11,21 +11,25 @@ from weightpatch.screening.exact import ExactScreen, plain_exact_scores
 @pytest.mark.parametrize("family", FAMILIES)
 def test_truncated_batched_path_equals_plain_full_forward(family, tmp_path):
     """Families with per-layer attention types (Gemma2/3, Mistral sliding windows, Qwen layer_types)
-    must keep each layer's own mask and rotary inputs when blocks are skipped."""
-    pair = load_pair(*make_pair(family, tmp_path, scale=0.2))
+    must keep each layer's own mask and rotary inputs when blocks are skipped. Four blocks and the
+    anchor at block 3, so components of block 1 run block 1 alone and then the stacked variants
+    through blocks 2..3."""
+    pair = load_pair(*make_pair(family, tmp_path, scale=0.2, num_hidden_layers=4))
     # long prompts (> sliding window of 4) with different lengths, so padding and windows matter
-    anchor = build_anchor(pair, tiny_texts(6, length=9), None, layer=1, method="model_diff")
+    anchor = build_anchor(pair, tiny_texts(6, length=9), None, layer=3, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4, length=9), batch_size=4, min_relative_gap=0.0)
     components = [*pair.space.everything(), *pair.space.components(kinds=("head",), layers=[0, 1])]
-    components += ["L0.attn", "L1.attn.q", "L1.mlp", "L0.mlp.neuron0", "L1.mlp.neuron3", "L1.norm.pre_mlp"]
+    components += ["L0.attn", "L1.attn.q", "L1.attn.v", "L1.mlp", "L1.mlp.up", "L0.mlp.neuron0", "L1.mlp.neuron3"]
+    components += [f"L1.{m}" for m in pair.space.module_names(1) if m.startswith("norm.")]
     fast = ExactScreen(scorer, variants_per_batch=3).run(components, progress=False).frame.set_index("component")
     plain = plain_exact_scores(scorer, components).frame.set_index("component")
     assert len(fast) == len(plain) == len(components)
     assert fast["score"].abs().max() > 0.01  # the pair really differs
+    assert fast.loc[[c.name for c in pair.space.components(kinds=("head",), layers=[1])], "score"].abs().min() > 0
     torch.testing.assert_close(
         torch.tensor(fast.loc[plain.index, "score"].values), torch.tensor(plain["score"].values), atol=2e-4, rtol=1e-3
     )
-    above = [c.name for c in pair.space.components(kinds=("layer",)) if c.layer > 1] + ["norm.final"]
+    above = ["norm.final"]
     if not pair.space.aliases:  # untied: the unembedding cannot reach the residual stream
         above.append("unembed")
     assert (fast.loc[above, "score"] == 0).all()

@@ -87,6 +87,7 @@ def select_components(
 
 
 def _regions(t: torch.Tensor, sl: ParamSlice) -> list[torch.Tensor]:
+    t = sl.region(t)
     if sl.dim is None:
         return [t]
     return [t.narrow(sl.dim, a, b - a) for a, b in sl.ranges]
@@ -251,21 +252,10 @@ def score_weighted(
 
 def component_space_for_checkpoint(path: Any, include_kv: bool = False) -> ComponentSpace:
     """A :class:`ComponentSpace` from a checkpoint directory's config.json and safetensors
-    headers (no weights loaded). Tied ``lm_head.weight`` aliases the embedding when absent."""
+    headers (no weights loaded); tied embeddings alias as for a loaded model."""
     from transformers import AutoConfig
 
-    from weightpatch.architecture import architecture_for
     from weightpatch.merging.stream import Checkpoint
 
     config = AutoConfig.from_pretrained(str(path))
-    spec = architecture_for(config)
-    shapes = dict(Checkpoint(path).shapes)
-    aliases: dict[str, str] = {}
-    if getattr(config, "tie_word_embeddings", False):
-        embed = [r for r in spec.globals.get("embed", []) if isinstance(r, str)]
-        unembed = [r for r in spec.globals.get("unembed", []) if isinstance(r, str)]
-        if embed and unembed and embed[0] in shapes:
-            tied = unembed[0] + "weight" if unembed[0].endswith(".") else unembed[0]
-            if tied not in shapes:
-                aliases[tied] = embed[0]
-    return ComponentSpace(spec, spec.dims(config), shapes, aliases, include_kv)
+    return ComponentSpace.from_shapes(config, dict(Checkpoint(path).shapes), include_kv=include_kv)

@@ -27,10 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.weights import WEIGHT_FILE_SUFFIXES
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIP_FILES = {"README.md", ".gitattributes", "weightpatch_merge.json"}
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -188,7 +188,7 @@ def _copy_aux_files(src: Path, dst: Path) -> list[str]:
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name.startswith(".") or f.name in _SKIP_FILES:
             continue
-        if f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+        if f.name.endswith(WEIGHT_FILE_SUFFIXES) or f.name.endswith(".index.json"):
             continue
         shutil.copy2(f, dst / f.name)
         copied.append(f.name)

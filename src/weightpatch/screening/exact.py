@@ -115,7 +115,7 @@ def plain_exact_scores(
     (through the unembedding), read the anchor layer, restore."""
     pair = scorer.pair
     captured: list[torch.Tensor] = []
-    block = pair.model.get_submodule(pair.space.spec.layer_prefix.format(layer=scorer.layer).rstrip("."))
+    block = pair.model.get_submodule(pair.space.layer_path(scorer.layer))
     handle = block.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
     rows = []
     try:

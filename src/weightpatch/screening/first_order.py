@@ -41,6 +41,7 @@ class ParamPlan:
     # rows owning one contiguous range along a dim: dim -> (rows, starts, stops)
     ranges: dict[int, tuple[list[int], list[int], list[int]]] = field(default_factory=dict)
     multi: list[tuple[int, int, tuple[tuple[int, int], ...]]] = field(default_factory=list)
+    inside_expert: list[tuple[int, ParamSlice]] = field(default_factory=list)  # rows owning part of one expert
 
 
 def plan_reduction(space: ComponentSpace, components: list[Component]) -> dict[str, ParamPlan]:
@@ -51,6 +52,8 @@ def plan_reduction(space: ComponentSpace, components: list[Component]) -> dict[s
             plan = plans[s.name]
             if s.is_full:
                 plan.full.append(row)
+            elif s.expert is not None:
+                plan.inside_expert.append((row, s))
             elif len(s.ranges) == 1:
                 rows, starts, stops = plan.ranges.setdefault(s.dim, ([], [], []))  # type: ignore[arg-type]
                 rows.append(row)
@@ -74,6 +77,9 @@ def reduce_into(contrib: torch.Tensor, plan: ParamPlan, scores: torch.Tensor) ->
         other = [d for d in range(contrib.dim()) if d != dim]
         along = contrib.sum(dim=other) if other else contrib
         scores[row] += sum(along[a:b].sum() for a, b in ranges)
+    for row, piece in plan.inside_expert:
+        region = piece.region(contrib)
+        scores[row] += sum(region.narrow(piece.dim, a, b - a).sum() for a, b in piece.ranges)  # type: ignore[arg-type]
 
 
 @contextmanager

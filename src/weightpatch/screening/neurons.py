@@ -28,11 +28,6 @@ from weightpatch.runner import run_segment
 from weightpatch.screening.exact import METHOD, ExactScreen
 
 
-def _module_path(rules: list, layer_prefix: str) -> str:
-    (rule,) = [r for r in rules if isinstance(r, str)]
-    return (layer_prefix + rule).rstrip(".")
-
-
 class NeuronScreen:
     """Exact single-neuron scores for whole layers, ``neurons_per_forward`` variants per pass."""
 
@@ -40,12 +35,12 @@ class NeuronScreen:
         self.screen, self.neurons_per_forward = screen, neurons_per_forward
         self.scorer, self.space, self.model = screen.scorer, screen.space, screen.model
 
-    def _paths(self, layer: int) -> tuple[str, str, str]:
-        """(MLP module, down-projection module, down-projection weight name) of a layer."""
-        prefix = self.space.spec.layer_prefix.format(layer=layer)
-        mlp = _module_path(self.space.spec.modules["mlp"], prefix)
-        down = _module_path(self.space.spec.modules["mlp.down"], prefix)
-        return mlp, down, down + ".weight"
+    def _paths(self, layer: int) -> tuple[str, str, str, int]:
+        """(MLP module, neuron-activation module, its weight name, the weight's neuron dim) of a
+        layer, as the architecture declares them (the MLP output and neuron activation sites)."""
+        mlp = self.space.site(Component("module", layer, "mlp")).module
+        down = self.space.site(Component("neuron", layer, "mlp", 0)).module
+        return (mlp, down, *self.space.neuron_readout(layer))
 
     def _activations(self, layer: int, batch_index: int, down: str, inputs_patch: list[Component]):
         """Inputs of the down projection (batch, seq, neurons) under base weights and with the
@@ -82,13 +77,7 @@ class NeuronScreen:
             return ScoreTable.from_rows(
                 score_row(Component("neuron", layer, "mlp", j), METHOD, 0.0, 0.0, n) for j in index
             )
-        mlp, down, down_weight = self._paths(layer)
-        (down_rule,) = [
-            r
-            for r in space.spec.neuron
-            if isinstance(r, dict) and space.spec.layer_prefix.format(layer=layer) + r["param"] == down_weight
-        ]
-        dim = int(down_rule["dim"])
+        mlp, down, down_weight, dim = self._paths(layer)
         w_base = model.get_parameter(down_weight).detach().movedim(dim, 0)  # (neurons, hidden)
         w_donor = donor_values(scorer.pair.donor, ParamSlice(down_weight), model.get_parameter(down_weight))
         w_donor = w_donor.movedim(dim, 0)
