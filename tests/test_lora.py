@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import save, tiny_model, tiny_texts
+from conftest import save, tiny_model
 from weightpatch import demo
 from weightpatch.anchors import Anchor, build_anchor
 from weightpatch.components import ParamSlice
