@@ -221,3 +221,18 @@ def test_adapter_for_another_base_is_a_pair_mismatch(demo_adapter, tmp_path):
     other = save(tiny_model("llama"), tmp_path / "other-base")
     with pytest.raises(PairMismatchError):
         load_pair(other, adapter_dir)
+
+
+def test_adapter_is_a_merge_expert_equal_to_its_merged_copy(demo_adapter, tmp_path):
+    from weightpatch.merging import Checkpoint, MergeConfig, merge_checkpoints
+
+    adapter, merged = demo_adapter
+    base = demo.paths().base
+    config = MergeConfig("ties", weights=(0.7,), density=0.5, lam=1.0)
+    ours = Checkpoint(merge_checkpoints(base, [adapter], tmp_path / "from-adapter", config))
+    theirs = Checkpoint(merge_checkpoints(base, [merged], tmp_path / "from-merged", config))
+    assert ours.names == theirs.names
+    for name in ours.names:
+        torch.testing.assert_close(ours.get(name), theirs.get(name), rtol=0, atol=1e-6, msg=name)
+    record = json.loads((tmp_path / "from-adapter" / "weightpatch_merge.json").read_text())
+    assert record["experts"] == [str(adapter.absolute())]
