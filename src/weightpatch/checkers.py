@@ -28,7 +28,9 @@ the backend, or needing NLTK data that is not installed) is skipped with a warni
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import re
 from collections import defaultdict
@@ -117,7 +119,8 @@ def lm_eval_registry() -> dict[str, Any]:
 
     ``langdetect`` is seeded (``DetectorFactory.seed = 0``). lm-eval downloads NLTK's ``punkt_tab``
     when importing its checkers; weightpatch never downloads at run time, so a missing ``punkt_tab``
-    is not fetched (the two instructions that need it are then skipped, see :func:`evaluate`)."""
+    is not fetched (the two instructions that need NLTK's tokenizers are then skipped, see
+    :func:`evaluate`)."""
     try:
         import langdetect
         import nltk
@@ -130,7 +133,8 @@ def lm_eval_registry() -> dict[str, Any]:
     download = nltk.download
     nltk.download = lambda *args, **kwargs: False  # lm-eval calls it at import when punkt_tab is absent
     try:
-        from lm_eval.tasks.ifeval import instructions_registry
+        with contextlib.redirect_stdout(io.StringIO()):  # and then prints that it downloaded it
+            from lm_eval.tasks.ifeval import instructions_registry
     except ImportError as exc:
         raise WeightPatchError(
             f"the lm_eval checker needs lm-eval ({exc.name} is missing); pip install 'weightpatch[ifeval]', "
@@ -166,8 +170,8 @@ def _check_lm_eval(instruction_id: str, response: str, kwargs: dict | None, prom
         return bool(instruction.check_following(response))
     except LookupError as exc:  # NLTK data (punkt_tab) not installed
         raise NoChecker(
-            f"lm-eval's check of {instruction_id!r} needs NLTK data that is not installed "
-            f"(python -m nltk.downloader punkt_tab)"
+            f"lm-eval's check of {instruction_id!r} needs NLTK tokenizer data that is not installed "
+            f"(python -m nltk.downloader punkt_tab punkt)"
         ) from exc
 
 
