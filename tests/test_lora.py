@@ -236,3 +236,22 @@ def test_adapter_is_a_merge_expert_equal_to_its_merged_copy(demo_adapter, tmp_pa
         torch.testing.assert_close(ours.get(name), theirs.get(name), rtol=0, atol=1e-6, msg=name)
     record = json.loads((tmp_path / "from-adapter" / "weightpatch_merge.json").read_text())
     assert record["experts"] == [str(adapter.absolute())]
+
+
+def test_adapter_as_the_base_is_refused_clearly(demo_adapter):
+    adapter_dir, _ = demo_adapter
+    with pytest.raises(WeightPatchError, match="is a PEFT adapter, not a full model"):
+        load_pair(adapter_dir, demo.paths().base)
+
+
+def test_adapter_identity_covers_its_config(demo_adapter, tmp_path):
+    """Same factors, another lora_alpha: another model, so another recorded hash."""
+    adapter_dir, _ = demo_adapter
+    other = tmp_path / "alpha16"
+    other.mkdir()
+    (other / "adapter_model.safetensors").write_bytes((adapter_dir / "adapter_model.safetensors").read_bytes())
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": 16}))
+    a, b = load_pair(demo.paths().base, adapter_dir), load_pair(demo.paths().base, other)
+    assert a.specialized.weights_sha256 != b.specialized.weights_sha256
+    assert a.base.weights_sha256 == b.base.weights_sha256

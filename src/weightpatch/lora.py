@@ -298,7 +298,8 @@ class LoraCheckpoint:
                 f"adapter {self.path} changes {unknown[:3]}, which the base {base.path} does not have; "
                 f"the adapter was trained on another base model"
             )
-        self.shapes = dict(base.shapes)
+        self.shapes = dict(base.shapes)  # a replaced tensor of another shape shows in check_compatible
+        self.shapes.update({n: self.adapter.tensors.shape(k) for n, k in self.adapter.replaced.items()})
         self.dtypes = dict(base.dtypes)
         self._source = LoraSource(self.adapter, _CheckpointSource(base))
 

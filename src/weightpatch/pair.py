@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from weightpatch.architecture import architecture_for
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import PairMismatchError, WeightPatchError
-from weightpatch.lora import LoraAdapter, LoraSource, apply_adapter, is_adapter_dir
+from weightpatch.lora import ADAPTER_CONFIG, LoraAdapter, LoraSource, apply_adapter, is_adapter_dir
 from weightpatch.weights import SafetensorsSource, TensorDictSource, WeightSource, shape_differences
 
 Role = Literal["base", "specialized"]
@@ -320,6 +320,11 @@ def load_pair(
     }
     gguf = {r: split[r][1] for r in split}
     dirs = {r: resolve_checkpoint(split[r][0], revision, gguf[r]) for r in split}
+    if not gguf["base"] and is_adapter_dir(dirs["base"]):
+        raise WeightPatchError(
+            f"{base} is a PEFT adapter, not a full model: pass the full base model first and the adapter as "
+            f"the specialized model (for knockout runs use receiver='specialized')"
+        )
     adapter = _adapter_in(dirs["specialized"], gguf["specialized"])
     sources = {"base": str(base), "specialized": str(specialized)}
     configs = {
@@ -359,10 +364,10 @@ def load_pair(
         else:
             donor = adapted
     raise_if_mismatched(shape_differences(space.shapes, donor, labels=(receiver, donor_role)))
-    refs = {
-        r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(weight_files(dirs[r], gguf[r])))
-        for r in dirs
-    }
+    hashed = {r: weight_files(dirs[r], gguf[r]) for r in dirs}
+    if adapter is not None:  # the scaling lives in the config: two alphas are two models
+        hashed["specialized"].append(dirs["specialized"] / ADAPTER_CONFIG)
+    refs = {r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(hashed[r])) for r in dirs}
     return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver)
 
 

@@ -1,0 +1,52 @@
+"""The inputs users hold, through the CLI: .gguf files, LoRA adapters, hub-id-shaped names offline."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from cli_testutil import assert_user_error, invoke
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_pair
+from weightpatch import demo
+
+pytest.importorskip("gguf")
+from gguf_writer import write_llama_gguf
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_check_takes_gguf_file_paths(tmp_path):
+    dirs = make_pair("llama", tmp_path)
+    files = [
+        write_llama_gguf(
+            AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), tmp_path / f"{d.name}.gguf"
+        )
+        for d in dirs
+    ]
+    result = invoke("check", *files, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+
+
+def test_check_takes_a_lora_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = AutoModelForCausalLM.from_pretrained(demo.paths().base)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    result = invoke("check", demo.paths().base, tmp_path / "adapter", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+
+
+def test_merge_with_hub_shaped_names_offline_is_one_line_at_once(tmp_path, offline):
+    start = time.monotonic()
+    # --no-progress: the merge bar is drawn before the inputs are opened and would prefix the error line
+    result = invoke("merge", demo.paths().base, "some-org/some-expert", "-o", tmp_path / "out", "--no-progress")
+    assert time.monotonic() - start < 2
+    assert_user_error(result, "'some-org/some-expert' is not a local directory")
