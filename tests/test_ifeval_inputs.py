@@ -4,6 +4,7 @@ types, and the built-in six against lm-eval's verdicts."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -137,10 +138,12 @@ def test_builtin_skips_unchecked_instructions_with_a_warning(caplog):
     }
 
 
-def test_no_checker_for_any_instruction_is_a_clear_error():
+def test_no_checker_for_any_instruction_gives_nan_not_an_error(caplog):
     records = [{"key": 1, "prompt": "p", "instruction_id_list": ["keywords:existence"], "kwargs": [{}]}]
-    with pytest.raises(WeightPatchError, match="no instruction of these prompts has a checker"):
-        C.evaluate(records, ["x"])
+    with caplog.at_level(logging.WARNING, logger="weightpatch"):
+        score, _ = C.evaluate(records, ["x"])
+    assert score.n_prompts == 0 and math.isnan(score.prompt_loose) and math.isnan(score.instruction_strict)
+    assert score.skipped == {"keywords:existence": 1} and "keywords:existence (1x)" in caplog.text
 
 
 def test_ifeval_lines_need_prompt_without_instruction_only_for_the_instruction_anchor():

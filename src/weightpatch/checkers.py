@@ -345,7 +345,8 @@ class Accuracy:
 
 def accuracy(results: Sequence[PromptResult]) -> Accuracy:
     """Prompt-level and instruction-level accuracy, overall and per instruction id, over the checked
-    instructions (a prompt whose every instruction was skipped for want of a checker counts in neither)."""
+    instructions (a prompt whose every instruction was skipped for want of a checker counts in neither;
+    with no checked instruction at all every accuracy is NaN, never an error)."""
     if not results:
         raise WeightPatchError("no results to score: the prompt set is empty")
     total: dict[str, int] = defaultdict(int)
@@ -360,18 +361,14 @@ def accuracy(results: Sequence[PromptResult]) -> Accuracy:
         for i in r.skipped:
             skipped[i] += 1
     scored = [r for r in results if r.instruction_id_list or not r.skipped]
-    if not scored:
-        raise WeightPatchError(
-            f"no instruction of these prompts has a checker (skipped: {', '.join(sorted(skipped))}); "
-            f"pip install 'weightpatch[ifeval]' and use the lm_eval checker"
-        )
+    nan = float("nan")
     n_instr = sum(total.values())
     return Accuracy(
         n_prompts=len(scored),
-        prompt_strict=sum(r.strict_all for r in scored) / len(scored),
-        prompt_loose=sum(r.loose_all for r in scored) / len(scored),
-        instruction_strict=sum(ok_s.values()) / n_instr if n_instr else float("nan"),
-        instruction_loose=sum(ok_l.values()) / n_instr if n_instr else float("nan"),
+        prompt_strict=sum(r.strict_all for r in scored) / len(scored) if scored else nan,
+        prompt_loose=sum(r.loose_all for r in scored) / len(scored) if scored else nan,
+        instruction_strict=sum(ok_s.values()) / n_instr if n_instr else nan,
+        instruction_loose=sum(ok_l.values()) / n_instr if n_instr else nan,
         per_instruction_strict={i: ok_s[i] / total[i] for i in sorted(total)},
         per_instruction_loose={i: ok_l[i] / total[i] for i in sorted(total)},
         per_instruction_count={i: total[i] for i in sorted(total)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from cli_testutil import assert_user_error, invoke
@@ -50,3 +51,19 @@ def test_merge_with_hub_shaped_names_offline_is_one_line_at_once(tmp_path, offli
     result = invoke("merge", demo.paths().base, "some-org/some-expert", "-o", tmp_path / "out", "--no-progress")
     assert time.monotonic() - start < 2
     assert_user_error(result, "'some-org/some-expert' is not a local directory")
+
+
+def test_anchor_on_ifevals_own_schema_with_model_diff(tmp_path):
+    """IFEval lines (no prompt_without_instruction, instruction types outside the built-in six):
+    model_diff anchor and its steering check run; unchecked instructions are skipped, not fatal."""
+    sample = Path(__file__).parents[1] / "data" / "ifeval_sample.jsonl"
+    paths = demo.paths()
+    result = invoke(
+        "anchor", paths.base, paths.specialized, "--prompts", sample, "--heldout", sample, "--method", "model_diff",
+        "--layer", "2", "--alphas", "0,1", "--steering-prompts", "6", "--max-new-tokens", "8",
+        "--run-dir", tmp_path / "run", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "anchor.json").is_file()
+    result = invoke("anchor", paths.base, paths.specialized, "--prompts", sample, "--run-dir", tmp_path / "other")
+    assert_user_error(result, "'prompt_without_instruction'", "--method model_diff")
