@@ -67,3 +67,25 @@ def test_anchor_on_ifevals_own_schema_with_model_diff(tmp_path):
     assert (tmp_path / "run" / "anchor.json").is_file()
     result = invoke("anchor", paths.base, paths.specialized, "--prompts", sample, "--run-dir", tmp_path / "other")
     assert_user_error(result, "'prompt_without_instruction'", "--method model_diff")
+
+
+@pytest.mark.slow
+def test_lora_adapter_through_every_subcommand(tmp_path):
+    """anchor, screen (exact and first-order), trace and merge with a PEFT adapter as the specialized model."""
+    peft = pytest.importorskip("peft")
+    base = demo.paths().base
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    adapter, prompts = tmp_path / "adapter", demo.paths().data / "anchor.jsonl"
+    args = ("--run-dir", tmp_path / "run", "--no-progress")
+    steps = [
+        ("anchor", base, adapter, "--prompts", prompts, "--layer", "2", "--steering-prompts", "0", *args),
+        ("screen", base, adapter, "--prompts", prompts, "--kinds", "head,module", "--top-k", "3", *args),
+        ("trace", base, adapter, "--prompts", prompts, "--targets", "L2.attn.head1", *args),
+        ("merge", base, adapter, "--output", tmp_path / "merged", "--method", "ties", "--no-progress"),
+    ]
+    for step in steps:
+        result = invoke(*step)
+        assert result.exit_code == 0, (step[0], result.output)
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
