@@ -149,7 +149,10 @@ def _differences(pair, method, with_instr, without_instr, layers, batch_size):
     """Per-prompt difference vectors (prompt, layer, hidden) and the two conditions' residuals."""
     if method == "instruction":
         if without_instr is None or len(without_instr) != len(with_instr):
-            raise WeightPatchError("the 'instruction' anchor needs each prompt also in a form without its instruction")
+            raise WeightPatchError(
+                "the 'instruction' anchor needs each prompt also without its instruction (the "
+                "'prompt_without_instruction' field) to contrast the two; use method 'model_diff' for plain prompts"
+            )
         a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size)
         b = last_token_residuals(pair, without_instr, layers, "specialized", batch_size)
     elif method == "model_diff":

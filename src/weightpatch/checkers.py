@@ -17,16 +17,33 @@ loose evaluation of ``evaluation_lib.py``:
 Strict: the check on the response (an empty / whitespace-only response follows nothing). Loose: the
 check passes on any of the response, the response without its first line, without its last line,
 without both, and each of these with every ``*`` removed.
+
+Two backends (``checker=``): ``"builtin"`` (the six above, no dependencies; the default) and
+``"lm_eval"``: lm-eval's IFEval instruction registry (``lm_eval.tasks.ifeval``, the optional extra
+``weightpatch[ifeval]``) for all 25 instruction types, with the same strict/loose evaluation as
+lm-eval's ``utils.py`` and ``langdetect`` seeded (``DetectorFactory.seed = 0``) so that a verdict on
+a given text is deterministic. In :func:`evaluate`, an instruction without a checker (unknown to
+the backend, or needing NLTK data that is not installed) is skipped with a warning naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from weightpatch.errors import WeightPatchError
+
+logger = logging.getLogger("weightpatch")
+
+Backend = Literal["builtin", "lm_eval"]
+BACKENDS: tuple[Backend, ...] = ("builtin", "lm_eval")
 
 CAPITAL = "change_case:english_capital"
 NO_COMMA = "punctuation:no_comma"
@@ -92,21 +109,95 @@ _CHECKS: dict[str, tuple[Callable[..., bool], tuple[str, ...], tuple[str, ...]]]
 SUPPORTED_INSTRUCTIONS: tuple[str, ...] = tuple(_CHECKS)
 
 
+class NoChecker(WeightPatchError):
+    """An instruction the chosen backend cannot check (skipped by :func:`evaluate`)."""
+
+
+@functools.cache
+def lm_eval_registry() -> dict[str, Any]:
+    """lm-eval's ``INSTRUCTION_DICT`` (instruction id -> checker class), imported on first use.
+
+    ``langdetect`` is seeded (``DetectorFactory.seed = 0``). lm-eval downloads NLTK's ``punkt_tab``
+    when importing its checkers; weightpatch never downloads at run time, so a missing ``punkt_tab``
+    is not fetched (the two instructions that need NLTK's tokenizers are then skipped, see
+    :func:`evaluate`)."""
+    try:
+        import langdetect
+        import nltk
+    except ImportError as exc:
+        raise WeightPatchError(
+            f"the lm_eval checker needs lm-eval's IFEval dependencies ({exc.name} is missing); "
+            f"pip install 'weightpatch[ifeval]', or use the builtin checker"
+        ) from exc
+    langdetect.DetectorFactory.seed = 0
+    download = nltk.download
+    nltk.download = lambda *args, **kwargs: False  # lm-eval calls it at import when punkt_tab is absent
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and then prints that it downloaded it
+            from lm_eval.tasks.ifeval import instructions_registry
+    except ImportError as exc:
+        raise WeightPatchError(
+            f"the lm_eval checker needs lm-eval ({exc.name} is missing); pip install 'weightpatch[ifeval]', "
+            f"or use the builtin checker"
+        ) from exc
+    finally:
+        nltk.download = download
+    return dict(instructions_registry.INSTRUCTION_DICT)
+
+
+def supported_instructions(checker: Backend = "builtin") -> tuple[str, ...]:
+    """The instruction ids a backend has checkers for."""
+    if checker == "builtin":
+        return SUPPORTED_INSTRUCTIONS
+    if checker == "lm_eval":
+        return tuple(sorted(lm_eval_registry()))
+    raise WeightPatchError(f"unknown checker {checker!r}; use one of {', '.join(BACKENDS)}")
+
+
+def _check_lm_eval(instruction_id: str, response: str, kwargs: dict | None, prompt: str | None) -> bool:
+    """lm-eval's ``test_instruction_following_strict`` for one instruction, without the empty guard."""
+    registry = lm_eval_registry()
+    if instruction_id not in registry:
+        raise NoChecker(f"lm-eval's IFEval registry has no instruction {instruction_id!r}")
+    instruction = registry[instruction_id](instruction_id)
+    instruction.build_description(**{k: v for k, v in (kwargs or {}).items() if v})
+    args = instruction.get_instruction_args()
+    if args and "prompt" in args:
+        if prompt is None:
+            raise WeightPatchError(f"instruction {instruction_id!r} is checked against the prompt; pass prompt=")
+        instruction.build_description(prompt=prompt)
+    try:
+        return bool(instruction.check_following(response))
+    except LookupError as exc:  # NLTK data (punkt_tab) not installed
+        raise NoChecker(
+            f"lm-eval's check of {instruction_id!r} needs NLTK tokenizer data that is not installed "
+            f"(python -m nltk.downloader punkt_tab punkt)"
+        ) from exc
+
+
 def check_instruction(
     instruction_id: str,
     response: str,
     kwargs: dict | None = None,
     *,
     language_check: Callable[[str], bool] | None = None,
+    checker: Backend = "builtin",
+    prompt: str | None = None,
 ) -> bool:
     """Whether ``response`` follows one instruction (IFEval's ``check_following``, no empty-guard).
 
     ``kwargs`` are IFEval's; keys with value ``None`` are ignored (the Hugging Face copy of IFEval
-    stores every key of every instruction, mostly ``None``).
+    stores every key of every instruction, mostly ``None``). ``prompt`` is needed by lm-eval's
+    ``combination:repeat_prompt``. Raises :class:`NoChecker` for an instruction the backend lacks.
     """
+    if checker == "lm_eval":
+        return _check_lm_eval(instruction_id, response, kwargs, prompt)
+    if checker != "builtin":
+        raise WeightPatchError(f"unknown checker {checker!r}; use one of {', '.join(BACKENDS)}")
     if instruction_id not in _CHECKS:
-        raise WeightPatchError(
-            f"no checker for instruction {instruction_id!r}; supported: {', '.join(SUPPORTED_INSTRUCTIONS)}"
+        raise NoChecker(
+            f"no checker for instruction {instruction_id!r}; supported: {', '.join(SUPPORTED_INSTRUCTIONS)} "
+            f"(all 25 IFEval types with pip install 'weightpatch[ifeval]' and checker 'lm_eval')"
         )
     fn, required, optional = _CHECKS[instruction_id]
     given = {k: v for k, v in (kwargs or {}).items() if v is not None}
@@ -117,6 +208,22 @@ def check_instruction(
     if instruction_id == CAPITAL:
         return fn(response, language_check=language_check)
     return fn(response, **args)
+
+
+def seeded_english_check() -> Callable[[str], bool]:
+    """IFEval's English test for :func:`check_english_capital`: ``langdetect.detect(text) == "en"``
+    with ``langdetect`` seeded (deterministic); False when it cannot detect a language."""
+    import langdetect
+
+    langdetect.DetectorFactory.seed = 0
+
+    def is_english(text: str) -> bool:
+        try:
+            return langdetect.detect(text) == "en"
+        except langdetect.LangDetectException:
+            return True  # IFEval's own fallback: an undetectable text passes
+
+    return is_english
 
 
 def loose_variants(response: str) -> list[str]:
@@ -144,23 +251,29 @@ def follows(
     *,
     loose: bool = False,
     language_check: Callable[[str], bool] | None = None,
+    checker: Backend = "builtin",
+    prompt: str | None = None,
 ) -> bool:
     """IFEval's strict (default) or loose verdict for one instruction."""
     candidates = loose_variants(response) if loose else [response]
     return any(
-        c.strip() and check_instruction(instruction_id, c, kwargs, language_check=language_check) for c in candidates
+        c.strip()
+        and check_instruction(instruction_id, c, kwargs, language_check=language_check, checker=checker, prompt=prompt)
+        for c in candidates
     )
 
 
 @dataclass
 class PromptResult:
-    """The verdicts for one prompt: one bool per instruction, strict and loose."""
+    """The verdicts for one prompt: one bool per checked instruction, strict and loose.
+    ``instruction_id_list`` holds the checked instructions; ``skipped`` those without a checker."""
 
     key: int | str | None
     instruction_id_list: list[str]
     strict: list[bool]
     loose: list[bool]
     response: str = ""
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def strict_all(self) -> bool:
@@ -178,17 +291,28 @@ def evaluate_response(
     *,
     key: int | str | None = None,
     language_check: Callable[[str], bool] | None = None,
+    checker: Backend = "builtin",
+    prompt: str | None = None,
 ) -> PromptResult:
+    """Strict and loose verdicts for every instruction of one prompt; instructions the backend has
+    no checker for are listed in :attr:`PromptResult.skipped` instead."""
     if len(kwargs) != len(instruction_id_list):
         raise WeightPatchError(f"prompt {key}: {len(instruction_id_list)} instructions but {len(kwargs)} kwargs dicts")
-    strict = [
-        follows(i, response, k, language_check=language_check) for i, k in zip(instruction_id_list, kwargs, strict=True)
-    ]
-    loose = [
-        follows(i, response, k, loose=True, language_check=language_check)
-        for i, k in zip(instruction_id_list, kwargs, strict=True)
-    ]
-    return PromptResult(key, list(instruction_id_list), strict, loose, response)
+    ids, strict, loose, skipped = [], [], [], []
+    for instruction_id, kw in zip(instruction_id_list, kwargs, strict=True):
+        options = {"language_check": language_check, "checker": checker, "prompt": prompt}
+        try:
+            verdicts = (
+                follows(instruction_id, response, kw, **options),
+                follows(instruction_id, response, kw, loose=True, **options),
+            )
+        except NoChecker:
+            skipped.append(instruction_id)
+            continue
+        ids.append(instruction_id)
+        strict.append(verdicts[0])
+        loose.append(verdicts[1])
+    return PromptResult(key, ids, strict, loose, response, skipped)
 
 
 @dataclass
@@ -203,6 +327,7 @@ class Accuracy:
     per_instruction_strict: dict[str, float] = field(default_factory=dict)
     per_instruction_loose: dict[str, float] = field(default_factory=dict)
     per_instruction_count: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # instruction id -> occurrences without a checker
 
     def as_dict(self) -> dict:
         return {
@@ -214,43 +339,70 @@ class Accuracy:
             "per_instruction_strict": dict(self.per_instruction_strict),
             "per_instruction_loose": dict(self.per_instruction_loose),
             "per_instruction_count": dict(self.per_instruction_count),
+            "skipped": dict(self.skipped),
         }
 
 
 def accuracy(results: Sequence[PromptResult]) -> Accuracy:
-    """Prompt-level and instruction-level accuracy, overall and per instruction id."""
+    """Prompt-level and instruction-level accuracy, overall and per instruction id, over the checked
+    instructions (a prompt whose every instruction was skipped for want of a checker counts in neither;
+    with no checked instruction at all every accuracy is NaN, never an error)."""
     if not results:
         raise WeightPatchError("no results to score: the prompt set is empty")
     total: dict[str, int] = defaultdict(int)
     ok_s: dict[str, int] = defaultdict(int)
     ok_l: dict[str, int] = defaultdict(int)
+    skipped: dict[str, int] = defaultdict(int)
     for r in results:
         for i, s, lo in zip(r.instruction_id_list, r.strict, r.loose, strict=True):
             total[i] += 1
             ok_s[i] += s
             ok_l[i] += lo
+        for i in r.skipped:
+            skipped[i] += 1
+    scored = [r for r in results if r.instruction_id_list or not r.skipped]
+    nan = float("nan")
     n_instr = sum(total.values())
     return Accuracy(
-        n_prompts=len(results),
-        prompt_strict=sum(r.strict_all for r in results) / len(results),
-        prompt_loose=sum(r.loose_all for r in results) / len(results),
-        instruction_strict=sum(ok_s.values()) / n_instr if n_instr else float("nan"),
-        instruction_loose=sum(ok_l.values()) / n_instr if n_instr else float("nan"),
+        n_prompts=len(scored),
+        prompt_strict=sum(r.strict_all for r in scored) / len(scored) if scored else nan,
+        prompt_loose=sum(r.loose_all for r in scored) / len(scored) if scored else nan,
+        instruction_strict=sum(ok_s.values()) / n_instr if n_instr else nan,
+        instruction_loose=sum(ok_l.values()) / n_instr if n_instr else nan,
         per_instruction_strict={i: ok_s[i] / total[i] for i in sorted(total)},
         per_instruction_loose={i: ok_l[i] / total[i] for i in sorted(total)},
         per_instruction_count={i: total[i] for i in sorted(total)},
+        skipped=dict(sorted(skipped.items())),
     )
 
 
-def evaluate(records: Sequence, responses: Sequence[str]) -> tuple[Accuracy, list[PromptResult]]:
-    """Score ``responses`` against prompt records (``PromptRecord`` or IFEval dicts), in order."""
+def evaluate(
+    records: Sequence, responses: Sequence[str], *, checker: Backend = "builtin"
+) -> tuple[Accuracy, list[PromptResult]]:
+    """Score ``responses`` against prompt records (``PromptRecord`` or IFEval dicts), in order.
+    Instructions without a checker are skipped with one warning naming them (never an error)."""
     if len(records) != len(responses):
         raise WeightPatchError(f"{len(records)} prompts but {len(responses)} responses")
     results = []
     for rec, resp in zip(records, responses, strict=True):
         get = rec.get if isinstance(rec, dict) else lambda name, r=rec: getattr(r, name)
-        results.append(evaluate_response(get("instruction_id_list"), get("kwargs"), resp, key=get("key")))
-    return accuracy(results), results
+        results.append(
+            evaluate_response(
+                get("instruction_id_list"), get("kwargs"), resp, key=get("key"), checker=checker, prompt=get("prompt")
+            )
+        )
+    score = accuracy(results)
+    if score.skipped:
+        listed = ", ".join(f"{i} ({n}x)" for i, n in score.skipped.items())
+        logger.warning(
+            "instructions without a %s checker are skipped in the behavioural metrics: %s%s",
+            checker,
+            listed,
+            "; pip install 'weightpatch[ifeval]' and use the lm_eval checker for all 25"
+            if checker == "builtin"
+            else "",
+        )
+    return score, results
 
 
 #: Detectors of each format applied *without being asked*: same checks, with the kwargs that make them

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from weightpatch.architecture import architecture_for
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.lora import ADAPTER_CONFIG, LoraAdapter, LoraSource, apply_adapter, is_adapter_dir
 from weightpatch.weights import (
     WEIGHT_FILE_SUFFIXES,
     FusedExpertSource,
@@ -53,16 +54,44 @@ class ModelRef:
         return asdict(self)
 
 
+def looks_local(source: str) -> bool:
+    """Whether ``source`` can only be meant as a local path (so a missing one is reported at once,
+    never looked up on the hub): it starts with ``.``, ``/`` or ``~``, has a backslash or more than
+    one ``/`` (a hub id is ``name`` or ``owner/name``), or its parent directory exists here
+    (``in/nope`` next to an existing ``in/``)."""
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        return True
+    parent = Path(source).parent
+    return parent != Path(".") and parent.is_dir()
+
+
+def split_model_source(source: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(directory or hub id, GGUF file name)`` for what a user passes as a model: a directory or
+    hub id as it is; a path to a ``.gguf`` file as (its directory, its name); ``repo-id:file.gguf``
+    as (``repo-id``, ``file.gguf``). An explicit ``gguf_file`` wins over one implied by the path."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf") and path.is_file():
+        return str(path.parent), gguf_file or path.name
+    if text.endswith(".gguf") and ":" in text and not looks_local(text.rsplit(":", 1)[0]):
+        repo, _, name = text.rpartition(":")
+        return repo, gguf_file or name
+    return text, gguf_file
+
+
 def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, gguf_file: str | None = None) -> Path:
     """A local directory for ``source``: the directory itself, or a hub snapshot (downloaded or
     from the local cache: configs, tokenizer files, and the weights: safetensors, else ``.bin``, or
-    the one GGUF file asked for). Raises a clear error when neither exists."""
+    the one GGUF file asked for). Raises a clear error when neither exists; a source that looks
+    like a local path (:func:`looks_local`) is reported missing without asking the hub."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     text = str(source)
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1
-    if looks_like_path or path.exists():
+    if path.is_file():
+        hint = " (a .gguf file is accepted as it is)" if not text.endswith(".gguf") else ""
+        raise WeightPatchError(f"{text!r} is a file, not a model directory; pass the directory that holds it{hint}")
+    if looks_local(text):
         raise WeightPatchError(f"model directory {text!r} does not exist; pass a local directory or a hub id")
     from huggingface_hub import list_repo_files, snapshot_download
 
@@ -284,30 +313,75 @@ def load_pair(
     """Load and check a pair. The receiver is loaded with ``from_pretrained``; the donor is read
     lazily from its safetensors files (loaded in full only for ``.bin``/GGUF checkpoints).
 
+    Each model may be a directory, a hub id (``revision`` applies to both), a ``.gguf`` file path or
+    ``repo-id:file.gguf``. The specialized model may also be a PEFT LoRA adapter directory (or hub
+    id): it is ``base + adapter``, with the given base (the adapter's ``base_model_name_or_path`` is
+    not used); its deltas are computed slice by slice from the factors (:mod:`weightpatch.lora`).
+
     Raises :class:`PairMismatchError` listing the first differences when the two are not patchable.
     """
-    gguf = {"base": base_gguf_file, "specialized": specialized_gguf_file}
-    dirs = {
-        "base": resolve_checkpoint(base, revision, base_gguf_file),
-        "specialized": resolve_checkpoint(specialized, revision, specialized_gguf_file),
+    split = {
+        "base": split_model_source(base, base_gguf_file),
+        "specialized": split_model_source(specialized, specialized_gguf_file),
     }
+    gguf = {r: split[r][1] for r in split}
+    dirs = {r: resolve_checkpoint(split[r][0], revision, gguf[r]) for r in split}
+    if not gguf["base"] and is_adapter_dir(dirs["base"]):
+        raise WeightPatchError(
+            f"{base} is a PEFT adapter, not a full model: pass the full base model first and the adapter as "
+            f"the specialized model (for knockout runs use receiver='specialized')"
+        )
+    adapter = _adapter_in(dirs["specialized"], gguf["specialized"])
     sources = {"base": str(base), "specialized": str(specialized)}
-    configs = {r: _config(dirs[r], gguf[r], trust_remote_code) for r in dirs}
+    configs = {
+        r: _config(dirs["base" if adapter and r == "specialized" else r], gguf[r], trust_remote_code) for r in dirs
+    }
     architecture_for(configs["base"])  # unknown families fail before any weights are read
-    tokenizers = {r: _tokenizer(dirs[r], gguf[r], trust_remote_code) for r in dirs}
+    tokenizers = {
+        r: _tokenizer(dirs[r], gguf[r], trust_remote_code) for r in dirs if not (adapter and r == "specialized")
+    }
+    if adapter is not None:  # an adapter's own tokenizer files (if saved) must match the base's
+        has_tokenizer = any((dirs["specialized"] / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizers["specialized"] = (
+            _tokenizer(dirs["specialized"], None, trust_remote_code) if has_tokenizer else tokenizers["base"]
+        )
     raise_if_mismatched(
         pair_differences(configs["base"], configs["specialized"], tokenizers["base"], tokenizers["specialized"])
     )
     donor_role: Role = "specialized" if receiver == "base" else "base"
-    model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, trust_remote_code)
-    space = ComponentSpace.from_model(model, include_kv=include_kv)
-    donor = _donor_source(dirs[donor_role], gguf[donor_role], space, dtype, trust_remote_code)
+    if adapter is None:
+        model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, trust_remote_code)
+        space = ComponentSpace.from_model(model, include_kv=include_kv)
+        donor = _donor_source(dirs[donor_role], gguf[donor_role], space, dtype, trust_remote_code)
+    else:
+        model = _load_model(dirs["base"], gguf["base"], dtype, device, device_map, trust_remote_code)
+        space = ComponentSpace.from_model(model, include_kv=include_kv)
+        base_source = _donor_source(dirs["base"], gguf["base"], space, dtype, trust_remote_code)
+        unknown = [n for n in adapter.changed if n not in space.shapes and n not in space.aliases]
+        if unknown:
+            raise PairMismatchError(
+                f"the adapter in {dirs['specialized']} changes {unknown[:3]}, which the base model does not "
+                f"have; pass the base model the adapter was trained on"
+            )
+        adapted = LoraSource(adapter, base_source)
+        if receiver == "specialized":
+            apply_adapter(model, adapted)
+            donor = base_source
+        else:
+            donor = adapted
     raise_if_mismatched(shape_differences(space.shapes, donor, labels=(receiver, donor_role)))
-    refs = {
-        r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(weight_files(dirs[r], gguf[r])))
-        for r in dirs
-    }
+    hashed = {r: weight_files(dirs[r], gguf[r]) for r in dirs}
+    if adapter is not None:  # the scaling lives in the config: two alphas are two models
+        hashed["specialized"].append(dirs["specialized"] / ADAPTER_CONFIG)
+    refs = {r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(hashed[r])) for r in dirs}
     return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver)
+
+
+def _adapter_in(directory: Path, gguf_file: str | None) -> LoraAdapter | None:
+    """The PEFT adapter in ``directory``, or None for a full checkpoint."""
+    if gguf_file or not is_adapter_dir(directory):
+        return None
+    return LoraAdapter.load(directory)
 
 
 def _tokenizer(directory: Path, gguf_file: str | None, trust_remote_code: bool):

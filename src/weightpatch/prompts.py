@@ -131,8 +131,9 @@ def without_instruction(records: list[PromptRecord]) -> list[PromptRecord]:
     for r in records:
         if r.prompt_without_instruction is None:
             raise WeightPatchError(
-                f"prompt {r.key!r} has no 'prompt_without_instruction' (a weightpatch extension of the "
-                "IFEval schema); add it to the file to use instruction-free pairs"
+                f"prompt {r.key!r} has no 'prompt_without_instruction' field: the instruction-vector anchor "
+                "contrasts each prompt with the same request without its instruction (a weightpatch extension "
+                "of the IFEval schema); add that field, or use --method model_diff, which needs only the prompts"
             )
         out.append(PromptRecord(key=r.key, prompt=r.prompt_without_instruction, instruction_id_list=[], kwargs=[]))
     return out

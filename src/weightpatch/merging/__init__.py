@@ -18,7 +18,7 @@ from weightpatch.merging.methods import (
     task_arithmetic,
     ties,
 )
-from weightpatch.merging.stream import Checkpoint, check_compatible, merge_checkpoints
+from weightpatch.merging.stream import Checkpoint, check_compatible, merge_checkpoints, open_checkpoint
 
 __all__ = [
     "METHODS",
@@ -33,6 +33,7 @@ __all__ = [
     "magnitude_trim",
     "merge_checkpoints",
     "mergekit_config",
+    "open_checkpoint",
     "owner_takes_top",
     "score_weighted",
     "task_arithmetic",

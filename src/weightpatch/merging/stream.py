@@ -101,6 +101,20 @@ class Checkpoint:
             return handle.get_tensor(name)
 
 
+def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None, base: Checkpoint | None = None):
+    """A :class:`Checkpoint` for a directory or hub id (``revision``: branch, tag or commit),
+    resolved as :func:`weightpatch.pair.load_pair` resolves models. With ``base``, a PEFT LoRA
+    adapter (directory or hub id) is an expert ``base + adapter``
+    (:class:`weightpatch.lora.LoraCheckpoint`, deltas computed from the factors tensor by tensor)."""
+    from weightpatch.lora import LoraCheckpoint, is_adapter_dir
+    from weightpatch.pair import resolve_checkpoint
+
+    directory = resolve_checkpoint(source, revision)
+    if base is not None and is_adapter_dir(directory):
+        return LoraCheckpoint(directory, base)
+    return Checkpoint(directory)
+
+
 def check_compatible(base: Checkpoint, experts: Sequence[Checkpoint], limit: int = 5) -> None:
     """Raise :class:`PairMismatchError` unless every expert has exactly the base's tensor names
     and shapes, listing the first ``limit`` differences of each offending expert."""
@@ -206,6 +220,8 @@ def merge_checkpoints(
     out_dtype: torch.dtype | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     description: dict[str, Any] | None = None,
+    base_revision: str | None = None,
+    expert_revisions: Sequence[str | None] | None = None,
 ) -> Path:
     """Merge ``experts`` onto ``base`` with ``merger`` and write the result to ``output``.
 
@@ -215,17 +231,22 @@ def merge_checkpoints(
     copied; a ``weightpatch_merge.json`` records the inputs and ``description``. Returns the
     output path. Refuses to overwrite a non-empty directory unless ``overwrite=True``, and
     refuses any output overlapping an input directory.
+
+    ``base`` and each expert may be a directory or a hub id (``base_revision``/``expert_revisions``
+    pick a branch, tag or commit); an expert may be a PEFT LoRA adapter of ``base``.
     """
     if not experts:
         raise WeightPatchError("merge_checkpoints needs at least one expert directory")
     target = Path(output).expanduser().absolute()
     target = target.parent.resolve() / target.name
-    input_paths = [Path(base), *(Path(e) for e in experts)]
-    _check_target(target, input_paths, overwrite)
+    revisions = list(expert_revisions) if expert_revisions is not None else [None] * len(experts)
+    if len(revisions) != len(experts):
+        raise WeightPatchError(f"{len(revisions)} expert revisions for {len(experts)} experts; give one per expert")
+    base_ckpt = open_checkpoint(base, base_revision)
+    expert_ckpts = [open_checkpoint(e, r, base=base_ckpt) for e, r in zip(experts, revisions, strict=True)]
+    _check_target(target, [base_ckpt.path, *(e.path for e in expert_ckpts)], overwrite)
     max_bytes = parse_size(max_shard_size)
 
-    base_ckpt = Checkpoint(base)
-    expert_ckpts = [Checkpoint(e) for e in experts]
     check_compatible(base_ckpt, expert_ckpts)
 
     def dtype_of(name: str) -> torch.dtype:
@@ -265,10 +286,10 @@ def merge_checkpoints(
             del tensors
         index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copied = _copy_aux_files(Path(base), tmp)
+        copied = _copy_aux_files(base_ckpt.path, tmp)
         record = {
-            "base": str(Path(base).absolute()),
-            "experts": [str(Path(e).absolute()) for e in experts],
+            "base": str(base_ckpt.path.absolute()),
+            "experts": [str(e.path.absolute()) for e in expert_ckpts],
             "copied_from_base": copied,
             "merge": description if description is not None else _describe(merger),
         }

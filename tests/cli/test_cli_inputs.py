@@ -1,0 +1,91 @@
+"""The inputs users hold, through the CLI: .gguf files, LoRA adapters, hub-id-shaped names offline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from cli_testutil import assert_user_error, invoke
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_pair
+from weightpatch import demo
+
+pytest.importorskip("gguf")
+from gguf_writer import write_llama_gguf
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_check_takes_gguf_file_paths(tmp_path):
+    dirs = make_pair("llama", tmp_path)
+    files = [
+        write_llama_gguf(
+            AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), tmp_path / f"{d.name}.gguf"
+        )
+        for d in dirs
+    ]
+    result = invoke("check", *files, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+
+
+def test_check_takes_a_lora_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = AutoModelForCausalLM.from_pretrained(demo.paths().base)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    result = invoke("check", demo.paths().base, tmp_path / "adapter", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+
+
+def test_merge_with_hub_shaped_names_offline_is_one_line_at_once(tmp_path, offline):
+    start = time.monotonic()
+    # --no-progress: the merge bar is drawn before the inputs are opened and would prefix the error line
+    result = invoke("merge", demo.paths().base, "some-org/some-expert", "-o", tmp_path / "out", "--no-progress")
+    assert time.monotonic() - start < 2
+    assert_user_error(result, "'some-org/some-expert' is not a local directory")
+
+
+def test_anchor_on_ifevals_own_schema_with_model_diff(tmp_path):
+    """IFEval lines (no prompt_without_instruction, instruction types outside the built-in six):
+    model_diff anchor and its steering check run; unchecked instructions are skipped, not fatal."""
+    sample = Path(__file__).parents[1] / "data" / "ifeval_sample.jsonl"
+    paths = demo.paths()
+    result = invoke(
+        "anchor", paths.base, paths.specialized, "--prompts", sample, "--heldout", sample, "--method", "model_diff",
+        "--layer", "2", "--alphas", "0,1", "--steering-prompts", "6", "--max-new-tokens", "8",
+        "--run-dir", tmp_path / "run", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "anchor.json").is_file()
+    result = invoke("anchor", paths.base, paths.specialized, "--prompts", sample, "--run-dir", tmp_path / "other")
+    assert_user_error(result, "'prompt_without_instruction'", "--method model_diff")
+
+
+@pytest.mark.slow
+def test_lora_adapter_through_every_subcommand(tmp_path):
+    """anchor, screen (exact and first-order), trace and merge with a PEFT adapter as the specialized model."""
+    peft = pytest.importorskip("peft")
+    base = demo.paths().base
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    adapter, prompts = tmp_path / "adapter", demo.paths().data / "anchor.jsonl"
+    args = ("--run-dir", tmp_path / "run", "--no-progress")
+    steps = [
+        ("anchor", base, adapter, "--prompts", prompts, "--layer", "2", "--steering-prompts", "0", *args),
+        ("screen", base, adapter, "--prompts", prompts, "--kinds", "head,module", "--top-k", "3", *args),
+        ("trace", base, adapter, "--prompts", prompts, "--targets", "L2.attn.head1", *args),
+        ("merge", base, adapter, "--output", tmp_path / "merged", "--method", "ties", "--no-progress"),
+    ]
+    for step in steps:
+        result = invoke(*step)
+        assert result.exit_code == 0, (step[0], result.output)
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()

@@ -1,0 +1,95 @@
+"""Model sources users pass: .gguf file paths, ``repo:file.gguf``, hub ids and local-looking paths."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_pair
+from weightpatch.components import ParamSlice
+from weightpatch.errors import WeightPatchError
+from weightpatch.pair import load_pair, looks_local, resolve_checkpoint, split_model_source
+
+pytest.importorskip("gguf")
+from gguf_writer import write_llama_gguf
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 as the hub client sees it (it reads the variable once, at import)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    dirs = make_pair("llama", root)
+    files = [
+        write_llama_gguf(
+            AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), root / f"{d.name}.gguf"
+        )
+        for d in dirs
+    ]
+    return dirs, files
+
+
+def test_gguf_file_paths_load_like_the_safetensors_pair(gguf_pair):
+    dirs, files = gguf_pair
+    from_gguf, reference = load_pair(*files), load_pair(*dirs)
+    assert from_gguf.specialized.gguf_file == files[1].name and from_gguf.specialized.path == str(files[1].parent)
+    for name in reference.space.shapes:
+        assert torch.equal(from_gguf.model.get_parameter(name), reference.model.get_parameter(name)), name
+        assert torch.equal(from_gguf.donor.read(ParamSlice(name)), reference.donor.read(ParamSlice(name))), name
+
+
+def test_split_model_source():
+    assert split_model_source("org/model-GGUF:model.Q8_0.gguf") == ("org/model-GGUF", "model.Q8_0.gguf")
+    assert split_model_source("org/model") == ("org/model", None)
+    assert split_model_source("org/model", "w.gguf") == ("org/model", "w.gguf")
+
+
+def test_gguf_file_path_splits_into_directory_and_name(gguf_pair):
+    _, files = gguf_pair
+    assert split_model_source(files[0]) == (str(files[0].parent), files[0].name)
+
+
+def test_local_looking_missing_paths_fail_at_once(tmp_path, monkeypatch):
+    """No hub lookup at all (no offline mode needed): the error comes before the hub client is asked."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    for source in ["in/nope", "./nope", "~/nope-weightpatch", "a/b/c", "..\\nope"]:
+        assert looks_local(source), source
+        start = time.monotonic()
+        with pytest.raises(WeightPatchError, match=r"^model directory .* does not exist; pass a local directory"):
+            resolve_checkpoint(source)
+        assert time.monotonic() - start < 2
+    assert not looks_local("some-org/some-model") and not looks_local("gpt2")
+
+
+def test_existing_file_is_not_a_model_directory(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(WeightPatchError, match="is a file, not a model directory"):
+        resolve_checkpoint(f)
+
+
+def test_merge_with_hub_shaped_names_offline_fails_fast_with_one_line(llama_pair_dirs, tmp_path, offline):
+    from weightpatch.merging import MergeConfig, merge_checkpoints
+
+    base, _ = llama_pair_dirs
+    for experts, message in [
+        (["some-org/some-expert"], r"^'some-org/some-expert' is not a local directory and could not be fetched"),
+        ([tmp_path / "missing" / "expert"], r"^model directory .* does not exist"),
+    ]:
+        start = time.monotonic()
+        with pytest.raises(WeightPatchError, match=message) as info:
+            merge_checkpoints(base, experts, tmp_path / "out", MergeConfig())
+        assert time.monotonic() - start < 2
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
