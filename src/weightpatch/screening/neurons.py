@@ -63,6 +63,20 @@ class NeuronScreen:
             handle.remove()
         return captured[0], captured[1]
 
+    def _output_vectors(self, layer: int, down_weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every neuron's output vector (the down projection's column), (neurons, hidden), under the
+        receiver's and the donor's weights."""
+        space, model = self.space, self.model
+        (down_rule,) = [
+            r
+            for r in space.spec.neuron
+            if isinstance(r, dict) and space.spec.layer_prefix.format(layer=layer) + r["param"] == down_weight
+        ]
+        dim = int(down_rule["dim"])
+        w_base = model.get_parameter(down_weight).detach().movedim(dim, 0)
+        w_donor = donor_values(self.scorer.pair.donor, ParamSlice(down_weight), model.get_parameter(down_weight))
+        return w_base, w_donor.movedim(dim, 0)
+
     def _input_components(self, layer: int, down_weight: str) -> list[Component]:
         """The MLP parameters that feed the neurons (everything in the neuron rules but the down
         projection), as module components to patch."""
@@ -83,15 +97,7 @@ class NeuronScreen:
                 score_row(Component("neuron", layer, "mlp", j), METHOD, 0.0, 0.0, n) for j in index
             )
         mlp, down, down_weight = self._paths(layer)
-        (down_rule,) = [
-            r
-            for r in space.spec.neuron
-            if isinstance(r, dict) and space.spec.layer_prefix.format(layer=layer) + r["param"] == down_weight
-        ]
-        dim = int(down_rule["dim"])
-        w_base = model.get_parameter(down_weight).detach().movedim(dim, 0)  # (neurons, hidden)
-        w_donor = donor_values(scorer.pair.donor, ParamSlice(down_weight), model.get_parameter(down_weight))
-        w_donor = w_donor.movedim(dim, 0)
+        w_base, w_donor = self._output_vectors(layer, down_weight)
         inputs_patch = self._input_components(layer, down_weight)
         f = torch.zeros(len(index), sum(len(b) for b in scorer.batches), dtype=scorer.u.dtype)
         bar = tqdm(
