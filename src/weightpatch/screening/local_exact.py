@@ -111,6 +111,7 @@ class LocalExactScreen:
         return run_segment(self.model, self.space, batch, stop=layer, start=layer, hidden_in=hidden_in)[0]
 
     def _base_output(self, layer: int, batch_index: int) -> torch.Tensor:
+        """:meth:`_block_output` of the receiver, cached (call it outside any patch)."""
         key = (layer, batch_index)
         if key not in self._base_outputs:
             self._base_outputs[key] = self._block_output(layer, batch_index)
@@ -131,6 +132,9 @@ class LocalExactScreen:
     def _scores(self, component: Component, layer: int) -> torch.Tensor:
         """Estimated patched anchor scores (prompt,) of one component first affecting ``layer``."""
         scorer, anchor = self.scorer, self.scorer.layer
+        if layer < anchor:  # the receiver's block output and gradients, before patching
+            base = [self._base_output(layer, bi) for bi in range(len(scorer.batches))]
+            gradients = [self.gradients(bi)[0][layer] for bi in range(len(scorer.batches))]
         out = []
         with patched(self.model, scorer.pair.donor, self.space, [component]):
             for bi in range(len(scorer.batches)):
@@ -139,8 +143,7 @@ class LocalExactScreen:
                     out.append(scorer.project(patched_out))
                     continue
                 f_receiver = scorer.f_receiver[self._offsets[bi] : self._offsets[bi + 1]]
-                change = patched_out - self._base_output(layer, bi)
-                out.append(f_receiver + self._linear_change(self.gradients(bi)[0][layer], change))
+                out.append(f_receiver + self._linear_change(gradients[bi], patched_out - base[bi]))
         return torch.cat(out)
 
     def _neuron_layer(self, layer: int, index: list[int]) -> list[dict]:
