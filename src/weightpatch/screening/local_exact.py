@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from itertools import groupby
 
 import torch
 from tqdm.auto import tqdm
@@ -75,7 +74,7 @@ def residual_gradients(
 
     handles = [blocks[0].register_forward_pre_hook(leaf_input, with_kwargs=True)]
     handles += [blocks[layer].register_forward_hook(keep(outputs, layer)) for layer in range(anchor)]
-    handles += [model.get_submodule(p).register_forward_hook(keep(mlp_outputs, layer)) for layer, p in mlp_paths.items()]
+    handles += [model.get_submodule(p).register_forward_hook(keep(mlp_outputs, i)) for i, p in mlp_paths.items()]
     try:
         with torch.enable_grad():
             hidden = run_segment(model, space, batch, stop=anchor)[0]
@@ -180,31 +179,26 @@ class LocalExactScreen:
         bar = tqdm(total=len(todo), desc=METHOD, unit="comp", disable=not progress)
         with torch.no_grad():
             for c in todo:
-                if c.kind == "neuron" and c.layer < anchor:  # type: ignore[operator]
+                if c.kind == "neuron" and c.layer <= anchor:  # type: ignore[operator]
                     neurons[c.layer].append(c.index)  # type: ignore[index,arg-type]
             for layer, index in neurons.items():
-                for row in self._neuron_layer(layer, index):
-                    rows[row["component"]] = row
+                if layer < anchor:
+                    layer_rows = self._neuron_layer(layer, index)
+                else:  # the anchor's own block: exact
+                    exact = self.neurons.run_layer(layer, index, progress=False).frame.to_dict("records")
+                    layer_rows = [{**row, "method": METHOD} for row in exact]
+                rows.update((row["component"], row) for row in layer_rows)
                 bar.update(len(index))
-            others = [c for c in todo if c.name not in rows]
-            first = {c: self.space.first_affected_layer(c) for c in others}
-            others.sort(key=first.__getitem__)
-            for layer, group in groupby(others, key=first.__getitem__):
-                if layer == anchor:  # exact, and the batched neuron path serves the anchor's neurons
-                    group = list(group)
-                    exact_neurons = [c.index for c in group if c.kind == "neuron"]
-                    if exact_neurons:
-                        for row in self.neurons.run_layer(layer, exact_neurons, progress=False).frame.to_dict("records"):
-                            rows[row["component"]] = {**row, "method": METHOD}
-                        bar.update(len(exact_neurons))
-                    group = [c for c in group if c.kind != "neuron"]
-                for c in group:
-                    if layer > anchor:
-                        rows[c.name] = score_row(c, METHOD, 0.0, 0.0, n_valid)
-                    else:
-                        e = scorer.effect(self._scores(c, layer))
-                        rows[c.name] = score_row(c, METHOD, e.mean, e.stderr, e.n_prompts)
-                    bar.update(1)
+            for c in todo:
+                if c.name in rows:
+                    continue
+                layer = self.space.first_affected_layer(c)
+                if layer > anchor:
+                    rows[c.name] = score_row(c, METHOD, 0.0, 0.0, n_valid)
+                else:
+                    e = scorer.effect(self._scores(c, layer))
+                    rows[c.name] = score_row(c, METHOD, e.mean, e.stderr, e.n_prompts)
+                bar.update(1)
         bar.close()
         return ScoreTable.from_rows(rows[c.name] for c in todo)
 
