@@ -25,13 +25,13 @@ def pair_and_prompts(name: str):
         with_i = [r.prompt for r in records]
         without = [r.prompt_without_instruction for r in records]
         return paths.base, paths.specialized, with_i, without
-    if name == "smollm2":
+    if name in ("smollm2", "smollm2-heavy"):
         sys.path.insert(0, str(Path(__file__).parent))
         import real_pair
 
-        base, sft = real_pair.build()
+        base, sft = real_pair.build(heavy=name == "smollm2-heavy")
         return base, sft, real_pair.prompts(True), real_pair.prompts(False)
-    raise SystemExit(f"unknown pair {name!r}: use demo or smollm2")
+    raise SystemExit(f"unknown pair {name!r}: use demo, smollm2 or smollm2-heavy")
 
 
 @contextmanager

