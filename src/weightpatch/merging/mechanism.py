@@ -213,7 +213,17 @@ class MechanismMerge:
             "floor": self.floor,
             "scale": self.scale,
             "selected_components": self.selected,
+            "scores_used": self.scores_used(),
         }
+
+    def scores_used(self) -> list[list[dict[str, Any]]]:
+        """Per expert, the selected components (the ones that set its coefficients) with their raw
+        and normalized scores, best first: what the model card and the merge record list."""
+        used = []
+        for table, chosen in zip(self.scores, self.selected, strict=True):
+            norm = normalized_scores(table)
+            used.append([{"component": c, "score": table[c], "normalized": norm[c]} for c in chosen])
+        return used
 
 
 def owner_takes_top(
