@@ -191,3 +191,20 @@ def test_mergekit_yaml_command_reproduces_the_export(tiny_checkpoints, tmp_path)
     assert set(t.names) == set(o.names)
     for name in t.names:
         torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_owner_blend_export_agrees_with_mergekit(tiny_checkpoints, tmp_path):
+    pytest.importorskip("mergekit.merge")
+    from weightpatch.merging.mechanism import component_space_for_checkpoint
+
+    base, a, b = tiny_checkpoints
+    space = component_space_for_checkpoint(base)
+    scores = [{"L1.mlp": 1.0}, {"L1.mlp": 0.5, "L0.attn": 1.0}]  # L1.mlp shared: shares 2/3 and 1/3
+    m = owner_takes_top(space, scores, top_k=2, conflict="blend", others=0.2, rest=0.7, standard=MergeConfig(lam=0.5))
+    ours = merge_checkpoints(base, [a, b], tmp_path / "ours", m)
+    report = mergekit_config(m, base, [a, b])
+    assert report.exact, report.approximations
+    _run_mergekit(report.config, tmp_path / "theirs")
+    o, t = Checkpoint(ours), Checkpoint(tmp_path / "theirs")
+    for name in t.names:
+        torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)

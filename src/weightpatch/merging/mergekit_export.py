@@ -120,6 +120,10 @@ def mergekit_config(
     default_w = [lam_w * w for w in weights]
     if mech is not None and mech.variant == "score_weighted":
         default_w = [w * mech.floor for w in default_w]
+    if mech is not None and mech.variant == "owner_takes_top" and mech.rest != 1:
+        default_w = [w * mech.rest for w in default_w]
+        if not fold:
+            notes.append(f"owner_takes_top rest={mech.rest} with normalize=true: mergekit's normalization cancels it")
     w_over: list[dict[str, float]] = [{} for _ in range(n)]
     d_over: list[dict[str, float]] = [{} for _ in range(n)]
     if mech is not None:
@@ -137,19 +141,14 @@ def mergekit_config(
         for name in mech.parameters_touched():
             shape = shapes[name]
             if mech.variant == "owner_takes_top":
-                owner = mech.owner_map(name, shape)
-                assert owner is not None
-                coefs = [
-                    torch.where(
-                        owner == i,
-                        torch.tensor(float(mech.strength)),
-                        torch.where(owner >= 0, torch.tensor(0.0), torch.tensor(default_w[i])),
-                    )
-                    for i in range(n)
-                ]
-                for i in range(n):
-                    if bool((owner == i).all()) and sparse:
-                        d_over[i][name] = 1.0
+                owned_coef = mech.owner_coefficients(name, shape)
+                assert owned_coef is not None
+                owned, coef = owned_coef
+                coefs = [torch.where(owned, coef[i], torch.tensor(default_w[i])) for i in range(n)]
+                if sparse and bool(owned.all()):
+                    for i in range(n):
+                        if bool((coef[i] != 0).any()):
+                            d_over[i][name] = 1.0
             else:
                 sw = mech.score_weights(name, shape)
                 assert sw is not None
