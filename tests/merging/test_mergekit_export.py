@@ -208,3 +208,8 @@ def test_owner_blend_export_agrees_with_mergekit(tiny_checkpoints, tmp_path):
     o, t = Checkpoint(ours), Checkpoint(tmp_path / "theirs")
     for name in t.names:
         torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_localize_stitch_is_not_exported():
+    with pytest.raises(WeightPatchError, match="no mergekit equivalent"):
+        mergekit_config(MergeConfig("localize_stitch"), "base", ["a", "b"])

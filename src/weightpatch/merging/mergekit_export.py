@@ -90,6 +90,8 @@ def mergekit_config(
     cfg = mech.standard if mech is not None else merge
     assert isinstance(cfg, MergeConfig)
     n = len(experts)
+    if cfg.method == "localize_stitch":
+        raise WeightPatchError("localize_stitch has no mergekit equivalent; export a task_arithmetic or TIES merge")
     if mech is not None and mech.num_experts != n:
         raise WeightPatchError(f"{n} expert paths for {mech.num_experts} score tables")
     notes: list[str] = []

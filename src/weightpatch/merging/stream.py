@@ -6,8 +6,10 @@ and every expert, merged, and buffered until the current output shard is full, s
 one tensor per input model plus at most one output shard.
 
 The output is written atomically: into a temporary directory beside the target, then renamed
-into place. On any exception (including KeyboardInterrupt) the temporary directory is removed
-and the target is left as it was (absent, or the old contents when ``overwrite=True``).
+into place, under a per-target lock (:mod:`weightpatch.merging.output`). An error removes the
+temporary directory and leaves the target as it was (absent, or the old contents when
+``overwrite=True``); Ctrl-C and SIGKILL leave it for the next run to the same target, which
+resumes from its finished shards (same recipe) or removes it.
 """
 
 from __future__ import annotations
