@@ -87,8 +87,16 @@ def merge_table(args) -> None:
     t_anchor = time.perf_counter() - t0
     scores = [capability_scores(c, kinds=("head", "neuron"), top_k=20) for c in caps]
     t_scores = time.perf_counter() - t0 - t_anchor
+    from weightpatch.merging import MergeConfig, owner_takes_top
+    from weightpatch.merging.evaluate import default_mergers
+    from weightpatch.merging.mechanism import component_space_for_checkpoint
+
+    mergers = default_mergers(paths.base, scores, top_k=args.top_k)
+    space = component_space_for_checkpoint(paths.base)
+    mergers["owner_blend"] = owner_takes_top(space, scores, top_k=args.top_k, conflict="blend", others=0.5)
+    mergers["localize_stitch"] = MergeConfig("localize_stitch", density=0.1)
     table = merge_report(
-        caps, paths.base, WORK / "demo-merges", scores=scores, top_k=args.top_k, progress=lambda s: print(s, flush=True)
+        caps, paths.base, WORK / "demo-merges", mergers=mergers, progress=lambda s: print(s, flush=True)
     )
     t_all = time.perf_counter() - t0
     wide = wide_table(table)
@@ -108,7 +116,8 @@ def merge_table(args) -> None:
         f"Merges: task arithmetic "
         f"(weights 1, lambda 1), TIES (density 0.5), DARE-TIES (drop 0.5, seed 0), owner_takes_top (top "
         f"{args.top_k} of each expert's verified head/neuron scores, task arithmetic elsewhere), "
-        f"score_weighted (task arithmetic, per-entry weights max(0.3, normalized score)). Top components: "
+        f"score_weighted (task arithmetic, per-entry weights max(0.3, normalized score)), owner_blend "
+        f"(owner_takes_top with conflict=blend, others=0.5), localize_stitch (density 0.1). Top components: "
         f"{top}. End-phrase expert: {training['hyperparameters']['steps']} steps, "
         f"{training['total_seconds']} s training ({training['torch_threads']} threads). Times: anchors "
         f"{t_anchor:.0f} s, scores {t_scores:.0f} s, total {t_all:.0f} s.",

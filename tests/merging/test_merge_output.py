@@ -311,3 +311,28 @@ def test_sigkill_mid_merge_then_rerun_is_bit_equal_and_leaves_nothing(tiny_check
     assert [p.name for p in work.iterdir()] == ["merged"]
     reference = merge_checkpoints(base, [a], tmp_path / "reference", cfg, max_shard_size="30KB")
     assert dir_hashes(target) == dir_hashes(reference)
+
+
+def test_damaged_inputs_are_one_line_errors(tiny_checkpoints, tmp_path):
+    base, a, b = tiny_checkpoints
+    truncated = _copy(a, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightPatchError, match=r"truncated.*safetensors .*truncated or corrupt: re-download"):
+        merge_checkpoints(base, [truncated], tmp_path / "merged", MergeConfig())
+    garbage = _copy(a, tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(WeightPatchError, match="truncated or corrupt"):
+        merge_checkpoints(base, [garbage], tmp_path / "merged", MergeConfig())
+    bad_index = _copy(b, tmp_path / "bad_index")
+    (bad_index / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(WeightPatchError, match="not a valid safetensors index"):
+        merge_checkpoints(base, [bad_index], tmp_path / "merged", MergeConfig())
+    assert not (tmp_path / "merged").exists()
+
+
+def test_unwritable_output_location_is_a_one_line_error(tiny_checkpoints, tmp_path):
+    base, a, _ = tiny_checkpoints
+    (tmp_path / "a_file").write_text("not a directory")  # fails for root too, unlike a read-only directory
+    with pytest.raises(WeightPatchError, match=r"cannot create .*a_file/sub \(Not a directory\); choose a writable"):
+        merge_checkpoints(base, [a], tmp_path / "a_file" / "sub" / "merged", MergeConfig())

@@ -22,7 +22,8 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,7 +86,12 @@ class Checkpoint:
             raise WeightPatchError(f"checkpoint directory {str(self.path)!r} does not exist")
         index = self.path / INDEX_NAME
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise WeightPatchError(
+                    f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); re-save the model"
+                ) from None
         elif (self.path / SINGLE_NAME).is_file():
             weight_map = {}
         else:
@@ -98,7 +104,7 @@ class Checkpoint:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         for file in files:
-            with safe_open(str(self.path / file), framework="pt", device="cpu") as handle:
+            with _opened(self.path / file) as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
                     sl = handle.get_slice(name)
                     self.file_of[name] = file
@@ -116,8 +122,30 @@ class Checkpoint:
         return list(self.shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path / self.file_of[name]), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name)
+        path = self.path / self.file_of[name]
+        with _opened(path) as handle:
+            try:
+                return handle.get_tensor(name)
+            except Exception as exc:  # safetensors raises its own error types for damaged data
+                raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> WeightPatchError:
+    return WeightPatchError(
+        f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+        f"the file is truncated or corrupt: re-download or re-save the model"
+    )
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``safe_open`` with damaged files (a truncated download, a bad header) as one-line errors."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ...
+        raise _unreadable(path, exc) from exc
+    with handle:
+        yield handle
 
 
 def check_compatible(base: Checkpoint, experts: Sequence[Checkpoint], limit: int = 5) -> None:
@@ -276,14 +304,23 @@ def merge_checkpoints(
     n_shards = len(shards)
     files = [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
     merge_description = description if description is not None else _describe(merger)
-    record = _merge_record(base, experts, merge_description, out_dtype, dict(zip(files, shards, strict=True)))
+    record = _merge_record(
+        (base, base_ckpt.path),
+        [(e, c.path) for e, c in zip(experts, expert_ckpts, strict=True)],
+        merge_description,
+        out_dtype,
+        dict(zip(files, shards, strict=True)),
+    )
     record["checks"] = {"vocabulary": describe_vocabulary(vocabulary_checked), "custom_code": "none"}
     if custom_code:
         record["checks"]["custom_code"] = f"copied with trust_remote_code: {', '.join(custom_code)}"
         logger.warning("the base has custom code (%s); copied into the merge as asked", ", ".join(custom_code))
     guard = FiniteGuard({"base": base_ckpt.path, **{f"expert {i}": e.path for i, e in enumerate(expert_ckpts)}})
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightPatchError(f"cannot create {target.parent} ({exc.strerror}); choose a writable output") from None
     with target_lock(target):
         tmp = _resume_or_clean(target, record["recipe_sha256"])
         if tmp is None:
@@ -347,6 +384,12 @@ def merge_checkpoints(
                 target,
             )
             raise
+        except OSError as exc:  # disk full, permissions changed under us, ...
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WeightPatchError(
+                f"writing the merge to {target} failed ({exc.strerror or exc}); nothing was published, "
+                f"free space or fix permissions and re-run"
+            ) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -354,22 +397,23 @@ def merge_checkpoints(
 
 
 def _merge_record(
-    base: str | os.PathLike[str],
-    experts: Sequence[str | os.PathLike[str]],
+    base: tuple[str | os.PathLike[str], Path],
+    experts: Sequence[tuple[str | os.PathLike[str], Path]],
     merge: Any,
     out_dtype: torch.dtype | None,
     plan: dict[str, list[str]],
 ) -> dict[str, Any]:
     """What ``weightpatch_merge.json`` records, and the recipe fingerprint: SHA-256 over the inputs'
     weight hashes, the merge description, the output dtype, the shard plan and the versions of
-    weightpatch and torch (everything the bytes of the output depend on)."""
+    weightpatch and torch (everything the bytes of the output depend on). ``base`` and ``experts``:
+    ``(what the caller gave, the checkpoint directory)``."""
     import weightpatch
     from weightpatch.pair import weight_files, weights_sha256
 
-    def ref(path: str | os.PathLike[str]) -> dict[str, str]:
-        directory = Path(path)
+    def ref(given: tuple[str | os.PathLike[str], Path]) -> dict[str, str]:
+        source, directory = given
         return {
-            "source": str(path),
+            "source": str(source),
             "path": str(directory.absolute()),
             "weights_sha256": weights_sha256(weight_files(directory)),
         }
