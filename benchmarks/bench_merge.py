@@ -1,9 +1,12 @@
 """Merge benchmark: (a) the merge report on the demo base + two experts, (b) peak memory of a streamed
-merge vs loading every model and merging in memory, on a 135M-parameter model.
+merge vs loading every model and merging in memory, on a 135M-parameter model, (c) ``--part real``: the
+merge table on real SmolLM2-135M experts (``real_experts.py``), every method with lambda chosen on
+validation topics and reported on held-out topics.
 
     .venv/bin/python benchmarks/bench_merge.py            # both parts
     .venv/bin/python benchmarks/bench_merge.py --part table
     .venv/bin/python benchmarks/bench_merge.py --part memory
+    .venv/bin/python benchmarks/bench_merge.py --part real --threads 2 [--combos caps+quotes+title]
 
 (a) experts: the shipped *format* expert (``demo.paths().specialized``, six IFEval formats) and the
 *end-phrase* expert (``startend:end_checker``) that :mod:`weightpatch.demo.expert` fine-tunes from the
@@ -84,8 +87,16 @@ def merge_table(args) -> None:
     t_anchor = time.perf_counter() - t0
     scores = [capability_scores(c, kinds=("head", "neuron"), top_k=20) for c in caps]
     t_scores = time.perf_counter() - t0 - t_anchor
+    from weightpatch.merging import MergeConfig, owner_takes_top
+    from weightpatch.merging.evaluate import default_mergers
+    from weightpatch.merging.mechanism import component_space_for_checkpoint
+
+    mergers = default_mergers(paths.base, scores, top_k=args.top_k)
+    space = component_space_for_checkpoint(paths.base)
+    mergers["owner_blend"] = owner_takes_top(space, scores, top_k=args.top_k, conflict="blend", others=0.5)
+    mergers["localize_stitch"] = MergeConfig("localize_stitch", density=0.1)
     table = merge_report(
-        caps, paths.base, WORK / "demo-merges", scores=scores, top_k=args.top_k, progress=lambda s: print(s, flush=True)
+        caps, paths.base, WORK / "demo-merges", mergers=mergers, progress=lambda s: print(s, flush=True)
     )
     t_all = time.perf_counter() - t0
     wide = wide_table(table)
@@ -105,7 +116,8 @@ def merge_table(args) -> None:
         f"Merges: task arithmetic "
         f"(weights 1, lambda 1), TIES (density 0.5), DARE-TIES (drop 0.5, seed 0), owner_takes_top (top "
         f"{args.top_k} of each expert's verified head/neuron scores, task arithmetic elsewhere), "
-        f"score_weighted (task arithmetic, per-entry weights max(0.3, normalized score)). Top components: "
+        f"score_weighted (task arithmetic, per-entry weights max(0.3, normalized score)), owner_blend "
+        f"(owner_takes_top with conflict=blend, others=0.5), localize_stitch (density 0.1). Top components: "
         f"{top}. End-phrase expert: {training['hyperparameters']['steps']} steps, "
         f"{training['total_seconds']} s training ({training['torch_threads']} threads). Times: anchors "
         f"{t_anchor:.0f} s, scores {t_scores:.0f} s, total {t_all:.0f} s.",
@@ -227,9 +239,155 @@ def memory(args) -> None:
     )
 
 
+COMBOS = (("caps", "quotes"), ("caps", "title"), ("quotes", "title"), ("caps", "quotes", "title"))
+
+
+def _in_memory_merge(model, base_state: dict, expert_states: list[dict], merger) -> None:
+    """Load ``merger``'s merge of the experts onto the base into ``model`` (no disk)."""
+    merged = {
+        n: (merger.merge_tensor(n, b, [e[n] for e in expert_states]) if b.dtype.is_floating_point else b)
+        for n, b in base_state.items()
+    }
+    missing, unexpected = model.load_state_dict(merged, strict=False)
+    assert not unexpected and all(m == "lm_head.weight" for m in missing), (missing, unexpected)
+
+
+def _perplexity(model, tok, prompts: list[str], responses: list[str]) -> float:
+    """exp(mean NLL) of ``responses`` (the base's own greedy text) after their rendered prompts."""
+    from weightpatch.runner import render_prompts
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text, resp in zip(render_prompts(tok, prompts), responses, strict=True):
+            p = tok(text, add_special_tokens=False)["input_ids"]
+            r = tok(resp, add_special_tokens=False)["input_ids"]
+            if not r:
+                continue
+            ids = torch.tensor([p + r])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1 : -1].float(), -1)
+            nll -= float(logp.gather(1, torch.tensor(r)[:, None]).sum())
+            count += len(r)
+    return float(torch.exp(torch.tensor(nll / max(count, 1))))
+
+
+def real_table(args) -> None:
+    """The merge table on real SmolLM2-135M experts (benchmarks/real_experts.py): per combination of
+    experts, every method with settings chosen on the validation topics, reported on held-out topics."""
+    sys.path.insert(0, str(HERE))
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import real_experts as rx
+    from weightpatch.merging import Checkpoint, MergeConfig, owner_takes_top, score_weighted
+    from weightpatch.merging.evaluate import build_capability, capability_scores
+    from weightpatch.merging.mechanism import component_space_for_checkpoint
+
+    torch.set_num_threads(args.threads)
+    base, experts = rx.build()
+    tok = AutoTokenizer.from_pretrained(base)
+    space = component_space_for_checkpoint(base)
+    t0 = time.perf_counter()
+    scores = {}
+    for skill in rx.SKILLS:
+        cache = rx.CACHE / f"scores-{skill}.csv"
+        if not cache.exists():
+            spec = rx.SKILLS[skill]
+            cap = build_capability(
+                skill,
+                base,
+                experts[skill],
+                [rx.prompt(t, spec["instruction"]) for t in rx.TRAIN],
+                [rx.prompt(t, None) for t in rx.TRAIN],
+                heldout_with=[rx.prompt(t, spec["instruction"]) for t in rx.VALIDATION],
+                heldout_without=[rx.prompt(t, None) for t in rx.VALIDATION],
+                score_prompts=[rx.prompt(t, spec["instruction"]) for t in rx.VALIDATION],
+            )
+            capability_scores(cap, kinds=("head", "neuron"), top_k=args.top_k * 2).to_csv(cache, index=False)
+            del cap
+        scores[skill] = pd.read_csv(cache)
+    t_scores = time.perf_counter() - t0
+    base_ckpt = Checkpoint(base)
+    base_state = {n: base_ckpt.get(n) for n in base_ckpt.names}
+    states = {s: {n: Checkpoint(p).get(n) for n in base_ckpt.names} for s, p in experts.items()}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    plain_held = [rx.prompt(t, None) for t in rx.HELDOUT]
+    base_text = rx.generate(model, tok, plain_held, max_new_tokens=48)
+
+    def evaluate(skills, topics) -> dict:
+        row, accs, false = {}, [], []
+        plain = rx.generate(model, tok, [rx.prompt(t, None) for t in topics], max_new_tokens=48)
+        for skill in skills:
+            spec = rx.SKILLS[skill]
+            asked = rx.generate(model, tok, [rx.prompt(t, spec["instruction"]) for t in topics], max_new_tokens=48)
+            accs.append(sum(map(spec["check"], asked)) / len(asked))
+            false.append(sum(map(spec["check"], plain)) / len(plain))
+            row[f"{skill}:strict"] = accs[-1]
+        row["mean_strict"] = sum(accs) / len(accs)
+        row["false_format"] = max(false)
+        return row
+
+    combos = COMBOS if args.combos == "all" else tuple(tuple(c.split("+")) for c in args.combos.split(","))
+    rows = []
+    for combo in combos:
+        expert_states = [states[s] for s in combo]
+        tables = [scores[s] for s in combo]
+
+        # lambda of task arithmetic (and of the mechanism-aware merges built on it) on the validation topics
+        val = {}
+        for lam in args.lams:
+            _in_memory_merge(model, base_state, expert_states, MergeConfig(lam=lam))
+            val[lam] = evaluate(combo, rx.VALIDATION)
+        lam = max(args.lams, key=lambda v: (val[v]["mean_strict"], -val[v]["false_format"]))
+        label = "+".join(combo)
+        std = MergeConfig(lam=lam)
+        candidates = {
+            f"task_arithmetic(lam={lam})": std,
+            "ties(d=0.5)": MergeConfig("ties", density=0.5),
+            "dare_ties(p=0.5)": MergeConfig("dare_ties", drop_rate=0.5),
+            "localize_stitch(d=0.1)": MergeConfig("localize_stitch", density=0.1),
+            f"owner_takes_top(k={args.top_k},lam={lam})": owner_takes_top(
+                space, tables, top_k=args.top_k, standard=std
+            ),
+            f"owner_blend(k={args.top_k},others=0.5,lam={lam})": owner_takes_top(
+                space, tables, top_k=args.top_k, standard=std, conflict="blend", others=0.5
+            ),
+            f"score_weighted(floor=0.3,lam={lam})": score_weighted(space, tables, standard=std),
+        }
+
+        for name in ("base", *(f"expert:{s}" for s in combo)):
+            state = base_state if name == "base" else states[name.split(":")[1]]
+            model.load_state_dict(state, strict=False)
+            row = {"experts": label, "model": name, **evaluate(combo, rx.HELDOUT)}
+            row["base_text_ppl"] = _perplexity(model, tok, plain_held, base_text)
+            rows.append(row)
+            print(row, flush=True)
+        for name, merger in candidates.items():
+            _in_memory_merge(model, base_state, expert_states, merger)
+            row = {"experts": label, "model": name, **evaluate(combo, rx.HELDOUT)}
+            row["base_text_ppl"] = _perplexity(model, tok, plain_held, base_text)
+            rows.append(row)
+            print(row, flush=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k, "-") for k in keys} for r in rows]
+    record(
+        "Merge table on real experts (SmolLM2-135M-Instruct, one IFEval format each)",
+        rows,
+        f"Experts: benchmarks/real_experts.py. strict = IFEval strict check of greedy responses (48 new tokens) on "
+        f"{len(rx.HELDOUT)} held-out topics with the skill's instruction; false_format = the worst rate, over the "
+        f"merged skills, of that skill's format on the held-out topics without any instruction; base_text_ppl = "
+        f"perplexity of the base's own greedy responses to those prompts. lambda of task arithmetic (and of the "
+        f"mechanism-aware merges on top of it) chosen among {args.lams} on {len(rx.VALIDATION)} validation topics. "
+        f"Scores: Weight Patching screen-then-verify (heads and neurons, exact scores of the verified top "
+        f"{args.top_k * 2} per kind) of each expert on its own capability. Scoring {t_scores:.0f} s, total "
+        f"{time.perf_counter() - t0:.0f} s.",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["all", "table", "memory"], default="all")
+    parser.add_argument("--part", choices=["all", "table", "memory", "real"], default="all")
+    parser.add_argument("--combos", default="all", help="real part: e.g. caps+quotes,caps+quotes+title")
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.5, 1.0], help="real part: lambda grid")
     parser.add_argument("--stride", type=int, default=2, help="use every n-th held-out format prompt")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
@@ -240,6 +398,8 @@ def main() -> None:
         merge_table(args)
     if args.part in ("all", "memory"):
         memory(args)
+    if args.part == "real":
+        real_table(args)
 
 
 if __name__ == "__main__":

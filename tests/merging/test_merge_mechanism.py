@@ -126,3 +126,64 @@ def test_mechanism_merge_streams(tiny_checkpoints, tmp_path):
     torch.testing.assert_close(o.get(UP), cbb.get(UP))
     name = "model.layers.0.mlp.gate_proj.weight"
     torch.testing.assert_close(o.get(name), task_arithmetic(cb.get(name), [ca.get(name), cbb.get(name)]))
+
+
+HD = 8  # head_dim of the tiny config: hidden 32 / 4 heads
+
+
+def _slice_masks(space):
+    """Hand-written masks (not from ComponentSpace) of the entries that L0 head 1 and L1 neuron 5 own
+    in the tiny Llama: head 1 = query rows 8:16 and output-projection columns 8:16; neuron 5 = row 5
+    of the up and gate projections and column 5 of the down projection."""
+    masks = {n: [torch.zeros(s, dtype=torch.bool), torch.zeros(s, dtype=torch.bool)] for n, s in space.shapes.items()}
+    masks[Q][0][HD : 2 * HD] = True
+    masks[OPROJ][0][:, HD : 2 * HD] = True
+    masks["model.layers.1.mlp.up_proj.weight"][1][5] = True
+    masks["model.layers.1.mlp.gate_proj.weight"][1][5] = True
+    masks[DOWN][1][:, 5] = True
+    return masks
+
+
+def test_slice_ownership_writes_exactly_the_owned_entries(space):
+    standard = MergeConfig("ties", density=0.5, lam=0.7)
+    m = owner_takes_top(space, [{"L0.attn.head1": 1.0}, {"L1.mlp.neuron5": 3.0}], top_k=1, standard=standard)
+    masks = _slice_masks(space)
+    for seed, name in enumerate(space.shapes):
+        base, (a, b) = _tensors(space, name, seed=seed)
+        out = m.merge_tensor(name, base, [a, b])
+        std = ties(base, [a, b], density=0.5, lam=0.7)
+        mask_a, mask_b = masks[name]
+        expected = torch.where(mask_a, base + (a - base), torch.where(mask_b, base + (b - base), std))
+        assert torch.equal(out, expected), name
+        assert torch.equal(out != std, mask_a | mask_b), name  # nothing else differs from the standard merge
+
+
+def test_owner_blend_with_surviving_deltas_equals_its_formula(space):
+    scores_a = {"L1.attn": 0.9, "L1.mlp.neuron3": 0.6}  # neuron 3 normalized 2/3
+    scores_b = {"L1.mlp": 2.0}  # normalized 1
+    standard = MergeConfig(weights=(1.0, 0.5), lam=0.8)
+    kw = {"top_k": 2, "standard": standard, "strength": 0.9, "others": 0.3, "rest": 0.5}
+    blend = owner_takes_top(space, [scores_a, scores_b], conflict="blend", **kw)
+    winner = owner_takes_top(space, [scores_a, scores_b], conflict="max", **kw)
+    base, (a, b) = _tensors(space, DOWN)
+    da, db = a - base, b - base
+    out = blend.merge_tensor(DOWN, base, [a, b])
+    # column 3: owned by A (2/3) and B (1): shares 0.4 / 0.6, nobody is a non-owner
+    torch.testing.assert_close(out[:, 3], base[:, 3] + 0.9 * (0.4 * da[:, 3] + 0.6 * db[:, 3]))
+    # elsewhere in L1.mlp: B alone owns; A survives with others * lam * w_A = 0.3 * 0.8 * 1.0
+    torch.testing.assert_close(out[:, 4:], base[:, 4:] + 0.9 * db[:, 4:] + 0.24 * da[:, 4:])
+    out = winner.merge_tensor(DOWN, base, [a, b])
+    torch.testing.assert_close(out, base + 0.9 * db + 0.24 * da)  # B wins column 3 too (1 > 2/3)
+    # unowned parameter: rest * the standard merge's delta = 0.5 * 0.8 * (1.0 da + 0.5 db)
+    name = "model.layers.0.mlp.up_proj.weight"
+    base, (a, b) = _tensors(space, name)
+    expected = base + 0.5 * 0.8 * ((a - base) + 0.5 * (b - base))
+    torch.testing.assert_close(blend.merge_tensor(name, base, [a, b]), expected)
+
+
+def test_owner_blend_splits_evenly_when_owners_score_nothing(space):
+    m = owner_takes_top(space, [{"L1.mlp": -1.0}, {"L1.mlp": -2.0}], top_k=1, conflict="blend")
+    base, (a, b) = _tensors(space, UP)
+    torch.testing.assert_close(m.merge_tensor(UP, base, [a, b]), base + 0.5 * (a - base) + 0.5 * (b - base))
+    with pytest.raises(WeightPatchError, match="conflict rule"):
+        owner_takes_top(space, [{"L1.mlp": 1.0}], top_k=1, conflict="vote")

@@ -13,6 +13,7 @@ from weightpatch.merging.methods import (
     dare_seed,
     dare_ties,
     elect_sign,
+    localize_stitch,
     magnitude_trim,
     task_arithmetic,
     ties,
@@ -180,3 +181,18 @@ def test_row_block_mixing_equals_whole_tensor_mixing(monkeypatch, method):
     monkeypatch.setattr(methods, "_CHUNK_ENTRIES", 30)  # blocks of 2 rows
     blocked = config.merge_tensor("w", base, experts, weights)
     torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+
+
+def test_localize_stitch_formula():
+    base = torch.zeros(2, 3)
+    a = torch.tensor([[5.0, -1.0, 0.2], [0.1, 4.0, 0.0]])  # top 2 of 6: 5 and 4
+    b = torch.tensor([[2.0, 0.0, 0.0], [0.0, -3.0, 6.0]])  # top 2 of 6: 6 and -3
+    out = localize_stitch(base, [a, b], weights=[1.0, 0.5], density=2 / 6, lam=0.8)
+    # (0,0): only a kept; (1,1): both kept -> averaged over 2; (1,2): only b kept
+    expected = torch.tensor([[0.8 * 5.0, 0.0, 0.0], [0.0, 0.8 * (4.0 + 0.5 * -3.0) / 2, 0.8 * 0.5 * 6.0]])
+    torch.testing.assert_close(out, expected)
+    base, experts = _tensors()
+    torch.testing.assert_close(
+        MergeConfig("localize_stitch", density=1.0).merge_tensor("x", base, experts),
+        base + sum(e - base for e in experts) / 3,  # everything kept everywhere: the mean delta
+    )

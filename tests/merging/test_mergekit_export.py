@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 from merging_testutil import build_tiny_checkpoints, tiny_config
 
 from weightpatch.components import ComponentSpace
+from weightpatch.errors import WeightPatchError
 from weightpatch.merging.mechanism import owner_takes_top, score_weighted
-from weightpatch.merging.mergekit_export import mergekit_config, write_mergekit_yaml
+from weightpatch.merging.mergekit_export import mergekit_config, validate_with_mergekit, write_mergekit_yaml
 from weightpatch.merging.methods import MergeConfig
 from weightpatch.merging.stream import Checkpoint, merge_checkpoints
 
@@ -116,3 +122,94 @@ def test_mechanism_export_agrees_with_mergekit(tiny_checkpoints, tmp_path):
     t = Checkpoint(tmp_path / "theirs")
     for name in t.names:
         torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_repeated_expert_is_exported_once_with_summed_weights(tiny_checkpoints):
+    base, a, _ = tiny_checkpoints
+    r = mergekit_config(MergeConfig(weights=(1.0, 0.5), lam=0.7), base, [a, a])
+    assert [m["model"] for m in r.config["models"]] == [str(a)]
+    assert r.config["models"][0]["parameters"]["weight"] == pytest.approx(1.05)
+    assert r.exact
+    r = mergekit_config(MergeConfig("ties", weights=(1.0, 0.5), density=0.4), base, [a, a.parent / "x" / ".." / a.name])
+    assert r.config["models"] == [{"model": str(a), "parameters": {"weight": 1.5, "density": 0.4}}]
+
+
+def test_repeated_expert_that_cannot_be_combined_is_refused(tiny_checkpoints):
+    base, a, _ = tiny_checkpoints
+    with pytest.raises(WeightPatchError, match="given 2 times with different densities"):
+        mergekit_config(MergeConfig("ties", density=(0.3, 0.7)), base, [a, a])
+    with pytest.raises(WeightPatchError, match="given 2 times with weights of opposite signs"):
+        mergekit_config(MergeConfig("ties", weights=(1.0, -0.5)), base, [a, a])
+
+
+def test_export_is_validated_by_mergekit():
+    pytest.importorskip("mergekit.config")
+    assert mergekit_config(MergeConfig("ties", density=0.5), "base", ["a", "b"]).validated
+    with pytest.raises(WeightPatchError, match="mergekit rejects the exported config"):
+        validate_with_mergekit({"merge_method": "ties", "models": "not a list"})
+
+
+def test_repeated_expert_export_agrees_with_mergekit(tiny_checkpoints, tmp_path):
+    pytest.importorskip("mergekit.merge")
+    base, a, b = tiny_checkpoints
+    cfg = MergeConfig("ties", weights=(1.0, 0.5, 0.8), density=0.5)
+    ours = merge_checkpoints(base, [a, b, a], tmp_path / "ours", cfg)
+    report = mergekit_config(cfg, base, [a, b, a])
+    assert report.exact and report.validated
+    _run_mergekit(report.config, tmp_path / "theirs")
+    o, t = Checkpoint(ours), Checkpoint(tmp_path / "theirs")
+    for name in t.names:
+        torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # a mergekit-yaml subprocess: 15-45 s, mostly importing mergekit
+def test_mergekit_yaml_command_reproduces_the_export(tiny_checkpoints, tmp_path):
+    pytest.importorskip("mergekit.merge")
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    if not exe.exists():
+        pytest.skip("mergekit-yaml is not installed next to this Python")
+    base, a, b = tiny_checkpoints
+    cfg = MergeConfig("ties", weights=(1.0, 0.6), density=0.5, lam=0.8)
+    ours = merge_checkpoints(base, [a, b], tmp_path / "ours", cfg)
+    report = write_mergekit_yaml(tmp_path / "merge.yml", cfg, base, [a, b])
+    assert report.exact
+    assert (
+        (tmp_path / "merge.yml")
+        .read_text()
+        .startswith("# mergekit config written by weightpatch (validated by mergekit's config model)\n")
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [str(exe), str(tmp_path / "merge.yml"), str(tmp_path / "theirs"), "--no-copy-tokenizer", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    o, t = Checkpoint(ours), Checkpoint(tmp_path / "theirs")
+    assert set(t.names) == set(o.names)
+    for name in t.names:
+        torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_owner_blend_export_agrees_with_mergekit(tiny_checkpoints, tmp_path):
+    pytest.importorskip("mergekit.merge")
+    from weightpatch.merging.mechanism import component_space_for_checkpoint
+
+    base, a, b = tiny_checkpoints
+    space = component_space_for_checkpoint(base)
+    scores = [{"L1.mlp": 1.0}, {"L1.mlp": 0.5, "L0.attn": 1.0}]  # L1.mlp shared: shares 2/3 and 1/3
+    m = owner_takes_top(space, scores, top_k=2, conflict="blend", others=0.2, rest=0.7, standard=MergeConfig(lam=0.5))
+    ours = merge_checkpoints(base, [a, b], tmp_path / "ours", m)
+    report = mergekit_config(m, base, [a, b])
+    assert report.exact, report.approximations
+    _run_mergekit(report.config, tmp_path / "theirs")
+    o, t = Checkpoint(ours), Checkpoint(tmp_path / "theirs")
+    for name in t.names:
+        torch.testing.assert_close(o.get(name), t.get(name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_localize_stitch_is_not_exported():
+    with pytest.raises(WeightPatchError, match="no mergekit equivalent"):
+        mergekit_config(MergeConfig("localize_stitch"), "base", ["a", "b"])

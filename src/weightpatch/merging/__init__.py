@@ -1,5 +1,6 @@
-"""Model merging (SPEC section 9): baselines (task arithmetic, TIES, DARE, DARE-TIES), a streaming
-checkpoint merge, the mechanism-aware merge, and a mergekit YAML export."""
+"""Model merging (SPEC section 9): baselines (task arithmetic, TIES, DARE, DARE-TIES, a
+Localize-and-Stitch localization baseline), a streaming checkpoint merge, the mechanism-aware
+merge, and a mergekit YAML export."""
 
 from weightpatch.merging.mechanism import (
     MechanismMerge,
@@ -14,6 +15,7 @@ from weightpatch.merging.methods import (
     MergeConfig,
     dare_linear,
     dare_ties,
+    localize_stitch,
     magnitude_trim,
     task_arithmetic,
     ties,
@@ -30,6 +32,7 @@ __all__ = [
     "dare_linear",
     "dare_ties",
     "load_scores",
+    "localize_stitch",
     "magnitude_trim",
     "merge_checkpoints",
     "mergekit_config",

@@ -12,11 +12,22 @@ Two variants (the exact rule is OPEN in the SPEC; both are offered for compariso
 
 ``owner_takes_top``
     Each expert *owns* its selected components: its ``top_k`` highest raw scores and/or those
-    with raw score ``>= threshold`` (both given: the top k among those above the threshold). On
-    owned entries the merged weight is ``base + strength * delta_owner`` (the owner's delta at
-    full strength, no other expert). When several experts own the same entry, the one whose
-    owning component has the higher *normalized* score wins (equal: the lower expert index).
-    Everywhere else the ``standard`` merge (task arithmetic, TIES, DARE, ...) applies.
+    with raw score ``>= threshold`` (both given: the top k among those above the threshold), at
+    slice level (a head owns its query rows and output columns, a neuron its row of the up/gate
+    projections and its column of the down projection). With ``O(x)`` the experts owning entry
+    ``x``, ``s_i(x)`` the normalized score of expert ``i``'s best component covering ``x``,
+    ``delta_i = expert_i - base`` and ``lam``, ``w_i`` the standard merge's scale and weights::
+
+        conflict="max":   W(x) = {argmax_i s_i(x)} (equal: the lower index), a_i = 1
+        conflict="blend": W(x) = O(x), a_i = s_i(x) / sum_{j in O(x)} s_j(x)   (all 0: 1 / |O(x)|)
+        owned x:    merged = base + strength * sum_{i in W(x)} a_i delta_i
+                                  + others * lam * sum_{j not in W(x)} w_j delta_j
+        unowned x:  merged = base + rest * (standard(x) - base)
+
+    The defaults (``max``, ``others=0``, ``rest=1``) are the plain rule: the winning owner's delta
+    alone on owned entries, the standard merge (task arithmetic, TIES, DARE, ...) everywhere else.
+    ``others`` says how much of the other experts' deltas survive on an owner's entries, ``rest``
+    how much of the standard merge survives outside every owned entry.
 
 ``score_weighted``
     Per-entry weight of expert ``i`` = ``max(floor, scale * s_i(c))`` where ``s_i(c)`` is the
@@ -43,6 +54,8 @@ from weightpatch.merging.methods import MergeConfig
 
 Variant = Literal["owner_takes_top", "score_weighted"]
 VARIANTS: tuple[str, ...] = ("owner_takes_top", "score_weighted")
+Conflict = Literal["max", "blend"]
+CONFLICTS: tuple[str, ...] = ("max", "blend")
 
 
 def load_scores(scores: Any, component_col: str = "component", score_col: str = "score") -> dict[str, float]:
@@ -109,12 +122,17 @@ class MechanismMerge:
     strength: float = 1.0
     floor: float = 0.3
     scale: float = 1.0
+    conflict: Conflict = "max"
+    others: float = 0.0
+    rest: float = 1.0
     _entries: dict[str, list[tuple[int, ParamSlice, float]]] = field(init=False, repr=False)
     selected: list[list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise WeightPatchError(f"unknown mechanism-aware variant {self.variant!r}; choose {VARIANTS}")
+        if self.conflict not in CONFLICTS:
+            raise WeightPatchError(f"unknown ownership conflict rule {self.conflict!r}; choose {CONFLICTS}")
         if self.variant == "owner_takes_top" and self.top_k is None and self.threshold is None:
             raise WeightPatchError("owner_takes_top needs top_k or threshold to choose each expert's components")
         tables = [load_scores(s) for s in self.scores]
@@ -147,9 +165,10 @@ class MechanismMerge:
     def _canonical(self, name: str) -> str:
         return self.space.aliases.get(name, name)
 
-    def owner_map(self, name: str, shape: Sequence[int]) -> torch.Tensor | None:
-        """``owner_takes_top``: an int64 tensor of ``shape``, the owning expert per entry or -1
-        (None when no expert owns anything in this parameter)."""
+    def ownership(self, name: str, shape: Sequence[int]) -> torch.Tensor | None:
+        """``owner_takes_top``: a float tensor ``(num_experts, *shape)``, the normalized score of
+        expert ``i``'s best selected component covering each entry, ``-inf`` where ``i`` owns
+        nothing (None when no expert owns anything in this parameter)."""
         entries = self._entries.get(self._canonical(name))
         if not entries or self.variant != "owner_takes_top":
             return None
@@ -157,6 +176,14 @@ class MechanismMerge:
         for i, sl, v in entries:
             for region in _regions(best[i], sl):
                 region.clamp_(min=v)
+        return best
+
+    def owner_map(self, name: str, shape: Sequence[int]) -> torch.Tensor | None:
+        """``owner_takes_top``: an int64 tensor of ``shape``, the expert with the highest owning
+        score per entry (equal: the lower index) or -1 where nobody owns it."""
+        best = self.ownership(name, shape)
+        if best is None:
+            return None
         owner = torch.full(tuple(shape), -1, dtype=torch.int64)
         top = torch.full(tuple(shape), -math.inf)
         for i in range(self.num_experts):
@@ -164,6 +191,32 @@ class MechanismMerge:
             owner[better] = i
             top = torch.maximum(top, best[i])
         return owner
+
+    def owner_coefficients(self, name: str, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``owner_takes_top``: ``(owned, coef)``, the bool mask of owned entries (``shape``) and
+        each expert's delta coefficient there, ``(num_experts, *shape)``: ``strength * a_i`` for
+        the winners ``W(x)``, ``others * lam * w_j`` for every other expert (module docstring).
+        Zero on unowned entries, where the standard merge applies."""
+        best = self.ownership(name, shape)
+        if best is None:
+            return None
+        owned_by = best > -math.inf
+        owned = owned_by.any(0)
+        if self.conflict == "max":
+            owner = self.owner_map(name, shape)
+            assert owner is not None
+            winners = torch.stack([owner == i for i in range(self.num_experts)])
+            share = winners.float()
+        else:
+            winners = owned_by
+            s = torch.where(owned_by, best.clamp(min=0), torch.zeros(()))
+            total = s.sum(0)
+            even = owned_by.float() / owned_by.sum(0).clamp(min=1)
+            share = torch.where(total > 0, s / torch.where(total > 0, total, torch.ones(())), even)
+        w = torch.tensor(self._standard_weights()).reshape(-1, *([1] * len(shape)))
+        others = self.others * self.standard.lam * w * (~winners).float()
+        coef = (self.strength * share + others) * owned.float()
+        return owned, coef
 
     def score_weights(self, name: str, shape: Sequence[int]) -> list[torch.Tensor] | None:
         """``score_weighted``: the per-entry weight tensor of each expert (None when no expert
@@ -193,16 +246,17 @@ class MechanismMerge:
                 weights = [w * m for w, m in zip(w_std, sw, strict=True)]
             return self.standard.merge_tensor(name, base, experts, weights=weights)
         merged = self.standard.merge_tensor(name, base, experts)
-        owner = self.owner_map(name, shape)
-        if owner is None:
-            return merged
-        out = merged.float()
         b = base.float()
+        elsewhere = merged.float() if self.rest == 1 else b + self.rest * (merged.float() - b)
+        owned_coef = self.owner_coefficients(name, shape)
+        if owned_coef is None:
+            return elsewhere.to(base.dtype) if self.rest != 1 else merged
+        owned, coef = owned_coef
+        on_owned = b.clone()
         for i, e in enumerate(experts):
-            mask = owner == i
-            if bool(mask.any()):
-                out = torch.where(mask, b + self.strength * (e.float() - b), out)
-        return out.to(base.dtype)
+            if bool((coef[i] != 0).any()):
+                on_owned += coef[i] * (e.float() - b)
+        return torch.where(owned, on_owned, elsewhere).to(base.dtype)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -213,8 +267,21 @@ class MechanismMerge:
             "strength": self.strength,
             "floor": self.floor,
             "scale": self.scale,
+            "conflict": self.conflict,
+            "others": self.others,
+            "rest": self.rest,
             "selected_components": self.selected,
+            "scores_used": self.scores_used(),
         }
+
+    def scores_used(self) -> list[list[dict[str, Any]]]:
+        """Per expert, the selected components (the ones that set its coefficients) with their raw
+        and normalized scores, best first: what the model card and the merge record list."""
+        used = []
+        for table, chosen in zip(self.scores, self.selected, strict=True):
+            norm = normalized_scores(table)
+            used.append([{"component": c, "score": table[c], "normalized": norm[c]} for c in chosen])
+        return used
 
 
 def owner_takes_top(
@@ -225,11 +292,25 @@ def owner_takes_top(
     threshold: float | None = None,
     standard: MergeConfig | None = None,
     strength: float = 1.0,
+    conflict: Conflict = "max",
+    others: float = 0.0,
+    rest: float = 1.0,
 ) -> MechanismMerge:
-    """Each expert's delta at ``strength`` on its top components, ``standard`` elsewhere
+    """Each expert's delta at ``strength`` on its top components (shared entries: the best-scored
+    owner, or with ``conflict="blend"`` the owners in proportion to their scores; ``others`` of the
+    other experts' deltas survive there), ``rest`` times the ``standard`` merge elsewhere
     (default: task arithmetic, unit weights, ``lam=1``)."""
     return MechanismMerge(
-        space, scores, "owner_takes_top", standard or MergeConfig(), top_k, threshold, strength=strength
+        space,
+        scores,
+        "owner_takes_top",
+        standard or MergeConfig(),
+        top_k,
+        threshold,
+        strength=strength,
+        conflict=conflict,
+        others=others,
+        rest=rest,
     )
 
 

@@ -11,6 +11,10 @@ of ``{filter: <substring of the tensor name>, value: v}`` entries, first match w
 ``{value: default}`` entry. Filters are full tensor names (``model.layers.1.mlp.up_proj.weight``),
 checked to match exactly one tensor of the model.
 
+An expert given several times (the same directory) is exported once with its weights summed
+(mergekit refuses duplicate inputs; exact, see :func:`_combine_repeated`). When mergekit is
+installed the config is loaded by its ``MergeConfiguration`` before it is returned.
+
 What mergekit cannot express, and what the export approximates (each case is listed in
 :attr:`ExportReport.approximations`):
 
@@ -28,6 +32,7 @@ What mergekit cannot express, and what the export approximates (each case is lis
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +46,8 @@ from weightpatch.errors import WeightPatchError
 from weightpatch.merging.mechanism import MechanismMerge
 from weightpatch.merging.methods import MergeConfig
 
+logger = logging.getLogger("weightpatch")
+
 
 @dataclass
 class ExportReport:
@@ -48,6 +55,7 @@ class ExportReport:
 
     config: dict[str, Any]
     approximations: list[str] = field(default_factory=list)
+    validated: bool = False  # loaded by mergekit's MergeConfiguration (mergekit installed)
 
     @property
     def exact(self) -> bool:
@@ -82,6 +90,8 @@ def mergekit_config(
     cfg = mech.standard if mech is not None else merge
     assert isinstance(cfg, MergeConfig)
     n = len(experts)
+    if cfg.method == "localize_stitch":
+        raise WeightPatchError("localize_stitch has no mergekit equivalent; export a task_arithmetic or TIES merge")
     if mech is not None and mech.num_experts != n:
         raise WeightPatchError(f"{n} expert paths for {mech.num_experts} score tables")
     notes: list[str] = []
@@ -112,6 +122,10 @@ def mergekit_config(
     default_w = [lam_w * w for w in weights]
     if mech is not None and mech.variant == "score_weighted":
         default_w = [w * mech.floor for w in default_w]
+    if mech is not None and mech.variant == "owner_takes_top" and mech.rest != 1:
+        default_w = [w * mech.rest for w in default_w]
+        if not fold:
+            notes.append(f"owner_takes_top rest={mech.rest} with normalize=true: mergekit's normalization cancels it")
     w_over: list[dict[str, float]] = [{} for _ in range(n)]
     d_over: list[dict[str, float]] = [{} for _ in range(n)]
     if mech is not None:
@@ -129,19 +143,14 @@ def mergekit_config(
         for name in mech.parameters_touched():
             shape = shapes[name]
             if mech.variant == "owner_takes_top":
-                owner = mech.owner_map(name, shape)
-                assert owner is not None
-                coefs = [
-                    torch.where(
-                        owner == i,
-                        torch.tensor(float(mech.strength)),
-                        torch.where(owner >= 0, torch.tensor(0.0), torch.tensor(default_w[i])),
-                    )
-                    for i in range(n)
-                ]
-                for i in range(n):
-                    if bool((owner == i).all()) and sparse:
-                        d_over[i][name] = 1.0
+                owned_coef = mech.owner_coefficients(name, shape)
+                assert owned_coef is not None
+                owned, coef = owned_coef
+                coefs = [torch.where(owned, coef[i], torch.tensor(default_w[i])) for i in range(n)]
+                if sparse and bool(owned.all()):
+                    for i in range(n):
+                        if bool((coef[i] != 0).any()):
+                            d_over[i][name] = 1.0
             else:
                 sw = mech.score_weights(name, shape)
                 assert sw is not None
@@ -159,20 +168,27 @@ def mergekit_config(
         _check_filters(touched, [*shapes, *mech.space.aliases])
 
     models = []
-    for i, path in enumerate(experts):
+    for group in _repeated_inputs(experts):
+        w_default, w_filters = _combine_repeated(cfg.method, experts, group, default_w, w_over, notes)
+        i = group[0]
         p: dict[str, Any] = {}
-        if w_over[i]:
-            p["weight"] = [{"filter": k, "value": _round(v)} for k, v in sorted(w_over[i].items())]
-            p["weight"].append({"value": _round(default_w[i])})
+        if w_filters:
+            p["weight"] = [{"filter": k, "value": _round(v)} for k, v in sorted(w_filters.items())]
+            p["weight"].append({"value": _round(w_default)})
         else:
-            p["weight"] = _round(default_w[i])
+            p["weight"] = _round(w_default)
         if sparse:
+            if any(density[j] != density[i] or d_over[j] != d_over[i] for j in group):
+                raise WeightPatchError(
+                    f"expert {experts[i]} is given {len(group)} times with different densities; mergekit takes each "
+                    f"model once, so give it once (with a weight) or with one density"
+                )
             if d_over[i]:
                 p["density"] = [{"filter": k, "value": v} for k, v in sorted(d_over[i].items())]
                 p["density"].append({"value": _round(density[i])})
             else:
                 p["density"] = _round(density[i])
-        models.append({"model": str(path), "parameters": p})
+        models.append({"model": str(experts[i]), "parameters": p})
     config: dict[str, Any] = {
         "merge_method": cfg.method,
         "base_model": str(base_model),
@@ -182,7 +198,64 @@ def mergekit_config(
     }
     if out_dtype is not None:
         config["out_dtype"] = out_dtype
-    return ExportReport(config, notes)
+    return ExportReport(config, notes, validate_with_mergekit(config))
+
+
+def _repeated_inputs(experts: Sequence[str | os.PathLike[str]]) -> list[list[int]]:
+    """Expert indices grouped by the directory they name (resolved), in first-occurrence order."""
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(experts):
+        key = os.path.realpath(Path(path).expanduser())
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _combine_repeated(
+    method: str,
+    experts: Sequence[str | os.PathLike[str]],
+    group: list[int],
+    default_w: list[float],
+    w_over: list[dict[str, float]],
+    notes: list[str],
+) -> tuple[float, dict[str, float]]:
+    """One mergekit entry for an expert given several times (mergekit refuses "Duplicate merge
+    inputs"): its weights summed, per tensor filter. Exact for the linear and TIES formulas, since
+    copies share one delta (``sum_c w_c * delta = (sum_c w_c) * delta``, the same sign election,
+    the same masks and divisor) as long as the copies' weights do not have opposite signs, which
+    consensus methods refuse. DARE draws an independent drop mask per copy in ours: noted."""
+    filters = sorted({f for i in group for f in w_over[i]})
+    per_copy = [[w_over[i].get(f, default_w[i]) for f in filters] + [default_w[i]] for i in group]
+    combined = [sum(values) for values in zip(*per_copy, strict=True)]
+    if len(group) > 1:
+        if method in ("ties", "dare_ties") and any(min(v) < 0 < max(v) for v in zip(*per_copy, strict=True)):
+            raise WeightPatchError(
+                f"expert {experts[group[0]]} is given {len(group)} times with weights of opposite signs; "
+                f"mergekit takes each model once, so give it once with one weight"
+            )
+        notes_text = f"expert {experts[group[0]]} given {len(group)} times: exported once with the summed weights"
+        if method.startswith("dare"):
+            notes.append(notes_text + " (ours drops each copy with its own random mask)")
+        logger.warning("%s", notes_text)
+    default = combined[-1]
+    return default, {f: v for f, v in zip(filters, combined, strict=False) if abs(v - default) > 1e-12}
+
+
+def validate_with_mergekit(config: dict[str, Any]) -> bool:
+    """Load ``config`` with mergekit's own config model when mergekit is installed (True when it
+    was checked, False when mergekit is absent). A rejection is a weightpatch bug: raised with
+    mergekit's first complaint."""
+    try:
+        from mergekit.config import MergeConfiguration
+    except ImportError:
+        return False
+    try:
+        MergeConfiguration.model_validate(config)
+    except Exception as exc:  # pydantic's ValidationError, or mergekit's own ValueError
+        first = str(exc).strip().splitlines()
+        raise WeightPatchError(
+            f"mergekit rejects the exported config ({' '.join(first[:3])}); please report this weightpatch bug"
+        ) from exc
+    return True
 
 
 def write_mergekit_yaml(
@@ -194,7 +267,8 @@ def write_mergekit_yaml(
 ) -> ExportReport:
     """Write :func:`mergekit_config` to ``path`` (approximations as a comment header)."""
     report = mergekit_config(merge, base_model, experts, **kwargs)
-    header = "# mergekit config written by weightpatch\n"
+    header = "# mergekit config written by weightpatch"
+    header += " (validated by mergekit's config model)\n" if report.validated else "\n"
     if report.approximations:
         header += "# NOT EXACT -- approximations:\n" + "".join(f"#  - {a}\n" for a in report.approximations)
     Path(path).write_text(header + yaml.safe_dump(report.config, sort_keys=False))

@@ -50,8 +50,8 @@ from weightpatch.errors import WeightPatchError
 Weight = float | torch.Tensor
 Weights = Sequence[Weight] | None
 Rescale = Literal["inverse", "l1", "none"]
-Method = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"]
-METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+Method = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "localize_stitch"]
+METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "localize_stitch")
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -276,17 +276,48 @@ def dare_ties(
     return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
 
 
+def localize_stitch(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Weights = None,
+    density: float | Sequence[float] = 0.1,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """A localization baseline: dataless Localize-and-Stitch (He et al. 2024, arXiv 2408.13656).
+    Each delta is *localized* to its top ``density`` fraction by magnitude (``m_i``: the entries
+    kept with a nonzero delta), then *stitched*: where localized deltas overlap they are averaged::
+
+        merged = base + lam * sum_i w_i * m_i * delta_i / max(1, sum_i m_i)
+
+    Differences from the paper: the top fraction is taken per tensor (the paper ranks the whole
+    model), and there is no data-driven mask training (its "dataless" variant)."""
+    deltas = task_vectors(base, experts)
+    dens = _per_expert(density, len(deltas), "density")
+    trimmed = [magnitude_trim(d, k) for d, k in zip(deltas, dens, strict=True)]
+    del deltas
+    ws = _weights(weights, len(trimmed), trimmed[0])
+    overlap = torch.stack([(t != 0).to(t.dtype) for t in trimmed]).sum(0).clamp(min=1)
+    mixed = torch.stack([w * t for w, t in zip(ws, trimmed, strict=True)]).sum(0) / overlap
+    return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
+
+
 # ---- a whole-merge configuration -----------------------------------------------------------------
-_DEFAULT_NORMALIZE = {"task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False}
+_DEFAULT_NORMALIZE = {
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": False,
+    "localize_stitch": False,  # not used: the stitch always averages overlaps
+}
 
 
 @dataclass(frozen=True)
 class MergeConfig:
     """One standard merge, applied tensor by tensor.
 
-    ``weights``: one per expert (default 1.0 each). ``density``: TIES keep fraction (per expert or
-    one value). ``drop_rate``: DARE drop probability ``p``. ``normalize``: None = mergekit's default
-    for the method. ``seed``: DARE seed (combined with each tensor name and expert index).
+    ``weights``: one per expert (default 1.0 each). ``density``: TIES / Localize-and-Stitch keep
+    fraction (per expert or one value). ``drop_rate``: DARE drop probability ``p``. ``normalize``:
+    None = mergekit's default for the method. ``seed``: DARE seed (combined with each tensor name and expert index).
     """
 
     method: Method = "task_arithmetic"
@@ -327,5 +358,7 @@ class MergeConfig:
             return task_arithmetic(base, experts, weights, self.lam, norm)
         if self.method == "ties":
             return ties(base, experts, weights, self.density, self.lam, norm)
+        if self.method == "localize_stitch":
+            return localize_stitch(base, experts, weights, self.density, self.lam)
         fn = dare_linear if self.method == "dare_linear" else dare_ties
         return fn(base, experts, weights, self.drop_rate, self.lam, norm, self.seed, name, self.rescale)

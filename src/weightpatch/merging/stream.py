@@ -6,19 +6,24 @@ and every expert, merged, and buffered until the current output shard is full, s
 one tensor per input model plus at most one output shard.
 
 The output is written atomically: into a temporary directory beside the target, then renamed
-into place. On any exception (including KeyboardInterrupt) the temporary directory is removed
-and the target is left as it was (absent, or the old contents when ``overwrite=True``).
+into place, under a per-target lock (:mod:`weightpatch.merging.output`). An error removes the
+temporary directory and leaves the target as it was (absent, or the old contents when
+``overwrite=True``); Ctrl-C and SIGKILL leave it for the next run to the same target, which
+resumes from its finished shards (same recipe) or removes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,11 +32,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.merging.checks import FiniteGuard, check_experts_against_base, refuse_custom_code
+from weightpatch.merging.output import (
+    CARD_NAME,
+    RECIPE_FILE,
+    apply_normal_modes,
+    describe_vocabulary,
+    model_card,
+    read_recipe,
+    remove_leftover,
+    target_lock,
+    temporary_outputs,
+)
 from weightpatch.weights import WEIGHT_FILE_SUFFIXES
+
+logger = logging.getLogger("weightpatch")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_SKIP_FILES = {"README.md", ".gitattributes", "weightpatch_merge.json"}
+RECORD_NAME = "weightpatch_merge.json"
+_SKIP_FILES = {"README.md", ".gitattributes", RECORD_NAME}
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -66,7 +86,12 @@ class Checkpoint:
             raise WeightPatchError(f"checkpoint directory {str(self.path)!r} does not exist")
         index = self.path / INDEX_NAME
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise WeightPatchError(
+                    f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); re-save the model"
+                ) from None
         elif (self.path / SINGLE_NAME).is_file():
             weight_map = {}
         else:
@@ -79,7 +104,7 @@ class Checkpoint:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         for file in files:
-            with safe_open(str(self.path / file), framework="pt", device="cpu") as handle:
+            with _opened(self.path / file) as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
                     sl = handle.get_slice(name)
                     self.file_of[name] = file
@@ -97,8 +122,30 @@ class Checkpoint:
         return list(self.shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path / self.file_of[name]), framework="pt", device="cpu") as handle:
-            return handle.get_tensor(name)
+        path = self.path / self.file_of[name]
+        with _opened(path) as handle:
+            try:
+                return handle.get_tensor(name)
+            except Exception as exc:  # safetensors raises its own error types for damaged data
+                raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> WeightPatchError:
+    return WeightPatchError(
+        f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+        f"the file is truncated or corrupt: re-download or re-save the model"
+    )
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``safe_open`` with damaged files (a truncated download, a bad header) as one-line errors."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ...
+        raise _unreadable(path, exc) from exc
+    with handle:
+        yield handle
 
 
 def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None, base: Checkpoint | None = None):
@@ -222,15 +269,28 @@ def merge_checkpoints(
     description: dict[str, Any] | None = None,
     base_revision: str | None = None,
     expert_revisions: Sequence[str | None] | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Merge ``experts`` onto ``base`` with ``merger`` and write the result to ``output``.
 
     Floating-point tensors are merged (in float32) and saved in ``out_dtype`` (default: each
     tensor's base dtype); other tensors (integer buffers) are copied from the base. Non-weight
     files of the base (config.json, generation_config.json, tokenizer files, chat template) are
-    copied; a ``weightpatch_merge.json`` records the inputs and ``description``. Returns the
-    output path. Refuses to overwrite a non-empty directory unless ``overwrite=True``, and
-    refuses any output overlapping an input directory.
+    copied; ``weightpatch_merge.json`` records the inputs (with the SHA-256 of their weights), the
+    merge (``description``, default ``merger.describe()``) and the checks; ``README.md`` is a model
+    card with the same facts. Returns the output path.
+
+    Refused, before anything is written: a non-empty output unless ``overwrite=True``, an output
+    overlapping an input, an expert that does not match the base (tensor names and shapes, model
+    type, architecture, tokenizer vocabulary), a base with custom code unless
+    ``trust_remote_code=True`` (then copied and flagged), and another merge writing to the same
+    output. Non-finite values (in an input or the result) stop the merge with the first tensor
+    names; nothing is published.
+
+    Interruptions: an error removes the temporary output. Ctrl-C (KeyboardInterrupt) and SIGKILL
+    leave it beside the target; the next run to the same target resumes from its finished shards
+    when the recipe (inputs by content, merge settings, shard plan, library versions) is the same,
+    and removes it otherwise. Output directories are 0755 and files 0644 (under the usual umask).
 
     ``base`` and each expert may be a directory or a hub id (``base_revision``/``expert_revisions``
     pick a branch, tag or commit); an expert may be a PEFT LoRA adapter of ``base``.
@@ -248,6 +308,8 @@ def merge_checkpoints(
     max_bytes = parse_size(max_shard_size)
 
     check_compatible(base_ckpt, expert_ckpts)
+    custom_code = refuse_custom_code(base_ckpt.path, trust_remote_code)
+    vocabulary_checked = check_experts_against_base(base_ckpt.path, [e.path for e in expert_ckpts], bool(custom_code))
 
     def dtype_of(name: str) -> torch.dtype:
         dt = base_ckpt.dtypes[name]
@@ -261,44 +323,168 @@ def merge_checkpoints(
         sizes.append((name, numel * dtype_of(name).itemsize))
     shards = _plan_shards(sizes, max_bytes)
     n_shards = len(shards)
-    total_tensors = len(sizes)
+    files = [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+    merge_description = description if description is not None else _describe(merger)
+    record = _merge_record(
+        (base, base_ckpt.path),
+        [(e, c.path) for e, c in zip(experts, expert_ckpts, strict=True)],
+        merge_description,
+        out_dtype,
+        dict(zip(files, shards, strict=True)),
+    )
+    record["checks"] = {"vocabulary": describe_vocabulary(vocabulary_checked), "custom_code": "none"}
+    if custom_code:
+        record["checks"]["custom_code"] = f"copied with trust_remote_code: {', '.join(custom_code)}"
+        logger.warning("the base has custom code (%s); copied into the merge as asked", ", ".join(custom_code))
+    guard = FiniteGuard({"base": base_ckpt.path, **{f"expert {i}": e.path for i, e in enumerate(expert_ckpts)}})
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        weight_map: dict[str, str] = {}
-        done = 0
-        for i, shard in enumerate(shards, start=1):
-            file = f"model-{i:05d}-of-{n_shards:05d}.safetensors"
-            tensors: dict[str, torch.Tensor] = {}
-            for name in shard:
-                b = base_ckpt.get(name)
-                if b.dtype.is_floating_point:
-                    merged = merger.merge_tensor(name, b, [e.get(name) for e in expert_ckpts])
-                else:
-                    merged = b
-                tensors[name] = merged.to(dtype_of(name)).contiguous()
-                weight_map[name] = file
-                done += 1
-                if progress is not None:
-                    progress(done, total_tensors, name)
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            del tensors
-        index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copied = _copy_aux_files(base_ckpt.path, tmp)
-        record = {
-            "base": str(base_ckpt.path.absolute()),
-            "experts": [str(e.path.absolute()) for e in expert_ckpts],
-            "copied_from_base": copied,
-            "merge": description if description is not None else _describe(merger),
-        }
-        (tmp / "weightpatch_merge.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightPatchError(f"cannot create {target.parent} ({exc.strerror}); choose a writable output") from None
+    with target_lock(target):
+        tmp = _resume_or_clean(target, record["recipe_sha256"])
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            (tmp / RECIPE_FILE).write_text(json.dumps({"recipe_sha256": record["recipe_sha256"]}) + "\n")
+        written = 0
+        try:
+            done = 0
+            for file, shard in zip(files, shards, strict=True):
+                if _finished_shard(tmp / file, shard):
+                    done += len(shard)
+                    written += 1
+                    if progress is not None:
+                        progress(done, len(sizes), shard[-1])
+                    continue
+                tensors: dict[str, torch.Tensor] = {}
+                for name in shard:
+                    b = base_ckpt.get(name)
+                    guard.check("base", name, b)
+                    if b.dtype.is_floating_point:
+                        inputs = [e.get(name) for e in expert_ckpts]
+                        for i, t in enumerate(inputs):
+                            guard.check(f"expert {i}", name, t)
+                        if not guard.found:  # after the first non-finite tensor, only scan for more
+                            merged = merger.merge_tensor(name, b, inputs).to(dtype_of(name)).contiguous()
+                            if guard.check("merged", name, merged):
+                                tensors[name] = merged
+                        del inputs
+                    elif not guard.found:
+                        tensors[name] = b.to(dtype_of(name)).contiguous()
+                    done += 1
+                    if guard.full:
+                        break
+                    if progress is not None:
+                        progress(done, len(sizes), name)
+                if guard.full:
+                    break
+                if not guard.found:
+                    partial = tmp / f"{file}.partial"
+                    save_file(tensors, str(partial), metadata={"format": "pt"})
+                    os.replace(partial, tmp / file)
+                    written += 1
+                del tensors
+            guard.raise_if_any()
+            weight_map = {name: file for file, shard in zip(files, shards, strict=True) for name in shard}
+            index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            record["copied_from_base"] = _copy_aux_files(base_ckpt.path, tmp)
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            (tmp / CARD_NAME).write_text(model_card(json.loads(json.dumps(record, default=str))))
+            (tmp / RECIPE_FILE).unlink()
+            apply_normal_modes(tmp)
+            _publish(tmp, target)
+        except KeyboardInterrupt:
+            logger.warning(
+                "merge interrupted: %d of %d shards are kept in %s; re-running the same merge to %s resumes from "
+                "them (a different merge to that output removes them)",
+                written,
+                n_shards,
+                tmp,
+                target,
+            )
+            raise
+        except OSError as exc:  # disk full, permissions changed under us, ...
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WeightPatchError(
+                f"writing the merge to {target} failed ({exc.strerror or exc}); nothing was published, "
+                f"free space or fix permissions and re-run"
+            ) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
+
+
+def _merge_record(
+    base: tuple[str | os.PathLike[str], Path],
+    experts: Sequence[tuple[str | os.PathLike[str], Path]],
+    merge: Any,
+    out_dtype: torch.dtype | None,
+    plan: dict[str, list[str]],
+) -> dict[str, Any]:
+    """What ``weightpatch_merge.json`` records, and the recipe fingerprint: SHA-256 over the inputs'
+    weight hashes, the merge description, the output dtype, the shard plan and the versions of
+    weightpatch and torch (everything the bytes of the output depend on). ``base`` and ``experts``:
+    ``(what the caller gave, the checkpoint directory)``."""
+    import weightpatch
+    from weightpatch.pair import weight_files, weights_sha256
+
+    def ref(given: tuple[str | os.PathLike[str], Path]) -> dict[str, str]:
+        source, directory = given
+        return {
+            "source": str(source),
+            "path": str(directory.absolute()),
+            "weights_sha256": weights_sha256(weight_files(directory)),
+        }
+
+    record: dict[str, Any] = {
+        "base": ref(base),
+        "experts": [ref(e) for e in experts],
+        "merge": merge,
+        "out_dtype": str(out_dtype) if out_dtype is not None else None,
+        "weightpatch_version": weightpatch.__version__,
+    }
+    fingerprint = {
+        "inputs": [record["base"]["weights_sha256"], *(e["weights_sha256"] for e in record["experts"])],
+        "merge": merge,
+        "out_dtype": record["out_dtype"],
+        "plan": plan,
+        "versions": [weightpatch.__version__, torch.__version__],
+    }
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    record["recipe_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    return record
+
+
+def _resume_or_clean(target: Path, recipe: str) -> Path | None:
+    """With the target's lock held, every leftover temporary output is stale: adopt the newest one
+    written for ``recipe`` (returned; its ``.partial`` files are dropped) and remove the others."""
+    adopted = None
+    for leftover in reversed(temporary_outputs(target)):  # newest first
+        if adopted is None and leftover.name.startswith(f".{target.name}.tmp-") and read_recipe(leftover) == recipe:
+            adopted = leftover
+            for partial in leftover.glob("*.partial"):
+                partial.unlink()
+            kept = len(list(leftover.glob("*.safetensors")))
+            logger.warning(
+                "resuming an interrupted merge to %s from %s (%d shards already written)", target, leftover, kept
+            )
+        else:
+            remove_leftover(leftover)
+    return adopted
+
+
+def _finished_shard(path: Path, names: list[str]) -> bool:
+    """A shard a previous run finished (renamed into place only after it was written whole)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return set(handle.keys()) == set(names)
+    except Exception:  # safetensors raises several types on a damaged file: rewrite it
+        return False
 
 
 def _describe(merger: Any) -> Any:
