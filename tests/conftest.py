@@ -118,8 +118,20 @@ def tiny_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+def tiny_config(family: str, num_layers: int | None = None) -> transformers.PretrainedConfig:
+    """The tiny config of ``family``, with ``num_layers`` decoder blocks instead of 3 if given
+    (rebuilt from its dict so that per-layer attention types follow the new depth)."""
     config = TINY_CONFIGS[family]()
+    if num_layers is None:
+        return config
+    values = config.to_dict()
+    values.pop("layer_types", None)
+    values["n_layer" if family == "gpt2" else "num_hidden_layers"] = num_layers
+    return type(config)(**values)
+
+
+def tiny_model(family: str, seed: int = 0, num_layers: int | None = None, **overrides) -> torch.nn.Module:
+    config = tiny_config(family, num_layers)
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)
@@ -147,8 +159,8 @@ def save(model: torch.nn.Module, directory: Path, tokenizer=None) -> Path:
     return directory
 
 
-def make_pair(family: str, root: Path, scale: float = 0.05) -> tuple[Path, Path]:
-    base = tiny_model(family)
+def make_pair(family: str, root: Path, scale: float = 0.05, num_layers: int | None = None) -> tuple[Path, Path]:
+    base = tiny_model(family, num_layers=num_layers)
     sft = perturbed_copy(base, scale)
     return save(base, root / f"{family}-base"), save(sft, root / f"{family}-sft")
 
