@@ -9,7 +9,6 @@ divided by the kept prompts, as the exact effect is.
 """
 
 import pytest
-import torch
 
 from conftest import FAMILIES, make_pair, tiny_texts
 from weightpatch.anchors import Anchor, build_anchor, last_token_residuals
