@@ -135,6 +135,29 @@ def test_tiny_gap_threshold_is_a_tenth_of_the_median_absolute_gap_by_default(lla
     assert DesignedGaps(pair, anchor, [0.1, 1.0, 1.0]).valid.tolist() == [False, True, True]
 
 
+def test_effect_is_the_mean_ratio_with_its_standard_error(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
+    scorer = DesignedGaps(pair, anchor, [2.0, -4.0, 0.01])  # the third prompt is excluded
+    effect = scorer.effect(torch.tensor([1.0, -1.0, 5.0]))  # ratios 0.5, 0.25
+    assert effect.mean == pytest.approx(0.375) and effect.n_prompts == 2
+    assert effect.stderr == pytest.approx(stats.sem([0.5, 0.25]))  # std (ddof 1) / sqrt(n)
+    one = DesignedGaps(pair, anchor, [2.0, 0.0, 0.0]).effect(torch.tensor([1.0, 0.0, 0.0]))  # median 0
+    assert one.mean == 0.5 and one.n_prompts == 1 and np.isnan(one.stderr)
+
+
+def test_anchor_score_is_the_last_token_residual_after_the_anchor_block_along_u(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
+    texts = tiny_texts(5, 5)
+    scorer = AnchorScorer(pair, anchor, texts, batch_size=16)
+    for i, text in enumerate(texts):  # one prompt at a time: no padding, the last position is the last token
+        ids = pair.tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = pair.model(ids, output_hidden_states=True).hidden_states[anchor.layer + 1]
+        assert float(scorer.f_receiver[i]) == pytest.approx(float(hidden[0, -1] @ anchor.vector), abs=1e-5)
+
+
 def test_nan_weights_are_refused_with_a_clear_message(tmp_path):
     base = tiny_model("llama")
     broken = perturbed_copy(base)
@@ -143,5 +166,6 @@ def test_nan_weights_are_refused_with_a_clear_message(tmp_path):
     pair = load_pair(save(base, tmp_path / "base"), save(broken, tmp_path / "sft"))
     anchor = build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
     anchor.vector = torch.nn.functional.normalize(torch.ones(32), dim=0)  # the built one is NaN too
-    with pytest.raises(WeightPatchError, match=r"anchor scores contain NaN/inf: check the model weights and dtype"):
+    message = r"^anchor scores contain NaN/inf: check the model weights and dtype \(try float32\)$"
+    with pytest.raises(WeightPatchError, match=message):
         AnchorScorer(pair, anchor, tiny_texts(4, 3))

@@ -34,7 +34,11 @@ def test_an_anchor_that_sees_no_gap_is_refused(tmp_path):
     base = tiny_model("llama")
     pair = load_pair(save(base, tmp_path / "a"), save(base, tmp_path / "b"))  # identical models
     anchor = build_anchor(pair, tiny_texts(4), tiny_texts(4, 9), layer=1, method="instruction")
-    with pytest.raises(WeightPatchError, match="does not separate"):
+    message = (
+        r"^the anchor does not separate the two models on these prompts \(every gap is ~0\); "
+        r"use prompts that exercise the capability or rebuild the anchor$"
+    )
+    with pytest.raises(WeightPatchError, match=message):
         AnchorScorer(pair, anchor, tiny_texts(4, 3))
     with pytest.raises(WeightPatchError, match="empty"):
         AnchorScorer(pair, anchor, [])
