@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weightpatch-installed
 
-.PHONY: setup test test-slow test-ray demo lint clean
+.PHONY: setup test test-slow test-ray test-mutation demo lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ test-slow: setup
 test-ray: setup
 	$(PY) -m pip install -q -c constraints.txt -e '.[ray]'
 	$(PY) -m pytest -q -m slow tests/backends
+
+# mutmut 3 over the core modules, each against its mirrored tests (pyproject [tool.mutmut-modules]);
+# MODULES="src/weightpatch/scoring.py ..." picks modules, JOBS sets mutmut's parallel children
+test-mutation: setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[mutation]'
+	$(PY) tests/mutation.py --max-children $(or $(JOBS),2) $(MODULES)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

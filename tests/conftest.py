@@ -161,8 +161,21 @@ def tiny_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+def tiny_config(family: str, num_layers: int | None = None, **overrides) -> transformers.PretrainedConfig:
+    """The tiny config of ``family`` (``overrides`` passed to its factory), with ``num_layers`` decoder
+    blocks instead of 3 if given (rebuilt from its dict so that per-layer attention types follow the
+    new depth)."""
     config = TINY_CONFIGS[family](**overrides)
+    if num_layers is None:
+        return config
+    values = config.to_dict()
+    values.pop("layer_types", None)
+    values["n_layer" if family == "gpt2" else "num_hidden_layers"] = num_layers
+    return type(config)(**values)
+
+
+def tiny_model(family: str, seed: int = 0, num_layers: int | None = None, **overrides) -> torch.nn.Module:
+    config = tiny_config(family, num_layers, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init of norms is constant 1: make every parameter informative
@@ -188,10 +201,12 @@ def save(model: torch.nn.Module, directory: Path, tokenizer=None) -> Path:
     return directory
 
 
-def make_pair(family: str, root: Path, scale: float = 0.05, **overrides) -> tuple[Path, Path]:
+def make_pair(
+    family: str, root: Path, scale: float = 0.05, num_layers: int | None = None, **overrides
+) -> tuple[Path, Path]:
     """Base and specialized directories under ``root``; ``overrides`` change the tiny config
     (e.g. ``num_hidden_layers=4``)."""
-    base = tiny_model(family, **overrides)
+    base = tiny_model(family, num_layers=num_layers, **overrides)
     sft = perturbed_copy(base, scale)
     return save(base, root / f"{family}-base"), save(sft, root / f"{family}-sft")
 

@@ -30,13 +30,15 @@ def test_render_without_template_raises_when_forced():
         render_prompt(tiny_tokenizer(), "w5", "chat")
 
 
-def test_left_padding(specialized):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_left_padding(specialized, side):
     _, tok = specialized
+    tok.padding_side = side
     enc = encode(tok, ["Tell me about the river.", "Write a short essay about the old city bridge."])
     assert enc.attention_mask[0, 0] == 0 and enc.attention_mask[0, -1] == 1  # row 0 is padded left
     assert enc.input_ids[0, 0] == tok.pad_token_id
     assert enc.position_ids[0, -1] == enc.position_ids[1, -1] - (enc.attention_mask[0] == 0).sum()
-    assert tok.padding_side == "left" or tok.padding_side == "right"  # restored, whatever it was
+    assert tok.padding_side == side  # the tokenizer's own setting is restored
 
 
 @pytest.mark.parametrize("family", FAMILIES)

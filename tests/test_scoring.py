@@ -34,7 +34,11 @@ def test_an_anchor_that_sees_no_gap_is_refused(tmp_path):
     base = tiny_model("llama")
     pair = load_pair(save(base, tmp_path / "a"), save(base, tmp_path / "b"))  # identical models
     anchor = build_anchor(pair, tiny_texts(4), tiny_texts(4, 9), layer=1, method="instruction")
-    with pytest.raises(WeightPatchError, match="does not separate"):
+    message = (
+        r"^the anchor does not separate the two models on these prompts \(every gap is ~0\); "
+        r"use prompts that exercise the capability or rebuild the anchor$"
+    )
+    with pytest.raises(WeightPatchError, match=message):
         AnchorScorer(pair, anchor, tiny_texts(4, 3))
     with pytest.raises(WeightPatchError, match="empty"):
         AnchorScorer(pair, anchor, [])
@@ -49,3 +53,21 @@ def test_knockout_scores_fraction_removed(llama_pair_dirs):
     assert torch.allclose(scorer.gap, -repair.gap, atol=1e-5)
     with patched(knockout.model, knockout.donor, knockout.space, knockout.space.everything()):
         assert scorer.effect(scorer.anchor_scores(knockout.model)).mean == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "score_dtype"), [("float64", torch.float64), ("float32", torch.float32), ("bfloat16", torch.float32)]
+)
+def test_scores_accumulate_in_float64_for_float64_models_else_float32(llama_pair_dirs, dtype, score_dtype):
+    pair = load_pair(*llama_pair_dirs, dtype=dtype)
+    anchor = build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(4, 5))
+    assert scorer.u.dtype == scorer.f_receiver.dtype == scorer.gap.dtype == score_dtype
+    torch.testing.assert_close(scorer.u.double(), anchor.vector.double(), atol=1e-7, rtol=0)
+
+
+def test_empty_prompt_set_message(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
+    with pytest.raises(WeightPatchError, match=r"^no prompts to score; the prompt set is empty$"):
+        AnchorScorer(pair, anchor, [])

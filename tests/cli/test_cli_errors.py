@@ -51,7 +51,7 @@ def test_model_that_is_not_a_causal_lm(pair_dirs, tmp_path, inputs_unchanged):
     bert = tmp_path / "bert"
     save(transformers.BertModel(config), bert)
     result = invoke("check", pair_dirs[0], bert)
-    line = assert_user_error(result)
+    line = assert_user_error(result, "cannot be patched into each other", "model_type")
     assert "bert" in line.lower()
 
 
@@ -133,8 +133,9 @@ def test_bad_config_file(pair_dirs, tmp_path):
 def test_debug_shows_the_exception(pair_dirs, tmp_path):
     result = invoke("check", pair_dirs[0], tmp_path / "missing", "--debug")
     assert result.exit_code != 0 and isinstance(result.exception, WeightPatchError)
+    assert "does not exist" in str(result.exception)
 
 
 def test_trace_without_anchor_is_a_clear_error(pair_dirs, prompts, tmp_path):
     result = invoke("trace", *pair_dirs, "--prompts", prompts, "--run-dir", tmp_path / "run")
-    assert_user_error(result)
+    assert_user_error(result, "no anchor at", "wpatch anchor", "--anchor")

@@ -62,6 +62,10 @@ def test_anchor_screen_resume_report(pair_dirs, prompts, tmp_path):
     assert result.exit_code == 0, result.output
     resumed = ScoreTable.load(run / "scores.parquet")
     assert len(resumed.select("exact")) == 6 and dropped <= set(resumed.select("exact").frame["component"])
+    # the re-scored rows have the values of the uninterrupted run, the kept rows are untouched
+    before = exact_rows.set_index("component")["score"]
+    after = resumed.select("exact").frame.set_index("component")["score"]
+    assert after[before.index].tolist() == pytest.approx(before.tolist(), abs=1e-6)
     log = (run / "log.txt").read_text()
     assert "resumed" in log and "2 components to score (4 already done)" in log
 

@@ -121,9 +121,13 @@ def test_dare_is_deterministic_per_seed_and_name():
 
 
 def _dare_deltas(base, experts, p, seed, name):
-    return [
-        dare_drop(e - base, p, torch.Generator().manual_seed(dare_seed(seed, name, i))) for i, e in enumerate(experts)
-    ]
+    """DARE by hand (not via dare_drop): expert i's entry survives where its seeded float64
+    uniform is >= p, and survivors are scaled by 1 / (1 - p)."""
+    deltas = []
+    for i, e in enumerate(experts):
+        u = torch.rand(e.shape, generator=torch.Generator().manual_seed(dare_seed(seed, name, i)), dtype=torch.float64)
+        deltas.append(torch.where(u >= p, (e - base) / (1 - p), torch.zeros_like(e)))
+    return deltas
 
 
 def test_dare_linear_and_dare_ties_formulas():
