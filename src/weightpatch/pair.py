@@ -10,8 +10,6 @@ read by transformers with weights-only unpickling; ``trust_remote_code`` is off 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +24,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from weightpatch.architecture import architecture_for
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import PairMismatchError, WeightPatchError
-from weightpatch.weights import SafetensorsSource, TensorDictSource, WeightSource, shape_differences
+from weightpatch.weights import (
+    SafetensorsSource,
+    TensorDictSource,
+    WeightSource,
+    reading_weights,
+    shape_differences,
+    weights_sha256,
+)
 
 Role = Literal["base", "specialized"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -82,36 +87,6 @@ def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
     if gguf_file:
         return [directory / gguf_file]
     return sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
-
-
-def weights_sha256(files: list[Path]) -> str:
-    """SHA-256 over the weight files' bytes (cached per file by size and mtime)."""
-    cache_path = Path(os.environ.get("WEIGHTPATCH_CACHE", Path.home() / ".cache" / "weightpatch")) / "hashes.json"
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    combined = hashlib.sha256()
-    changed = False
-    for f in files:
-        stat = f.stat()
-        key = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in cache:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            cache[key], changed = h.hexdigest(), True
-        combined.update(f"{f.name}:{cache[key]}".encode())
-    if changed:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_path)
-        except OSError:
-            pass  # the cache is an optimization only
-    return combined.hexdigest()
 
 
 def _config(directory: Path, gguf_file: str | None, trust_remote_code: bool):
@@ -320,7 +295,8 @@ def _load_model(directory: Path, gguf_file, dtype, device, device_map, trust_rem
     if not gguf_file and not weight_files(directory):
         raise WeightPatchError(f"no weight files (.safetensors/.bin/.gguf) in {directory}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        with reading_weights(directory):
+            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise WeightPatchError(f"{directory} is not a causal language model ({exc})") from exc
