@@ -27,10 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, Role
+from weightpatch.results import atomic_output, write_text_atomic
 from weightpatch.runner import batches, encode, residual_addition, run_segment
 
 Method = Literal["instruction", "model_diff"]
@@ -55,6 +57,13 @@ class Anchor:
     prompts_sha256: str
     metrics: dict[str, float] = field(default_factory=dict)  # held-out separation, etc.
 
+    def __post_init__(self) -> None:
+        if not torch.isfinite(self.vector).all():
+            raise WeightPatchError(
+                f"the layer-{self.layer} anchor vector holds NaN/inf: the residual streams it was built from are "
+                "not finite (check the models' weights with `wpatch check`, or use float32); nothing was saved"
+            )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<path>.safetensors`` (the vector) and ``<path>.json`` (metadata), atomically."""
         path = Path(path).with_suffix("")
@@ -66,11 +75,9 @@ class Anchor:
             "prompts_sha256": self.prompts_sha256,
             "metrics": self.metrics,
         }
-        tmp_t, tmp_j = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
-        save_file({"anchor": self.vector.detach().float().cpu().contiguous()}, str(tmp_t))
-        tmp_j.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_t, path.with_suffix(".safetensors"))
-        os.replace(tmp_j, path.with_suffix(".json"))
+        with atomic_output(path.with_suffix(".safetensors")) as tmp:
+            save_file({"anchor": self.vector.detach().float().cpu().contiguous()}, str(tmp))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2))
         return path
 
     @classmethod
@@ -80,7 +87,7 @@ class Anchor:
         try:
             meta = json.loads(path.with_suffix(".json").read_text())
             vector = load_file(str(path.with_suffix(".safetensors")))["anchor"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise WeightPatchError(f"cannot read anchor {path}(.json/.safetensors): {exc}") from exc
         anchor = cls(vector, meta["layer"], meta["method"], meta["models"], meta["prompts_sha256"], meta["metrics"])
         if pair is not None:
@@ -137,6 +144,15 @@ def _differences(pair, method, with_instr, without_instr, layers, batch_size):
         b = last_token_residuals(pair, with_instr, layers, "base", batch_size)
     else:
         raise WeightPatchError(f"unknown anchor method {method!r}; use 'instruction' or 'model_diff'")
+    for residuals in (a, b):
+        bad = ~torch.isfinite(residuals).all(-1)  # (prompt, layer)
+        if bad.any():
+            at = [layers[i] for i in bad.any(0).nonzero().flatten().tolist()]
+            raise WeightPatchError(
+                f"the residual stream is NaN/inf at layers {at} on {int(bad.any(1).sum())} of {len(bad)} prompts: "
+                "the models' weights are not finite or overflow in this dtype (check them with `wpatch check`, "
+                "or use float32); no anchor was built"
+            )
     return a, b
 
 

@@ -316,3 +316,39 @@ def _donor_source(directory: Path, gguf_file, space: ComponentSpace, dtype, trus
         return SafetensorsSource(directory, aliases)
     donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, trust_remote_code)
     return TensorDictSource.from_model(donor_model)
+
+
+def nonfinite_parameters(pair: ModelPair) -> dict[Role, list[tuple[str, int, int]]]:
+    """Per model of the pair, its parameters holding NaN or inf as ``(name, n_nan, n_inf)``, in
+    parameter order. The receiver is read in memory (parameters offloaded to ``meta`` are skipped),
+    the donor one tensor at a time from its checkpoint."""
+    from weightpatch.components import ParamSlice
+
+    donor_role: Role = "specialized" if pair.receiver == "base" else "base"
+    found: dict[Role, list[tuple[str, int, int]]] = {pair.receiver: [], donor_role: []}
+    with torch.no_grad():
+        for name, param in pair.model.named_parameters():
+            for role, tensor in (
+                (pair.receiver, None if param.is_meta else param),
+                (donor_role, pair.donor.read(ParamSlice(name))),
+            ):
+                if tensor is None or not tensor.is_floating_point() or torch.isfinite(tensor).all():
+                    continue
+                found[role].append((name, int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())))
+    return found
+
+
+def check_finite(pair: ModelPair) -> None:
+    """Refuse (:class:`WeightPatchError`, one line) a pair whose weights hold NaN or inf, naming
+    the first parameters of each affected model. Every entry point that reads weights calls it."""
+    problems = []
+    for role, params in nonfinite_parameters(pair).items():
+        if params:
+            ref = pair.base if role == "base" else pair.specialized
+            listed = ", ".join(f"{n} ({nan} NaN, {inf} inf)" for n, nan, inf in params[:3])
+            more = f" and {len(params) - 3} more" if len(params) > 3 else ""
+            problems.append(f"the {role} model ({ref.source}) has non-finite weights: {listed}{more}")
+    if problems:
+        raise WeightPatchError(
+            "; ".join(problems) + "; re-export or re-download the checkpoint (or load it in float32 if it overflowed)"
+        )

@@ -93,7 +93,13 @@ class AnchorScorer:
         return torch.cat(out)
 
     def effect(self, f_patched: Float[torch.Tensor, " prompt"]) -> Effect:
-        """Normalized effect of a patched model given its anchor scores on every prompt."""
+        """Normalized effect of a patched model given its anchor scores on every prompt; refuses
+        (:class:`WeightPatchError`) NaN/inf scores rather than writing them into a table."""
+        if not torch.isfinite(f_patched[self.valid]).all():
+            raise WeightPatchError(
+                "a patched model's anchor scores contain NaN/inf: its weights overflow in this dtype or are not "
+                "finite; check the pair with `wpatch check`, or use float32"
+            )
         ratios = ((f_patched - self.f_receiver) / self.gap)[self.valid].double()
         n = ratios.numel()
         stderr = float(ratios.std() / math.sqrt(n)) if n > 1 else float("nan")
