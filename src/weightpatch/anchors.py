@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, Role
 from weightpatch.results import atomic_output, write_text_atomic
-from weightpatch.runner import batches, encode, residual_addition, run_segment
+from weightpatch.runner import batches, context_length, encode, residual_addition, run_segment
 
 Method = Literal["instruction", "model_diff"]
 
@@ -116,14 +116,22 @@ class Anchor:
 
 
 def last_token_residuals(
-    pair: ModelPair, texts: Sequence[str], layers: Sequence[int], role: Role, batch_size: int = 16
+    pair: ModelPair,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    role: Role,
+    batch_size: int = 16,
+    truncate_prompts: bool = False,
 ) -> Float[torch.Tensor, "prompt layer hidden"]:
     """Residual stream after each block in ``layers`` at each prompt's last token, for ``role``'s
-    weights (float32, on CPU)."""
+    weights (float32, on CPU). Prompts longer than the model's context are refused, or with
+    ``truncate_prompts`` cut to their last tokens (:func:`weightpatch.runner.encode`)."""
     top = max(layers)
     out = []
+    limit = context_length(pair.model, pair.tokenizer)
+    encoded = encode(pair.tokenizer, texts, pair.device, max_length=limit, truncate=truncate_prompts)
     with pair.as_model(role) as model, torch.no_grad():
-        for batch in batches(encode(pair.tokenizer, texts, pair.device), batch_size):
+        for batch in batches(encoded, batch_size):
             last, inputs = run_segment(
                 model, pair.space, batch, stop=top, capture_inputs=[layer + 1 for layer in layers if layer < top]
             )
@@ -132,16 +140,16 @@ def last_token_residuals(
     return torch.cat(out)
 
 
-def _differences(pair, method, with_instr, without_instr, layers, batch_size):
-    """Per-prompt difference vectors (prompt, layer, hidden) and the two conditions' residuals."""
+def _differences(pair, method, with_instr, without_instr, layers, batch_size, truncate_prompts=False):
+    """The two conditions' last-token residuals, each (prompt, layer, hidden)."""
     if method == "instruction":
         if without_instr is None or len(without_instr) != len(with_instr):
             raise WeightPatchError("the 'instruction' anchor needs each prompt also in a form without its instruction")
-        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size)
-        b = last_token_residuals(pair, without_instr, layers, "specialized", batch_size)
+        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size, truncate_prompts)
+        b = last_token_residuals(pair, without_instr, layers, "specialized", batch_size, truncate_prompts)
     elif method == "model_diff":
-        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size)
-        b = last_token_residuals(pair, with_instr, layers, "base", batch_size)
+        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size, truncate_prompts)
+        b = last_token_residuals(pair, with_instr, layers, "base", batch_size, truncate_prompts)
     else:
         raise WeightPatchError(f"unknown anchor method {method!r}; use 'instruction' or 'model_diff'")
     for residuals in (a, b):
@@ -175,6 +183,7 @@ def search_anchor_layer(
     method: Method = "instruction",
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
+    truncate_prompts: bool = False,
 ) -> tuple[Anchor, pd.DataFrame]:
     """Build a candidate anchor at each layer from the training prompts, measure how well it
     separates the two conditions on held-out prompts, and return the best (largest Cohen's d among
@@ -189,8 +198,8 @@ def search_anchor_layer(
     for layer in layers:
         if not 0 <= layer < n:
             raise WeightPatchError(f"anchor layer {layer} is out of range (the model has layers 0..{n - 1})")
-    a, b = _differences(pair, method, train_with, train_without, layers, batch_size)
-    ha, hb = _differences(pair, method, heldout_with, heldout_without, layers, batch_size)
+    a, b = _differences(pair, method, train_with, train_without, layers, batch_size, truncate_prompts)
+    ha, hb = _differences(pair, method, heldout_with, heldout_without, layers, batch_size, truncate_prompts)
     rows, vectors = [], {}
     for i, layer in enumerate(layers):
         direction = (a[:, i] - b[:, i]).mean(0)
@@ -220,13 +229,14 @@ def build_anchor(
     layer: int,
     method: Method = "instruction",
     batch_size: int = 16,
+    truncate_prompts: bool = False,
 ) -> Anchor:
     """An anchor at a fixed layer from one prompt set (no held-out validation)."""
     if not 0 <= layer < pair.space.num_layers:
         raise WeightPatchError(
             f"anchor layer {layer} is out of range (the model has layers 0..{pair.space.num_layers - 1})"
         )
-    a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size)
+    a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size, truncate_prompts)
     direction = (a[:, 0] - b[:, 0]).mean(0)
     return Anchor(
         direction / direction.norm(),

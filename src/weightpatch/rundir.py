@@ -395,7 +395,9 @@ class RunDir:
             raise WeightPatchError(f"{self.path} is open read-only; open it with RunDir.open to add scores")
         if not len(table):
             return table
-        lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in table.frame.to_dict("records")).encode()
+        names = list(table.frame.columns)
+        rows = table.frame.to_numpy(dtype=object).tolist()  # Python values; json writes floats round-trip exact
+        lines = "".join(json.dumps(dict(zip(names, r, strict=True))) + "\n" for r in rows).encode()
         with _writing(self.path):
             fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
