@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import weightpatch
+from weightpatch import rundir
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import LOCK_FILE, PENDING_SCORES, RunDir
@@ -52,6 +53,7 @@ def test_resume_same_config_refuse_other(tmp_path):
     RunDir.open(tmp_path, "screen", {"top_k": 3}, MODELS).close()
     with pytest.raises(WeightPatchError, match=r"different configuration \(top_k: 3 -> 4\)"):
         RunDir.open(tmp_path, "screen", {"top_k": 4}, MODELS)
+    assert rundir._held_locks == {}  # a refused open lets go of the directory
     changed = {**MODELS, "specialized": {"source": "s2", "weights_sha256": "ccc"}}
     with pytest.raises(WeightPatchError, match="different specialized model"):
         RunDir.open(tmp_path, "screen", {"top_k": 3}, changed)

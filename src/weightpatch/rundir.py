@@ -162,7 +162,7 @@ class RunDir:
                 run._recover()
             run.start_log()
         except BaseException:
-            run.close()
+            run._release()  # refused: leave the directory as it was, only let go of it
             raise
         logger.info("wpatch %s %s", command, "resumed" if previous is not None else "started")
         return run
@@ -310,11 +310,15 @@ class RunDir:
                 with _writing(self.path):
                     self._compact()
         finally:
-            if self._handler is not None:
-                logger.removeHandler(self._handler)
-                self._handler.close()
-                self._handler = None
-            self._unlock()
+            self._release()
+
+    def _release(self) -> None:
+        """Stop logging here and release the lock."""
+        if self._handler is not None:
+            logger.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+        self._unlock()
 
     def __enter__(self) -> RunDir:
         return self
