@@ -45,7 +45,7 @@ import yaml
 
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import TMP_SUFFIX, ScoreTable, read_table, write_atomic, write_text_atomic
-from weightpatch.weights import file_sha256
+from weightpatch.weights import files_sha256
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.txt"
@@ -86,15 +86,12 @@ def _writing(path: Path) -> Iterator[None]:
 def input_files(inputs: Iterable[str | os.PathLike]) -> list[dict[str, str]]:
     """``{"path", "sha256"}`` of every input that is a file (model directories and hub ids are
     identified by their weights instead), in the given order; the path is absolute."""
-    files = []
-    for source in inputs:
-        p = Path(source).expanduser()
-        if p.is_file():
-            try:
-                files.append({"path": str(p.resolve()), "sha256": file_sha256(p)})
-            except OSError as exc:
-                raise WeightPatchError(f"cannot read input file {p} ({exc.strerror or exc})") from exc
-    return files
+    paths = [p for p in (Path(s).expanduser() for s in inputs) if p.is_file()]
+    try:
+        digests = files_sha256(paths)
+    except OSError as exc:
+        raise WeightPatchError(f"cannot read input file {exc.filename} ({exc.strerror or exc})") from exc
+    return [{"path": str(p.resolve()), "sha256": d} for p, d in zip(paths, digests, strict=True)]
 
 
 def _input_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> list[str]:

@@ -100,9 +100,9 @@ def file_sha256(path: str | os.PathLike, cache: dict[str, Any] | None = None) ->
     return entry["sha256"]
 
 
-def weights_sha256(files: Iterable[Path]) -> str:
-    """SHA-256 over the weight files (each file's name and digest, in the given order), with the
-    per-file cache of :func:`file_sha256` kept in ``$WEIGHTPATCH_CACHE/file-hashes.json``."""
+def files_sha256(files: Iterable[str | os.PathLike]) -> list[str]:
+    """:func:`file_sha256` of each file, with the per-file cache kept in
+    ``$WEIGHTPATCH_CACHE/file-hashes.json`` (default ``~/.cache/weightpatch``)."""
     from weightpatch.results import write_text_atomic
 
     cache_path = _cache_path()
@@ -111,15 +111,22 @@ def weights_sha256(files: Iterable[Path]) -> str:
     except (OSError, ValueError):
         cache = {}
     before = json.dumps(cache, sort_keys=True)
-    combined = hashlib.sha256()
-    for f in files:
-        combined.update(f"{f.name}:{file_sha256(f, cache)}".encode())
+    digests = [file_sha256(f, cache) for f in files]
     if json.dumps(cache, sort_keys=True) != before:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(cache_path, json.dumps(cache))
         except OSError:
             pass  # the cache is an optimization only
+    return digests
+
+
+def weights_sha256(files: Iterable[Path]) -> str:
+    """SHA-256 over the weight files (each file's name and digest, in the given order)."""
+    files = list(files)
+    combined = hashlib.sha256()
+    for f, digest in zip(files, files_sha256(files), strict=True):
+        combined.update(f"{f.name}:{digest}".encode())
     return combined.hexdigest()
 
 
