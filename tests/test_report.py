@@ -198,3 +198,16 @@ def test_renders_in_headless_chromium(tmp_path):
     )
     assert shot.is_file() and shot.stat().st_size > 10_000
     shutil.rmtree(tmp_path / "run")
+
+
+def test_truncated_table_and_pending_scores(tmp_path):
+    run = _minimal_run(tmp_path / "run")
+    scores = _scores(np.random.default_rng(1), methods=("first_order",))
+    run.append_scores(scores)  # still pending (the writer has not closed): the report reads them too
+    text = build_report(tmp_path / "run", tmp_path / "out" / "r.html").read_text()
+    assert "<h2>Attention heads" in text
+    run.close()
+    data = (tmp_path / "run" / "scores.parquet").read_bytes()
+    (tmp_path / "run" / "scores.parquet").write_bytes(data[:100])
+    with pytest.raises(WeightPatchError, match=r"scores.parquet is truncated or corrupt"):
+        build_report(tmp_path / "run")

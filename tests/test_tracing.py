@@ -1,6 +1,7 @@
+import pandas as pd
 import pytest
 
-from conftest import tiny_texts
+from conftest import make_pair, tiny_texts
 from test_roles import PLANTED_HEAD, PLANTED_NEURONS, planted_scorer
 from weightpatch.anchors import build_anchor
 from weightpatch.pair import load_pair
@@ -85,3 +86,42 @@ def test_all_token_positions_and_a_noisy_pair(llama_pair_dirs):
         # smoke test on a fully perturbed pair: whole blocks as candidates, both readouts
         assert set(whole.index) >= {"L0", "L1"}
         assert whole.notna().all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2", "qwen3"])
+@pytest.mark.parametrize("method", ["exact", "first_order"])
+def test_targets_in_several_layers_equal_each_target_traced_alone(family, method, tmp_path):
+    # A supplier above the lowest target used to re-run only the blocks from its own layer while
+    # reading every target's output: KeyError for the lower target's site.
+    pair = load_pair(*make_pair(family, tmp_path))
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
+    targets = ["L0.mlp", "L1.attn.head1", "L2.mlp"]
+    few = [c for c in pair.space.components(kinds=("head", "neuron")) if c.kind == "head" or c.index < 3]
+    together = trace_suppliers(scorer, targets, candidates=few, method=method)
+    for target in targets:
+        alone = trace_suppliers(scorer, [target], candidates=few, method=method)
+        mine = together[together["target"] == target].reset_index(drop=True)
+        assert len(alone) > 0
+        # every supplier is traced only to the targets above it
+        assert all(is_upstream(pair.space, s, target) for s in mine["supplier"])
+        if method == "exact":  # the same computation for each target: bit-equal
+            pd.testing.assert_frame_equal(mine, alone)
+        else:  # one backward per target either way; summation order may differ in the last bits
+            pd.testing.assert_frame_equal(mine, alone, check_exact=False, rtol=1e-9, atol=1e-12)
+
+
+def test_demo_pair_targets_in_two_layers():
+    # The reproduction: the demo pair, anchor at layer 3, targets L1.attn and L3.mlp.
+    from weightpatch import demo
+
+    paths = demo.paths()
+    pair = load_pair(paths.base, paths.specialized)
+    texts = [p.prompt for p in demo.prompts("heldout")[:8]]
+    anchor = build_anchor(pair, texts, None, layer=3, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, texts)
+    edges = trace_suppliers(scorer, ["L1.attn", "L3.mlp"], kinds=("head",), method="exact")
+    low = edges[edges["target"] == "L1.attn"]
+    high = edges[edges["target"] == "L3.mlp"]
+    assert set(low["supplier_layer"]) == {0} and set(high["supplier_layer"]) == {0, 1, 2, 3}
+    assert edges["supply"].notna().all()

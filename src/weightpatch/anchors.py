@@ -28,11 +28,13 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, Role
-from weightpatch.runner import batches, encode, residual_addition, run_segment
+from weightpatch.results import atomic_output, write_text_atomic
+from weightpatch.runner import batches, context_length, encode, residual_addition, run_segment
 
 Method = Literal["instruction", "model_diff"]
 
@@ -56,6 +58,13 @@ class Anchor:
     prompts_sha256: str
     metrics: dict[str, float] = field(default_factory=dict)  # held-out separation, etc.
 
+    def __post_init__(self) -> None:
+        if not torch.isfinite(self.vector).all():
+            raise WeightPatchError(
+                f"the layer-{self.layer} anchor vector holds NaN/inf: the residual streams it was built from are "
+                "not finite (check the models' weights with `wpatch check`, or use float32); nothing was saved"
+            )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<path>.safetensors`` (the vector) and ``<path>.json`` (metadata), atomically."""
         path = Path(path).with_suffix("")
@@ -67,11 +76,9 @@ class Anchor:
             "prompts_sha256": self.prompts_sha256,
             "metrics": self.metrics,
         }
-        tmp_t, tmp_j = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
-        save_file({"anchor": self.vector.detach().float().cpu().contiguous()}, str(tmp_t))
-        tmp_j.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_t, path.with_suffix(".safetensors"))
-        os.replace(tmp_j, path.with_suffix(".json"))
+        with atomic_output(path.with_suffix(".safetensors")) as tmp:
+            save_file({"anchor": self.vector.detach().float().cpu().contiguous()}, str(tmp))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2))
         return path
 
     @classmethod
@@ -81,7 +88,7 @@ class Anchor:
         try:
             meta = json.loads(path.with_suffix(".json").read_text())
             vector = load_file(str(path.with_suffix(".safetensors")))["anchor"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise WeightPatchError(f"cannot read anchor {path}(.json/.safetensors): {exc}") from exc
         anchor = cls(vector, meta["layer"], meta["method"], meta["models"], meta["prompts_sha256"], meta["metrics"])
         if pair is not None:
@@ -129,14 +136,22 @@ class Anchor:
 
 
 def last_token_residuals(
-    pair: ModelPair, texts: Sequence[str], layers: Sequence[int], role: Role, batch_size: int = 16
+    pair: ModelPair,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    role: Role,
+    batch_size: int = 16,
+    truncate_prompts: bool = False,
 ) -> Float[torch.Tensor, "prompt layer hidden"]:
     """Residual stream after each block in ``layers`` at each prompt's last token, for ``role``'s
-    weights (float32, on CPU)."""
+    weights (float32, on CPU). Prompts longer than the model's context are refused, or with
+    ``truncate_prompts`` cut to their last tokens (:func:`weightpatch.runner.encode`)."""
     top = max(layers)
     out = []
+    limit = context_length(pair.model, pair.tokenizer)
+    encoded = encode(pair.tokenizer, texts, pair.device, max_length=limit, truncate=truncate_prompts)
     with pair.as_model(role) as model, torch.no_grad():
-        for batch in batches(encode(pair.tokenizer, texts, pair.device), batch_size):
+        for batch in batches(encoded, batch_size):
             last, inputs = run_segment(
                 model, pair.space, batch, stop=top, capture_inputs=[layer + 1 for layer in layers if layer < top]
             )
@@ -145,21 +160,30 @@ def last_token_residuals(
     return torch.cat(out)
 
 
-def _differences(pair, method, with_instr, without_instr, layers, batch_size):
-    """Per-prompt difference vectors (prompt, layer, hidden) and the two conditions' residuals."""
+def _differences(pair, method, with_instr, without_instr, layers, batch_size, truncate_prompts=False):
+    """The two conditions' last-token residuals, each (prompt, layer, hidden)."""
     if method == "instruction":
         if without_instr is None or len(without_instr) != len(with_instr):
             raise WeightPatchError(
                 "the 'instruction' anchor needs each prompt also without its instruction (the "
                 "'prompt_without_instruction' field) to contrast the two; use method 'model_diff' for plain prompts"
             )
-        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size)
-        b = last_token_residuals(pair, without_instr, layers, "specialized", batch_size)
+        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size, truncate_prompts)
+        b = last_token_residuals(pair, without_instr, layers, "specialized", batch_size, truncate_prompts)
     elif method == "model_diff":
-        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size)
-        b = last_token_residuals(pair, with_instr, layers, "base", batch_size)
+        a = last_token_residuals(pair, with_instr, layers, "specialized", batch_size, truncate_prompts)
+        b = last_token_residuals(pair, with_instr, layers, "base", batch_size, truncate_prompts)
     else:
         raise WeightPatchError(f"unknown anchor method {method!r}; use 'instruction' or 'model_diff'")
+    for residuals in (a, b):
+        bad = ~torch.isfinite(residuals).all(-1)  # (prompt, layer)
+        if bad.any():
+            at = [layers[i] for i in bad.any(0).nonzero().flatten().tolist()]
+            raise WeightPatchError(
+                f"the residual stream is NaN/inf at layers {at} on {int(bad.any(1).sum())} of {len(bad)} prompts: "
+                "the models' weights are not finite or overflow in this dtype (check them with `wpatch check`, "
+                "or use float32); no anchor was built"
+            )
     return a, b
 
 
@@ -182,6 +206,7 @@ def search_anchor_layer(
     method: Method = "instruction",
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
+    truncate_prompts: bool = False,
 ) -> tuple[Anchor, pd.DataFrame]:
     """Build a candidate anchor at each layer from the training prompts, measure how well it
     separates the two conditions on held-out prompts, and return the best (largest Cohen's d among
@@ -196,8 +221,8 @@ def search_anchor_layer(
     for layer in layers:
         if not 0 <= layer < n:
             raise WeightPatchError(f"anchor layer {layer} is out of range (the model has layers 0..{n - 1})")
-    a, b = _differences(pair, method, train_with, train_without, layers, batch_size)
-    ha, hb = _differences(pair, method, heldout_with, heldout_without, layers, batch_size)
+    a, b = _differences(pair, method, train_with, train_without, layers, batch_size, truncate_prompts)
+    ha, hb = _differences(pair, method, heldout_with, heldout_without, layers, batch_size, truncate_prompts)
     rows, vectors = [], {}
     for i, layer in enumerate(layers):
         direction = (a[:, i] - b[:, i]).mean(0)
@@ -227,13 +252,14 @@ def build_anchor(
     layer: int,
     method: Method = "instruction",
     batch_size: int = 16,
+    truncate_prompts: bool = False,
 ) -> Anchor:
     """An anchor at a fixed layer from one prompt set (no held-out validation)."""
     if not 0 <= layer < pair.space.num_layers:
         raise WeightPatchError(
             f"anchor layer {layer} is out of range (the model has layers 0..{pair.space.num_layers - 1})"
         )
-    a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size)
+    a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size, truncate_prompts)
     direction = (a[:, 0] - b[:, 0]).mean(0)
     return Anchor(
         direction / direction.norm(),

@@ -10,8 +10,6 @@ read by transformers with weights-only unpickling; ``trust_remote_code`` is off 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +31,9 @@ from weightpatch.weights import (
     SafetensorsSource,
     TensorDictSource,
     WeightSource,
+    reading_weights,
     shape_differences,
+    weights_sha256,
 )
 
 Role = Literal["base", "specialized"]
@@ -117,36 +117,6 @@ def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
     if gguf_file:
         return [directory / gguf_file]
     return sorted(p for p in directory.iterdir() if p.name.endswith(WEIGHT_FILE_SUFFIXES) and p.is_file())
-
-
-def weights_sha256(files: list[Path]) -> str:
-    """SHA-256 over the weight files' bytes (cached per file by size and mtime)."""
-    cache_path = Path(os.environ.get("WEIGHTPATCH_CACHE", Path.home() / ".cache" / "weightpatch")) / "hashes.json"
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    combined = hashlib.sha256()
-    changed = False
-    for f in files:
-        stat = f.stat()
-        key = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in cache:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            cache[key], changed = h.hexdigest(), True
-        combined.update(f"{f.name}:{cache[key]}".encode())
-    if changed:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_path)
-        except OSError:
-            pass  # the cache is an optimization only
-    return combined.hexdigest()
 
 
 def _config(directory: Path, gguf_file: str | None, trust_remote_code: bool):
@@ -400,7 +370,8 @@ def _load_model(directory: Path, gguf_file, dtype, device, device_map, trust_rem
     if not gguf_file and not weight_files(directory):
         raise WeightPatchError(f"no weight files (.safetensors/.bin/.gguf) in {directory}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        with reading_weights(directory):
+            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise WeightPatchError(f"{directory} is not a causal language model ({exc})") from exc
@@ -423,3 +394,39 @@ def _donor_source(directory: Path, gguf_file, space: ComponentSpace, dtype, trus
         return FusedExpertSource(source, layouts) if layouts else source
     donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, trust_remote_code)
     return TensorDictSource.from_model(donor_model)
+
+
+def nonfinite_parameters(pair: ModelPair) -> dict[Role, list[tuple[str, int, int]]]:
+    """Per model of the pair, its parameters holding NaN or inf as ``(name, n_nan, n_inf)``, in
+    parameter order. The receiver is read in memory (parameters offloaded to ``meta`` are skipped),
+    the donor one tensor at a time from its checkpoint."""
+    from weightpatch.components import ParamSlice
+
+    donor_role: Role = "specialized" if pair.receiver == "base" else "base"
+    found: dict[Role, list[tuple[str, int, int]]] = {pair.receiver: [], donor_role: []}
+    with torch.no_grad():
+        for name, param in pair.model.named_parameters():
+            for role, tensor in (
+                (pair.receiver, None if param.is_meta else param),
+                (donor_role, pair.donor.read(ParamSlice(name))),
+            ):
+                if tensor is None or not tensor.is_floating_point() or torch.isfinite(tensor).all():
+                    continue
+                found[role].append((name, int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())))
+    return found
+
+
+def check_finite(pair: ModelPair) -> None:
+    """Refuse (:class:`WeightPatchError`, one line) a pair whose weights hold NaN or inf, naming
+    the first parameters of each affected model. Every entry point that reads weights calls it."""
+    problems = []
+    for role, params in nonfinite_parameters(pair).items():
+        if params:
+            ref = pair.base if role == "base" else pair.specialized
+            listed = ", ".join(f"{n} ({nan} NaN, {inf} inf)" for n, nan, inf in params[:3])
+            more = f" and {len(params) - 3} more" if len(params) > 3 else ""
+            problems.append(f"the {role} model ({ref.source}) has non-finite weights: {listed}{more}")
+    if problems:
+        raise WeightPatchError(
+            "; ".join(problems) + "; re-export or re-download the checkpoint (or load it in float32 if it overflowed)"
+        )

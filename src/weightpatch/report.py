@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from weightpatch.errors import WeightPatchError
-from weightpatch.rundir import RUN_FILE, write_text_atomic
+from weightpatch.results import read_table, write_text_atomic
+from weightpatch.rundir import RUN_FILE, RunDir
 
 SCORE_UNIT = "fraction of anchor gap recovered"
 MAX_ROWS = 40
@@ -71,11 +72,11 @@ def section(title: str, *parts: str, note: str = "") -> str:
 
 
 def _load(run: Path, name: str) -> pd.DataFrame | None:
-    path = run / f"{name}.parquet"
-    if path.is_file():
-        return pd.read_parquet(path)
+    frame = RunDir(run).load_table(name)  # scores with their pending rows; a corrupt file is a clear error
+    if frame is not None:
+        return frame
     csv = run / f"{name}.csv"
-    return pd.read_csv(csv) if csv.is_file() else None
+    return read_table(csv) if csv.is_file() else None
 
 
 def _first_col(frame: pd.DataFrame, names: tuple[str, ...]) -> str | None:

@@ -4,18 +4,27 @@ Columns: ``component`` (name), ``kind``, ``layer`` (-1 for model-level modules),
 neuron number, -1 otherwise), ``method`` (``exact``, ``first_order``, ``integrated_gradients``,
 ``activation``, ...), ``score`` (fraction of the anchor gap, see :mod:`weightpatch.scoring`),
 ``stderr`` (NaN where a method gives none) and ``n_prompts``.
+
+Writing: every file the package writes goes through :func:`atomic_output` (a temporary name in
+the target's directory, renamed onto the target), so a reader or a resumed run sees the old file or
+the new one, never a torn one. Reading: :func:`read_table` names a truncated or corrupt file.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from weightpatch.components import Component
+from weightpatch.errors import WeightPatchError
+
+TMP_SUFFIX = ".wptmp"  # temporaries of atomic_output: ".<name>.<pid>-<random>.wptmp"
 
 COLUMNS = ["component", "kind", "layer", "index", "method", "score", "stderr", "n_prompts"]
 
@@ -33,14 +42,48 @@ def score_row(component: Component, method: str, score: float, stderr: float, n_
     }
 
 
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to: renamed onto ``path`` when the block ends
+    without an error (``os.replace``, atomic on POSIX), removed otherwise. A process killed inside
+    the block leaves only the temporary (``.<name>.<pid>-<random>.wptmp``), never a torn ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table as Parquet or CSV (by suffix) via a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    else:
-        frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Write a table as Parquet or CSV (by suffix) atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a Parquet or CSV table (by suffix); a truncated or corrupt file raises a one-line
+    :class:`WeightPatchError` naming it."""
+    path = Path(path)
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightPatchError(
+            f"{path} is truncated or corrupt ({reason}); delete it to recompute it, or use another --run-dir"
+        ) from exc
 
 
 @dataclass
@@ -59,7 +102,7 @@ class ScoreTable:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ScoreTable:
         path = Path(path)
-        return cls(pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path))
+        return cls(read_table(path))
 
     def __len__(self) -> int:
         return len(self.frame)

@@ -2,26 +2,40 @@
 
 Layout (all files optional except ``run.json``)::
 
-    run.json            commands run here with their resolved configs, the models' identities
-                        (source, path, sha256 of the weights) and library versions
+    run.json            commands run here with their resolved configs, the SHA-256 of their input
+                        files, the models' identities (source, path, sha256 of the weights) and
+                        library versions
     config.yaml         every command's full resolved config, replayable with ``--config``
     log.txt             a log of every command run here
+    .wpatch.lock        the advisory lock of the process writing here (its PID inside)
     anchor.safetensors  the anchor vector, anchor.json its metadata
     <table>.parquet     result tables, each with a .csv twin (scores, verified, anchor_layers, ...)
+    scores.pending.jsonl  score rows appended since ``scores.parquet`` was last compacted
     report.html         the report (``wpatch report``)
 
-Every file is written to a temporary name and renamed, so an interrupted run never leaves a torn
-file. Re-running a command on the same directory resumes it (finished results are kept); the run
-directory refuses, with a clear message, a command whose configuration differs from the one
-recorded for it, or models whose weights (sha256) differ from the recorded ones.
+Every table and record is written to a temporary name and renamed
+(:func:`weightpatch.results.atomic_output`), so an interrupted run never leaves a torn file; the
+temporaries of a killed run are removed when the directory is next opened. Score rows are appended
+group by group to ``scores.pending.jsonl`` (one JSON object a line, one ``write`` per group, so the
+cost of a group does not grow with the table; a line torn by a kill is dropped) and folded into
+``scores.parquet``/``scores.csv`` when the writer reads the scores, opens or closes the directory.
+
+Re-running a command on the same directory resumes it (finished results are kept); the run
+directory refuses, with a one-line message naming what changed, a command whose configuration or
+input files (by content: SHA-256, not path) differ from the ones recorded for it, or models whose
+weights (sha256) differ from the recorded ones. One process writes at a time: :meth:`RunDir.open`
+takes an ``fcntl.flock`` lock, released on :meth:`RunDir.close` or when the process dies.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,17 +44,17 @@ import pandas as pd
 import yaml
 
 from weightpatch.errors import WeightPatchError
-from weightpatch.results import ScoreTable, write_atomic
+from weightpatch.results import TMP_SUFFIX, ScoreTable, read_table, write_atomic, write_text_atomic
+from weightpatch.weights import files_sha256
 
 RUN_FILE = "run.json"
 LOG_FILE = "log.txt"
+LOCK_FILE = ".wpatch.lock"
+PENDING_SCORES = "scores.pending.jsonl"
+SCORE_KEY = ["component", "method"]
 logger = logging.getLogger("weightpatch")
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_held_locks: dict[str, list[int]] = {}  # resolved lock path -> [file descriptor, open count] in this process
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -56,12 +70,48 @@ def _is_within(path: Path, parent: Path) -> bool:
         return False
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an operating-system error while writing under ``path`` into a one-line message."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = "fix its permissions or choose another --run-dir"
+        else:
+            fix = "free space or choose another --run-dir"
+        raise WeightPatchError(f"cannot write in run directory {path} ({exc.strerror or exc}); {fix}") from exc
+
+
+def input_files(inputs: Iterable[str | os.PathLike]) -> list[dict[str, str]]:
+    """``{"path", "sha256"}`` of every input that is a file (model directories and hub ids are
+    identified by their weights instead), in the given order; the path is absolute."""
+    paths = [p for p in (Path(s).expanduser() for s in inputs) if p.is_file()]
+    try:
+        digests = files_sha256(paths)
+    except OSError as exc:
+        raise WeightPatchError(f"cannot read input file {exc.filename} ({exc.strerror or exc})") from exc
+    return [{"path": str(p.resolve()), "sha256": d} for p, d in zip(paths, digests, strict=True)]
+
+
+def _input_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> list[str]:
+    if len(old) != len(new):
+        return [f"{len(old)} input files -> {len(new)} ({', '.join(Path(f['path']).name for f in new) or 'none'})"]
+    return [
+        f"{Path(b['path']).name} (sha256 {a['sha256'][:12]} -> {b['sha256'][:12]})"
+        for a, b in zip(old, new, strict=True)
+        if a["sha256"] != b["sha256"]
+    ]
+
+
 class RunDir:
-    """One run directory. Use :meth:`open` to create or resume it."""
+    """One run directory. ``RunDir(path)`` reads it; :meth:`open` creates or resumes it for
+    writing (checked, locked)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._handler: logging.Handler | None = None
+        self._lock_key: str | None = None
 
     # ---- opening, checks ---------------------------------------------------------------------
     @classmethod
@@ -75,14 +125,17 @@ class RunDir:
         full_config: dict[str, Any] | None = None,
     ) -> RunDir:
         """Create or resume ``path`` for ``command`` with the given resolved ``config`` (the fields
-        that determine results) and model ``identities`` (from ``ModelPair.identities()``).
+        that determine results), model ``identities`` (from ``ModelPair.identities()``) and
+        ``inputs`` (model directories and prompt files; files are identified by their SHA-256).
         ``full_config`` (every field, run-only ones included) goes into ``config.yaml``, which
         ``--config`` replays.
 
         Refuses (``WeightPatchError``) when the directory lies inside an input path, when it is
-        not a run directory but not empty, when ``command`` was run here with another config, or
-        when the models' weights differ from the recorded ones."""
+        not a run directory but not empty, when another process has it open, when ``command`` was
+        run here with another config or other input file contents, or when the models' weights
+        differ from the recorded ones. Holds the directory's lock until :meth:`close`."""
         run = cls(path)
+        inputs = list(inputs)
         for source in inputs:
             p = Path(source).expanduser()
             if p.exists() and _is_within(run.path, p):
@@ -91,32 +144,62 @@ class RunDir:
                 )
         if run.path.exists() and not run.path.is_dir():
             raise WeightPatchError(f"run directory {run.path} exists and is not a directory")
-        record = run.record()
-        if record is None and run.path.is_dir() and any(run.path.iterdir()):
+        if run.path.is_dir() and run.record() is None and any(p.name != LOCK_FILE for p in run.path.iterdir()):
             raise WeightPatchError(
                 f"{run.path} is not empty and is not a weightpatch run directory (no {RUN_FILE}); "
                 f"choose a new or empty --run-dir"
             )
-        record = record or {"created": datetime.now(timezone.utc).isoformat(), "commands": {}}
+        files = input_files(inputs)
+        with _writing(run.path):
+            run.path.mkdir(parents=True, exist_ok=True)
+            run._lock()
+        try:
+            previous = run._check_and_record(command, config, models, files, full_config)
+            with _writing(run.path):
+                run._recover()
+            run.start_log()
+        except BaseException:
+            run._release()  # refused: leave the directory as it was, only let go of it
+            raise
+        logger.info("wpatch %s %s", command, "resumed" if previous is not None else "started")
+        return run
+
+    def _check_and_record(
+        self,
+        command: str,
+        config: dict[str, Any],
+        models: dict[str, Any] | None,
+        files: list[dict[str, str]],
+        full_config: dict[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """Compare with the recorded run (under the lock) and record this command; returns the
+        command's previous config (``None`` for a first run)."""
+        record = self.record() or {"created": datetime.now(timezone.utc).isoformat(), "commands": {}}
         previous = record["commands"].get(command)
         if previous is not None and previous != config:
             changes = "; ".join(_diff(previous, config))
             raise WeightPatchError(
-                f"run directory {run.path} holds a `wpatch {command}` run with a different configuration "
+                f"run directory {self.path} holds a `wpatch {command}` run with a different configuration "
                 f"({changes}); use another --run-dir, or delete the directory to start over"
             )
+        recorded_files = record.get("inputs", {}).get(command)
+        if previous is not None and recorded_files is not None:
+            changes = _input_changes(recorded_files, files)
+            if changes:
+                raise WeightPatchError(
+                    f"run directory {self.path} holds a `wpatch {command}` run made from other input files "
+                    f"({'; '.join(changes)}); use another --run-dir, or delete the directory to start over"
+                )
         if models is not None:
-            run._check_models(record.get("models"), models)
+            self._check_models(record.get("models"), models)
             record["models"] = {r: models[r] for r in ("base", "specialized") if r in models}
             record["architecture"] = models.get("architecture")
             record["versions"] = models.get("versions")
         record["commands"][command] = config
         record.setdefault("configs", {})[command] = full_config if full_config is not None else config
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_record(record)
-        run.start_log()
-        logger.info("wpatch %s %s", command, "resumed" if previous is not None else "started")
-        return run
+        record.setdefault("inputs", {})[command] = files
+        self.write_record(record)
+        return previous
 
     def _check_models(self, recorded: dict[str, Any] | None, models: dict[str, Any]) -> None:
         if not recorded:
@@ -138,23 +221,79 @@ class RunDir:
             return json.loads(f.read_text())
         except ValueError as exc:
             raise WeightPatchError(f"{f} is corrupt ({exc}); use another --run-dir") from exc
+        except OSError as exc:
+            raise WeightPatchError(f"cannot read {f} ({exc.strerror or exc}); fix its permissions") from exc
 
     def write_record(self, record: dict[str, Any]) -> None:
-        write_text_atomic(self.path / RUN_FILE, json.dumps(record, indent=2, default=str))
-        write_text_atomic(
-            self.path / "config.yaml", yaml.safe_dump(record.get("configs", record["commands"]), sort_keys=False)
-        )
+        with _writing(self.path):
+            write_text_atomic(self.path / RUN_FILE, json.dumps(record, indent=2, default=str))
+            configs = record.get("configs", record["commands"])
+            write_text_atomic(self.path / "config.yaml", yaml.safe_dump(configs, sort_keys=False))
 
     def update_record(self, **entries: Any) -> None:
         record = self.record() or {"commands": {}}
         record.update(entries)
         self.write_record(record)
 
+    # ---- the lock ----------------------------------------------------------------------------
+    def _lock(self) -> None:
+        """Take the directory's advisory lock (re-entrant within one process). A lock left by a
+        killed process is free: the kernel releases ``flock`` locks when their holder dies."""
+        lock_path = self.path / LOCK_FILE
+        key = str(lock_path.resolve())
+        if key in _held_locks:
+            _held_locks[key][1] += 1
+            self._lock_key = key
+            return
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WeightPatchError(
+                f"run directory {self.path} is in use by another wpatch process (pid {holder}); "
+                f"wait for it to finish, or use another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held_locks[key] = [fd, 1]
+        self._lock_key = key
+
+    def _unlock(self) -> None:
+        if self._lock_key is None:
+            return
+        held = _held_locks[self._lock_key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _held_locks[self._lock_key]
+            os.close(held[0])  # releases the flock
+        self._lock_key = None
+
+    @property
+    def writable(self) -> bool:
+        """Whether this object holds the directory's lock (was made by :meth:`open`)."""
+        return self._lock_key is not None
+
+    def _recover(self) -> None:
+        """After a killed run: remove its temporaries, drop a torn last line of the pending scores
+        and fold them into ``scores.parquet``."""
+        for p in self.path.iterdir():
+            if p.name.startswith(".") and p.name.endswith((TMP_SUFFIX, ".tmp")) and p.is_file():
+                p.unlink()
+        pending = self.path / PENDING_SCORES
+        if pending.is_file():
+            data = pending.read_bytes()
+            if data and not data.endswith(b"\n"):
+                os.truncate(pending, data.rfind(b"\n") + 1)
+            self._compact()
+
     # ---- logging -----------------------------------------------------------------------------
     def start_log(self) -> None:
         if self._handler is not None:
             return
-        handler = logging.FileHandler(self.path / LOG_FILE)
+        with _writing(self.path):
+            handler = logging.FileHandler(self.path / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
@@ -162,10 +301,21 @@ class RunDir:
         self._handler = handler
 
     def close(self) -> None:
+        """Fold pending scores into ``scores.parquet``, stop logging here and release the lock."""
+        try:
+            if self.writable and (self.path / PENDING_SCORES).is_file():
+                with _writing(self.path):
+                    self._compact()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Stop logging here and release the lock."""
         if self._handler is not None:
             logger.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
+        self._unlock()
 
     def __enter__(self) -> RunDir:
         return self
@@ -178,32 +328,86 @@ class RunDir:
         return self.path / f"{name}.parquet"
 
     def has(self, name: str) -> bool:
-        return self.table_path(name).is_file()
+        return self.table_path(name).is_file() or (name == "scores" and (self.path / PENDING_SCORES).is_file())
 
     def save_table(self, name: str, frame: pd.DataFrame) -> Path:
-        """Write ``<name>.parquet`` and ``<name>.csv`` atomically."""
+        """Write ``<name>.parquet`` and ``<name>.csv`` atomically (the CSV first: the Parquet file
+        is the table, the CSV its readable twin)."""
         path = self.table_path(name)
-        write_atomic(frame, path)
-        write_atomic(frame, path.with_suffix(".csv"))
+        with _writing(self.path):
+            write_atomic(frame, path.with_suffix(".csv"))
+            write_atomic(frame, path)
         logger.info("wrote %s (%d rows)", path.name, len(frame))
         return path
 
     def load_table(self, name: str) -> pd.DataFrame | None:
+        """The table ``name`` (``None`` if absent); ``scores`` includes the pending rows."""
+        if name == "scores":
+            return self._scores_frame() if self.has("scores") else None
         path = self.table_path(name)
-        return pd.read_parquet(path) if path.is_file() else None
+        return read_table(path) if path.is_file() else None
+
+    def _pending_frame(self) -> pd.DataFrame | None:
+        pending = self.path / PENDING_SCORES
+        if not pending.is_file():
+            return None
+        lines = pending.read_bytes().split(b"\n")
+        # the last element is b"" after a complete line, or a line torn by a kill (dropped)
+        records = []
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise WeightPatchError(
+                    f"{pending} is corrupt at line {number} ({exc}); delete it to recompute those scores"
+                ) from exc
+        return pd.DataFrame.from_records(records) if records else None
+
+    def _scores_frame(self) -> pd.DataFrame:
+        path = self.table_path("scores")
+        frames = [read_table(path)] if path.is_file() else []
+        pending = self._pending_frame()
+        if pending is not None:
+            frames.append(pending)
+        if not frames:
+            return ScoreTable.from_rows([]).frame
+        merged = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        return merged.drop_duplicates(SCORE_KEY, keep="last").reset_index(drop=True)
+
+    def _compact(self) -> pd.DataFrame:
+        """Fold the pending rows into ``scores.parquet``/``.csv``, then drop them (a kill in
+        between leaves rows that are in both, which reading de-duplicates to the same table)."""
+        frame = self._scores_frame()
+        self.save_table("scores", frame)
+        (self.path / PENDING_SCORES).unlink(missing_ok=True)
+        return frame
 
     def scores(self) -> ScoreTable:
-        frame = self.load_table("scores")
-        return ScoreTable(frame) if frame is not None else ScoreTable.from_rows([])
+        """The full score table (one row per component and method, the latest kept)."""
+        if self.writable and (self.path / PENDING_SCORES).is_file():
+            with _writing(self.path):
+                return ScoreTable(self._compact())
+        return ScoreTable(self._scores_frame())
 
     def append_scores(self, table: ScoreTable) -> ScoreTable:
-        """Add rows to ``scores`` (replacing rows with the same component and method) and save."""
+        """Add rows to ``scores`` (they replace rows with the same component and method). Costs
+        one small append, whatever the size of the table; returns ``table``."""
+        if not self.writable:
+            raise WeightPatchError(f"{self.path} is open read-only; open it with RunDir.open to add scores")
         if not len(table):
-            return self.scores()
-        merged = ScoreTable.concat([self.scores(), table]).frame
-        merged = merged.drop_duplicates(["component", "method"], keep="last").reset_index(drop=True)
-        self.save_table("scores", merged)
-        return ScoreTable(merged)
+            return table
+        names = list(table.frame.columns)
+        rows = table.frame.to_numpy(dtype=object).tolist()  # Python values; json writes floats round-trip exact
+        lines = "".join(json.dumps(dict(zip(names, r, strict=True))) + "\n" for r in rows).encode()
+        with _writing(self.path):
+            fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(lines)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        return table
 
     def done(self, method: str) -> set[str]:
         """Component names already scored with ``method``."""

@@ -11,6 +11,7 @@ used anywhere (``use_cache=False``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from jaxtyping import Float, Int
 
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import WeightPatchError
+
+logger = logging.getLogger("weightpatch")
 
 
 class _StopForward(Exception):
@@ -79,9 +82,31 @@ def render_prompts(tokenizer, prompts: Sequence[str], prompt_format: str = "auto
     return [render_prompt(tokenizer, p, prompt_format) for p in prompts]
 
 
-def encode(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu") -> Batch:
+_UNSET_LENGTH = 10**9  # tokenizers without a limit report a huge sentinel (int(1e30))
+
+
+def context_length(model: torch.nn.Module, tokenizer) -> int | None:
+    """The longest input (tokens) the model is made for: the smaller of its config's
+    ``max_position_embeddings`` and the tokenizer's ``model_max_length``, ignoring unset values;
+    ``None`` when neither is set."""
+    limits = (getattr(getattr(model, "config", None), "max_position_embeddings", None), tokenizer.model_max_length)
+    real = [int(x) for x in limits if isinstance(x, int) and 0 < x < _UNSET_LENGTH]
+    return min(real) if real else None
+
+
+def encode(
+    tokenizer,
+    texts: Sequence[str],
+    device: torch.device | str = "cpu",
+    max_length: int | None = None,
+    truncate: bool = False,
+) -> Batch:
     """Tokenize model-ready texts (see :func:`render_prompts`) with left padding, so the last column
-    is every prompt's last token."""
+    is every prompt's last token.
+
+    Prompts longer than ``max_length`` tokens (see :func:`context_length`) are refused with the
+    count, or with ``truncate`` cut to their last ``max_length`` tokens (the end, where the anchor
+    is read, is kept; the beginning is dropped)."""
     if not texts:
         raise WeightPatchError("no prompts to encode")
     if tokenizer.pad_token is None:
@@ -94,9 +119,20 @@ def encode(tokenizer, texts: Sequence[str], device: torch.device | str = "cpu") 
         enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=True)
     finally:
         tokenizer.padding_side = previous_side
-    mask = enc["attention_mask"]
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    lengths = mask.sum(-1)
+    if max_length is not None and int(lengths.max()) > max_length:
+        too_long = int((lengths > max_length).sum())
+        if not truncate:
+            raise WeightPatchError(
+                f"{too_long} of {len(texts)} prompts are longer than the model's context of {max_length} tokens "
+                f"(longest: {int(lengths.max())}); shorten them, or choose truncation to keep their last "
+                f"{max_length} tokens"
+            )
+        logger.warning("%d prompts cut to their last %d tokens (the model's context)", too_long, max_length)
+        ids, mask = ids[:, -max_length:], mask[:, -max_length:]  # left padding: the last columns are the ends
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(enc["input_ids"].to(device), mask.to(device), positions.to(device))
+    return Batch(ids.to(device), mask.to(device), positions.to(device))
 
 
 def batches(batch: Batch, size: int) -> Iterator[Batch]:

@@ -27,7 +27,7 @@ from jaxtyping import Float
 from weightpatch.anchors import Anchor
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
-from weightpatch.runner import Batch, batches, encode, run_segment
+from weightpatch.runner import Batch, batches, context_length, encode, run_segment
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ class AnchorScorer:
     """Everything needed to score patched models on one prompt set with one anchor.
 
     On construction it runs the receiver and the donor once to get ``F_receiver``, ``F_donor`` and
-    the gaps. ``batch_size`` bounds the prompts per forward pass.
+    the gaps. ``batch_size`` bounds the prompts per forward pass. Prompts longer than the model's
+    context (:func:`weightpatch.runner.context_length`) are refused, or with ``truncate_prompts``
+    cut to their last tokens.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class AnchorScorer:
         texts: Sequence[str],
         batch_size: int = 16,
         min_relative_gap: float = 0.1,
+        truncate_prompts: bool = False,
     ) -> None:
         if not texts:
             raise WeightPatchError("no prompts to score; the prompt set is empty")
@@ -61,7 +64,9 @@ class AnchorScorer:
         # scores accumulate in float32 (float64 for float64 models, e.g. finite-difference checks)
         dtype = torch.float64 if pair.model.dtype == torch.float64 else torch.float32
         self.u = anchor.vector.to(device=pair.device, dtype=dtype)
-        self.batches: list[Batch] = list(batches(encode(pair.tokenizer, self.texts, pair.device), batch_size))
+        limit = context_length(pair.model, pair.tokenizer)
+        encoded = encode(pair.tokenizer, self.texts, pair.device, max_length=limit, truncate=truncate_prompts)
+        self.batches: list[Batch] = list(batches(encoded, batch_size))
         self._block_inputs: list[dict[int, torch.Tensor]] | None = None
         self._block_inputs_top = -1
         with torch.no_grad():
@@ -111,7 +116,13 @@ class AnchorScorer:
         return torch.cat(out)
 
     def effect(self, f_patched: Float[torch.Tensor, " prompt"]) -> Effect:
-        """Normalized effect of a patched model given its anchor scores on every prompt."""
+        """Normalized effect of a patched model given its anchor scores on every prompt; refuses
+        (:class:`WeightPatchError`) NaN/inf scores rather than writing them into a table."""
+        if not torch.isfinite(f_patched[self.valid]).all():
+            raise WeightPatchError(
+                "a patched model's anchor scores contain NaN/inf: its weights overflow in this dtype or are not "
+                "finite; check the pair with `wpatch check`, or use float32"
+            )
         ratios = ((f_patched - self.f_receiver) / self.gap)[self.valid].double()
         n = ratios.numel()
         stderr = float(ratios.std() / math.sqrt(n)) if n > 1 else float("nan")

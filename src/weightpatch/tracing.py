@@ -122,10 +122,11 @@ class SupplyTracer:
         self.top = max(_site_layer(t) for t in self.targets)
         with torch.no_grad():
             self.inputs = scorer.block_inputs(max(self.top, scorer.layer))
-            self.out_base = self._outputs(self.model, 0)
+            everything = range(len(self.targets))
+            self.out_base = list(self._outputs(self.model, 0, everything).values())
             donor_role = "specialized" if pair.receiver == "base" else "base"
             with pair.as_model(donor_role) as donor_model:
-                self.out_donor = self._outputs(donor_model, 0)
+                self.out_donor = list(self._outputs(donor_model, 0, everything).values())
         self.diff = [d - b for d, b in zip(self.out_donor, self.out_base, strict=True)]  # per target (prompt, dim)
         self.norm2 = [(d.double() ** 2).sum(-1) for d in self.diff]
         self.valid = [n > min_relative_gap * n.median() for n in self.norm2]
@@ -137,17 +138,23 @@ class SupplyTracer:
             return x[:, -1]
         return (x * batch.attention_mask[..., None].to(x.dtype)).flatten(1)
 
-    def _outputs(self, model, start: int, grad: bool = False) -> list[torch.Tensor]:
-        """Per target: (prompt, dim) outputs over all batches, running blocks ``start..top``."""
-        per_target: list[list[torch.Tensor]] = [[] for _ in self.targets]
+    def _outputs(self, model, start: int, targets: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Outputs of the targets numbered ``targets`` (each ``(prompt, dim)`` over all batches),
+        running blocks ``start..`` up to the highest of their layers. Every target must sit at or
+        above ``start`` (below it, its site would not run)."""
+        targets = list(targets)
+        sites = [self.sites[k] for k in targets]
+        stop = max(_site_layer(self.targets[k]) for k in targets)
+        if min(_site_layer(self.targets[k]) for k in targets) < start:
+            raise ValueError(f"a target below layer {start} cannot be read from a segment starting there")
+        per_target: dict[int, list[torch.Tensor]] = {k: [] for k in targets}
         for i, b in enumerate(self.batches):
             store: dict = {}
-            with capturing(model, self.sites, store):
-                run_segment(model, self.space, b, stop=self.top, start=start, hidden_in=self.inputs[i].get(start))
-            for k, site in enumerate(self.sites):
-                per_target[k].append(self._flatten(store[site.key], site, b))
-        outs = [torch.cat(p) for p in per_target]
-        return outs if grad else [o.detach() for o in outs]
+            with capturing(model, sites, store):
+                run_segment(model, self.space, b, stop=stop, start=start, hidden_in=self.inputs[i].get(start))
+            for k, site in zip(targets, sites, strict=True):
+                per_target[k].append(self._flatten(store[site.key], site, b).detach())
+        return {k: torch.cat(parts) for k, parts in per_target.items()}
 
     def _ratios(self, k: int, out: torch.Tensor) -> tuple[float, int]:
         num = ((out - self.out_base[k]).double() * self.diff[k].double()).sum(-1)
@@ -163,9 +170,10 @@ class SupplyTracer:
                 eligible = [k for k, t in enumerate(self.targets) if is_upstream(self.space, s, t)]
                 if not eligible:
                     continue
-                start = min(self.space.first_affected_layer(s), self.top)
+                # only the targets above the supplier are read, so the segment may start at its layer
+                start = self.space.first_affected_layer(s)
                 with patched(self.model, self.pair.donor, self.space, [s]):
-                    outs = self._outputs(self.model, start)
+                    outs = self._outputs(self.model, start, eligible)
                 for k in eligible:
                     value, n = self._ratios(k, outs[k])
                     rows.append(self._edge(k, s, value, n, "exact"))

@@ -4,17 +4,31 @@ time, so patching never needs a second full model in memory.
 - :class:`SafetensorsSource`: a directory of (optionally sharded) ``.safetensors`` files, read with
   ``safe_open(...).get_slice`` (memory-mapped: only the requested rows/columns are materialized).
 - :class:`TensorDictSource`: tensors already in memory (``.bin`` checkpoints, GGUF, tests).
+
+Reading errors: :func:`reading_weights` turns a truncated or corrupt safetensors file and a pickle
+that weights-only loading refuses into one-line :class:`WeightPatchError` messages; every reader of
+checkpoint files (the receiver's ``from_pretrained``, the lazy donor, the merge's streamed reads)
+runs inside it.
+
+Identity: :func:`weights_sha256` is the SHA-256 of the weight files' bytes. A per-file cache keeps it
+cheap for large checkpoints; a cached digest is reused only when the file's device, inode, size,
+mtime and ctime (nanoseconds) and a hash of its first and last blocks all match, so a file rewritten
+in place, even with its size and mtime restored, is hashed again (ctime cannot be set back).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable
+import os
+import pickle
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from weightpatch.components import ParamSlice
 from weightpatch.errors import PairMismatchError, WeightPatchError
@@ -22,6 +36,102 @@ from weightpatch.errors import PairMismatchError, WeightPatchError
 WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 """File name endings of weight files (any framework): hashed as a model's identity, never copied
 as auxiliary files by a merge."""
+
+_BLOCK = 1 << 20  # bytes of the first and last block in a cache fingerprint
+_ALWAYS_HASH_BELOW = 8 << 20  # smaller files are hashed every time (faster than the cache)
+
+
+@contextmanager
+def reading_weights(location: str | os.PathLike) -> Iterator[None]:
+    """Translate the errors of reading checkpoint files under ``location`` (a file or directory)
+    into one-line :class:`WeightPatchError` messages that name the file and the fix."""
+    try:
+        yield
+    except SafetensorError as exc:
+        raise WeightPatchError(
+            f"{location}: a safetensors file is truncated or corrupt ({exc}); re-download or re-save the checkpoint"
+        ) from exc
+    except pickle.UnpicklingError as exc:
+        reason = next((line for line in str(exc).splitlines() if "unsupported GLOBAL" in line), "")
+        raise WeightPatchError(
+            f"{location}: the .bin checkpoint holds Python objects that weights-only loading refuses, because "
+            f"unpickling them can run code{f' ({reason.strip()})' if reason else ''}; if you trust its source, convert "
+            "it once to safetensors (torch.load(path, weights_only=False), then safetensors.torch.save_file) "
+            "and pass that directory"
+        ) from exc
+
+
+def _fingerprint(path: Path, stat: os.stat_result) -> str:
+    """What must be unchanged for a cached digest of ``path`` to be reused."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(_BLOCK))
+        if stat.st_size > _BLOCK:
+            fh.seek(max(_BLOCK, stat.st_size - _BLOCK))
+            h.update(fh.read(_BLOCK))
+    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{h.hexdigest()}"
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_path() -> Path:
+    root = Path(os.environ.get("WEIGHTPATCH_CACHE", Path.home() / ".cache" / "weightpatch"))
+    return root / "file-hashes.json"
+
+
+def file_sha256(path: str | os.PathLike, cache: dict[str, Any] | None = None) -> str:
+    """SHA-256 of a file's bytes (hex). With ``cache`` (resolved path -> ``{"fingerprint",
+    "sha256"}``), large files whose fingerprint (see the module docstring) is unchanged are not
+    read again, and the cache is updated in place."""
+    path = Path(path)
+    stat = path.stat()
+    if cache is None or stat.st_size < _ALWAYS_HASH_BELOW:
+        return _hash_file(path)
+    key = str(path.resolve())
+    fingerprint = _fingerprint(path, stat)
+    entry = cache.get(key)
+    if not isinstance(entry, dict) or entry.get("fingerprint") != fingerprint:
+        entry = {"fingerprint": fingerprint, "sha256": _hash_file(path)}
+        # the file may have changed while it was read: cache only a digest of a file that did not
+        if _fingerprint(path, path.stat()) == fingerprint:
+            cache[key] = entry
+    return entry["sha256"]
+
+
+def files_sha256(files: Iterable[str | os.PathLike]) -> list[str]:
+    """:func:`file_sha256` of each file, with the per-file cache kept in
+    ``$WEIGHTPATCH_CACHE/file-hashes.json`` (default ``~/.cache/weightpatch``)."""
+    from weightpatch.results import write_text_atomic
+
+    cache_path = _cache_path()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    before = json.dumps(cache, sort_keys=True)
+    digests = [file_sha256(f, cache) for f in files]
+    if json.dumps(cache, sort_keys=True) != before:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache_path, json.dumps(cache))
+        except OSError:
+            pass  # the cache is an optimization only
+    return digests
+
+
+def weights_sha256(files: Iterable[Path]) -> str:
+    """SHA-256 over the weight files (each file's name and digest, in the given order)."""
+    files = list(files)
+    combined = hashlib.sha256()
+    for f, digest in zip(files, files_sha256(files), strict=True):
+        combined.update(f"{f.name}:{digest}".encode())
+    return combined.hexdigest()
 
 
 class WeightSource(Protocol):
@@ -69,7 +179,7 @@ class SafetensorsSource:
         self._where: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            with safe_open(str(self.directory / f), framework="pt") as handle:
+            with reading_weights(self.directory / f), safe_open(str(self.directory / f), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
                     self._where[key] = f
                     self._shapes[key] = tuple(handle.get_slice(key).get_shape())
@@ -91,7 +201,8 @@ class SafetensorsSource:
 
     def read(self, piece: ParamSlice) -> torch.Tensor:
         key = self._key(piece.name)
-        with safe_open(str(self.directory / self._where[key]), framework="pt") as handle:
+        file = self.directory / self._where[key]
+        with reading_weights(file), safe_open(str(file), framework="pt") as handle:
             if piece.is_full:
                 return handle.get_tensor(key)
             return _select(handle.get_slice(key), piece).clone()
