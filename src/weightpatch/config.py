@@ -33,8 +33,8 @@ RUN_ONLY_FIELDS = frozenset(
 # where the inputs lie: identified by content in the run record instead
 LOCATION_FIELDS = frozenset({"base", "specialized", "prompts", "heldout", "anchor"})
 
-KindName = Literal["layer", "module", "head", "neuron"]
-ScreenMethod = Literal["first_order", "exact", "verify", "integrated_gradients"]
+KindName = Literal["layer", "module", "head", "neuron", "expert", "expert_neuron"]
+ScreenMethod = Literal["first_order", "local_exact", "integrated_gradients", "exact", "verify"]
 PromptFormat = Literal["auto", "chat", "raw"]
 Dtype = Literal["float32", "float64", "bfloat16", "float16", "auto"]
 
@@ -127,6 +127,10 @@ class AnchorConfig(StageConfig, PairOptions, PromptOptions):
     alphas: list[float] = Field([0.0, 0.5, 1.0, 2.0, 4.0], description="steering strengths in anchor gaps.")
     steering_prompts: int = Field(12, ge=0, description="held-out prompts for the steering check (0: skip).")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated per steering prompt.")
+    checker: Literal["builtin", "lm_eval"] = Field(
+        "builtin",
+        description="IFEval checkers of the steering metric: the built-in six, or lm-eval's 25 (weightpatch[ifeval]).",
+    )
 
     _lists = _split_lists("layers", "alphas")
 
@@ -135,7 +139,13 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
     anchor: Path | None = Field(None, description="anchor path stem (default: RUN_DIR/anchor).")
     method: ScreenMethod = Field(
         "verify",
-        description="first_order, integrated_gradients, exact, or verify (first-order screen, exact for the top-k).",
+        description="first_order, local_exact, integrated_gradients, exact, or verify (a screen, then exact scores "
+        "for the top-k of each kind).",
+    )
+    screen: Literal["first_order", "local_exact"] = Field(
+        "first_order",
+        description="verify: the screen that ranks components (local_exact: each component's own block exact, the "
+        "blocks above it linear; slower, holds where first order bends).",
     )
     kinds: list[KindName] = Field(["head", "module", "neuron"], description="granularities: layer,module,head,neuron.")
     components: list[str] | None = Field(
@@ -174,7 +184,8 @@ class MergeStageConfig(StageConfig):
     experts: list[str] = Field(description="expert models fine-tuned from BASE: directories or hub ids.")
     output: Path = Field(description="directory for the merged model.")
     run_dir: Path | None = Field(None, description="append the merge (and its evaluation) to this run directory.")
-    revision: str | None = Field(None, description="hub revision of hub-id models.")
+    base_revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub-id base.")
+    expert_revisions: list[str] | None = Field(None, description="hub revision of each hub-id expert, one per expert.")
     method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = Field(
         "task_arithmetic", description="task_arithmetic, ties, dare_linear or dare_ties."
     )
@@ -195,7 +206,7 @@ class MergeStageConfig(StageConfig):
         [], description="IFEval JSONL prompts, one per expert: add the merge evaluation table."
     )
 
-    _lists = _split_lists("experts", "weights", "scores", "evaluate_prompts")
+    _lists = _split_lists("experts", "expert_revisions", "weights", "scores", "evaluate_prompts")
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}

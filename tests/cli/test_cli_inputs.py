@@ -43,6 +43,7 @@ def test_check_takes_a_lora_adapter(tmp_path):
     wrapped.save_pretrained(tmp_path / "adapter")
     result = invoke("check", demo.paths().base, tmp_path / "adapter", "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
+    assert "LoRA adapter: rank 2" in result.stdout and "q_proj" in result.stdout  # rank, targets, norms per layer
 
 
 def test_merge_with_hub_shaped_names_offline_is_one_line_at_once(tmp_path, offline):

@@ -73,3 +73,18 @@ def test_prompt_format_is_explicit_and_recorded(anchored, tmp_path):
     # the tiny tokenizer has no chat template: auto is raw, recorded as what was used
     assert json.loads((auto.run_dir / "run.json").read_text())["commands"]["screen"]["prompt_format"] == "raw"
     pd.testing.assert_frame_equal(raw.scores.frame, auto.scores.frame, check_exact=True)
+
+
+def test_verify_with_the_local_exact_screen(anchored, tmp_path):
+    pair, _ = anchored
+    result = run_screen(
+        screen_cfg(anchored, tmp_path / "le", method="verify", screen="local_exact", kinds=["head", "module"], top_k=2),
+        pair,
+    )
+    frame = result.scores.frame
+    assert set(frame["method"]) == {"local_exact", "exact"}
+    local = frame[frame["method"] == "local_exact"]
+    for kind in ("head", "module"):
+        top = local[local["kind"] == kind].sort_values("score", key=abs, ascending=False)["component"].head(2)
+        assert set(top) <= set(result.verified["component"])
+    assert {"local_exact", "exact"} <= set(result.verified.columns) and len(result.verified) == 4

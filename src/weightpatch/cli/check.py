@@ -37,6 +37,13 @@ def show(cfg: CheckConfig) -> None:
     for _, row in table[table["layer"] < 0].iterrows():  # model-level modules: one number each
         t.add_row(row["group"], *([""] * (len(cols) - 1)), f"{row['relative_change']:.2e}")
     common.out.print(t)
+    if result.adapter is not None:
+        a = result.adapter
+        common.out.print(
+            f"LoRA adapter: rank {a.rank}, alpha {a.lora_alpha:g}{' (rsLoRA)' if a.use_rslora else ''}, "
+            f"targets {', '.join(a.target_modules)}; ||delta W|| per layer: "
+            + ", ".join(f"{layer}: {norm:.3g}" for layer, norm in sorted(a.layer_delta_norms.items()))
+        )
     if result.run_dir is not None:
         common.echo_path("weight delta table", result.run_dir / "weight_delta.parquet")
 

@@ -38,7 +38,7 @@ class AnchorResult:
 
 
 def steering_metric(pair: ModelPair, records: list[PromptRecord], cfg: AnchorConfig) -> Callable[..., float]:
-    """Prompt-level (loose) instruction-following accuracy of short greedy generations."""
+    """Prompt-level (loose) instruction-following accuracy of short greedy generations (``cfg.checker``)."""
     from weightpatch.checkers import evaluate
     from weightpatch.generation import generate
 
@@ -53,7 +53,7 @@ def steering_metric(pair: ModelPair, records: list[PromptRecord], cfg: AnchorCon
             batch_size=cfg.batch_size,
             prompt_format=cfg.prompt_format,
         )
-        accuracy, _ = evaluate(records, responses)
+        accuracy, _ = evaluate(records, responses, checker=cfg.checker)
         return accuracy.prompt_loose
 
     return metric

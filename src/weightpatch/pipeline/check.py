@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from weightpatch.components import ComponentSpace, ParamSlice
 from weightpatch.config import CheckConfig
+from weightpatch.lora import AdapterSummary, adapter_summary, is_adapter_dir
 from weightpatch.pair import ModelPair
 from weightpatch.pipeline.inputs import open_run, pair_for
 
@@ -29,6 +30,7 @@ class CheckResult:
     component_counts: dict[str, int]
     weight_delta: pd.DataFrame
     run_dir: Path | None
+    adapter: AdapterSummary | None = None  # when the specialized model is a PEFT LoRA adapter
 
 
 def parameter_groups(space: ComponentSpace) -> dict[str, tuple[int, str]]:
@@ -88,6 +90,10 @@ def run_check(cfg: CheckConfig, pair: ModelPair | None = None) -> CheckResult:
     pair = pair_for(cfg, pair)
     space = pair.space
     table = weight_delta_table(pair, cfg.progress)
+    adapter = None
+    if is_adapter_dir(Path(pair.specialized.path)):
+        layer_of = {name: layer for name, (layer, _) in parameter_groups(space).items()}
+        adapter = adapter_summary(pair.specialized.path, layer_of)
     if cfg.run_dir is not None:
         with open_run(cfg, "check", pair, [cfg.base, cfg.specialized]) as run:
             run.save_table("weight_delta", table)
@@ -99,4 +105,5 @@ def run_check(cfg: CheckConfig, pair: ModelPair | None = None) -> CheckResult:
         component_counts=component_counts(space),
         weight_delta=table,
         run_dir=cfg.run_dir,
+        adapter=adapter,
     )

@@ -112,7 +112,16 @@ def run_merge(cfg: MergeStageConfig) -> MergeResult:
         bar.total = total
         bar.update(done - bar.n)
 
-    output = merge_checkpoints(cfg.base, cfg.experts, cfg.output, merger, overwrite=cfg.overwrite, progress=progress)
+    output = merge_checkpoints(
+        cfg.base,
+        cfg.experts,
+        cfg.output,
+        merger,
+        overwrite=cfg.overwrite,
+        progress=progress,
+        base_revision=cfg.base_revision,
+        expert_revisions=cfg.expert_revisions,
+    )
     bar.close()
     mechanism = cfg.mechanism != "none"
     row: dict[str, Any] = {

@@ -2,9 +2,10 @@
 "Scores").
 
 Methods: ``first_order`` (every component of ``kinds``, or the given ``components``, in one backward
-pass per batch), ``integrated_gradients`` (``steps`` points), ``exact`` (one patched forward per
-component, for ``components`` or every component of ``kinds``), ``verify`` (screen-then-verify:
-first-order for everything, exact for the ``top_k`` of each kind by ``|first-order|`` plus any
+pass per batch), ``local_exact`` (each component's own block exact, the blocks above it linearized),
+``integrated_gradients`` (``steps`` points), ``exact`` (one patched forward per component, for
+``components`` or every component of ``kinds``), ``verify`` (screen-then-verify: the ``screen``
+method for everything, exact for the ``top_k`` of each kind by ``|screen score|`` plus any
 ``components``).
 
 Results go to ``scores`` (long table, all methods) and ``verified`` (first-order vs exact). Exact
@@ -21,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from weightpatch.anchors import Anchor
+from weightpatch.components import KINDS, Kind
 from weightpatch.config import ScreenConfig
 from weightpatch.pair import ModelPair
 from weightpatch.pipeline.inputs import load_anchor, open_run, pair_for, render, select_prompts
@@ -28,6 +30,7 @@ from weightpatch.results import ScoreTable
 from weightpatch.rundir import RunDir
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.first_order import gradient_scores
+from weightpatch.screening.local_exact import local_exact_scores
 from weightpatch.screening.verify import screen_then_verify, verification_candidates, verified_table
 
 logger = logging.getLogger("weightpatch")
@@ -51,13 +54,28 @@ def make_scorer(cfg: ScreenConfig, pair: ModelPair, anchor: Anchor, texts: list[
     return scorer
 
 
-def gradient_stage(scorer: AnchorScorer, run: RunDir, kinds, method: str, steps: int, progress: bool) -> ScoreTable:
-    """First-order / integrated-gradient scores of ``kinds``, reused from the run directory per kind."""
+def screen_scores(
+    scorer: AnchorScorer,
+    method: str,
+    kinds: tuple[Kind, ...] = KINDS,
+    components: list[str] | None = None,
+    steps: int = 8,
+    progress: bool = True,
+) -> ScoreTable:
+    """Scores of a screening ``method`` (first_order, integrated_gradients with ``steps`` points, or
+    local_exact) for every component of ``kinds``, or for the named ``components``."""
+    if method == "local_exact":
+        return local_exact_scores(scorer, kinds=kinds, components=components, progress=progress)
+    steps = 1 if method == "first_order" else steps
+    return gradient_scores(scorer, kinds=kinds, components=components, steps=steps, progress=progress)
+
+
+def screen_stage(scorer: AnchorScorer, run: RunDir, kinds, method: str, steps: int, progress: bool) -> ScoreTable:
+    """Screen scores of ``kinds`` by ``method``, reused from the run directory per kind."""
     have = set(run.scores().select(method).frame["kind"])
-    missing = [k for k in kinds if k not in have]
+    missing = tuple(k for k in kinds if k not in have)
     if missing:
-        steps = 1 if method == "first_order" else steps
-        run.append_scores(gradient_scores(scorer, kinds=missing, steps=steps, progress=progress))
+        run.append_scores(screen_scores(scorer, method, missing, steps=steps, progress=progress))
     else:
         logger.info("%s scores for %s already in the run directory", method, ", ".join(kinds))
     return run.scores().select(method)
@@ -113,12 +131,11 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
     space = scorer.pair.space
     named = [str(space.parse(c)) for c in cfg.components or []]
     save = run.append_scores
-    if cfg.method in ("first_order", "integrated_gradients"):
+    if cfg.method in ("first_order", "integrated_gradients", "local_exact"):
         if named:
-            steps = 1 if cfg.method == "first_order" else cfg.steps
-            save(gradient_scores(scorer, components=named, steps=steps, progress=cfg.progress))
+            save(screen_scores(scorer, cfg.method, components=named, steps=cfg.steps, progress=cfg.progress))
         else:
-            gradient_stage(scorer, run, cfg.kinds, cfg.method, cfg.steps, cfg.progress)
+            screen_stage(scorer, run, cfg.kinds, cfg.method, cfg.steps, cfg.progress)
         return []
     if cfg.method == "exact":
         todo = named or [str(c) for c in space.components(kinds=tuple(cfg.kinds))]
@@ -128,7 +145,7 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
         with exact_backend(cfg, scorer) as backend:
             backend.run(todo, skip=done, on_result=save, progress=cfg.progress)
         return todo
-    screened = gradient_stage(scorer, run, cfg.kinds, "first_order", cfg.steps, cfg.progress)
+    screened = screen_stage(scorer, run, cfg.kinds, cfg.screen, cfg.steps, cfg.progress)
     candidates = verification_candidates(screened, cfg.kinds, cfg.top_k, extra=named)
     done = _log_todo(cfg, run, candidates)
     screen_then_verify(
