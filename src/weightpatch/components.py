@@ -34,6 +34,21 @@ from weightpatch.errors import ComponentError
 
 Kind = Literal["layer", "module", "head", "neuron"]
 KINDS: tuple[Kind, ...] = ("layer", "module", "head", "neuron")
+ComponentClass = Literal[
+    "block", "attention", "mlp", "projection", "norm", "embedding", "unembedding", "head", "neuron", "other"
+]
+COMPONENT_CLASSES: tuple[ComponentClass, ...] = (
+    "block",
+    "attention",
+    "mlp",
+    "projection",
+    "norm",
+    "embedding",
+    "unembedding",
+    "head",
+    "neuron",
+    "other",
+)
 
 _LAYER = re.compile(r"^L(\d+)$")
 _HEAD = re.compile(r"^L(\d+)\.attn\.head(\d+)$")
@@ -65,6 +80,31 @@ class Component:
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def component_class(self) -> ComponentClass:
+        """What the component is, finer than :attr:`kind`: ``block`` (a decoder layer), ``attention``
+        / ``mlp`` (a whole sub-block), ``projection`` (one of its linear maps, ``attn.q``,
+        ``mlp.down``), ``norm`` (any normalization, ``norm.pre_attn``, ``attn.q_norm``,
+        ``norm.final``), ``embedding`` (``embed``, ``pos_embed``), ``unembedding``, ``head``,
+        ``neuron``; ``other`` for a module name outside this vocabulary."""
+        if self.kind == "layer":
+            return "block"
+        if self.kind in ("head", "neuron"):
+            return self.kind
+        module = self.module or ""
+        last = module.rsplit(".", 1)[-1]
+        if module.startswith("norm") or last.endswith("norm"):
+            return "norm"
+        if module in ("embed", "pos_embed"):
+            return "embedding"
+        if module == "unembed":
+            return "unembedding"
+        if module in ("attn", "mlp"):
+            return "attention" if module == "attn" else "mlp"
+        if module.startswith(("attn.", "mlp.")):
+            return "projection"
+        return "other"
 
     @classmethod
     def parse(cls, name: str) -> Component:
