@@ -81,11 +81,16 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     """A score frame with the :data:`DTYPES` column types (``component_class`` filled in from the
     names when missing, legacy ``-1`` layers/indices as nulls)."""
     frame = nullable_ints(frame)
-    if "component_class" not in frame.columns and "component" in frame.columns:
-        classes = [Component.parse(n).component_class for n in frame["component"]]
-        position = list(frame.columns).index("kind") + 1 if "kind" in frame.columns else len(frame.columns)
-        frame = frame.copy()
-        frame.insert(position, "component_class", pd.Series(classes, index=frame.index, dtype="string"))
+    if "component" in frame.columns:
+        if "component_class" not in frame.columns:
+            position = list(frame.columns).index("kind") + 1 if "kind" in frame.columns else len(frame.columns)
+            frame = frame.copy()
+            frame.insert(position, "component_class", pd.Series(pd.NA, index=frame.index, dtype="string"))
+        missing = frame["component_class"].isna()
+        if missing.any():
+            classes = [Component.parse(n).component_class for n in frame.loc[missing, "component"]]
+            frame = frame.astype({"component_class": "string"})
+            frame.loc[missing, "component_class"] = classes
     wrong = {c: t for c, t in DTYPES.items() if c in frame.columns and str(frame[c].dtype) != t}
     return frame.astype(wrong) if wrong else frame
 
