@@ -37,8 +37,8 @@ def test_all_components_recover_everything_and_their_knockout_removes_everything
     # every k-subset of n is everything: no control is drawn there (a degenerate control)
     assert suff["n_controls"].tolist() == [5, 0] and np.isnan(last["random_mean"])
     assert suff["behavior"].tolist() == [0.25, 0.25] and len(calls) == 2
-    with pytest.raises(ValueError, match=">= 5"):
-        necessity_curve(scorer, table, ks=[n], controls=3)
+    few = necessity_curve(scorer, table, ks=[1], controls=3)  # too few draws for a spread: raised to 5
+    assert few["n_controls"].tolist() == [5]
     nec = necessity_curve(scorer, table, ks=[n], controls=0, kl=True)
     assert nec.iloc[0]["drop"] == pytest.approx(1.0, abs=1e-6) and nec.iloc[0]["kl"] > 0
     # the model is restored after every run

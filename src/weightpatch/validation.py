@@ -3,8 +3,8 @@
 All anchor numbers are fractions of the same gap as ``E_w`` (:class:`AnchorScorer`), on the
 scorer's prompts. A ranking is a :class:`ScoreTable` (any method: exact, first order, activation)
 filtered by ``method``/``kind``; its top-``k`` is compared with random ``k``-subsets of the same
-pool (the filtered table's components), :data:`DEFAULT_CONTROLS` draws by default (at least
-:data:`MIN_CONTROLS` when any are asked for), mean and standard deviation. No control is drawn
+pool (the filtered table's components), :data:`DEFAULT_CONTROLS` draws by default (fewer than
+:data:`MIN_CONTROLS` are raised to it, with a warning; 0 means none), mean and standard deviation. No control is drawn
 where ``k`` equals the pool (every subset is the top-``k`` itself): ``random_mean`` is NaN there.
 
 - **Sufficiency**: the top-``k`` weights patched into the base; ``recovery`` = mean fraction of the
@@ -26,6 +26,7 @@ where ``k`` equals the pool (every subset is the top-``k`` itself): ``random_mea
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch
 from weightpatch.scoring import AnchorScorer
 
+logger = logging.getLogger("weightpatch")
 BehaviorMetric = Callable[[torch.nn.Module], float]
 DEFAULT_CONTROLS = 8  # random k-subsets per k
 MIN_CONTROLS = 5  # fewer draws give no usable spread
@@ -162,7 +164,8 @@ def _curve(
         with pair.as_model("specialized") as sft:
             reference = next_token_logprobs(sft, scorer.batches)
     if 0 < controls < MIN_CONTROLS:
-        raise ValueError(f"controls={controls} random draws give no usable spread; use 0 or >= {MIN_CONTROLS}")
+        logger.warning("controls=%d raised to %d: fewer random draws give no usable spread", controls, MIN_CONTROLS)
+        controls = MIN_CONTROLS
     rng = random.Random(seed)
 
     def measure(components: Sequence[str]) -> float:
@@ -204,7 +207,7 @@ def sufficiency_curve(
 ) -> pd.DataFrame:
     """Anchor recovery of the base with the top-``k`` patched in, for each ``k`` (``ks``: a
     maximum, meaning 1..K, or explicit values), against ``controls`` random ``k``-subsets (0, or
-    at least :data:`MIN_CONTROLS`; none where ``k`` is the whole pool). Columns: ``k, recovery,
+    at least :data:`MIN_CONTROLS`: fewer are raised to it; none where ``k`` is the whole pool). Columns: ``k, recovery,
     random_mean, random_std, n_controls`` (+ ``kl``, ``behavior`` when asked), ``components`` (the
     top-``k`` names, a list)."""
     return _curve(scorer, table, ks, method, kind, controls, seed, "sufficiency", kl, kl_positions, behavior_metric)
@@ -224,8 +227,8 @@ def necessity_curve(
 ) -> pd.DataFrame:
     """Anchor drop of the specialized model with the top-``k`` knocked out, against random
     controls (as in :func:`sufficiency_curve`). Columns: ``k, drop, random_mean, random_std,
-    n_controls`` (+ ``kl``, ``behavior``), ``components`` (a list). ``kl`` is still measured to the specialized model (it grows as the knockout
-    removes more)."""
+    n_controls`` (+ ``kl``, ``behavior``), ``components`` (a list). ``kl`` is still measured to
+    the specialized model (it grows as the knockout removes more)."""
     return _curve(scorer, table, ks, method, kind, controls, seed, "necessity", kl, kl_positions, behavior_metric)
 
 

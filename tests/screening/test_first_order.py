@@ -66,7 +66,8 @@ def test_first_order_stderr_is_the_spread_of_single_prompt_scores(scorer64):
     table = gradient_scores(scorer64, components=components, progress=False).frame.set_index("component")
     batched = gradient_scores(scorer64, components=components, progress=False, per_prompt=False)
     assert batched.frame["stderr"].isna().all()
-    np.testing.assert_allclose(batched.frame.set_index("component")["score"], table["score"], rtol=1e-6)  # float32 norms inside
+    # equal up to rounding (the norms compute in float32 inside)
+    np.testing.assert_allclose(batched.frame.set_index("component")["score"], table["score"], rtol=1e-6)
     single = [
         gradient_scores(
             AnchorScorer(scorer64.pair, scorer64.anchor, [text], min_relative_gap=0.0),
