@@ -461,8 +461,7 @@ def _head_matrix(heads: pd.DataFrame, method: str, column: str = "score") -> pd.
 def _heatmap(ax, matrix: pd.DataFrame, errors: pd.DataFrame | None, title: str, vmax: float, layers, heads) -> None:
     matrix = matrix.reindex(index=layers, columns=heads)
     values = matrix.to_numpy(dtype=float)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#e6e6e6")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e6e6e6")  # grey: not scored by this method
     im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
     ax.set(xlabel="head", ylabel="layer", title=title)
     ax.set_xticks(range(len(heads)), [str(h) for h in heads])
