@@ -244,7 +244,7 @@ def test_findings_numbers_equal_the_tables(tmp_path):
     assert "layer 2" in anchor and "Cohen's d 3.10" in anchor and "AUC 0.980" in anchor
     steering = pd.read_parquet(run / "steering.parquet")
     rand = steering[(steering["direction"] == "random") & (steering["alpha"] == 2)]["metric"]
-    assert "from 0.10 (alpha 0.00) to 0.70 (alpha 2.00)" in anchor
+    assert "moves accuracy from 0.10 (alpha 0.00) to 0.70 (alpha 2.00)" in anchor
     assert (
         f"random directions {rand.mean():.2f} ± {rand.std():.2f}" in anchor
         and "specialized model scores 0.80" in anchor

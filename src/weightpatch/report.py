@@ -237,8 +237,9 @@ def findings(data: RunData) -> list[dict]:
             curve = curve.sort_values("alpha")
             lo, hi = curve.iloc[0], curve.iloc[-1]
             values.update(steer_alpha=float(hi["alpha"]), steer_from=float(lo["metric"]), steer_to=float(hi["metric"]))
+            name = str(steering["metric_name"].dropna().iloc[0]) if "metric_name" in steering else "the metric"
             text += (
-                f"; steering the base along it raises the metric from {fmt(lo['metric'], 2)} "
+                f"; steering the base along it moves {name} from {fmt(lo['metric'], 2)} "
                 f"(alpha {fmt(lo['alpha'], 2)}) to {fmt(hi['metric'], 2)} (alpha {fmt(hi['alpha'], 2)})"
             )
             if "direction" in steering:
