@@ -132,14 +132,16 @@ def _full_run(path: Path) -> Path:
             }
         ),
     )
+    by_method = scores.frame.set_index(["method", "component"])["score"]
+    names = ["L0.attn.head0", "L2.attn.head2", "L1.attn.head0"]
     roles = pd.DataFrame(
         {
-            "component": ["L0.attn.head0", "L2.attn.head1", "L1.attn.head2"],
+            "component": names,
             "kind": ["head"] * 3,
             "layer": [0, 2, 1],
-            "index": [0, 1, 2],
-            "activation": [0.01, 0.3, 0.0],
-            "weight": [0.2, 0.01, 0.0],
+            "index": [0, 2, 0],
+            "activation": [by_method["activation", n] for n in names],
+            "weight": [by_method["exact", n] for n in names],  # roles from exact scores
             "role": pd.Categorical(["source", "router", "neither"], categories=["source", "router", "both", "neither"]),
         }
     )
@@ -299,6 +301,13 @@ def test_figures_and_tables_carry_their_uncertainty(tmp_path):
     # exact and first-order supplier edges are ranked separately; the caption names the target kind
     assert "Suppliers ranked by exact supply" in page and "Suppliers ranked by first-order estimate supply" in page
     assert "target head's output" in html.unescape(page)
+    # the roles table shows both effects with the standard errors of the scores they came from
+    roles = page.split("<h3>Roles</h3>", 1)[1].split("</table>", 1)[0]
+    frame = pd.read_parquet(run / "scores.parquet").set_index(["method", "component"])
+    for method in ("exact", "activation"):
+        row = frame.loc[(method, "L2.attn.head2")]
+        assert f'<td class="num">{with_error(row["score"], row["stderr"])}</td>' in roles, method
+    assert "weight-space (exact) effect" in page
     # model-level modules have no layer in the hierarchy (as in every table)
     hierarchy = page.split("Hierarchy levels", 1)[1].split("</table>", 1)[0]
     assert re.search(

@@ -742,7 +742,9 @@ def supplier_section(data: RunData) -> dict | None:
         )
     roles = data["roles"]
     if roles is not None:
-        tables.append({"title": "Roles", "caption": "activation- vs weight-space effect", **table(roles)})
+        shown, errors, method = _roles_with_errors(roles, data["scores"])
+        caption = f"activation- vs weight-space ({method}) effect, ± stderr across prompts"
+        tables.append({"title": "Roles", "caption": caption, **table(shown, errors=errors)})
     if not figs and not tables:
         return None
     target = f"target {target_kinds}" if target_kinds else "target"
@@ -753,6 +755,29 @@ def supplier_section(data: RunData) -> dict | None:
         figures=figs,
         tables=tables,
     )
+
+
+def _roles_with_errors(roles: pd.DataFrame, scores: pd.DataFrame | None) -> tuple[pd.DataFrame, dict, str]:
+    """The roles table with the standard errors of its two scores looked up in ``scores``. The
+    weight method is the one whose scores the roles table holds (exact, else first order); when
+    neither matches, the weight column is shown without an error rather than with another one's."""
+    if scores is None:
+        return roles, {}, "weight"
+    by_method = {m: sub.set_index("component") for m, sub in scores.groupby("method")}
+    method = None
+    for candidate in ("exact", "first_order"):
+        sub = by_method.get(candidate)
+        if sub is not None and roles["component"].isin(sub.index).all():
+            common = sub.loc[roles["component"], "score"].to_numpy()
+            if np.allclose(common, roles["weight"].to_numpy(dtype=float), equal_nan=True):
+                method = candidate
+                break
+    shown = roles.copy()
+    for column, m in (("activation", "activation"), ("weight", method)):
+        if m is not None and m in by_method:
+            shown[f"{column}_stderr"] = roles["component"].map(by_method[m]["stderr"])
+    errors = {c: f"{c}_stderr" for c in ("activation", "weight") if f"{c}_stderr" in shown}
+    return shown, errors, method or "weight"
 
 
 def _layer_of(name: str) -> int:
