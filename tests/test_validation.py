@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -29,13 +30,16 @@ def test_all_components_recover_everything_and_their_knockout_removes_everything
         calls.append(1)
         return 0.25
 
-    suff = sufficiency_curve(scorer, table, ks=[1, n], controls=2, kl=True, behavior_metric=metric)
+    suff = sufficiency_curve(scorer, table, ks=[1, n], controls=5, kl=True, behavior_metric=metric)
     assert list(suff["k"]) == [1, n]
     last = suff.iloc[-1]
     assert last["recovery"] == pytest.approx(1.0, abs=1e-6) and last["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert last["random_mean"] == pytest.approx(1.0, abs=1e-6)  # every k-subset of n is everything
+    # every k-subset of n is everything: no control is drawn there (a degenerate control)
+    assert suff["n_controls"].tolist() == [5, 0] and np.isnan(last["random_mean"])
     assert suff["behavior"].tolist() == [0.25, 0.25] and len(calls) == 2
-    nec = necessity_curve(scorer, table, ks=[n], controls=1, kl=True)
+    few = necessity_curve(scorer, table, ks=[1], controls=3)  # too few draws for a spread: raised to 5
+    assert few["n_controls"].tolist() == [5]
+    nec = necessity_curve(scorer, table, ks=[n], controls=0, kl=True)
     assert nec.iloc[0]["drop"] == pytest.approx(1.0, abs=1e-6) and nec.iloc[0]["kl"] > 0
     # the model is restored after every run
     assert torch.equal(scorer.anchor_scores(pair.model), scorer.f_receiver)
@@ -67,10 +71,10 @@ def test_planted_components_beat_random_controls_and_interact(tmp_path):
     scorer = planted_scorer(tmp_path)
     components = list(scorer.pair.space.components(kinds=("head", "neuron")))
     weight = ExactScreen(scorer).run(components, progress=False)
-    suff = sufficiency_curve(scorer, weight, ks=3, controls=3, seed=1)
+    suff = sufficiency_curve(scorer, weight, ks=3, controls=5, seed=1)
     assert suff.iloc[1]["recovery"] > 0.95 > suff.iloc[1]["random_mean"] + 3 * suff.iloc[1]["random_std"]
-    assert set(suff.iloc[1]["components"].split(",")) == set(PLANTED_NEURONS)
-    nec = necessity_curve(scorer, weight, ks=[2], controls=3, seed=1)
+    assert set(suff.iloc[1]["components"]) == set(PLANTED_NEURONS)
+    nec = necessity_curve(scorer, weight, ks=[2], controls=5, seed=1)
     assert nec.iloc[0]["drop"] > 0.95
     matrix = interaction_matrix(scorer, [*PLANTED_NEURONS, PLANTED_HEAD])
     assert matrix.shape == (3, 3) and matrix.isna().values.diagonal().all()

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from scipy import stats
 
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, Role
@@ -187,14 +188,36 @@ def _differences(pair, method, with_instr, without_instr, layers, batch_size, tr
     return a, b
 
 
+def cohens_d(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Cohen's d of two samples with the pooled (degrees-of-freedom weighted) standard deviation:
+    Student's t of :func:`scipy.stats.ttest_ind` times ``sqrt(1/n_pos + 1/n_neg)``. NaN with fewer
+    than two values on a side; +-inf when both samples are constant and their means differ."""
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan")
+    gap = float(pos.mean() - neg.mean())
+    if pos.var() == 0 and neg.var() == 0:
+        return float("nan") if gap == 0 else float(np.copysign(np.inf, gap))
+    t = stats.ttest_ind(pos, neg, equal_var=True).statistic
+    return float(t * np.sqrt(1 / len(pos) + 1 / len(neg)))
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Area under the ROC curve of ``pos`` over ``neg`` (ties count one half): the Mann-Whitney
+    ``U`` of :func:`scipy.stats.mannwhitneyu` divided by ``n_pos * n_neg``."""
+    u = stats.mannwhitneyu(pos, neg, alternative="two-sided", method="asymptotic").statistic
+    return float(u / (len(pos) * len(neg)))
+
+
 def _separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
     """Cohen's d, AUC and midpoint accuracy of projections (positive condition should be larger)."""
-    pooled = np.sqrt((pos.var(ddof=1) + neg.var(ddof=1)) / 2) if len(pos) > 1 and len(neg) > 1 else np.nan
-    d = float((pos.mean() - neg.mean()) / pooled) if pooled and pooled > 0 else float("inf")
-    auc = float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
     mid = (pos.mean() + neg.mean()) / 2
     acc = float(((pos > mid).sum() + (neg <= mid).sum()) / (len(pos) + len(neg)))
-    return {"cohen_d": d, "auc": auc, "accuracy": acc, "mean_gap": float(pos.mean() - neg.mean())}
+    return {
+        "cohen_d": cohens_d(pos, neg),
+        "auc": roc_auc(pos, neg),
+        "accuracy": acc,
+        "mean_gap": float(pos.mean() - neg.mean()),
+    }
 
 
 def search_anchor_layer(
@@ -276,14 +299,39 @@ def steering_curve(
     alphas: Sequence[float],
     metric: Callable[[torch.nn.Module], float],
     scale: float | None = None,
+    random_directions: int = 0,
+    seed: int = 0,
+    references: bool = False,
 ) -> pd.DataFrame:
     """The behavioural ``metric(model)`` of the base model with ``alpha * scale * u`` added to the
     residual stream after the anchor layer, for each alpha. ``scale`` defaults to 1 residual unit;
-    pass the mean anchor gap F(sft) - F(base) to express alpha in gaps."""
+    pass the mean anchor gap F(sft) - F(base) to express alpha in gaps.
+
+    Columns: ``alpha, metric, direction, draw``. ``direction`` is ``"anchor"`` for the curve;
+    with ``random_directions = n`` also ``"random"`` rows: ``n`` unit directions drawn uniformly
+    on the sphere (``seed``), added with the same ``alpha * scale`` for every nonzero alpha (a
+    control: any push of that size may change the metric), ``draw`` numbering them. With
+    ``references`` two rows with a null alpha give the metric of the unmodified ``"base"`` and
+    ``"specialized"`` models (the levels the curve is read against)."""
     rows = []
-    vector = anchor.vector.to(pair.device) * (1.0 if scale is None else scale)
+    unit = 1.0 if scale is None else scale
+    vector = anchor.vector.to(pair.device) * unit
+    generator = torch.Generator().manual_seed(seed)
+    randoms = torch.randn(random_directions, anchor.vector.numel(), generator=generator, dtype=torch.float32)
+    randoms = randoms / randoms.norm(dim=1, keepdim=True) * unit
     with pair.as_model("base") as model:
+        if references:
+            rows.append({"alpha": float("nan"), "metric": float(metric(model)), "direction": "base", "draw": 0})
         for alpha in alphas:
             with residual_addition(model, pair.space, anchor.layer, alpha * vector):
-                rows.append({"alpha": float(alpha), "metric": float(metric(model))})
-    return pd.DataFrame(rows)
+                rows.append({"alpha": float(alpha), "metric": float(metric(model)), "direction": "anchor", "draw": 0})
+        for draw, direction in enumerate(randoms):
+            for alpha in (a for a in alphas if a != 0):
+                added = alpha * direction.to(device=pair.device, dtype=vector.dtype)
+                with residual_addition(model, pair.space, anchor.layer, added):
+                    value = float(metric(model))
+                rows.append({"alpha": float(alpha), "metric": value, "direction": "random", "draw": draw})
+    if references:
+        with pair.as_model("specialized") as model:
+            rows.append({"alpha": float("nan"), "metric": float(metric(model)), "direction": "specialized", "draw": 0})
+    return pd.DataFrame(rows, columns=["alpha", "metric", "direction", "draw"])

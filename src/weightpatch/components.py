@@ -39,6 +39,22 @@ from weightpatch.errors import ArchitectureDescriptionError, ComponentError
 
 Kind = Literal["layer", "module", "head", "neuron", "expert", "expert_neuron"]
 KINDS: tuple[Kind, ...] = ("layer", "module", "head", "neuron", "expert", "expert_neuron")
+ComponentClass = Literal[
+    "block", "attention", "mlp", "projection", "norm", "embedding", "unembedding", "head", "neuron", "expert", "other"
+]
+COMPONENT_CLASSES: tuple[ComponentClass, ...] = (
+    "block",
+    "attention",
+    "mlp",
+    "projection",
+    "norm",
+    "embedding",
+    "unembedding",
+    "head",
+    "neuron",
+    "expert",
+    "other",
+)
 
 _LAYER = re.compile(r"^L(\d+)$")
 _HEAD = re.compile(r"^L(\d+)\.attn\.head(\d+)$")
@@ -86,6 +102,34 @@ class Component:
         if self.kind == "expert_neuron":
             return int(self.module.removeprefix("mlp.expert"))  # type: ignore[union-attr]
         return None
+
+    @property
+    def component_class(self) -> ComponentClass:
+        """What the component is, finer than :attr:`kind`: ``block`` (a decoder layer), ``attention``
+        / ``mlp`` (a whole sub-block), ``projection`` (one of its linear maps, ``attn.q``,
+        ``mlp.down``), ``norm`` (any normalization, ``norm.pre_attn``, ``attn.q_norm``,
+        ``norm.final``), ``embedding`` (``embed``, ``pos_embed``), ``unembedding``, ``head``,
+        ``neuron``, ``expert`` (a mixture-of-experts expert; an expert's neuron is a ``neuron``); ``other``
+        for a module name outside this vocabulary."""
+        if self.kind == "layer":
+            return "block"
+        if self.kind in ("head", "neuron", "expert"):
+            return self.kind
+        if self.kind == "expert_neuron":
+            return "neuron"
+        module = self.module or ""
+        last = module.rsplit(".", 1)[-1]
+        if module.startswith("norm") or last.endswith("norm"):
+            return "norm"
+        if module in ("embed", "pos_embed"):
+            return "embedding"
+        if module == "unembed":
+            return "unembedding"
+        if module in ("attn", "mlp"):
+            return "attention" if module == "attn" else "mlp"
+        if module.startswith(("attn.", "mlp.")):
+            return "projection"
+        return "other"
 
     @classmethod
     def parse(cls, name: str) -> Component:

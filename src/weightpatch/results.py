@@ -1,9 +1,16 @@
 """Score tables: one tidy row per (component, method), convertible to pandas, Parquet and CSV.
 
-Columns: ``component`` (name), ``kind``, ``layer`` (-1 for model-level modules), ``index`` (head or
-neuron number, -1 otherwise), ``method`` (``exact``, ``first_order``, ``integrated_gradients``,
-``activation``, ...), ``score`` (fraction of the anchor gap, see :mod:`weightpatch.scoring`),
-``stderr`` (NaN where a method gives none) and ``n_prompts``.
+Columns (:data:`DTYPES`): ``component`` (name), ``kind`` (``layer``, ``module``, ``head``,
+``neuron``), ``component_class`` (finer: ``block``, ``attention``, ``mlp``, ``projection``,
+``norm``, ``embedding``, ``unembedding``, ``head``, ``neuron``; see
+:attr:`weightpatch.components.Component.component_class`), ``layer`` (nullable ``Int64``: null for
+model-level modules), ``index`` (head or neuron number, null otherwise), ``method`` (``exact``,
+``first_order``, ``integrated_gradients``, ``activation``, ...), ``score`` (fraction of the anchor
+gap, see :mod:`weightpatch.scoring`), ``stderr`` (standard error of that mean across prompts; NaN
+where a method gives none) and ``n_prompts``.
+
+Every Parquet file written with a provenance dict (:func:`write_atomic`, :func:`provenance`) carries
+it as JSON in the schema metadata under :data:`PROVENANCE_KEY`; :func:`read_provenance` reads it.
 
 Writing: every file the package writes goes through :func:`atomic_output` (a temporary name in
 the target's directory, renamed onto the target), so a reader or a resumed run sees the old file or
@@ -12,29 +19,55 @@ the new one, never a torn one. Reading: :func:`read_table` names a truncated or 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from weightpatch.components import Component
 from weightpatch.errors import WeightPatchError
 
 TMP_SUFFIX = ".wptmp"  # temporaries of atomic_output: ".<name>.<pid>-<random>.wptmp"
 
-COLUMNS = ["component", "kind", "layer", "index", "method", "score", "stderr", "n_prompts"]
+COLUMNS = ["component", "kind", "component_class", "layer", "index", "method", "score", "stderr", "n_prompts"]
+DTYPES = {
+    "component": "string",
+    "kind": "string",
+    "component_class": "string",
+    "layer": "Int64",
+    "index": "Int64",
+    "method": "string",
+    "score": "float64",
+    "stderr": "float64",
+    "n_prompts": "int64",
+}
+NULLABLE_INT = ("layer", "index")  # "none" is a null, never -1
+PROVENANCE_KEY = b"weightpatch.provenance"
+PROVENANCE_FIELDS = (
+    "base_sha256",
+    "specialized_sha256",
+    "anchor_sha256",
+    "config_sha256",
+    "weightpatch_version",
+)
 
 
 def score_row(component: Component, method: str, score: float, stderr: float, n_prompts: int) -> dict:
     return {
         "component": component.name,
         "kind": component.kind,
-        "layer": -1 if component.layer is None else component.layer,
-        "index": -1 if component.index is None else component.index,
+        "component_class": component.component_class,
+        "layer": component.layer,
+        "index": component.index,
         "method": method,
         "score": float(score),
         "stderr": float(stderr),
@@ -62,21 +95,82 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table as Parquet or CSV (by suffix) atomically (see :func:`atomic_output`)."""
-    with atomic_output(path) as tmp:
-        if path.suffix == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
+def nullable_ints(frame: pd.DataFrame, columns: Iterable[str] = NULLABLE_INT) -> pd.DataFrame:
+    """``frame`` with the given integer columns as nullable ``Int64``, the legacy ``-1`` ("none") of
+    tables written before 0.2 read as null. Columns absent from ``frame`` are ignored."""
+    out = frame
+    for c in columns:
+        if c in out.columns and out[c].dtype != "Int64":
+            values = pd.to_numeric(out[c], errors="coerce").astype("Int64")
+            out = out.assign(**{c: values.mask(values == -1)})
+    return out
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """A score frame with the :data:`DTYPES` column types (``component_class`` filled in from the
+    names when missing, legacy ``-1`` layers/indices as nulls)."""
+    frame = nullable_ints(frame)
+    if "component" in frame.columns:
+        if "component_class" not in frame.columns:
+            position = list(frame.columns).index("kind") + 1 if "kind" in frame.columns else len(frame.columns)
+            frame = frame.copy()
+            frame.insert(position, "component_class", pd.Series(pd.NA, index=frame.index, dtype="string"))
+        missing = frame["component_class"].isna()
+        if missing.any():
+            classes = [Component.parse(n).component_class for n in frame.loc[missing, "component"]]
+            frame = frame.astype({"component_class": "string"})
+            frame.loc[missing, "component_class"] = classes
+    wrong = {c: t for c, t in DTYPES.items() if c in frame.columns and str(frame[c].dtype) != t}
+    return frame.astype(wrong) if wrong else frame
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """sha256 of a resolved config as canonical JSON (sorted keys, values via ``str`` when not JSON)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def provenance(
+    models: dict[str, Any] | None, config: dict[str, Any] | None, anchor_sha256: str | None = None
+) -> dict[str, str | None]:
+    """The provenance recorded in a table's metadata: the weights' sha256 of each model (from
+    ``ModelPair.identities()`` or a run record's ``models``), the anchor files' sha256, the sha256 of
+    the resolved config (:func:`config_sha256`) and the weightpatch version. Missing parts are None."""
+    from weightpatch import __version__
+
+    models = models or {}
+    return {
+        "base_sha256": (models.get("base") or {}).get("weights_sha256"),
+        "specialized_sha256": (models.get("specialized") or {}).get("weights_sha256"),
+        "anchor_sha256": anchor_sha256,
+        "config_sha256": config_sha256(config) if config is not None else None,
+        "weightpatch_version": __version__,
+    }
+
+
+def to_arrow(frame: pd.DataFrame, provenance: dict[str, Any] | None = None) -> pa.Table:
+    """``frame`` as an Arrow table (no index) with ``provenance`` as JSON in the schema metadata
+    under :data:`PROVENANCE_KEY` (pandas' own metadata kept, so dtypes round-trip)."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if provenance is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+    return table
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The provenance dict stored in a Parquet file's schema metadata, or None when it has none."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw is not None else None
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a Parquet or CSV table (by suffix); a truncated or corrupt file raises a one-line
-    :class:`WeightPatchError` naming it."""
+    """A result table (Parquet or CSV by suffix) with nullable ``layer``/``index`` (legacy ``-1`` as
+    null); a truncated or corrupt file raises a one-line :class:`WeightPatchError` naming it."""
     path = Path(path)
     try:
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
@@ -84,11 +178,27 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise WeightPatchError(
             f"{path} is truncated or corrupt ({reason}); delete it to recompute it, or use another --run-dir"
         ) from exc
+    return nullable_ints(frame)
+
+
+def write_atomic(frame: pd.DataFrame, path: Path, provenance: dict[str, Any] | None = None) -> None:
+    """Write a table as Parquet (with ``provenance`` in its schema metadata) or CSV (by suffix)
+    atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        if path.suffix == ".parquet":
+            pq.write_table(to_arrow(frame, provenance), tmp)
+        else:
+            frame.to_csv(tmp, index=False)
 
 
 @dataclass
 class ScoreTable:
+    """A long score table (:data:`COLUMNS`); the frame is brought to :data:`DTYPES` on construction."""
+
     frame: pd.DataFrame
+
+    def __post_init__(self) -> None:
+        self.frame = _typed(self.frame)
 
     @classmethod
     def from_rows(cls, rows: Iterable[dict]) -> ScoreTable:
@@ -137,10 +247,16 @@ class ScoreTable:
         return list(dict.fromkeys(self.frame["component"]))
 
     def side_by_side(self) -> pd.DataFrame:
-        """One row per component, one score column per method."""
-        wide = self.frame.pivot_table(
-            index=["component", "kind", "layer", "index"], columns="method", values="score", aggfunc="first"
-        )
+        """One row per component (in first-seen order): ``component, kind, component_class, layer,
+        index``, one score column per method and its standard error as ``<method>_stderr``."""
+        f = self.frame
+        ids = [c for c in ("component", "kind", "component_class", "layer", "index") if c in f.columns]
+        keys = f[ids].drop_duplicates("component").set_index("component")
+        methods = list(dict.fromkeys(f["method"]))
+        scores = f.pivot_table(index="component", columns="method", values="score", aggfunc="first")
+        errors = f.pivot_table(index="component", columns="method", values="stderr", aggfunc="first", dropna=False)
+        wide = keys.join(scores.reindex(columns=methods))
+        wide = wide.join(errors.reindex(columns=methods).add_suffix("_stderr"))
         return wide.reset_index().rename_axis(columns=None)
 
     def by_layer(self, method: str, kind: str, agg: str = "sum") -> pd.Series:

@@ -225,8 +225,8 @@ class SupplyTracer:
             "target": t.name,
             "supplier": s.name,
             "supplier_kind": s.kind,
-            "supplier_layer": -1 if s.layer is None else s.layer,
-            "target_layer": -1 if t.layer is None else t.layer,
+            "supplier_layer": s.layer,  # None (a null in the table) for model-level modules
+            "target_layer": t.layer,
             "supply": value,
             "n_prompts": n,
             "method": method,
@@ -264,6 +264,7 @@ def trace_suppliers(
             edges = pd.concat([keyed.reset_index(), exact], ignore_index=True)[EDGE_COLUMNS]
     else:
         raise ValueError(f"unknown tracing method {method!r}; use 'exact' or 'first_order'")
+    edges = edges.astype({"supplier_layer": "Int64", "target_layer": "Int64"})
     return edges.sort_values(["target", "supply"], ascending=[True, False]).reset_index(drop=True)
 
 
@@ -296,7 +297,8 @@ def hierarchy(
     min_supply: float = 0.05,
 ) -> pd.DataFrame:
     """Hierarchy levels (rule in the module docstring): ``component, level, level_name, layer,
-    traced`` (``traced``: a router with at least one kept supplier)."""
+    traced`` (``traced``: a router with at least one kept supplier; ``layer`` null for the
+    model-level final norm and unembedding)."""
     kept = top_suppliers(edges, k, min_supply)
     targets = list(dict.fromkeys(edges["target"]))
     routed = set(kept["target"])
@@ -306,7 +308,7 @@ def hierarchy(
             rows.append((s, 0, "source", _layer(space, s), True))
     for t in targets:
         rows.append((t, 1, "router", _layer(space, t), t in routed))
-    top_router = max((_layer(space, t) for t in targets), default=-1)
+    top_router = max((layer for t in targets if (layer := _layer(space, t)) is not None), default=-1)
     seen = {r[0] for r in rows}
     execution = [f"L{layer}" for layer in range(anchor_layer + 1, space.num_layers)]
     if roles is not None:
@@ -317,13 +319,13 @@ def hierarchy(
             rows.append((c, 2, "execution", _layer(space, c), False))
     for m in ("norm.final", "unembed"):
         if m in space.module_names(None):
-            rows.append((m, 3, "unembedding", space.num_layers, False))
-    return pd.DataFrame(rows, columns=["component", "level", "level_name", "layer", "traced"])
+            rows.append((m, 3, "unembedding", None, False))  # model-level: null layer, as in score tables
+    levels = pd.DataFrame(rows, columns=["component", "level", "level_name", "layer", "traced"])
+    return levels.astype({"layer": "Int64"})
 
 
-def _layer(space: ComponentSpace, name: str) -> int:
-    c = space.parse(name)
-    return -1 if c.layer is None else c.layer
+def _layer(space: ComponentSpace, name: str) -> int | None:
+    return space.parse(name).layer
 
 
 def supplier_overlap(

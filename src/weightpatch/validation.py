@@ -3,7 +3,9 @@
 All anchor numbers are fractions of the same gap as ``E_w`` (:class:`AnchorScorer`), on the
 scorer's prompts. A ranking is a :class:`ScoreTable` (any method: exact, first order, activation)
 filtered by ``method``/``kind``; its top-``k`` is compared with random ``k``-subsets of the same
-pool (the filtered table's components), several seeds, mean and standard deviation.
+pool (the filtered table's components), :data:`DEFAULT_CONTROLS` draws by default (fewer than
+:data:`MIN_CONTROLS` are raised to it, with a warning; 0 means none), mean and standard deviation. No control is drawn
+where ``k`` equals the pool (every subset is the top-``k`` itself): ``random_mean`` is NaN there.
 
 - **Sufficiency**: the top-``k`` weights patched into the base; ``recovery`` = mean fraction of the
   gap recovered (1 = the specialized model's anchor score).
@@ -24,6 +26,7 @@ pool (the filtered table's components), several seeds, mean and standard deviati
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +43,10 @@ from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch
 from weightpatch.scoring import AnchorScorer
 
+logger = logging.getLogger("weightpatch")
 BehaviorMetric = Callable[[torch.nn.Module], float]
+DEFAULT_CONTROLS = 8  # random k-subsets per k
+MIN_CONTROLS = 5  # fewer draws give no usable spread
 
 
 class _Originals:
@@ -159,6 +165,9 @@ def _curve(
     if kl:
         with pair.as_model("specialized") as sft:
             reference = next_token_logprobs(sft, scorer.batches)
+    if 0 < controls < MIN_CONTROLS:
+        logger.warning("controls=%d raised to %d: fewer random draws give no usable spread", controls, MIN_CONTROLS)
+        controls = MIN_CONTROLS
     rng = random.Random(seed)
 
     def measure(components: Sequence[str]) -> float:
@@ -169,7 +178,8 @@ def _curve(
     for k in _ks(ks, len(ranked)):
         top = ranked[:k]
         row: dict = {"k": k, column: measure(top)}
-        randoms = [measure(rng.sample(ranked, k)) for _ in range(controls)]
+        draws = controls if k < len(ranked) else 0  # at k = pool size every subset is the top-k
+        randoms = [measure(rng.sample(ranked, k)) for _ in range(draws)]
         row["random_mean"] = float(np.mean(randoms)) if randoms else float("nan")
         row["random_std"] = float(np.std(randoms, ddof=1)) if len(randoms) > 1 else float("nan")
         row["n_controls"] = len(randoms)
@@ -180,7 +190,7 @@ def _curve(
             if behavior_metric is not None:
                 with context(pair, top) as model:
                     row["behavior"] = float(behavior_metric(model))
-        row["components"] = ",".join(top)
+        row["components"] = list(top)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -191,16 +201,17 @@ def sufficiency_curve(
     ks: int | Sequence[int] = 10,
     method: str | None = None,
     kind: str | None = None,
-    controls: int = 5,
+    controls: int = DEFAULT_CONTROLS,
     seed: int = 0,
     kl: bool = False,
     kl_positions: Literal["last", "all"] = "last",
     behavior_metric: BehaviorMetric | None = None,
 ) -> pd.DataFrame:
     """Anchor recovery of the base with the top-``k`` patched in, for each ``k`` (``ks``: a
-    maximum, meaning 1..K, or explicit values), against ``controls`` random ``k``-subsets.
-    Columns: ``k, recovery, random_mean, random_std, n_controls`` (+ ``kl``, ``behavior`` when
-    asked), ``components``."""
+    maximum, meaning 1..K, or explicit values), against ``controls`` random ``k``-subsets (0, or
+    at least :data:`MIN_CONTROLS`: fewer are raised to it; none where ``k`` is the whole pool). Columns: ``k, recovery,
+    random_mean, random_std, n_controls`` (+ ``kl``, ``behavior`` when asked), ``components`` (the
+    top-``k`` names, a list)."""
     return _curve(scorer, table, ks, method, kind, controls, seed, "sufficiency", kl, kl_positions, behavior_metric)
 
 
@@ -210,16 +221,16 @@ def necessity_curve(
     ks: int | Sequence[int] = 10,
     method: str | None = None,
     kind: str | None = None,
-    controls: int = 5,
+    controls: int = DEFAULT_CONTROLS,
     seed: int = 0,
     kl: bool = False,
     kl_positions: Literal["last", "all"] = "last",
     behavior_metric: BehaviorMetric | None = None,
 ) -> pd.DataFrame:
     """Anchor drop of the specialized model with the top-``k`` knocked out, against random
-    controls. Columns: ``k, drop, random_mean, random_std, n_controls`` (+ ``kl``, ``behavior``),
-    ``components``. ``kl`` is still measured to the specialized model (it grows as the knockout
-    removes more)."""
+    controls (as in :func:`sufficiency_curve`). Columns: ``k, drop, random_mean, random_std,
+    n_controls`` (+ ``kl``, ``behavior``), ``components`` (a list). ``kl`` is still measured to
+    the specialized model (it grows as the knockout removes more)."""
     return _curve(scorer, table, ks, method, kind, controls, seed, "necessity", kl, kl_positions, behavior_metric)
 
 

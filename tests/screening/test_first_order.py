@@ -55,3 +55,29 @@ def test_integrated_gradients_completeness(scorer64):
     assert table.frame["score"].sum() == pytest.approx(1.0, abs=2e-3)
     first = gradient_scores(scorer64, components=partition, progress=False)
     assert abs(first.frame["score"].sum() - 1.0) > abs(table.frame["score"].sum() - 1.0)
+
+
+def test_first_order_stderr_is_the_spread_of_single_prompt_scores(scorer64):
+    """The per-prompt stderr equals std/sqrt(n) of the scores of each prompt scored alone, and the
+    score equals the one-backward-per-batch score."""
+    import numpy as np
+
+    components = ["L0.mlp", "L1.attn.head2", "L0.mlp.neuron7"]
+    table = gradient_scores(scorer64, components=components, progress=False).frame.set_index("component")
+    batched = gradient_scores(scorer64, components=components, progress=False, per_prompt=False)
+    assert batched.frame["stderr"].isna().all()
+    # equal up to rounding (the norms compute in float32 inside)
+    np.testing.assert_allclose(batched.frame.set_index("component")["score"], table["score"], rtol=1e-6)
+    single = [
+        gradient_scores(
+            AnchorScorer(scorer64.pair, scorer64.anchor, [text], min_relative_gap=0.0),
+            components=components,
+            progress=False,
+        ).frame.set_index("component")["score"]
+        for text in scorer64.texts
+    ]
+    per_prompt = np.stack([s[components].to_numpy() for s in single])  # (prompt, component)
+    n = len(scorer64.texts)
+    np.testing.assert_allclose(table.loc[components, "score"], per_prompt.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(table.loc[components, "stderr"], per_prompt.std(0, ddof=1) / np.sqrt(n), rtol=1e-5)
+    assert (table["n_prompts"] == n).all()

@@ -133,26 +133,35 @@ def gradient_scores(
     components: Iterable[Component | str] | None = None,
     steps: int = 1,
     progress: bool = True,
+    per_prompt: bool = True,
 ) -> ScoreTable:
     """First-order scores (``steps=1``, gradient at the receiver) or integrated gradients
     (``steps > 1``, midpoint rule along the straight path to the donor) for every component of
-    ``kinds`` (or the given ``components``). ``stderr`` is NaN: one backward pass per batch mixes
-    the prompts of the batch."""
+    ``kinds`` (or the given ``components``).
+
+    With ``per_prompt`` (default) each prompt's term ``dF(x)/dtheta . delta / G(x)`` is kept
+    apart (one backward per prompt over one forward per batch), so ``stderr`` is the standard
+    error of the mean across prompts, as for exact scores; this holds a (prompts, components)
+    float64 matrix. ``per_prompt=False`` does one backward per batch (faster on large batches,
+    same score up to float rounding) and leaves ``stderr`` NaN."""
     pair = scorer.pair
     model, space = pair.model, pair.space
     targets = _targets(scorer, kinds, components)
     plans = plan_reduction(space, targets)
-    scores = torch.zeros(len(targets), dtype=torch.float64)
-    weights = torch.where(scorer.valid, 1.0 / scorer.gap, torch.zeros_like(scorer.gap)) / scorer.valid.sum()
+    n = int(scorer.valid.sum())
+    row_of = torch.cumsum(scorer.valid.long(), 0) - 1  # prompt -> row among valid prompts
+    per_row = torch.zeros(n if per_prompt else 1, len(targets), dtype=torch.float64)
+    inverse_gap = torch.where(scorer.valid, 1.0 / scorer.gap, torch.zeros_like(scorer.gap))
+    weights = inverse_gap if per_prompt else inverse_gap / n
     alphas = [0.0] if steps <= 1 else [(k + 0.5) / steps for k in range(steps)]
     method = "first_order" if steps <= 1 else "integrated_gradients"
-    state: dict[str, object] = {}
+    state: dict[str, object] = {"row": 0}
 
     def on_grad(name: str, param: torch.Tensor) -> None:
         patch = state.get("patch")
         receiver = patch.original(name) if patch is not None else param.detach()  # type: ignore[attr-defined]
         delta = donor_values(pair.donor, ParamSlice(name), param) - receiver
-        reduce_into((param.grad.double() * delta.double()) / len(alphas), plans[name], scores)
+        reduce_into((param.grad.double() * delta.double()) / len(alphas), plans[name], per_row[state["row"]])
 
     with gradient_hooks(model, plans, on_grad):
         bar = tqdm(total=len(alphas) * len(scorer.batches), desc=method, unit="batch", disable=not progress)
@@ -164,12 +173,24 @@ def gradient_scores(
             with patched(model, pair.donor, space, everything, alpha=alpha) as patch:
                 state["patch"] = patch if alpha > 0 else None
                 for i, b in enumerate(scorer.batches):
-                    w = weights[offset_of[i] : offset_of[i + 1]].to(scorer.u.device)
+                    prompts = range(offset_of[i], offset_of[i + 1])
+                    w = weights[prompts.start : prompts.stop].to(scorer.u.device)
                     hidden = run_segment(model, space, b, stop=scorer.layer)[0]
-                    (scorer.project(hidden) * w).sum().backward()
+                    terms = scorer.project(hidden) * w
+                    if not per_prompt:
+                        terms.sum().backward()
+                    else:
+                        valid = [j for j, p in enumerate(prompts) if scorer.valid[p]]
+                        for position, j in enumerate(valid):
+                            state["row"] = int(row_of[prompts.start + j])
+                            terms[j].backward(retain_graph=position < len(valid) - 1)
                     bar.update(1)
         bar.close()
-    n = int(scorer.valid.sum())
+    if per_prompt:
+        scores = per_row.mean(0)
+        stderr = per_row.std(0) / n**0.5 if n > 1 else torch.full_like(scores, float("nan"))
+    else:
+        scores, stderr = per_row[0], torch.full((len(targets),), float("nan"), dtype=torch.float64)
     return ScoreTable.from_rows(
-        score_row(c, method, float(s), float("nan"), n) for c, s in zip(targets, scores, strict=True)
+        score_row(c, method, float(s), float(e), n) for c, s, e in zip(targets, scores, stderr, strict=True)
     )
