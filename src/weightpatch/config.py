@@ -110,6 +110,9 @@ class ScoringOptions(BaseModel):
         0.1, ge=0.0, description="prompts whose anchor gap is below this fraction of the median gap are excluded."
     )
     variants_per_batch: int = Field(8, ge=1, description="patched variants run together in one forward pass.")
+    first_order_stderr: bool = Field(
+        True, description="first-order scores with a standard error across prompts (one backward per prompt)."
+    )
 
 
 class CheckConfig(StageConfig, PairOptions):
@@ -127,6 +130,9 @@ class AnchorConfig(StageConfig, PairOptions, PromptOptions):
     alphas: list[float] = Field([0.0, 0.5, 1.0, 2.0, 4.0], description="steering strengths in anchor gaps.")
     steering_prompts: int = Field(12, ge=0, description="held-out prompts for the steering check (0: skip).")
     max_new_tokens: int = Field(48, ge=1, description="tokens generated per steering prompt.")
+    steering_random_directions: int = Field(
+        5, ge=0, description="random unit directions added with the same strength, as a control (0: none)."
+    )
     checker: Literal["builtin", "lm_eval"] = Field(
         "builtin",
         description="IFEval checkers of the steering metric: the built-in six, or lm-eval's 25 (weightpatch[ifeval]).",
@@ -172,7 +178,7 @@ class TraceConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
         "first_order", description="supplier scores: first_order (with the top --verify-top exact) or exact."
     )
     verify_top: int = Field(5, ge=0, description="first_order: suppliers per target re-scored exactly.")
-    random_controls: int = Field(5, ge=1, description="random draws per k in the sufficiency/necessity curves.")
+    random_controls: int = Field(8, ge=5, description="random draws per k in the sufficiency/necessity curves.")
 
     _lists = _split_lists("targets")
 

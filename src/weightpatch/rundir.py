@@ -44,7 +44,7 @@ import pandas as pd
 import yaml
 
 from weightpatch.errors import WeightPatchError
-from weightpatch.results import TMP_SUFFIX, ScoreTable, read_table, write_atomic, write_text_atomic
+from weightpatch.results import TMP_SUFFIX, ScoreTable, provenance, read_table, write_atomic, write_text_atomic
 from weightpatch.weights import files_sha256
 
 RUN_FILE = "run.json"
@@ -112,6 +112,7 @@ class RunDir:
         self.path = Path(path)
         self._handler: logging.Handler | None = None
         self._lock_key: str | None = None
+        self._provenance: dict[str, Any] | None = None  # stamped into every Parquet table written
 
     # ---- opening, checks ---------------------------------------------------------------------
     @classmethod
@@ -161,6 +162,8 @@ class RunDir:
         except BaseException:
             run._release()  # refused: leave the directory as it was, only let go of it
             raise
+        record = run.record() or {}
+        run._provenance = provenance(models or record.get("models"), config, anchor_sha256=config.get("anchor_sha256"))
         logger.info("wpatch %s %s", command, "resumed" if previous is not None else "started")
         return run
 
@@ -336,7 +339,7 @@ class RunDir:
         path = self.table_path(name)
         with _writing(self.path):
             write_atomic(frame, path.with_suffix(".csv"))
-            write_atomic(frame, path)
+            write_atomic(frame, path, provenance=self._provenance)
         logger.info("wrote %s (%d rows)", path.name, len(frame))
         return path
 

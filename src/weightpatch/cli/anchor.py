@@ -19,6 +19,8 @@ def show(cfg: AnchorConfig) -> None:
     )
     if result.steering is not None:
         curve = result.steering
+        if "direction" in curve.columns:  # the anchor's own rows (random directions and references aside)
+            curve = curve[curve["direction"] == "anchor"]
         pairs = zip(curve["alpha"], curve["metric"], strict=True)
         common.out.print("steering: " + ", ".join(f"alpha {a:g}: {v:.2f}" for a, v in pairs))
     common.echo_path("run directory", result.run_dir)

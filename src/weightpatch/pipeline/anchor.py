@@ -105,14 +105,25 @@ def _steering(cfg: AnchorConfig, pair: ModelPair, run: RunDir, anchor: Anchor, h
         return
     scale = float(anchor.metrics.get("mean_gap", 1.0)) or 1.0
     metric = steering_metric(pair, records, cfg)
-    bar = tqdm(total=len(cfg.alphas), desc="steering", unit="alpha", disable=not cfg.progress)
+    nonzero = sum(1 for a in cfg.alphas if a != 0)
+    total = len(cfg.alphas) + cfg.steering_random_directions * nonzero + 2  # anchor, random controls, references
+    bar = tqdm(total=total, desc="steering", unit="run", disable=not cfg.progress)
 
     def counted(model) -> float:
         value = metric(model)
         bar.update(1)
         return value
 
-    curve = steering_curve(pair, anchor, cfg.alphas, counted, scale=scale)
+    curve = steering_curve(
+        pair,
+        anchor,
+        cfg.alphas,
+        counted,
+        scale=scale,
+        random_directions=cfg.steering_random_directions,
+        seed=cfg.seed,
+        references=True,
+    )
     bar.close()
     curve["metric_name"] = "prompt-level instruction accuracy (loose)"
     curve["scale"] = scale

@@ -60,22 +60,31 @@ def screen_scores(
     kinds: tuple[Kind, ...] = KINDS,
     components: list[str] | None = None,
     steps: int = 8,
+    per_prompt: bool = True,
     progress: bool = True,
 ) -> ScoreTable:
     """Scores of a screening ``method`` (first_order, integrated_gradients with ``steps`` points, or
-    local_exact) for every component of ``kinds``, or for the named ``components``."""
+    local_exact) for every component of ``kinds``, or for the named ``components``; gradient scores
+    carry a standard error across prompts with ``per_prompt``."""
     if method == "local_exact":
         return local_exact_scores(scorer, kinds=kinds, components=components, progress=progress)
     steps = 1 if method == "first_order" else steps
-    return gradient_scores(scorer, kinds=kinds, components=components, steps=steps, progress=progress)
+    return gradient_scores(
+        scorer, kinds=kinds, components=components, steps=steps, per_prompt=per_prompt, progress=progress
+    )
 
 
-def screen_stage(scorer: AnchorScorer, run: RunDir, kinds, method: str, steps: int, progress: bool) -> ScoreTable:
-    """Screen scores of ``kinds`` by ``method``, reused from the run directory per kind."""
+def screen_stage(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir, method: str) -> ScoreTable:
+    """Screen scores of ``cfg.kinds`` by ``method``, reused from the run directory per kind."""
+    kinds = cfg.kinds
     have = set(run.scores().select(method).frame["kind"])
     missing = tuple(k for k in kinds if k not in have)
     if missing:
-        run.append_scores(screen_scores(scorer, method, missing, steps=steps, progress=progress))
+        run.append_scores(
+            screen_scores(
+                scorer, method, missing, steps=cfg.steps, per_prompt=cfg.first_order_stderr, progress=cfg.progress
+            )
+        )
     else:
         logger.info("%s scores for %s already in the run directory", method, ", ".join(kinds))
     return run.scores().select(method)
@@ -133,9 +142,14 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
     save = run.append_scores
     if cfg.method in ("first_order", "integrated_gradients", "local_exact"):
         if named:
-            save(screen_scores(scorer, cfg.method, components=named, steps=cfg.steps, progress=cfg.progress))
+            per_prompt = cfg.first_order_stderr
+            save(
+                screen_scores(
+                    scorer, cfg.method, components=named, steps=cfg.steps, per_prompt=per_prompt, progress=cfg.progress
+                )
+            )
         else:
-            screen_stage(scorer, run, cfg.kinds, cfg.method, cfg.steps, cfg.progress)
+            screen_stage(cfg, scorer, run, cfg.method)
         return []
     if cfg.method == "exact":
         todo = named or [str(c) for c in space.components(kinds=tuple(cfg.kinds))]
@@ -145,7 +159,7 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
         with exact_backend(cfg, scorer) as backend:
             backend.run(todo, skip=done, on_result=save, progress=cfg.progress)
         return todo
-    screened = screen_stage(scorer, run, cfg.kinds, cfg.screen, cfg.steps, cfg.progress)
+    screened = screen_stage(cfg, scorer, run, cfg.screen)
     candidates = verification_candidates(screened, cfg.kinds, cfg.top_k, extra=named)
     done = _log_todo(cfg, run, candidates)
     screen_then_verify(

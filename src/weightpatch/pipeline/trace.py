@@ -93,7 +93,8 @@ def trace_steps(cfg: TraceConfig, scorer: AnchorScorer, run: RunDir) -> None:
     have = set(run.scores().select("first_order").frame["kind"])
     missing = [kind for kind in ("layer", "module", "head", "neuron") if kind not in have]
     if missing:  # the rankings behind roles and curves need every kind screened
-        run.append_scores(gradient_scores(scorer, kinds=missing, progress=cfg.progress))
+        per_prompt = cfg.first_order_stderr
+        run.append_scores(gradient_scores(scorer, kinds=missing, per_prompt=per_prompt, progress=cfg.progress))
     table = run.scores()
     if not run.has("roles"):
         weight_method = "exact" if (table.frame["method"] == "exact").any() else "first_order"
@@ -118,7 +119,7 @@ def trace_steps(cfg: TraceConfig, scorer: AnchorScorer, run: RunDir) -> None:
         overlaps = [supplier_overlap(edges, table, k=k, method="first_order", kind="neuron") for k in OVERLAP_KS]
         run.save_table(
             "supplier_overlap",
-            pd.DataFrame([{"k": o["k"], "fraction": o["fraction"], "shared": ",".join(o["shared"])} for o in overlaps]),
+            pd.DataFrame([{"k": o["k"], "fraction": o["fraction"], "shared": list(o["shared"])} for o in overlaps]),
         )
     validation_step(run, scorer, table, cfg)
 
