@@ -78,3 +78,16 @@ def test_readme_python_gives_exactly_the_demo_scores(tmp_path, monkeypatch):
     common = python.index.intersection(cli.index)
     assert len(common) == len(python) and python["score"].notna().all()
     pd.testing.assert_frame_equal(python.loc[common].sort_index(), cli.loc[common].sort_index(), check_exact=True)
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    """Docs and docstrings cite docs/method.md (or the paper), never a file a user of the repository lacks."""
+    root = Path(__file__).parents[1]
+    files = [*root.glob("*.md"), *(root / "docs").glob("*.md"), *(root / "src").rglob("*.py")]
+    for path in files:
+        text = path.read_text()
+        for needle in ("../shared", "SPEC section", "SPEC.md"):
+            assert needle not in text, f"{path.relative_to(root)} refers to {needle}"
+    sections = re.findall(r'docs/method\.md, "([^"]+)"', "".join(p.read_text() for p in files))
+    headings = set(re.findall(r"^##+ (?:\d+\. )?(.+)$", (root / "docs" / "method.md").read_text(), flags=re.M))
+    assert sections and set(sections) <= headings, set(sections) - headings

@@ -1,4 +1,4 @@
-"""Activation patching on the same anchor as Weight Patching (SPEC sections 7-8).
+"""Activation patching on the same anchor as Weight Patching (docs/method.md, "Activation patching and roles").
 
 Weight Patching swaps a component's *weights*; activation patching swaps a component's *output*:
 the receiver (base) runs on a prompt while one component's output is overwritten with the value

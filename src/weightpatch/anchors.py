@@ -1,4 +1,4 @@
-"""Vector anchors (SPEC section 4): a unit vector ``u`` in the residual stream after block
+"""Vector anchors (docs/method.md, "Anchor"): a unit vector ``u`` in the residual stream after block
 ``layer``, read at the last prompt token. The anchor score of a model on a prompt is
 ``F_a(M, x) = <h_layer(M, x)[last], u>`` (units: residual-stream units along ``u``).
 

@@ -1,4 +1,4 @@
-"""The component vocabulary (SPEC section 2): names, parsing, and the parameter slices each owns.
+"""The component vocabulary (docs/method.md, "Components"): names, parsing, and the parameter slices each owns.
 
 Component names are stable strings that parse back:
 

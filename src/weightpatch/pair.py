@@ -1,4 +1,4 @@
-"""Loading a (base, specialized) model pair and checking that it is patchable (SPEC section 1).
+"""Loading a (base, specialized) model pair and checking that it is patchable (docs/method.md, "Pair").
 
 One model is loaded as the **receiver** (normally the base; the specialized model for knockout
 runs) and the other is the **donor**, read lazily tensor by tensor / slice by slice from its

@@ -1,4 +1,4 @@
-"""The Weight Patching operator (SPEC section 3).
+"""The Weight Patching operator (docs/method.md, "The operator").
 
     M_recv^(C <- donor) := Replace(M_recv, M_donor; union of Θ(c) for c in C)
 

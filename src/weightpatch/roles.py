@@ -1,4 +1,4 @@
-"""Sources vs routers (SPEC section 7): a role per component from its two effects.
+"""Sources vs routers (docs/method.md, "Activation patching and roles"): a role per component from its two effects.
 
 Each component has an activation-space effect ``E_act`` (:mod:`weightpatch.activation`: its
 *output* swapped in from the specialized run) and a weight-space effect ``E_w`` (exact Weight

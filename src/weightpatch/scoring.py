@@ -1,4 +1,4 @@
-"""Anchor scores and the source-level effect (SPEC section 5).
+"""Anchor scores and the source-level effect (docs/method.md, "Scores: the gap and the source-level effect").
 
 For a prompt x, with the receiver R (normally the base) and the donor D (normally specialized):
 

@@ -1,4 +1,4 @@
-"""Supplier -> target tracing (SPEC section 7).
+"""Supplier -> target tracing (docs/method.md, "Supplier tracing and hierarchy").
 
 Targets are components whose *output* matters (typically the top activation-space heads, the
 "routers"). For a target ``T`` and an upstream component ``S`` (a **supplier** candidate), the

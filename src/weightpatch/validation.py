@@ -1,4 +1,4 @@
-"""Validation of a ranking (SPEC section 8): sufficiency, necessity, behaviour, interactions.
+"""Validation of a ranking (docs/method.md, "Validation"): sufficiency, necessity, behaviour, interactions.
 
 All anchor numbers are fractions of the same gap as ``E_w`` (:class:`AnchorScorer`), on the
 scorer's prompts. A ranking is a :class:`ScoreTable` (any method: exact, first order, activation)

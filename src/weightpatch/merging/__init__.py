@@ -1,4 +1,4 @@
-"""Model merging (SPEC section 9): baselines (task arithmetic, TIES, DARE, DARE-TIES, a
+"""Model merging (docs/method.md, "Mechanism-aware merging"): baselines (task arithmetic, TIES, DARE, DARE-TIES, a
 Localize-and-Stitch localization baseline), a streaming checkpoint merge, the mechanism-aware
 merge, and a mergekit YAML export."""
 

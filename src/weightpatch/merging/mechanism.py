@@ -1,4 +1,5 @@
-"""Mechanism-aware merging (SPEC section 9): per-component coefficients from Weight Patching scores.
+"""Mechanism-aware merging: per-component coefficients from Weight Patching scores (docs/method.md,
+"Mechanism-aware merging").
 
 Each expert comes with the scores of components for *its own* capability (a mapping
 ``component name -> score``, or a DataFrame with ``component`` and ``score`` columns). Scores are
@@ -8,7 +9,7 @@ Components resolve to parameter slices through a :class:`~weightpatch.components
 the merge builds per-parameter coefficient masks from those slices, tensor by tensor, so it
 streams with :func:`~weightpatch.merging.stream.merge_checkpoints` like any baseline.
 
-Two variants (the exact rule is OPEN in the SPEC; both are offered for comparison):
+Two variants (the paper leaves the exact rule open; both are offered for comparison):
 
 ``owner_takes_top``
     Each expert *owns* its selected components: its ``top_k`` highest raw scores and/or those

@@ -1,5 +1,5 @@
-"""The trace stage: sources vs routers (docs/method.md, "Roles" and "Supplier tracing") in a run
-directory that has an anchor.
+"""The trace stage: sources vs routers in a run directory that has an anchor (docs/method.md,
+"Activation patching and roles" and "Supplier tracing and hierarchy").
 
 Steps, each skipped when the run directory already has its result: activation-space scores of heads
 and attention/MLP blocks (``scores``, method ``activation``); first-order scores of the kinds the run

@@ -1,4 +1,5 @@
-"""Exact Weight Patching scores (SPEC section 6): each component patched alone, scored exactly.
+"""Exact Weight Patching scores: each component patched alone, scored exactly (docs/method.md,
+"Exact, first-order and integrated-gradient scores").
 
 The plain way costs a full forward per component per prompt batch. Here:
 

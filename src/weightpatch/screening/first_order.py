@@ -1,4 +1,5 @@
-"""First-order and integrated-gradient scores of every component at once (SPEC section 6).
+"""First-order and integrated-gradient scores of every component at once (docs/method.md,
+"Exact, first-order and integrated-gradient scores").
 
 First order (attribution patching carried to weight space), evaluated at the receiver's weights:
 
