@@ -97,6 +97,9 @@ class PromptOptions(BaseModel):
     max_prompts: int | None = Field(
         None, ge=2, description="use at most this many prompts per set (after shuffling with --seed)."
     )
+    truncate_prompts: bool = Field(
+        False, description="cut prompts longer than the model's context to their last tokens instead of refusing them."
+    )
     prompt_format: PromptFormat = Field(
         "auto",
         description="chat: through the tokenizer's chat template; raw: the text as is; auto: chat when the "
@@ -117,6 +120,7 @@ class ScoringOptions(BaseModel):
 
 class CheckConfig(StageConfig, PairOptions):
     run_dir: Path | None = Field(None, description="save the weight-change table in this run directory.")
+    allow_nonfinite: bool = Field(False, description="list NaN/inf weights as a warning instead of refusing the pair.")
 
 
 class AnchorConfig(StageConfig, PairOptions, PromptOptions):
@@ -192,8 +196,8 @@ class MergeStageConfig(StageConfig):
     run_dir: Path | None = Field(None, description="append the merge (and its evaluation) to this run directory.")
     base_revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub-id base.")
     expert_revisions: list[str] | None = Field(None, description="hub revision of each hub-id expert, one per expert.")
-    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties"] = Field(
-        "task_arithmetic", description="task_arithmetic, ties, dare_linear or dare_ties."
+    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "localize_stitch"] = Field(
+        "task_arithmetic", description="task_arithmetic, ties, dare_linear, dare_ties or localize_stitch."
     )
     mechanism: Literal["none", "owner_takes_top", "score_weighted"] = Field(
         "none", description="none, owner_takes_top or score_weighted (needs --scores per expert)."
@@ -202,12 +206,22 @@ class MergeStageConfig(StageConfig):
     score_method: str = Field("exact", description="which scores of --scores to use.")
     top_k: int | None = Field(10, ge=1, description="components each expert owns (mechanism-aware).")
     threshold: float | None = Field(None, description="minimum score of an owned component (mechanism-aware).")
+    conflict: Literal["max", "blend"] = Field(
+        "max", description="owner_takes_top: entries owned by several experts go to the best score, or blend by scores."
+    )
+    others: float = Field(
+        0.0, ge=0.0, description="owner_takes_top: share of the other experts' deltas kept on owned entries."
+    )
+    rest: float = Field(1.0, ge=0.0, description="owner_takes_top: weight of the standard merge outside owned entries.")
     weights: list[float] | None = Field(None, description="per-expert weights, e.g. 1,0.5.")
     lam: float = Field(1.0, description="task-arithmetic scaling lambda.")
     density: float = Field(1.0, gt=0.0, le=1.0, description="TIES/DARE-TIES keep fraction.")
     drop_rate: float = Field(0.5, ge=0.0, lt=1.0, description="DARE drop probability.")
     mergekit_yaml: Path | None = Field(None, description="also write the equivalent mergekit config here.")
     overwrite: bool = Field(False, description="replace an existing --output.")
+    trust_remote_code: bool = Field(
+        False, description="copy the base's custom code (auto_map, .py files) into the merge."
+    )
     evaluate_prompts: list[Path] = Field(
         [], description="IFEval JSONL prompts, one per expert: add the merge evaluation table."
     )

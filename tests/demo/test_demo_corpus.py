@@ -31,8 +31,10 @@ def test_schema_and_instruction_free_pairs(split):
         assert set(r.instruction_id_list) <= set(SUPPORTED_INSTRUCTIONS)
         assert r.prompt.startswith(r.prompt_without_instruction + " ")
         for i, k in zip(r.instruction_id_list, r.kwargs, strict=True):
-            expected = {corpus.SECTIONS: {"section_spliter", "num_sections"},
-                        corpus.HIGHLIGHTS: {"num_highlights"}}.get(i, set())
+            expected = {
+                corpus.SECTIONS: {"section_spliter", "num_sections"},
+                corpus.HIGHLIGHTS: {"num_highlights"},
+            }.get(i, set())
             assert set(k) == expected
     ids = {i for r in records for i in r.instruction_id_list}
     assert ids == set(corpus.INSTRUCTION_IDS)

@@ -44,6 +44,10 @@ def show(cfg: CheckConfig) -> None:
             f"targets {', '.join(a.target_modules)}; ||delta W|| per layer: "
             + ", ".join(f"{layer}: {norm:.3g}" for layer, norm in sorted(a.layer_delta_norms.items()))
         )
+    for role, found in (result.nonfinite or {}).items():
+        listed = ", ".join(f"{name} ({nan} NaN, {inf} inf)" for name, nan, inf in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        typer.echo(f"warning: the {role} model has non-finite weights: {listed}{more}", err=True)
     if result.run_dir is not None:
         common.echo_path("weight delta table", result.run_dir / "weight_delta.parquet")
 

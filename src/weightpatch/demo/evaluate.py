@@ -31,9 +31,7 @@ def evaluate_model(model, tokenizer, records, max_new_tokens: int = 160) -> dict
         "accuracy": acc.as_dict(),
         "unrequested_format_rates": format_rates(plain_responses) if plain_responses else {},
         "n_instruction_free": len(plain),
-        "examples": [
-            {"prompt": r.prompt, "response": s} for r, s in list(zip(records, responses, strict=True))[:3]
-        ],
+        "examples": [{"prompt": r.prompt, "response": s} for r, s in list(zip(records, responses, strict=True))[:3]],
         "instruction_free_examples": [
             {"prompt": p, "response": s} for p, s in list(zip(plain, plain_responses, strict=True))[:3]
         ],
@@ -78,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a tiny model: intra-op threads only add synchronization cost
     root = args.models
-    dirs = {"base": root / "base", "specialized": root / "specialized"} if root else {
-        "base": demo.paths().base, "specialized": demo.paths().specialized}
+    dirs = (
+        {"base": root / "base", "specialized": root / "specialized"}
+        if root
+        else {"base": demo.paths().base, "specialized": demo.paths().specialized}
+    )
     records = load_prompts(args.prompts) if args.prompts else demo.prompts(args.split)
     records = records[: args.limit] if args.limit else records
     results = {}

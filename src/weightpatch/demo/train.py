@@ -89,8 +89,19 @@ def _batches(data, batch_size: int, steps: int, rng: random.Random, pad_id: int)
         yield input_ids, mask, labels
 
 
-def _train(model, data, *, steps: int, lr: float, batch_size: int, warmup: int, weight_decay: float,
-           seed: int, pad_id: int, label: str) -> dict:
+def _train(
+    model,
+    data,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    warmup: int,
+    weight_decay: float,
+    seed: int,
+    pad_id: int,
+    label: str,
+) -> dict:
     rng = random.Random(f"order:{label}:{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
 
@@ -145,17 +156,20 @@ def train_pair(out: Path, seed: int = 0, **overrides) -> dict:
         **MODEL_CONFIG,
     )
     model = LlamaForCausalLM(config)
-    common = {"batch_size": hp["batch_size"], "warmup": hp["warmup"], "weight_decay": hp["weight_decay"],
-              "seed": seed, "pad_id": tokenizer.pad_token_id}
+    common = {
+        "batch_size": hp["batch_size"],
+        "warmup": hp["warmup"],
+        "weight_decay": hp["weight_decay"],
+        "seed": seed,
+        "pad_id": tokenizer.pad_token_id,
+    }
 
     base_data = _encode(tokenizer, corpus.base_corpus(hp["base_examples"], seed), response_only=False)
     base_record = _train(model, base_data, steps=hp["base_steps"], lr=hp["base_lr"], label="base", **common)
     _save(model, tokenizer, out / "base")
 
     sft_data = _encode(tokenizer, corpus.sft_corpus(hp["sft_examples"], seed), response_only=True)
-    sft_record = _train(
-        model, sft_data, steps=hp["sft_steps"], lr=hp["sft_lr"], label="specialized", **common
-    )
+    sft_record = _train(model, sft_data, steps=hp["sft_steps"], lr=hp["sft_lr"], label="specialized", **common)
     _save(model, tokenizer, out / "specialized")
 
     record = {

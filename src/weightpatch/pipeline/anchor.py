@@ -89,6 +89,7 @@ def _build(cfg: AnchorConfig, pair: ModelPair, run: RunDir, train: list, heldout
         method=cfg.method,
         layers=layers,
         batch_size=cfg.batch_size,
+        truncate_prompts=cfg.truncate_prompts,
     )
     anchor.save(run.anchor_stem)
     run.save_table("anchor_layers", table)

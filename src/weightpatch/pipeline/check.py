@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from weightpatch.components import ComponentSpace, ParamSlice
 from weightpatch.config import CheckConfig
 from weightpatch.lora import AdapterSummary, adapter_summary, is_adapter_dir
-from weightpatch.pair import ModelPair
+from weightpatch.pair import ModelPair, check_finite, nonfinite_parameters
 from weightpatch.pipeline.inputs import open_run, pair_for
 
 
@@ -31,6 +31,7 @@ class CheckResult:
     weight_delta: pd.DataFrame
     run_dir: Path | None
     adapter: AdapterSummary | None = None  # when the specialized model is a PEFT LoRA adapter
+    nonfinite: dict[str, list[tuple[str, int, int]]] | None = None  # (name, n_nan, n_inf) per model, if allowed
 
 
 def parameter_groups(space: ComponentSpace) -> dict[str, tuple[int, str]]:
@@ -89,13 +90,18 @@ def run_check(cfg: CheckConfig, pair: ModelPair | None = None) -> CheckResult:
     table is saved there as ``weight_delta``."""
     pair = pair_for(cfg, pair)
     space = pair.space
+    nonfinite = None
+    if cfg.allow_nonfinite:
+        nonfinite = {role: found for role, found in nonfinite_parameters(pair).items() if found} or None
+    else:
+        check_finite(pair)
     table = weight_delta_table(pair, cfg.progress)
     adapter = None
     if is_adapter_dir(Path(pair.specialized.path)):
         layer_of = {name: layer for name, (layer, _) in parameter_groups(space).items()}
         adapter = adapter_summary(pair.specialized.path, layer_of)
     if cfg.run_dir is not None:
-        with open_run(cfg, "check", pair, [cfg.base, cfg.specialized]) as run:
+        with open_run(cfg, "check", pair, [cfg.base, cfg.specialized], check_weights=False) as run:
             run.save_table("weight_delta", table)
     return CheckResult(
         family=space.spec.family,
@@ -106,4 +112,5 @@ def run_check(cfg: CheckConfig, pair: ModelPair | None = None) -> CheckResult:
         weight_delta=table,
         run_dir=cfg.run_dir,
         adapter=adapter,
+        nonfinite=nonfinite,
     )

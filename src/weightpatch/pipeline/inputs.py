@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from weightpatch.anchors import Anchor
-from weightpatch.config import AnchorConfig, ModelOptions, PairOptions, PromptOptions, StageConfig
+from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, StageConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, load_pair
+from weightpatch.pair import ModelPair, check_finite, load_pair
 from weightpatch.prompts import PromptRecord, load_prompts
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format
@@ -56,6 +56,17 @@ def pair_for(cfg: PairOptions, pair: ModelPair | None) -> ModelPair:
     if isinstance(cfg, StageConfig):
         seed_everything(cfg.seed)
     return pair if pair is not None else open_pair(cfg)
+
+
+def ensure_finite(pair: ModelPair, run: RunDir) -> None:
+    """Refuse a pair with NaN/inf weights (:func:`weightpatch.pair.check_finite`), once per run
+    directory and pair of weights: the verdict is recorded with the weights' SHA-256."""
+    ids = pair.identities()
+    key = [ids[role]["weights_sha256"] for role in ("base", "specialized")]
+    if (run.record() or {}).get("finite_weights") == key:
+        return
+    check_finite(pair)
+    run.update_record(finite_weights=key)
 
 
 def read_prompt_file(path: Path) -> list[PromptRecord]:
@@ -143,16 +154,18 @@ def open_run(
     command: str,
     pair: ModelPair | None,
     inputs: Sequence[str | Path | None],
+    check_weights: bool = True,
     **identity: Any,
 ) -> RunDir:
     """Create or resume the run directory of ``cfg`` for ``command``: refuses one made from other
     models, prompts or settings. ``identity`` adds facts that determine the results beyond the config
-    (the anchor's SHA-256). The prompt format actually used is recorded with the config."""
+    (the anchor's SHA-256). The prompt format actually used is recorded with the config. A pair with
+    NaN/inf weights is refused (checked once per run directory and pair of weights)."""
     config = {**cfg.identity(), **identity}
     if pair is not None and isinstance(cfg, PromptOptions):
         config["prompt_format"] = resolve_prompt_format(pair.tokenizer, cfg.prompt_format)
     models = pair.identities() if pair is not None else None
-    return RunDir.open(
+    run = RunDir.open(
         cfg.run_path,
         command,
         config,
@@ -160,8 +173,10 @@ def open_run(
         [i for i in inputs if i is not None],
         full_config=cfg.model_dump(mode="json"),
     )
-
-
-def model_options(cfg: ModelOptions) -> dict[str, Any]:
-    """The loading options of ``cfg`` as keyword arguments (device, dtype, ...)."""
-    return {k: getattr(cfg, k) for k in ModelOptions.model_fields}
+    if pair is not None and check_weights:
+        try:
+            ensure_finite(pair, run)
+        except BaseException:
+            run.close()
+            raise
+    return run

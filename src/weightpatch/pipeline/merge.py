@@ -73,8 +73,12 @@ def merger_of(cfg: MergeStageConfig):
         )
     space = component_space_for_checkpoint(cfg.base)
     tables = [read_scores(p, cfg.score_method) for p in cfg.scores]
-    build = owner_takes_top if cfg.mechanism == "owner_takes_top" else score_weighted
-    return build(space, tables, top_k=cfg.top_k, threshold=cfg.threshold, standard=standard)
+    if cfg.mechanism == "owner_takes_top":
+        return owner_takes_top(
+            space, tables, top_k=cfg.top_k, threshold=cfg.threshold, standard=standard,
+            conflict=cfg.conflict, others=cfg.others, rest=cfg.rest,
+        )  # fmt: skip
+    return score_weighted(space, tables, top_k=cfg.top_k, threshold=cfg.threshold, standard=standard)
 
 
 def evaluate_merge(base: str, experts: list[str], merged: Path, prompt_files: list[Path]) -> pd.DataFrame:
@@ -121,6 +125,7 @@ def run_merge(cfg: MergeStageConfig) -> MergeResult:
         progress=progress,
         base_revision=cfg.base_revision,
         expert_revisions=cfg.expert_revisions,
+        trust_remote_code=cfg.trust_remote_code,
     )
     bar.close()
     mechanism = cfg.mechanism != "none"

@@ -48,7 +48,9 @@ class ScreenResult:
 
 def make_scorer(cfg: ScreenConfig, pair: ModelPair, anchor: Anchor, texts: list[str]) -> AnchorScorer:
     logger.info("scoring base and specialized on %d prompts", len(texts))
-    scorer = AnchorScorer(pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap)
+    scorer = AnchorScorer(
+        pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
+    )
     if scorer.n_excluded:
         logger.warning("%d prompts with a tiny anchor gap are excluded from every mean", scorer.n_excluded)
     return scorer

@@ -133,6 +133,8 @@ def run_trace(cfg: TraceConfig, pair: ModelPair | None = None) -> TraceResult:
     anchor, sha = load_anchor(cfg, cfg.anchor, pair)
     with open_run(cfg, "trace", pair, [cfg.base, cfg.specialized, cfg.prompts], anchor_sha256=sha) as run:
         texts = render(pair, [r.prompt for r in records], cfg)
-        scorer = AnchorScorer(pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap)
+        scorer = AnchorScorer(
+            pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
+        )
         trace_steps(cfg, scorer, run)
         return TraceResult(run.scores(), run.load_table("roles"), run.load_table("supplier_edges"), run.path)
