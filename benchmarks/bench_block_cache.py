@@ -13,14 +13,14 @@ prompt batch up to the anchor, holding every block's input); now the scorer buil
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import pair_and_prompts, record
-from weightpatch.anchors import build_anchor
+from common import record
 from weightpatch.config import AnchorConfig, TraceConfig
 from weightpatch.pipeline import open_pair, run_anchor, run_trace
 from weightpatch.runner import render_prompts
@@ -67,17 +67,26 @@ def trace_both_ways(base: Path, sft: Path, prompts: Path, n_prompts: int) -> lis
     return rows
 
 
-def cache_cost(base: Path, sft: Path, texts: list[str], layer: int) -> list[dict]:
-    from weightpatch.pair import load_pair
+def cache_cost(model_dir: Path, texts: list[str], layer: int) -> list[dict]:
+    """Time and size of one block-input cache (what each engine used to build for itself): the base
+    model's input of every block 1..layer for ``texts``, batches of 16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pair = load_pair(base, sft)
-    texts = render_prompts(pair.tokenizer, texts)
-    anchor = build_anchor(pair, texts, None, layer=layer, method="model_diff")
-    scorer = AnchorScorer(pair, anchor, texts)
+    from weightpatch.components import ComponentSpace
+    from weightpatch.runner import batches, encode, run_segment
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    space = ComponentSpace.from_model(model)
+    encoded = encode(tokenizer, render_prompts(tokenizer, texts))
     start = time.perf_counter()
-    cache = scorer.block_inputs()
+    with torch.no_grad():
+        cache = [
+            run_segment(model, space, b, stop=layer, capture_inputs=range(1, layer + 1))[1]
+            for b in batches(encoded, 16)
+        ]
     seconds = time.perf_counter() - start
-    row = {"pair": base.name, "anchor_layer": layer, "prompts": len(texts), "build_seconds": seconds}
+    row = {"model": model_dir.name, "anchor_layer": layer, "prompts": len(texts), "build_seconds": seconds}
     return [{**row, "cache_MB": cache_bytes(cache) / 2**20, "saved_per_trace_run": "2 builds (activation, tracing)"}]
 
 
@@ -94,8 +103,14 @@ def main() -> None:
         rows = trace_both_ways(paths.base, paths.specialized, demo.prompt_path("heldout"), args.prompts)
         record(f"Shared block-input cache: trace stage on the demo pair, {args.prompts} prompts", rows)
     else:
-        base, sft, with_i, _ = pair_and_prompts("smollm2")
-        rows = cache_cost(Path(base), Path(sft), with_i[: args.prompts], layer=20)
+        base = Path.home() / ".cache" / "weightpatch-bench" / "smollm2-base"
+        if not (base / "model.safetensors").is_file():
+            sys.path.insert(0, str(Path(__file__).parent))
+            import real_pair
+
+            base = Path(real_pair.build()[0])
+        texts = [f"Write a short note about topic {i} in all capital letters." for i in range(args.prompts)]
+        rows = cache_cost(base, texts, layer=20)
         record("Shared block-input cache: cost of one cache on SmolLM2-135M (anchor layer 20)", rows)
 
 

@@ -11,7 +11,7 @@ from scipy import stats
 
 from conftest import perturbed_copy, save, tiny_model, tiny_texts
 from weightpatch import anchors
-from weightpatch.anchors import _separation, build_anchor, search_anchor_layer
+from weightpatch.anchors import Anchor, _separation, build_anchor, search_anchor_layer
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import load_pair
 from weightpatch.patch import patched
@@ -164,8 +164,9 @@ def test_nan_weights_are_refused_with_a_clear_message(tmp_path):
     with torch.no_grad():
         broken.get_parameter("model.layers.0.mlp.down_proj.weight")[3, 5] = float("nan")
     pair = load_pair(save(base, tmp_path / "base"), save(broken, tmp_path / "sft"))
-    anchor = build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
-    anchor.vector = torch.nn.functional.normalize(torch.ones(32), dim=0)  # the built one is NaN too
+    with pytest.raises(WeightPatchError, match="residual stream is NaN/inf"):  # no NaN anchor is built
+        build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
+    anchor = Anchor.from_vector(torch.ones(32), 1, pair)
     message = r"^anchor scores contain NaN/inf: check the model weights and dtype \(try float32\)$"
     with pytest.raises(WeightPatchError, match=message):
         AnchorScorer(pair, anchor, tiny_texts(4, 3))

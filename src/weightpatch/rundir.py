@@ -401,6 +401,7 @@ class RunDir:
             return table
         names = list(table.frame.columns)
         rows = table.frame.to_numpy(dtype=object).tolist()  # Python values; json writes floats round-trip exact
+        rows = [[None if v is pd.NA else v for v in r] for r in rows]  # nullable layer/index: null
         lines = "".join(json.dumps(dict(zip(names, r, strict=True))) + "\n" for r in rows).encode()
         with _writing(self.path):
             fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
