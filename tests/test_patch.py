@@ -92,3 +92,30 @@ def test_alpha_interpolates(pair_dirs):
     donor_value = pair.donor.read(pair.space.resolve("L1.mlp")[0])
     with patched(pair.model, pair.donor, pair.space, ["L1.mlp"], alpha=0.25):
         torch.testing.assert_close(pair.model.get_parameter(name), base_value + 0.25 * (donor_value - base_value))
+
+
+def test_patch_records_its_slices_and_the_full_originals(pair_dirs):
+    pair = load_pair(*pair_dirs)
+    components = ["L1.mlp", "L0.attn.head1"]
+    before = snapshot(pair.model)
+    with patched(pair.model, pair.donor, pair.space, components) as patch:
+        assert patch.slices == pair.space.resolve_all(components)
+        full = next(s.name for s in patch.slices if s.is_full)
+        assert torch.equal(patch.original(full), before[full])
+        assert not torch.equal(pair.model.get_parameter(full), before[full])
+        partial = next(s.name for s in patch.slices if not s.is_full)
+        with pytest.raises(KeyError, match="not fully patched"):
+            patch.original(partial)
+
+
+def test_donor_values_are_cast_to_the_receiver_dtype(pair_dirs):
+    pair = load_pair(*pair_dirs, dtype="bfloat16")
+    sft = dict(AutoModelForCausalLM.from_pretrained(pair_dirs[1], dtype=torch.float32).named_parameters())
+    with patched(pair.model, pair.donor, pair.space, ["L1.mlp", "L0.attn.head2"]):  # whole and row/column slices
+        for piece in pair.space.resolve_all(["L1.mlp", "L0.attn.head2"]):
+            value = pair.model.get_parameter(piece.name)
+            donor = sft[piece.name].to(torch.bfloat16)
+            if not piece.is_full:
+                value, donor = (t.index_select(piece.dim, piece.index()) for t in (value, donor))
+            assert value.dtype == torch.bfloat16
+            assert torch.equal(value, donor)
