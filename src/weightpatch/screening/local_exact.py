@@ -12,7 +12,8 @@ every nonlinearity inside the patched block (softmax, gating, norms) is exact; o
 ``l+1..a`` are linearized. One backward pass per prompt batch gives ``g_l`` for every ``l``.
 With ``exact_blocks = k`` the ``k - 1`` receiver blocks above block ``l`` also run exactly (stacked
 variants, as in the exact sweep) and the gradient is taken after block ``l + k - 1``: ``k = 1`` is
-the cheapest, ``k > a - l`` is the exact score. Components of the anchor's own block are scored exactly (``F`` reads ``h_a`` linearly), components
+the cheapest, ``k > a - l`` is the exact score (neurons: their own block only, see below).
+Components of the anchor's own block are scored exactly (``F`` reads ``h_a`` linearly), components
 that cannot reach the anchor score 0. Embedding components (``l = 0``) run the embedding and block 0
 exactly. The effect is normalized as the exact score (:meth:`AnchorScorer.effect`: fraction of the
 gap, tiny-gap prompts excluded).
