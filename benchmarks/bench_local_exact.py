@@ -1,7 +1,7 @@
 """Screens against the exact sweep, per granularity: first-order, integrated gradients, local-exact.
 
     .venv/bin/python benchmarks/bench_local_exact.py --pair demo
-    .venv/bin/python benchmarks/bench_local_exact.py --pair smollm2 --anchor-layer 20
+    .venv/bin/python benchmarks/bench_local_exact.py --pair smollm2-heavy --anchor-layer 9 --prompts 8
 
 One run, one table. The exact sweep (truncated/batched ExactScreen for heads, attention/MLP modules,
 projections and layers; the batched NeuronScreen for a random sample of neurons) over every component
@@ -31,7 +31,7 @@ from weightpatch.screening.first_order import gradient_scores
 from weightpatch.screening.local_exact import local_exact_scores
 from weightpatch.screening.neurons import NeuronScreen
 
-SCREENS = {"first_order": "first-order", "integrated_gradients": "IG", "local_exact": "local-exact"}
+BASE_SCREENS = {"first_order": "first-order", "integrated_gradients": "IG"}
 
 
 def granularity(c: Component) -> str:
@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ig-steps", type=int, default=8)
     parser.add_argument("--neurons", type=int, default=2000, help="neurons sampled at or below the anchor")
+    parser.add_argument(
+        "--exact-blocks", type=int, nargs="+", default=[1, 2], help="local-exact variants: blocks run exactly"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -102,9 +105,15 @@ def main() -> None:
         first = gradient_scores(scorer, components=components, progress=False)
     with timed(t, "integrated_gradients"):
         ig = gradient_scores(scorer, components=components, steps=args.ig_steps, progress=False)
-    with timed(t, "local_exact"):
-        local = local_exact_scores(scorer, components=components, progress=False)
-    scores = ScoreTable.concat([exact, first, ig, local]).side_by_side().set_index("component")
+    screens = dict(BASE_SCREENS)
+    tables = [exact, first, ig]
+    for k in args.exact_blocks:
+        method = f"local_exact_{k}"
+        screens[method] = f"local-exact k={k}"
+        with timed(t, method):
+            local = local_exact_scores(scorer, components=components, exact_blocks=k, progress=False)
+        tables.append(ScoreTable(local.frame.assign(method=method)))
+    scores = ScoreTable.concat(tables).side_by_side().set_index("component")
 
     rows = []
     groups: dict[str, list[str]] = {}
@@ -112,20 +121,21 @@ def main() -> None:
         groups.setdefault(granularity(c), []).append(c.name)
     for name, names in groups.items():
         row: dict = {"granularity": name, "n": len(names)}
-        for method, label in SCREENS.items():
+        for method, label in screens.items():
             for key, value in agreement(scores, names, method).items():
                 row[f"{label} {key}"] = value
         rows.append(row)
     times = [{"method": "exact sweep", "seconds": t["exact"], "fraction_of_exact": 1.0}] + [
         {"method": label, "seconds": t[method], "fraction_of_exact": t[method] / t["exact"]}
-        for method, label in SCREENS.items()
+        for method, label in screens.items()
     ]
     notes = (
         f"Pair `{args.pair}` ({sum(p.numel() for p in pair.model.parameters()) / 1e6:.1f}M parameters), "
         f"{len(texts)} prompts (from #{args.prompt_offset}), anchor layer {anchor.layer} of {space.num_layers} "
         f"(held-out AUC {anchor.metrics['auc']:.2f}), {scorer.n_excluded} tiny-gap prompts excluded; every "
         f"component at or below the anchor (norms left out), {sum(c.kind == 'neuron' for c in components)} "
-        f"neurons sampled; IG {args.ig_steps} steps. top10: overlap of the top-10 by |score| with exact's; "
+        f"neurons sampled; IG {args.ig_steps} steps; local-exact k: the component's block and the k-1 blocks "
+        "above run exactly (neurons: own block only). top10: overlap of the top-10 by |score| with exact's; "
         "recall: exact top-10 found in the screen's top-20.\n\nTimes (whole sweep, every granularity):\n\n"
         + markdown_table(times)
     )

