@@ -152,6 +152,12 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
         description="first_order, local_exact, integrated_gradients, exact, or verify (a screen, then exact scores "
         "for the top-k of each kind).",
     )
+    local_exact_blocks: int = Field(
+        2,
+        ge=1,
+        description="local_exact: blocks run exactly from the component's own block before linearizing to "
+        "the anchor (1: its own block only).",
+    )
     screen: Literal["first_order", "local_exact"] = Field(
         "first_order",
         description="verify: the screen that ranks components (local_exact: each component's own block exact, the "

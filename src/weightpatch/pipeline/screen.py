@@ -63,13 +63,16 @@ def screen_scores(
     components: list[str] | None = None,
     steps: int = 8,
     per_prompt: bool = True,
+    exact_blocks: int = 2,
     progress: bool = True,
 ) -> ScoreTable:
     """Scores of a screening ``method`` (first_order, integrated_gradients with ``steps`` points, or
-    local_exact) for every component of ``kinds``, or for the named ``components``; gradient scores
-    carry a standard error across prompts with ``per_prompt``."""
+    local_exact with ``exact_blocks``) for every component of ``kinds``, or for the named ``components``;
+    gradient scores carry a standard error across prompts with ``per_prompt``."""
     if method == "local_exact":
-        return local_exact_scores(scorer, kinds=kinds, components=components, progress=progress)
+        return local_exact_scores(
+            scorer, kinds=kinds, components=components, exact_blocks=exact_blocks, progress=progress
+        )
     steps = 1 if method == "first_order" else steps
     return gradient_scores(
         scorer, kinds=kinds, components=components, steps=steps, per_prompt=per_prompt, progress=progress
@@ -84,8 +87,14 @@ def screen_stage(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir, method: s
     if missing:
         run.append_scores(
             screen_scores(
-                scorer, method, missing, steps=cfg.steps, per_prompt=cfg.first_order_stderr, progress=cfg.progress
-            )
+                scorer,
+                method,
+                missing,
+                steps=cfg.steps,
+                per_prompt=cfg.first_order_stderr,
+                exact_blocks=cfg.local_exact_blocks,
+                progress=cfg.progress,
+            )  # fmt: skip
         )
     else:
         logger.info("%s scores for %s already in the run directory", method, ", ".join(kinds))
