@@ -79,23 +79,23 @@ def screen_scores(
     )
 
 
+def screen_options(cfg: ScreenConfig) -> dict:
+    """The keyword arguments of :func:`screen_scores` that ``cfg`` sets."""
+    return {
+        "steps": cfg.steps,
+        "per_prompt": cfg.first_order_stderr,
+        "exact_blocks": cfg.local_exact_blocks,
+        "progress": cfg.progress,
+    }
+
+
 def screen_stage(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir, method: str) -> ScoreTable:
     """Screen scores of ``cfg.kinds`` by ``method``, reused from the run directory per kind."""
     kinds = cfg.kinds
     have = set(run.scores().select(method).frame["kind"])
     missing = tuple(k for k in kinds if k not in have)
     if missing:
-        run.append_scores(
-            screen_scores(
-                scorer,
-                method,
-                missing,
-                steps=cfg.steps,
-                per_prompt=cfg.first_order_stderr,
-                exact_blocks=cfg.local_exact_blocks,
-                progress=cfg.progress,
-            )  # fmt: skip
-        )
+        run.append_scores(screen_scores(scorer, method, missing, **screen_options(cfg)))
     else:
         logger.info("%s scores for %s already in the run directory", method, ", ".join(kinds))
     return run.scores().select(method)
@@ -153,12 +153,7 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
     save = run.append_scores
     if cfg.method in ("first_order", "integrated_gradients", "local_exact"):
         if named:
-            per_prompt = cfg.first_order_stderr
-            save(
-                screen_scores(
-                    scorer, cfg.method, components=named, steps=cfg.steps, per_prompt=per_prompt, progress=cfg.progress
-                )
-            )
+            save(screen_scores(scorer, cfg.method, components=named, **screen_options(cfg)))
         else:
             screen_stage(cfg, scorer, run, cfg.method)
         return []
