@@ -12,17 +12,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from weightpatch.anchors import Anchor
-from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, StageConfig
+from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenConfig, StageConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, check_finite, load_pair
 from weightpatch.prompts import PromptRecord, load_prompts
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format
+from weightpatch.scoring import AnchorScorer
 
 logger = logging.getLogger("weightpatch")
 
@@ -180,3 +182,26 @@ def open_run(
             run.close()
             raise
     return run
+
+
+@contextmanager
+def scoring_run(
+    cfg: ScreenConfig | TraceConfig, command: str, pair: ModelPair | None, names: Sequence[str] = ()
+) -> Iterator[tuple[RunDir, AnchorScorer]]:
+    """The opened run directory and the scorer of a scoring stage (screen, trace): prompts selected and
+    rendered, the anchor loaded and checked against the pair, component ``names`` validated before
+    anything is written."""
+    records = select_prompts(cfg, cfg.seed)
+    pair = pair_for(cfg, pair)
+    for name in names:
+        pair.space.parse(name)
+    anchor, sha = load_anchor(cfg, cfg.anchor, pair)
+    with open_run(cfg, command, pair, [cfg.base, cfg.specialized, cfg.prompts], anchor_sha256=sha) as run:
+        texts = render(pair, [r.prompt for r in records], cfg)
+        logger.info("scoring base and specialized on %d prompts", len(texts))
+        scorer = AnchorScorer(
+            pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
+        )
+        if scorer.n_excluded:
+            logger.warning("%d prompts with a tiny anchor gap are excluded from every mean", scorer.n_excluded)
+        yield run, scorer

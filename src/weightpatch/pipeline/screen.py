@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from weightpatch.anchors import Anchor
 from weightpatch.components import KINDS, Kind
 from weightpatch.config import ScreenConfig
 from weightpatch.pair import ModelPair
-from weightpatch.pipeline.inputs import load_anchor, open_run, pair_for, render, select_prompts
+from weightpatch.pipeline.inputs import scoring_run
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import RunDir
 from weightpatch.scoring import AnchorScorer
@@ -44,16 +43,6 @@ class ScreenResult:
     n_prompts: int
     n_excluded: int  # prompts with a tiny anchor gap, left out of every mean
     run_dir: Path
-
-
-def make_scorer(cfg: ScreenConfig, pair: ModelPair, anchor: Anchor, texts: list[str]) -> AnchorScorer:
-    logger.info("scoring base and specialized on %d prompts", len(texts))
-    scorer = AnchorScorer(
-        pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
-    )
-    if scorer.n_excluded:
-        logger.warning("%d prompts with a tiny anchor gap are excluded from every mean", scorer.n_excluded)
-    return scorer
 
 
 def screen_scores(
@@ -184,14 +173,7 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
 
 def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult:
     """Score the components of ``cfg`` on its prompts against its anchor, in its run directory."""
-    records = select_prompts(cfg, cfg.seed)
-    pair = pair_for(cfg, pair)
-    for c in cfg.components or []:  # fail on a bad name before anything is written
-        pair.space.parse(c)
-    anchor, sha = load_anchor(cfg, cfg.anchor, pair)
-    inputs = [cfg.base, cfg.specialized, cfg.prompts]
-    with open_run(cfg, "screen", pair, inputs, anchor_sha256=sha) as run:
-        scorer = make_scorer(cfg, pair, anchor, render(pair, [r.prompt for r in records], cfg))
+    with scoring_run(cfg, "screen", pair, cfg.components or []) as (run, scorer):
         verified_names = screen_components(cfg, scorer, run)
         scores = run.scores()
         verified = None
@@ -199,6 +181,6 @@ def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult
             verified = verified_table(scores, verified_names)
             run.save_table("verified", verified)
         run.update_record(
-            screening={"n_prompts": len(scorer.texts), "n_excluded": scorer.n_excluded, "anchor_layer": anchor.layer}
+            screening={"n_prompts": len(scorer.texts), "n_excluded": scorer.n_excluded, "anchor_layer": scorer.layer}
         )
         return ScreenResult(scores, verified, len(scorer.texts), scorer.n_excluded, run.path)

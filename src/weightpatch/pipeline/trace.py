@@ -20,7 +20,7 @@ from weightpatch.activation import activation_scores, default_components
 from weightpatch.config import TraceConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
-from weightpatch.pipeline.inputs import load_anchor, open_run, pair_for, render, select_prompts
+from weightpatch.pipeline.inputs import scoring_run
 from weightpatch.results import ScoreTable
 from weightpatch.roles import assign_roles
 from weightpatch.rundir import RunDir
@@ -126,15 +126,6 @@ def trace_steps(cfg: TraceConfig, scorer: AnchorScorer, run: RunDir) -> None:
 
 def run_trace(cfg: TraceConfig, pair: ModelPair | None = None) -> TraceResult:
     """Activation-space scores, roles, supplier tracing and validation curves in ``cfg``'s run directory."""
-    records = select_prompts(cfg, cfg.seed)
-    pair = pair_for(cfg, pair)
-    for t in cfg.targets or []:  # fail on a bad name before anything is computed
-        pair.space.parse(t)
-    anchor, sha = load_anchor(cfg, cfg.anchor, pair)
-    with open_run(cfg, "trace", pair, [cfg.base, cfg.specialized, cfg.prompts], anchor_sha256=sha) as run:
-        texts = render(pair, [r.prompt for r in records], cfg)
-        scorer = AnchorScorer(
-            pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
-        )
+    with scoring_run(cfg, "trace", pair, cfg.targets or []) as (run, scorer):
         trace_steps(cfg, scorer, run)
         return TraceResult(run.scores(), run.load_table("roles"), run.load_table("supplier_edges"), run.path)
