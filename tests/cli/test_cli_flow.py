@@ -28,8 +28,9 @@ def test_check_prints_counts_and_weight_change(pair_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "patchable pair" in result.stdout and "12 heads" in result.stdout and "144 neurons" in result.stdout
     delta = pd.read_parquet(tmp_path / "run" / "weight_delta.parquet")
-    layered = delta[delta["layer"] >= 0]
+    layered = delta[delta["layer"].notna()]
     assert set(layered["group"]) == {"attn", "mlp", "norm"} and set(layered["layer"]) == {0, 1, 2}
+    assert set(delta.loc[delta["layer"].isna(), "group"]) >= {"embed", "norm.final"}  # model level: null layer
     assert (delta["relative_change"] > 0).all()
 
 

@@ -23,7 +23,7 @@ def show(cfg: CheckConfig) -> None:
     )
     common.out.print("components: " + ", ".join(f"{n} {k}s" for k, n in result.component_counts.items()))
     table = result.weight_delta
-    layered = table[table["layer"] >= 0]
+    layered = table[table["layer"].notna()]
     wide = layered.pivot_table(index="layer", columns="group", values="relative_change")
     per_layer = layered.groupby("layer")[["delta_norm", "base_norm"]].agg(lambda x: (x**2).sum())
     wide["whole"] = (per_layer["delta_norm"] / per_layer["base_norm"]) ** 0.5
@@ -34,7 +34,7 @@ def show(cfg: CheckConfig) -> None:
         t.add_column(g, justify="right")
     for layer, row in wide.iterrows():
         t.add_row(str(layer), *(f"{row[g]:.2e}" if pd.notna(row[g]) else "" for g in cols))
-    for _, row in table[table["layer"] < 0].iterrows():  # model-level modules: one number each
+    for _, row in table[table["layer"].isna()].iterrows():  # model-level modules: one number each
         t.add_row(row["group"], *([""] * (len(cols) - 1)), f"{row['relative_change']:.2e}")
     common.out.print(t)
     if result.adapter is not None:

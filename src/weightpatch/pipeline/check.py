@@ -21,7 +21,7 @@ from weightpatch.pipeline.inputs import open_run, pair_for
 @dataclass
 class CheckResult:
     """What ``wpatch check`` reports: the family and sizes, component counts per kind, and the
-    weight change per (layer, group); ``layer`` is -1 for model-level modules (group = their name)."""
+    weight change per (layer, group); ``layer`` is null for model-level modules (group = their name)."""
 
     family: str
     num_layers: int
@@ -53,7 +53,8 @@ def parameter_groups(space: ComponentSpace) -> dict[str, tuple[int, str]]:
 
 
 def weight_delta_table(pair: ModelPair, progress: bool = True) -> pd.DataFrame:
-    """Relative Frobenius norm of the weight change per (layer, group), read one donor tensor at a time."""
+    """Relative Frobenius norm of the weight change per (layer, group), read one donor tensor at a time;
+    ``layer`` is null for model-level modules (``group`` is then the module: ``embed``, ``unembed``, ...)."""
     sq_delta: dict[tuple[int, str], float] = defaultdict(float)
     sq_base: dict[tuple[int, str], float] = defaultdict(float)
     numel: dict[tuple[int, str], int] = defaultdict(int)
@@ -75,7 +76,8 @@ def weight_delta_table(pair: ModelPair, progress: bool = True) -> pd.DataFrame:
         }
         for layer, group in sorted(sq_delta)
     ]
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"layer": "Int64"})
+    return table.assign(layer=table["layer"].mask(table["layer"] < 0))  # model-level modules: no layer
 
 
 def component_counts(space: ComponentSpace) -> dict[str, int]:
