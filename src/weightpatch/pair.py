@@ -70,6 +70,10 @@ def split_model_source(source: str | os.PathLike, gguf_file: str | None = None) 
     if text.endswith(".gguf") and ":" in text and not looks_local(text.rsplit(":", 1)[0]):
         repo, _, name = text.rpartition(":")
         return repo, gguf_file or name
+    if text.endswith(".gguf"):
+        raise WeightPatchError(
+            f"GGUF file {text!r} does not exist; pass an existing .gguf file, or repo-id:file.gguf for the hub"
+        )
     return text, gguf_file
 
 
