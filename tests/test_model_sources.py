@@ -52,6 +52,8 @@ def test_split_model_source():
     assert split_model_source("org/model-GGUF:model.Q8_0.gguf") == ("org/model-GGUF", "model.Q8_0.gguf")
     assert split_model_source("org/model") == ("org/model", None)
     assert split_model_source("org/model", "w.gguf") == ("org/model", "w.gguf")
+    with pytest.raises(WeightPatchError, match=r"^GGUF file 'models/missing.gguf' does not exist"):
+        split_model_source("models/missing.gguf")
 
 
 def test_gguf_file_path_splits_into_directory_and_name(gguf_pair):

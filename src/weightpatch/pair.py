@@ -76,6 +76,10 @@ def split_model_source(source: str | os.PathLike, gguf_file: str | None = None) 
     if text.endswith(".gguf") and ":" in text and not looks_local(text.rsplit(":", 1)[0]):
         repo, _, name = text.rpartition(":")
         return repo, gguf_file or name
+    if text.endswith(".gguf"):
+        raise WeightPatchError(
+            f"GGUF file {text!r} does not exist; pass an existing .gguf file, or repo-id:file.gguf for the hub"
+        )
     return text, gguf_file
 
 
@@ -327,24 +331,32 @@ def load_pair(
         model = _load_model(dirs["base"], gguf["base"], dtype, device, device_map, trust_remote_code)
         space = ComponentSpace.from_model(model, include_kv=include_kv)
         base_source = _donor_source(dirs["base"], gguf["base"], space, dtype, trust_remote_code)
-        unknown = [n for n in adapter.changed if n not in space.shapes and n not in space.aliases]
-        if unknown:
-            raise PairMismatchError(
-                f"the adapter in {dirs['specialized']} changes {unknown[:3]}, which the base model does not "
-                f"have; pass the base model the adapter was trained on"
-            )
-        adapted = LoraSource(adapter, base_source)
-        if receiver == "specialized":
-            apply_adapter(model, adapted)
-            donor = base_source
-        else:
-            donor = adapted
+        donor = _adapter_donor(adapter, model, space, base_source, receiver)
     raise_if_mismatched(shape_differences(space.shapes, donor, labels=(receiver, donor_role)))
     hashed = {r: weight_files(dirs[r], gguf[r]) for r in dirs}
     if adapter is not None:  # the scaling lives in the config: two alphas are two models
         hashed["specialized"].append(dirs["specialized"] / ADAPTER_CONFIG)
     refs = {r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(hashed[r])) for r in dirs}
     return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver)
+
+
+def _adapter_donor(
+    adapter: LoraAdapter, model: PreTrainedModel, space: ComponentSpace, base_source: WeightSource, receiver: Role
+) -> WeightSource:
+    """The donor of an adapter pair. ``model`` is the loaded base: for a knockout run (``receiver =
+    "specialized"``) the adapter is applied to it in place and the base checkpoint is the donor;
+    otherwise the donor is ``base + adapter``, read lazily (:class:`~weightpatch.lora.LoraSource`)."""
+    unknown = [n for n in adapter.changed if n not in space.shapes and n not in space.aliases]
+    if unknown:
+        raise PairMismatchError(
+            f"the adapter in {adapter.directory} changes {unknown[:3]}, which the base model does not "
+            f"have; pass the base model the adapter was trained on"
+        )
+    adapted = LoraSource(adapter, base_source)
+    if receiver == "specialized":
+        apply_adapter(model, adapted)
+        return base_source
+    return adapted
 
 
 def _adapter_in(directory: Path, gguf_file: str | None) -> LoraAdapter | None:
