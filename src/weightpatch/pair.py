@@ -178,12 +178,16 @@ def pair_differences(base_config, sft_config, base_tok=None, sft_tok=None) -> li
     return problems
 
 
+def list_problems(problems: list[str]) -> str:
+    """The first differences of a pair check, ``; ``-joined, with the count of the rest."""
+    listed = "; ".join(problems[:_MAX_LISTED])
+    return listed + (f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else "")
+
+
 def raise_if_mismatched(problems: list[str]) -> None:
     if problems:
-        listed = "; ".join(problems[:_MAX_LISTED])
-        more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
         raise PairMismatchError(
-            f"the two models cannot be patched into each other: {listed}{more}. Weight Patching needs a "
+            f"the two models cannot be patched into each other: {list_problems(problems)}. Weight Patching needs a "
             f"specialized model fine-tuned from this base (same architecture, parameter shapes and tokenizer)"
         )
 

@@ -20,7 +20,6 @@ from weightpatch.errors import PairMismatchError, WeightPatchError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 _CONFIG_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json")
-_MAX_LISTED = 8
 
 
 def custom_code_files(directory: Path) -> list[str]:
@@ -61,7 +60,7 @@ def check_experts_against_base(base: Path, experts: Sequence[Path], custom_code:
     ``custom_code``: the base has custom code (allowed by the caller); its config classes are then
     not instantiated and only the vocabulary is compared. Returns, per expert, whether a tokenizer
     vocabulary was compared (both directories hold tokenizer files)."""
-    from weightpatch.pair import _config, _tokenizer, _vocab_differences, pair_differences
+    from weightpatch.pair import _config, _tokenizer, _vocab_differences, list_problems, pair_differences
 
     has_config = (base / "config.json").is_file()
     base_config = _config(base, None, False) if has_config and not custom_code else None
@@ -74,11 +73,9 @@ def check_experts_against_base(base: Path, experts: Sequence[Path], custom_code:
         else:
             problems = _vocab_differences(base_tok, expert_tok) if expert_tok is not None else []
         if problems:
-            listed = "; ".join(problems[:_MAX_LISTED])
-            more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
             raise PairMismatchError(
-                f"expert {expert} cannot be merged into the base {base}: {listed}{more}. Every expert must be "
-                f"fine-tuned from the base (same architecture, parameter shapes and tokenizer vocabulary)"
+                f"expert {expert} cannot be merged into the base {base}: {list_problems(problems)}. Every expert "
+                f"must be fine-tuned from the base (same architecture, parameter shapes and tokenizer vocabulary)"
             )
         compared.append(expert_tok is not None)
     return compared
