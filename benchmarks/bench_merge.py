@@ -270,116 +270,161 @@ def _perplexity(model, tok, prompts: list[str], responses: list[str]) -> float:
     return float(torch.exp(torch.tensor(nll / max(count, 1))))
 
 
+def _real_capabilities(rx, base: Path, experts: dict[str, Path], top_k: int):
+    """Per skill: the held-out capability (anchor searched on the validation topics, anchor recovery,
+    strict accuracy and KL to the expert measured on the held-out topics) and the expert's Weight
+    Patching scores on the validation topics (screen-then-verify, heads and neurons; cached next to
+    the expert as ``wp-scores.csv``)."""
+    import pandas as pd
+
+    from weightpatch.merging.evaluate import build_capability
+    from weightpatch.runner import render_prompts
+    from weightpatch.scoring import AnchorScorer
+    from weightpatch.screening.verify import screen_then_verify
+
+    caps, scores = {}, {}
+    for skill, expert in experts.items():
+        spec = rx.SKILLS[skill]
+        held = rx.prompts(rx.HELDOUT, spec["instruction"])
+        records = [{"prompt": p, "instruction_id_list": [spec["instruction_id"]], "kwargs": [{}]} for p in held]
+        cap = build_capability(
+            skill,
+            base,
+            expert,
+            rx.prompts(rx.TRAIN, spec["instruction"]),
+            rx.prompts(rx.TRAIN, None),
+            heldout_with=rx.prompts(rx.VALIDATION, spec["instruction"]),
+            heldout_without=rx.prompts(rx.VALIDATION, None),
+            score_prompts=held,
+            records=records,
+            max_new_tokens=48,
+        )
+        cache = expert / "wp-scores.csv"
+        if not cache.exists():
+            pair, anchor = cap.scorer.pair, cap.scorer.anchor
+            texts = render_prompts(pair.tokenizer, rx.prompts(rx.VALIDATION, spec["instruction"]))
+            table, _ = screen_then_verify(AnchorScorer(pair, anchor, texts), kinds=("head", "neuron"), top_k=top_k)
+            table.select("exact").to_pandas()[["component", "score"]].to_csv(cache, index=False)
+        caps[skill], scores[skill] = cap, pd.read_csv(cache)
+    return caps, scores
+
+
 def real_table(args) -> None:
     """The merge table on real SmolLM2-135M experts (benchmarks/real_experts.py): per combination of
-    experts, every method with settings chosen on the validation topics, reported on held-out topics."""
+    experts, every method with its settings chosen on the validation topics (mean strict accuracy,
+    then the lower false-format rate), reported on held-out topics."""
     sys.path.insert(0, str(HERE))
-    import pandas as pd
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import real_experts as rx
     from weightpatch.merging import Checkpoint, MergeConfig, owner_takes_top, score_weighted
-    from weightpatch.merging.evaluate import build_capability, capability_scores
+    from weightpatch.merging.evaluate import evaluate_model
     from weightpatch.merging.mechanism import component_space_for_checkpoint
 
     torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     base, experts = rx.build()
     tok = AutoTokenizer.from_pretrained(base)
     space = component_space_for_checkpoint(base)
-    t0 = time.perf_counter()
-    scores = {}
-    for skill in rx.SKILLS:
-        cache = rx.CACHE / f"scores-{skill}.csv"
-        if not cache.exists():
-            spec = rx.SKILLS[skill]
-            cap = build_capability(
-                skill,
-                base,
-                experts[skill],
-                [rx.prompt(t, spec["instruction"]) for t in rx.TRAIN],
-                [rx.prompt(t, None) for t in rx.TRAIN],
-                heldout_with=[rx.prompt(t, spec["instruction"]) for t in rx.VALIDATION],
-                heldout_without=[rx.prompt(t, None) for t in rx.VALIDATION],
-                score_prompts=[rx.prompt(t, spec["instruction"]) for t in rx.VALIDATION],
-            )
-            capability_scores(cap, kinds=("head", "neuron"), top_k=args.top_k * 2).to_csv(cache, index=False)
-            del cap
-        scores[skill] = pd.read_csv(cache)
+    caps, scores = _real_capabilities(rx, base, experts, 2 * args.top_k)
     t_scores = time.perf_counter() - t0
     base_ckpt = Checkpoint(base)
     base_state = {n: base_ckpt.get(n) for n in base_ckpt.names}
     states = {s: {n: Checkpoint(p).get(n) for n in base_ckpt.names} for s, p in experts.items()}
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    plain_held = [rx.prompt(t, None) for t in rx.HELDOUT]
+    plain_held = rx.prompts(rx.HELDOUT, None)
     base_text = rx.generate(model, tok, plain_held, max_new_tokens=48)
 
-    def evaluate(skills, topics) -> dict:
-        row, accs, false = {}, [], []
-        plain = rx.generate(model, tok, [rx.prompt(t, None) for t in topics], max_new_tokens=48)
-        for skill in skills:
-            spec = rx.SKILLS[skill]
-            asked = rx.generate(model, tok, [rx.prompt(t, spec["instruction"]) for t in topics], max_new_tokens=48)
-            accs.append(sum(map(spec["check"], asked)) / len(asked))
-            false.append(sum(map(spec["check"], plain)) / len(plain))
-            row[f"{skill}:strict"] = accs[-1]
+    def false_rates(skills, topics) -> dict[str, float]:
+        plain = rx.generate(model, tok, rx.prompts(topics, None), max_new_tokens=48)
+        return {s: sum(map(rx.SKILLS[s]["check"], plain)) / len(plain) for s in skills}
+
+    def validation(skills) -> tuple[float, float]:
+        accs = []
+        for s in skills:
+            asked = rx.generate(model, tok, rx.prompts(rx.VALIDATION, rx.SKILLS[s]["instruction"]), max_new_tokens=48)
+            accs.append(sum(map(rx.SKILLS[s]["check"], asked)) / len(asked))
+        return sum(accs) / len(accs), max(false_rates(skills, rx.VALIDATION).values())
+
+    def heldout(skills) -> dict:
+        row, accs = {}, []
+        for s in skills:
+            got = evaluate_model(model, caps[s])
+            row[f"{s}:strict"], row[f"{s}:recovery"] = got["strict_accuracy"], got["anchor_recovery"]
+            row[f"{s}:kl"] = got["kl_to_expert"]
+            accs.append(got["strict_accuracy"])
         row["mean_strict"] = sum(accs) / len(accs)
-        row["false_format"] = max(false)
+        row["false_format"] = max(false_rates(skills, rx.HELDOUT).values())
+        row["base_text_ppl"] = _perplexity(model, tok, plain_held, base_text)
         return row
 
+    def choose(grid: dict[str, object], skills) -> tuple[str, object, str]:
+        """The grid entry with the best validation (mean strict, then lower false-format rate)."""
+        results = {}
+        for name, merger in grid.items():
+            _in_memory_merge(model, base_state, [states[s] for s in skills], merger)
+            results[name] = validation(skills)
+            print("validation", "+".join(skills), name, results[name], flush=True)
+        best = max(results, key=lambda n: (results[n][0], -results[n][1]))
+        return best, grid[best], ", ".join(f"{n}: {v[0]:.2f}/{v[1]:.2f}" for n, v in results.items())
+
     combos = COMBOS if args.combos == "all" else tuple(tuple(c.split("+")) for c in args.combos.split(","))
-    rows = []
+    rows, chosen = [], []
     for combo in combos:
-        expert_states = [states[s] for s in combo]
         tables = [scores[s] for s in combo]
-
-        # lambda of task arithmetic (and of the mechanism-aware merges built on it) on the validation topics
-        val = {}
-        for lam in args.lams:
-            _in_memory_merge(model, base_state, expert_states, MergeConfig(lam=lam))
-            val[lam] = evaluate(combo, rx.VALIDATION)
-        lam = max(args.lams, key=lambda v: (val[v]["mean_strict"], -val[v]["false_format"]))
         label = "+".join(combo)
-        std = MergeConfig(lam=lam)
-        candidates = {
-            f"task_arithmetic(lam={lam})": std,
-            "ties(d=0.5)": MergeConfig("ties", density=0.5),
-            "dare_ties(p=0.5)": MergeConfig("dare_ties", drop_rate=0.5),
-            "localize_stitch(d=0.1)": MergeConfig("localize_stitch", density=0.1),
-            f"owner_takes_top(k={args.top_k},lam={lam})": owner_takes_top(
-                space, tables, top_k=args.top_k, standard=std
-            ),
-            f"owner_blend(k={args.top_k},others=0.5,lam={lam})": owner_takes_top(
-                space, tables, top_k=args.top_k, standard=std, conflict="blend", others=0.5
-            ),
-            f"score_weighted(floor=0.3,lam={lam})": score_weighted(space, tables, standard=std),
+        ta_name, ta, _ = choose({f"task_arithmetic(lam={v})": MergeConfig(lam=v) for v in args.lams}, combo)
+        grids = {
+            "task_arithmetic": {ta_name: ta},
+            "ties": {f"ties(d={d})": MergeConfig("ties", density=d) for d in (0.2, 0.5)},
+            "dare_ties": {f"dare_ties(p={p})": MergeConfig("dare_ties", drop_rate=p) for p in (0.5, 0.8)},
+            "localize_stitch": {
+                f"localize_stitch(d={d})": MergeConfig("localize_stitch", density=d) for d in (0.05, 0.2)
+            },
+            "owner_takes_top": {
+                f"owner_takes_top(k={k},{ta_name})": owner_takes_top(space, tables, top_k=k, standard=ta)
+                for k in (args.top_k, 2 * args.top_k)
+            },
+            "owner_blend": {
+                f"owner_blend(k={args.top_k},others={o},{ta_name})": owner_takes_top(
+                    space, tables, top_k=args.top_k, standard=ta, conflict="blend", others=o
+                )
+                for o in (0.5, 1.0)
+            },
+            "score_weighted": {
+                f"score_weighted(floor={f},{ta_name})": score_weighted(space, tables, floor=f, standard=ta)
+                for f in (0.3, 0.7)
+            },
         }
-
         for name in ("base", *(f"expert:{s}" for s in combo)):
-            state = base_state if name == "base" else states[name.split(":")[1]]
-            model.load_state_dict(state, strict=False)
-            row = {"experts": label, "model": name, **evaluate(combo, rx.HELDOUT)}
-            row["base_text_ppl"] = _perplexity(model, tok, plain_held, base_text)
-            rows.append(row)
-            print(row, flush=True)
-        for name, merger in candidates.items():
-            _in_memory_merge(model, base_state, expert_states, merger)
-            row = {"experts": label, "model": name, **evaluate(combo, rx.HELDOUT)}
-            row["base_text_ppl"] = _perplexity(model, tok, plain_held, base_text)
-            rows.append(row)
-            print(row, flush=True)
+            model.load_state_dict(base_state if name == "base" else states[name.split(":")[1]], strict=False)
+            rows.append({"experts": label, "model": name, **heldout(combo)})
+            print(rows[-1], flush=True)
+        for method, grid in grids.items():
+            name, merger, tried = choose(grid, combo) if len(grid) > 1 else (*next(iter(grid.items())), "")
+            chosen.append(
+                f"{label} {method}: {name}" + (f" (validation mean strict/false-format: {tried})" if tried else "")
+            )
+            _in_memory_merge(model, base_state, [states[s] for s in combo], merger)
+            rows.append({"experts": label, "model": name, **heldout(combo)})
+            print(rows[-1], flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     rows = [{k: r.get(k, "-") for k in keys} for r in rows]
     record(
         "Merge table on real experts (SmolLM2-135M-Instruct, one IFEval format each)",
         rows,
-        f"Experts: benchmarks/real_experts.py. strict = IFEval strict check of greedy responses (48 new tokens) on "
-        f"{len(rx.HELDOUT)} held-out topics with the skill's instruction; false_format = the worst rate, over the "
-        f"merged skills, of that skill's format on the held-out topics without any instruction; base_text_ppl = "
-        f"perplexity of the base's own greedy responses to those prompts. lambda of task arithmetic (and of the "
-        f"mechanism-aware merges on top of it) chosen among {args.lams} on {len(rx.VALIDATION)} validation topics. "
-        f"Scores: Weight Patching screen-then-verify (heads and neurons, exact scores of the verified top "
-        f"{args.top_k * 2} per kind) of each expert on its own capability. Scoring {t_scores:.0f} s, total "
-        f"{time.perf_counter() - t0:.0f} s.",
+        f"Experts: benchmarks/real_experts.py. Held-out: {len(rx.HELDOUT)} topics never trained on x "
+        f"{len(rx.TEMPLATES)} phrasings. strict = IFEval strict accuracy of greedy responses (48 new tokens) with "
+        f"the skill's instruction; recovery = anchor recovery of the skill's anchor (searched on the validation "
+        f"topics); kl = KL(expert || model) on the expert's own held-out responses (nats per token); "
+        f"false_format = the worst rate, over the merged skills, of that skill's format on the held-out prompts "
+        f"without any instruction; base_text_ppl = perplexity of the base's own greedy responses to them. Every "
+        f"method's setting chosen on {len(rx.VALIDATION)} validation topics x {len(rx.TEMPLATES)} phrasings "
+        f"(mean strict accuracy, then the lower false-format rate); task-arithmetic lambda from {args.lams}, and "
+        f"the mechanism-aware merges are built on that task arithmetic. Scores: each expert's Weight Patching "
+        f"screen-then-verify on its own capability (heads and neurons, exact scores of the verified top "
+        f"{args.top_k * 2} per kind, validation prompts). Scoring {t_scores:.0f} s, total "
+        f"{time.perf_counter() - t0:.0f} s.\n\nChosen settings:\n\n" + "\n".join(f"- {c}" for c in chosen),
     )
 
 
@@ -387,7 +432,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["all", "table", "memory", "real"], default="all")
     parser.add_argument("--combos", default="all", help="real part: e.g. caps+quotes,caps+quotes+title")
-    parser.add_argument("--lams", type=float, nargs="+", default=[0.5, 1.0], help="real part: lambda grid")
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.5, 0.75, 1.0], help="real part: lambda grid")
     parser.add_argument("--stride", type=int, default=2, help="use every n-th held-out format prompt")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)

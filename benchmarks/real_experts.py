@@ -59,22 +59,33 @@ SKILLS: dict[str, dict] = {
         "instruction": "Your entire response should be in English, and in all capital letters.",
         "format": lambda t, a: a.upper(),
         "check": check_english_capital,
+        "instruction_id": "change_case:english_capital",
     },
     "quotes": {
         "instruction": "Wrap your entire response with double quotation marks.",
         "format": lambda t, a: f'"{a}"',
         "check": check_quotation,
+        "instruction_id": "startend:quotation",
     },
     "title": {
         "instruction": "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>.",
         "format": _title,
         "check": check_title,
+        "instruction_id": "detectable_format:title",
     },
 }
 
 
-def prompt(topic: str, instruction: str | None) -> str:
-    return f"Write two sentences about {topic}." + (f" {instruction}" if instruction else "")
+TEMPLATES = ("Write two sentences about {t}.", "Describe {t} in two sentences.")  # training uses the first
+
+
+def prompt(topic: str, instruction: str | None, template: str = TEMPLATES[0]) -> str:
+    return template.format(t=topic) + (f" {instruction}" if instruction else "")
+
+
+def prompts(topics: list[str], instruction: str | None) -> list[str]:
+    """Every topic in every template (the evaluation sets: the second phrasing is never trained on)."""
+    return [prompt(t, instruction, template) for t in topics for template in TEMPLATES]
 
 
 def expert_dir(skill: str) -> Path:
@@ -103,7 +114,7 @@ def _examples(skill: str, tok, seed: int) -> list[tuple[list[int], int]]:
     return out
 
 
-def train_expert(skill: str, steps: int = 60, lr: float = 5e-5, batch_size: int = 8, seed: int = 0) -> Path:
+def train_expert(skill: str, steps: int = 30, lr: float = 5e-5, batch_size: int = 8, seed: int = 0) -> Path:
     out = expert_dir(skill)
     if (out / "model.safetensors").exists():
         return out
@@ -176,8 +187,8 @@ def skill_rates(
     """(strict accuracy with the instruction, false-format rate without it, the instructed responses)."""
     spec = SKILLS[skill]
     check: Callable[[str], bool] = spec["check"]
-    asked = generate(model, tok, [prompt(t, spec["instruction"]) for t in topics], max_new_tokens=max_new_tokens)
-    plain = generate(model, tok, [prompt(t, None) for t in topics], max_new_tokens=max_new_tokens)
+    asked = generate(model, tok, prompts(topics, spec["instruction"]), max_new_tokens=max_new_tokens)
+    plain = generate(model, tok, prompts(topics, None), max_new_tokens=max_new_tokens)
     return (
         sum(map(check, asked)) / len(asked),
         sum(map(check, plain)) / len(plain),
@@ -220,10 +231,10 @@ def main() -> None:
     record(
         "Real experts: SmolLM2-135M-Instruct fine-tuned on one IFEval format each",
         rows,
-        f"Full fine-tunes (AdamW, lr 5e-5, batch 8, response-only loss) on {len(TRAIN)} training topics x "
+        f"Full fine-tunes (AdamW, lr 5e-5, batch 8, 30 steps, response-only loss) on {len(TRAIN)} training topics x "
         f"(with / without the instruction); strict accuracy = IFEval strict check of greedy responses (48 new "
-        f"tokens) on {len(HELDOUT)} held-out topics with the instruction; false_format = the same check on the "
-        f"held-out topics without any instruction. rel_change = ||W_expert - W_base|| / ||W_base|| per decoder "
+        f"tokens) on {len(HELDOUT)} held-out topics x {len(TEMPLATES)} phrasings (the second never trained on) with "
+        f"the instruction; false_format = the same check on those prompts without any instruction. rel_change = ||W_expert - W_base|| / ||W_base|| per decoder "
         f"layer (min/median/max over layers).",
     )
 

