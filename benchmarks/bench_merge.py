@@ -6,7 +6,7 @@ validation topics and reported on held-out topics.
     .venv/bin/python benchmarks/bench_merge.py            # both parts
     .venv/bin/python benchmarks/bench_merge.py --part table
     .venv/bin/python benchmarks/bench_merge.py --part memory
-    .venv/bin/python benchmarks/bench_merge.py --part real --threads 2 [--combos caps+quotes+title]
+    .venv/bin/python benchmarks/bench_merge.py --part real --threads 2 [--combos caps+quotes+end]
 
 (a) experts: the shipped *format* expert (``demo.paths().specialized``, six IFEval formats) and the
 *end-phrase* expert (``startend:end_checker``) that :mod:`weightpatch.demo.expert` fine-tunes from the
@@ -239,7 +239,7 @@ def memory(args) -> None:
     )
 
 
-COMBOS = (("caps", "quotes"), ("caps", "title"), ("quotes", "title"), ("caps", "quotes", "title"))
+COMBOS = (("caps", "quotes"), ("caps", "end"), ("quotes", "end"), ("caps", "quotes", "end"))
 
 
 def _in_memory_merge(model, base_state: dict, expert_states: list[dict], merger) -> None:
@@ -286,7 +286,8 @@ def _real_capabilities(rx, base: Path, experts: dict[str, Path], top_k: int):
     for skill, expert in experts.items():
         spec = rx.SKILLS[skill]
         held = rx.prompts(rx.HELDOUT, spec["instruction"])
-        records = [{"prompt": p, "instruction_id_list": [spec["instruction_id"]], "kwargs": [{}]} for p in held]
+        kwargs = [spec.get("kwargs", {})]
+        records = [{"prompt": p, "instruction_id_list": [spec["instruction_id"]], "kwargs": kwargs} for p in held]
         cap = build_capability(
             skill,
             base,
@@ -431,7 +432,7 @@ def real_table(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["all", "table", "memory", "real"], default="all")
-    parser.add_argument("--combos", default="all", help="real part: e.g. caps+quotes,caps+quotes+title")
+    parser.add_argument("--combos", default="all", help="real part: e.g. caps+quotes,caps+quotes+end")
     parser.add_argument("--lams", type=float, nargs="+", default=[0.5, 0.75, 1.0], help="real part: lambda grid")
     parser.add_argument("--stride", type=int, default=2, help="use every n-th held-out format prompt")
     parser.add_argument("--top-k", type=int, default=10)

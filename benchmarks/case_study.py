@@ -72,7 +72,7 @@ def write_prompt_files(capability: str, folder: Path) -> tuple[Path, Path]:
                     "key": i,
                     "prompt": asked,
                     "instruction_id_list": [rx.SKILLS[capability]["instruction_id"]],
-                    "kwargs": [{}],
+                    "kwargs": [rx.SKILLS[capability].get("kwargs", {})],
                     "prompt_without_instruction": plain,
                 }
                 fh.write(json.dumps(record) + "\n")

