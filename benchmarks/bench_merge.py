@@ -377,10 +377,10 @@ def real_table(args) -> None:
         ta_name, ta, _ = choose({f"task_arithmetic(lam={v})": MergeConfig(lam=v) for v in args.lams}, combo)
         grids = {
             "task_arithmetic": {ta_name: ta},
-            "ties": {f"ties(d={d})": MergeConfig("ties", density=d) for d in (0.2, 0.5)},
+            "ties": {f"ties(d={d})": MergeConfig("ties", density=d) for d in (0.5, 0.2)},
             "dare_ties": {f"dare_ties(p={p})": MergeConfig("dare_ties", drop_rate=p) for p in (0.5, 0.8)},
             "localize_stitch": {
-                f"localize_stitch(d={d})": MergeConfig("localize_stitch", density=d) for d in (0.05, 0.2)
+                f"localize_stitch(d={d})": MergeConfig("localize_stitch", density=d) for d in (0.1, 0.05)
             },
             "owner_takes_top": {
                 f"owner_takes_top(k={k},{ta_name})": owner_takes_top(space, tables, top_k=k, standard=ta)
@@ -401,6 +401,8 @@ def real_table(args) -> None:
             model.load_state_dict(base_state if name == "base" else states[name.split(":")[1]], strict=False)
             rows.append({"experts": label, "model": name, **heldout(combo)})
             print(rows[-1], flush=True)
+        if args.grid == "lambda":  # only lambda tuned: every other method at its first (conventional) setting
+            grids = {method: dict([next(iter(grid.items()))]) for method, grid in grids.items()}
         for method, grid in grids.items():
             name, merger, tried = choose(grid, combo) if len(grid) > 1 else (*next(iter(grid.items())), "")
             chosen.append(
@@ -421,7 +423,8 @@ def real_table(args) -> None:
         f"false_format = the worst rate, over the merged skills, of that skill's format on the held-out prompts "
         f"without any instruction; base_text_ppl = perplexity of the base's own greedy responses to them. Every "
         f"method's setting chosen on {len(rx.VALIDATION)} validation topics x {len(rx.TEMPLATES)} phrasings "
-        f"(mean strict accuracy, then the lower false-format rate); task-arithmetic lambda from {args.lams}, and "
+        f"(mean strict accuracy, then the lower false-format rate; grid {args.grid!r}: with 'lambda' only the "
+        f"task-arithmetic lambda is tuned, every other method keeps its first setting); lambda from {args.lams}, and "
         f"the mechanism-aware merges are built on that task arithmetic. Scores: each expert's Weight Patching "
         f"screen-then-verify on its own capability (heads and neurons, exact scores of the verified top "
         f"{args.top_k * 2} per kind, validation prompts). Scoring {t_scores:.0f} s, total "
@@ -436,6 +439,9 @@ def main() -> None:
     parser.add_argument("--lams", type=float, nargs="+", default=[0.5, 0.75, 1.0], help="real part: lambda grid")
     parser.add_argument("--stride", type=int, default=2, help="use every n-th held-out format prompt")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument(
+        "--grid", choices=["lambda", "full"], default="lambda", help="real part: tune only lambda, or every method"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--anchor-method", choices=["model_diff", "instruction"], default="model_diff")
     parser.add_argument("--build-caps", action="store_true", help="build the SmolLM2 caps expert if missing")

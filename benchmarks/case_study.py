@@ -80,8 +80,16 @@ def write_prompt_files(capability: str, folder: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def stage_configs(anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path):
-    """(anchor, screen, trace) configs of one capability's run."""
+#: Per-capability changes to the scoring stages (screen, trace): the second capability scores 16 of the 32
+#: held-out prompts without per-prompt standard errors, to fit the session's CPU budget.
+SCORING_OVERRIDES: dict[str, dict] = {"quotes": {"max_prompts": 16, "first_order_stderr": False}}
+
+
+def stage_configs(
+    anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path, scoring: dict | None = None
+):
+    """(anchor, screen, trace) configs of one capability's run; ``scoring`` overrides fields of the
+    screen and trace configs."""
     from weightpatch.config import AnchorConfig, ScreenConfig, TraceConfig
 
     shared = {"base": str(base), "specialized": str(expert), "run_dir": run_dir, "seed": 0, "progress": False}
@@ -96,9 +104,14 @@ def stage_configs(anchor_file: Path, heldout_file: Path, base: Path, expert: Pat
             **shared,
         ),
         ScreenConfig(
-            prompts=heldout_file, method="verify", kinds=["layer", "module", "head", "neuron"], top_k=20, **shared
+            prompts=heldout_file,
+            method="verify",
+            kinds=["layer", "module", "head", "neuron"],
+            top_k=20,
+            **shared,
+            **(scoring or {}),
         ),
-        TraceConfig(prompts=heldout_file, n_targets=3, **shared),
+        TraceConfig(prompts=heldout_file, n_targets=3, **shared, **(scoring or {})),
     )
 
 
@@ -199,13 +212,15 @@ def size_step(run, scorer) -> None:
     run.save_table("size_fair", frame)
 
 
-def run_pipeline(anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path) -> dict:
-    """Every stage on one pair, in ``run_dir``; returns the timings (s)."""
+def run_pipeline(
+    anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path, scoring: dict | None = None
+) -> dict:
+    """Every stage on one pair, in ``run_dir``; returns the timings (s) and the scoring overrides."""
     from weightpatch.pipeline import open_pair, run_anchor, run_screen, run_trace
     from weightpatch.pipeline.inputs import scoring_run
     from weightpatch.report import build_report
 
-    anchor_cfg, screen_cfg, trace_cfg = stage_configs(anchor_file, heldout_file, base, expert, run_dir)
+    anchor_cfg, screen_cfg, trace_cfg = stage_configs(anchor_file, heldout_file, base, expert, run_dir, scoring)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     pair = open_pair(anchor_cfg)
@@ -227,7 +242,7 @@ def run_pipeline(anchor_file: Path, heldout_file: Path, base: Path, expert: Path
     t = time.perf_counter()
     build_report(run_dir)
     timings["report"] = time.perf_counter() - t
-    return {"seconds": {k: round(v, 1) for k, v in timings.items()}}
+    return {"seconds": {k: round(v, 1) for k, v in timings.items()}, "scoring": scoring or {}}
 
 
 # ---- tables -> claims -> page ---------------------------------------------------------------------
@@ -557,24 +572,33 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
     from common import markdown_table
 
     caps = list(all_claims)
-    minutes = meta["total_seconds"] / 60
+    runs = meta["capabilities"]
     lines = [
         "# Case study: the paper's claims on a real pair",
         "",
-        f"**Run:** `make case-study` (`benchmarks/case_study.py`) on this project's 2-core CPU machine, "
-        f"{meta['torch_threads']} torch threads: {minutes:.0f} min in total including the fine-tunes' "
-        f"evaluation-free stages, peak resident memory {meta['peak_rss_mib'] / 1024:.1f} GiB. Per capability "
-        "(seconds): "
-        + "; ".join(
-            f"{c}: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["capabilities"][c]["seconds"].items()) for c in caps
-        )
-        + ". The fine-tunes are cached; building them is not included (see `benchmarks/RESULTS.md`, Real experts).",
+        "**Run:** `make case-study` (`benchmarks/case_study.py`) on this project's 2-core CPU machine, shared "
+        "with other jobs while it ran. Time and peak resident memory per capability (fine-tunes cached; building "
+        "them is in `benchmarks/RESULTS.md`, Real experts):",
+        "",
+        markdown_table(
+            [
+                {
+                    "capability": c,
+                    "total (min)": f"{runs[c]['total_seconds'] / 60:.0f}",
+                    "peak memory (GiB)": f"{runs[c]['peak_rss_mib'] / 1024:.1f}",
+                    "torch threads": runs[c]["torch_threads"],
+                    "stages (s)": ", ".join(f"{k} {v:.0f}" for k, v in runs[c]["seconds"].items()),
+                    "scoring settings": ", ".join(f"{k}={v}" for k, v in runs[c]["scoring"].items()) or "defaults",
+                }
+                for c in caps
+            ]
+        ),
         "",
         "Base: SmolLM2-135M-Instruct (30 layers, 9 heads of 64 dims, 1,536 MLP neurons per layer). "
         "Specialized models: full fine-tunes of it on one IFEval format each (`benchmarks/real_experts.py`): "
         + ", ".join(f"**{c}** (`{rx.SKILLS[c]['instruction_id'] if c in rx.SKILLS else '?'}`)" for c in caps)
         + ". Anchor prompts are the fine-tunes' 24 training topics; every score, curve and behaviour below is "
-        "measured on 16 held-out topics (never trained on), each in two phrasings (32 prompts). The numbers "
+        "measured on 16 held-out topics (never trained on), each in two phrasings (32 prompts; a capability whose scoring settings set `max_prompts` scores that many of them, drawn with the seed). The numbers "
         "on this page are rendered from the tables in `docs/case-study/data/` (a test re-renders the page "
         "from them), which `extract` copies from each run directory.",
         "",
@@ -743,21 +767,23 @@ def main() -> None:
     parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES))
     parser.add_argument("--page-only", action="store_true", help="re-render the page from docs/case-study/data")
     args = parser.parse_args()
+    meta_file = DATA / "data" / "meta.json"
     if not args.page_only:
         torch.set_num_threads(2)
-        start = time.perf_counter()
         base, experts = rx.build(tuple(args.capabilities))
         work = rx.CACHE / "case-study"
-        meta = {"capabilities": {}}
         for capability in args.capabilities:
+            start = time.perf_counter()
             files = write_prompt_files(capability, work / f"{capability}-prompts")
-            meta["capabilities"][capability] = run_pipeline(*files, base, experts[capability], work / capability)
+            got = run_pipeline(*files, base, experts[capability], work / capability, SCORING_OVERRIDES.get(capability))
             extract(work / capability, DATA / "data" / capability)
-        meta["total_seconds"] = round(time.perf_counter() - start, 1)
-        meta["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        meta["torch_threads"] = torch.get_num_threads()
-        (DATA / "data" / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    meta = json.loads((DATA / "data" / "meta.json").read_text())
+            meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"capabilities": {}}
+            got["total_seconds"] = round(time.perf_counter() - start, 1)
+            got["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            got["torch_threads"] = torch.get_num_threads()
+            meta["capabilities"][capability] = got
+            meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    meta = json.loads(meta_file.read_text())
     found = {c: claims(DATA / "data" / c) for c in meta["capabilities"]}
     DOC.write_text(page(found, meta))
     print(json.dumps(found, indent=1, default=str))
