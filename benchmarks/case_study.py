@@ -562,6 +562,50 @@ def verdict_size(all_claims: dict[str, dict]) -> str:
     return "; ".join(parts) + "."
 
 
+def discussion(all_claims: dict[str, dict]) -> list[str]:
+    """The closing section: which claims held, and what in this set-up may explain the ones that did not
+    (the reasons are hypotheses, stated as such; every number comes from the claims)."""
+    lines = ["## Summary, and what does not match the paper", ""]
+    for c, cl in all_claims.items():
+        d = cl["depth"]
+        neurons = cl["suppliers"]["strongest"]
+        best_neuron = max((s["supply"] for s in neurons if s["kind"] == "neuron"), default=float("nan"))
+        best_head = max((s["supply"] for s in neurons if s["kind"] == "head"), default=float("nan"))
+        lines.append(
+            f"- **{c}** (anchor at layer {cl['anchor']['layer']} of 30): the tops of both spaces sit below the "
+            f"anchor, activation heads at median layer {_f(d['activation heads']['median_layer'], 1)}, Weight "
+            f"Patching neurons at {_f(d['weight neurons (first order)']['median_layer'], 1)}; the strongest "
+            f"single supplier of a traced target is a {'head' if best_head > best_neuron else 'neuron'} (best head "
+            f"{_f(best_head, 4)} of the target's change, best neuron {_f(best_neuron, 4)}); supplier/Weight-Patching "
+            f"neuron overlap "
+            + "/".join(_f(v) for v in cl["overlap"].values())
+            + " at k = "
+            + "/".join(str(k) for k in cl["overlap"])
+            + "."
+        )
+    fair = next(iter(all_claims.values()))["size_fair"]
+    ratio = fair["head"]["params"] / fair["neuron"]["params"] if {"head", "neuron"} <= set(fair) else float("nan")
+    lines += [
+        "",
+        "Why the picture may differ from the paper's (hypotheses, not measured here):",
+        "",
+        "- *Depth.* Components above the anchor cannot move it, so every top lies below the anchor, and the "
+        "layer search put the anchor in the middle of the network (the best-separating layer on held-out "
+        "prompts). The paper's 'shallow neurons' are shallow relative to its anchors and models; with a "
+        "narrow format fine-tune of a 135M model the change is spread over the layers just below the anchor.",
+        "- *Overlap.* Supplier tracing measures how much of a target's output change one supplier brings "
+        f"when patched alone; a head patches a head's query/output weights ({_f(ratio, 0)} neurons' worth of "
+        "parameters), so raw supplies favour heads, and the neuron-level overlap compares two rankings of "
+        "tens of thousands of neurons whose individual effects are small and close to each other. The "
+        "size-fair table shows the same components per parameter.",
+        "- *Roles.* Only components with both an activation score and an exact weight score get a role "
+        "(heads and blocks in the verified top 20 per kind); single neurons have no activation score here, so "
+        "'neuron = source' is read from the MLP blocks' roles and from the supplier tracing.",
+        "",
+    ]
+    return lines
+
+
 def _pm(mean, std) -> str:
     return f"{_f(mean)} ± {_f(std)}"
 
@@ -598,7 +642,8 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
         "Specialized models: full fine-tunes of it on one IFEval format each (`benchmarks/real_experts.py`): "
         + ", ".join(f"**{c}** (`{rx.SKILLS[c]['instruction_id'] if c in rx.SKILLS else '?'}`)" for c in caps)
         + ". Anchor prompts are the fine-tunes' 24 training topics; every score, curve and behaviour below is "
-        "measured on 16 held-out topics (never trained on), each in two phrasings (32 prompts; a capability whose scoring settings set `max_prompts` scores that many of them, drawn with the seed). The numbers "
+        "measured on 16 held-out topics (never trained on), each in two phrasings (32 prompts; a capability "
+        "whose scoring settings set `max_prompts` scores that many of them, drawn with the seed). The numbers "
         "on this page are rendered from the tables in `docs/case-study/data/` (a test re-renders the page "
         "from them), which `extract` copies from each run directory.",
         "",
@@ -759,6 +804,7 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
         verdict_size(all_claims),
         "",
     ]
+    lines += discussion(all_claims)
     return "\n".join(lines) + "\n"
 
 

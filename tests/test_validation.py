@@ -85,3 +85,23 @@ def test_planted_components_beat_random_controls_and_interact(tmp_path):
     assert single[PLANTED_NEURONS[0]] == pytest.approx(
         weight.frame.set_index("component").loc[PLANTED_NEURONS[0], "score"], abs=1e-6
     )
+
+
+def test_a_curve_patches_the_complement_once_and_gives_each_knockout_exactly(llama_pair_dirs):
+    """Necessity on a base-receiver pair holds one full donor patch for the whole curve: every top-k drop
+    equals the knockout model built on its own, and the base is restored bit for bit afterwards."""
+    from weightpatch.validation import _gap_fraction, with_knockout
+
+    pair = load_pair(*llama_pair_dirs)
+    before = {n: p.detach().clone() for n, p in pair.model.named_parameters()}
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(8, 5))
+    table = ScoreTable.from_rows(
+        score_row(pair.space.parse(c), "exact", s, 0.0, 1)
+        for c, s in [("L0.mlp", 4.0), ("L1.attn.head1", 3.0), ("L1.mlp.neuron3", 2.0), ("L2.attn", 1.0)]
+    )
+    curve = necessity_curve(scorer, table, ks=[1, 2, 3], controls=5)
+    for row in curve.itertuples():
+        with torch.no_grad(), with_knockout(pair, row.components) as model:
+            assert row.drop == _gap_fraction(scorer, scorer.anchor_scores(model), "base")
+    assert all(torch.equal(before[n], p) for n, p in pair.model.named_parameters())

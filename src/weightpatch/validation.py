@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Literal
 
 import numpy as np
@@ -65,35 +65,36 @@ class _Originals:
         return piece.region(full).index_select(piece.dim, piece.index().to(full.device))  # type: ignore[arg-type]
 
 
+Apply = Callable[[Sequence[Component | str]], AbstractContextManager]
+
+
 @contextmanager
-def _complement(pair: ModelPair, components: Sequence[Component | str]) -> Iterator[None]:
-    """The donor model with ``components`` restored to the receiver's values: every parameter
-    patched from the donor, then the components' slices put back from the saved originals."""
-    with patched(pair.model, pair.donor, pair.space, pair.space.everything()) as full:  # noqa: SIM117
-        with patched(pair.model, _Originals(full), pair.space, components):
-            yield
+def _session(pair: ModelPair, mode: Literal["sufficiency", "necessity"]) -> Iterator[Apply]:
+    """Per-model contexts for many models of one direction: ``apply(components)`` gives the patched
+    base (sufficiency) or the knocked-out specialized model (necessity). Where the direction needs the
+    complement, every parameter is patched from the donor once for the whole session and each
+    ``apply`` only restores its components' slices (the same weights, bit for bit, as
+    patching everything and restoring the components per model, without copying the whole model each
+    time)."""
+    if (mode == "sufficiency") == (pair.receiver == "base"):
+        yield lambda components: patched(pair.model, pair.donor, pair.space, components)
+        return
+    with patched(pair.model, pair.donor, pair.space, pair.space.everything()) as full:
+        yield lambda components: patched(pair.model, _Originals(full), pair.space, components)
 
 
 @contextmanager
 def with_patch(pair: ModelPair, components: Sequence[Component | str]) -> Iterator[torch.nn.Module]:
     """The base with ``components`` patched from the specialized model (sufficiency direction)."""
-    if pair.receiver == "base":
-        with patched(pair.model, pair.donor, pair.space, components):
-            yield pair.model
-    else:
-        with _complement(pair, components):
-            yield pair.model
+    with _session(pair, "sufficiency") as apply, apply(components):
+        yield pair.model
 
 
 @contextmanager
 def with_knockout(pair: ModelPair, components: Sequence[Component | str]) -> Iterator[torch.nn.Module]:
     """The specialized model with ``components`` knocked out (base weights in), exactly."""
-    if pair.receiver == "specialized":
-        with patched(pair.model, pair.donor, pair.space, components):
-            yield pair.model
-    else:
-        with _complement(pair, components):
-            yield pair.model
+    with _session(pair, "necessity") as apply, apply(components):
+        yield pair.model
 
 
 def _gap_fraction(scorer: AnchorScorer, f: torch.Tensor, toward: Literal["specialized", "base"]) -> float:
@@ -158,7 +159,6 @@ def _curve(
     ranked = _ranking(table, method, kind)
     if not ranked:
         raise ValueError("the score table has no rows for this method/kind")
-    context = with_patch if mode == "sufficiency" else with_knockout
     toward: Literal["specialized", "base"] = "specialized" if mode == "sufficiency" else "base"
     column = "recovery" if mode == "sufficiency" else "drop"
     reference = None
@@ -169,29 +169,30 @@ def _curve(
         logger.warning("controls=%d raised to %d: fewer random draws give no usable spread", controls, MIN_CONTROLS)
         controls = MIN_CONTROLS
     rng = random.Random(seed)
-
-    def measure(components: Sequence[str]) -> float:
-        with torch.no_grad(), context(pair, components) as model:
-            return _gap_fraction(scorer, scorer.anchor_scores(model), toward)
-
     rows = []
-    for k in _ks(ks, len(ranked)):
-        top = ranked[:k]
-        row: dict = {"k": k, column: measure(top)}
-        draws = controls if k < len(ranked) else 0  # at k = pool size every subset is the top-k
-        randoms = [measure(rng.sample(ranked, k)) for _ in range(draws)]
-        row["random_mean"] = float(np.mean(randoms)) if randoms else float("nan")
-        row["random_std"] = float(np.std(randoms, ddof=1)) if len(randoms) > 1 else float("nan")
-        row["n_controls"] = len(randoms)
-        if kl or behavior_metric is not None:
-            with torch.no_grad(), context(pair, top) as model:
-                if kl:
-                    row["kl"] = output_kl(model, scorer.batches, reference, kl_positions)  # type: ignore[arg-type]
-            if behavior_metric is not None:
-                with context(pair, top) as model:
-                    row["behavior"] = float(behavior_metric(model))
-        row["components"] = list(top)
-        rows.append(row)
+    with _session(pair, mode) as apply:
+
+        def measure(components: Sequence[str]) -> float:
+            with torch.no_grad(), apply(components):
+                return _gap_fraction(scorer, scorer.anchor_scores(pair.model), toward)
+
+        for k in _ks(ks, len(ranked)):
+            top = ranked[:k]
+            row: dict = {"k": k, column: measure(top)}
+            draws = controls if k < len(ranked) else 0  # at k = pool size every subset is the top-k
+            randoms = [measure(rng.sample(ranked, k)) for _ in range(draws)]
+            row["random_mean"] = float(np.mean(randoms)) if randoms else float("nan")
+            row["random_std"] = float(np.std(randoms, ddof=1)) if len(randoms) > 1 else float("nan")
+            row["n_controls"] = len(randoms)
+            if kl or behavior_metric is not None:
+                with apply(top):
+                    if kl:
+                        with torch.no_grad():
+                            row["kl"] = output_kl(pair.model, scorer.batches, reference, kl_positions)  # type: ignore[arg-type]
+                    if behavior_metric is not None:
+                        row["behavior"] = float(behavior_metric(pair.model))
+            row["components"] = list(top)
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
