@@ -239,7 +239,7 @@ def memory(args) -> None:
     )
 
 
-COMBOS = (("caps", "quotes"), ("caps", "end"), ("quotes", "end"), ("caps", "quotes", "end"))
+COMBOS = (("caps", "quotes"), ("caps", "quotes", "end"), ("caps", "end"), ("quotes", "end"))
 
 
 def _in_memory_merge(model, base_state: dict, expert_states: list[dict], merger) -> None:
@@ -347,16 +347,25 @@ def real_table(args) -> None:
             accs.append(sum(map(rx.SKILLS[s]["check"], asked)) / len(asked))
         return sum(accs) / len(accs), max(false_rates(skills, rx.VALIDATION).values())
 
-    def heldout(skills) -> dict:
-        row, accs = {}, []
+    measured: dict[str, dict] = {}  # the base's and each expert's metrics, measured once for every combination
+
+    def heldout(skills, name: str | None = None) -> dict:
+        """Held-out metrics of the loaded model; ``name`` (base, expert:...) caches them per skill."""
+        cache = measured.setdefault(name, {}) if name else {}
         for s in skills:
-            got = evaluate_model(model, caps[s])
-            row[f"{s}:strict"], row[f"{s}:recovery"] = got["strict_accuracy"], got["anchor_recovery"]
-            row[f"{s}:kl"] = got["kl_to_expert"]
-            accs.append(got["strict_accuracy"])
-        row["mean_strict"] = sum(accs) / len(accs)
-        row["false_format"] = max(false_rates(skills, rx.HELDOUT).values())
-        row["base_text_ppl"] = _perplexity(model, tok, plain_held, base_text)
+            if s not in cache:
+                got = evaluate_model(model, caps[s])
+                cache[s] = {f"{s}:strict": got["strict_accuracy"], f"{s}:recovery": got["anchor_recovery"]}
+                cache[s][f"{s}:kl"] = got["kl_to_expert"]
+        missing = [s for s in skills if f"false:{s}" not in cache]
+        if missing:
+            cache.update({f"false:{s}": v for s, v in false_rates(missing, rx.HELDOUT).items()})
+        if "ppl" not in cache:
+            cache["ppl"] = _perplexity(model, tok, plain_held, base_text)
+        row = {k: v for s in skills for k, v in cache[s].items()}
+        row["mean_strict"] = sum(cache[s][f"{s}:strict"] for s in skills) / len(skills)
+        row["false_format"] = max(cache[f"false:{s}"] for s in skills)
+        row["base_text_ppl"] = cache["ppl"]
         return row
 
     def choose(grid: dict[str, object], skills) -> tuple[str, object, str]:
@@ -399,7 +408,7 @@ def real_table(args) -> None:
         }
         for name in ("base", *(f"expert:{s}" for s in combo)):
             model.load_state_dict(base_state if name == "base" else states[name.split(":")[1]], strict=False)
-            rows.append({"experts": label, "model": name, **heldout(combo)})
+            rows.append({"experts": label, "model": name, **heldout(combo, name)})
             print(rows[-1], flush=True)
         if args.grid == "lambda":  # only lambda tuned: every other method at its first (conventional) setting
             grids = {method: dict([next(iter(grid.items()))]) for method, grid in grids.items()}
