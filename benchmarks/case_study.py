@@ -27,8 +27,11 @@ identical (the page cannot drift from the numbers), and checks ``claims`` on a s
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import logging
 import random
+import re
 import resource
 import sys
 import time
@@ -47,7 +50,7 @@ ROOT = HERE.parent
 DOC = ROOT / "docs" / "case-study.md"
 DATA = ROOT / "docs" / "case-study"
 CAPABILITIES = ("caps", "quotes")
-BEHAVIOUR_KS = {"attention/MLP blocks": [1, 2, 4, 8, 16], "heads": [1, 4, 16, 64], "neurons": [4, 64, 512, 4096]}
+BEHAVIOUR_KS = {"attention/MLP blocks": [1, 4, 16], "heads": [4, 16, 64], "neurons": [64, 512, 4096]}
 OVERLAP_KS = (5, 10, 20)
 TOP = 20  # the "top" of a ranking in the depth comparisons
 PAPER = {
@@ -80,16 +83,25 @@ def write_prompt_files(capability: str, folder: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-#: Per-capability changes to the scoring stages (screen, trace): the second capability scores 16 of the 32
-#: held-out prompts without per-prompt standard errors, to fit the session's CPU budget.
-SCORING_OVERRIDES: dict[str, dict] = {"quotes": {"max_prompts": 16, "first_order_stderr": False}}
+#: Per-capability changes to the stage configs, to fit a CPU budget: the second capability steers 6
+#: prompts with 2 random directions, and scores 16 of the 32 held-out prompts without per-prompt
+#: standard errors, with 5 random draws per curve point.
+OVERRIDES: dict[str, dict[str, dict]] = {
+    "quotes": {
+        "anchor": {"steering_prompts": 6, "steering_random_directions": 2},
+        "scoring": {"max_prompts": 16, "first_order_stderr": False},
+        "trace": {"random_controls": 5},
+    }
+}
 
 
 def stage_configs(
-    anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path, scoring: dict | None = None
+    anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path, overrides: dict | None = None
 ):
-    """(anchor, screen, trace) configs of one capability's run; ``scoring`` overrides fields of the
-    screen and trace configs."""
+    """(anchor, screen, trace) configs of one capability's run; ``overrides``: ``{"anchor": {...},
+    "scoring": {...} (screen and trace), "trace": {...}}`` changes to their fields."""
+    overrides = overrides or {}
+    scoring = overrides.get("scoring", {})
     from weightpatch.config import AnchorConfig, ScreenConfig, TraceConfig
 
     shared = {"base": str(base), "specialized": str(expert), "run_dir": run_dir, "seed": 0, "progress": False}
@@ -102,6 +114,7 @@ def stage_configs(
             alphas=[0.0, 1.0, 2.0, 4.0],
             max_new_tokens=40,
             **shared,
+            **overrides.get("anchor", {}),
         ),
         ScreenConfig(
             prompts=heldout_file,
@@ -109,9 +122,9 @@ def stage_configs(
             kinds=["layer", "module", "head", "neuron"],
             top_k=20,
             **shared,
-            **(scoring or {}),
+            **scoring,
         ),
-        TraceConfig(prompts=heldout_file, n_targets=3, **shared, **(scoring or {})),
+        TraceConfig(prompts=heldout_file, n_targets=3, **shared, **scoring, **overrides.get("trace", {})),
     )
 
 
@@ -137,6 +150,7 @@ def behaviour_step(run, scorer, trace_cfg, seed: int = 0) -> None:
 
     if run.has("behavior"):
         return
+    logging.getLogger("weightpatch").info("case-study behaviour started")
     records = select_prompts(trace_cfg, trace_cfg.seed)
     metric = strict_metric(scorer.pair.tokenizer, records)
     rng = random.Random(seed)
@@ -181,6 +195,7 @@ def size_step(run, scorer) -> None:
 
     if run.has("size_fair"):
         return
+    logging.getLogger("weightpatch").info("case-study size started")
     pair, table = scorer.pair, run.scores()
     exact = table.select("exact").frame.drop_duplicates("component")
     counts = parameter_counts(pair, exact["component"].tolist())
@@ -212,15 +227,39 @@ def size_step(run, scorer) -> None:
     run.save_table("size_fair", frame)
 
 
+STAGE_LINE = re.compile(r"^(\S+ \S+) INFO (?:wpatch|case-study) (\w+) (?:started|resumed)")
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds per stage from the run directory's log: each "wpatch <stage> started|resumed" (or
+    "case-study <step> started") line opens a segment that ends at the last log line before the next
+    one; a stage's segments are summed (so resumed runs add only the work they did)."""
+    stamps, opened = [], []
+    for line in (run_dir / "log.txt").read_text().splitlines():
+        try:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        except ValueError:
+            continue
+        match = STAGE_LINE.match(line)
+        if match:
+            opened.append((match.group(2), len(stamps)))
+        stamps.append(stamp)
+    seconds: dict[str, float] = {}
+    for i, (stage, first) in enumerate(opened):
+        last = opened[i + 1][1] - 1 if i + 1 < len(opened) else len(stamps) - 1
+        seconds[stage] = seconds.get(stage, 0.0) + (stamps[last] - stamps[first]).total_seconds()
+    return {k: round(v, 1) for k, v in seconds.items()}
+
+
 def run_pipeline(
-    anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path, scoring: dict | None = None
+    anchor_file: Path, heldout_file: Path, base: Path, expert: Path, run_dir: Path, overrides: dict | None = None
 ) -> dict:
-    """Every stage on one pair, in ``run_dir``; returns the timings (s) and the scoring overrides."""
+    """Every stage on one pair, in ``run_dir``; returns the timings (s) and the config overrides."""
     from weightpatch.pipeline import open_pair, run_anchor, run_screen, run_trace
     from weightpatch.pipeline.inputs import scoring_run
     from weightpatch.report import build_report
 
-    anchor_cfg, screen_cfg, trace_cfg = stage_configs(anchor_file, heldout_file, base, expert, run_dir, scoring)
+    anchor_cfg, screen_cfg, trace_cfg = stage_configs(anchor_file, heldout_file, base, expert, run_dir, overrides)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     pair = open_pair(anchor_cfg)
@@ -242,7 +281,7 @@ def run_pipeline(
     t = time.perf_counter()
     build_report(run_dir)
     timings["report"] = time.perf_counter() - t
-    return {"seconds": {k: round(v, 1) for k, v in timings.items()}, "scoring": scoring or {}}
+    return {"seconds": {k: round(v, 1) for k, v in timings.items()}, "overrides": overrides or {}}
 
 
 # ---- tables -> claims -> page ---------------------------------------------------------------------
@@ -632,7 +671,11 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
                     "peak memory (GiB)": f"{runs[c]['peak_rss_mib'] / 1024:.1f}",
                     "torch threads": runs[c]["torch_threads"],
                     "stages (s)": ", ".join(f"{k} {v:.0f}" for k, v in runs[c]["seconds"].items()),
-                    "scoring settings": ", ".join(f"{k}={v}" for k, v in runs[c]["scoring"].items()) or "defaults",
+                    "settings changed": "; ".join(
+                        f"{stage}: " + ", ".join(f"{k}={v}" for k, v in fields.items())
+                        for stage, fields in runs[c]["overrides"].items()
+                    )
+                    or "none",
                 }
                 for c in caps
             ]
@@ -643,7 +686,7 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
         + ", ".join(f"**{c}** (`{rx.SKILLS[c]['instruction_id'] if c in rx.SKILLS else '?'}`)" for c in caps)
         + ". Anchor prompts are the fine-tunes' 24 training topics; every score, curve and behaviour below is "
         "measured on 16 held-out topics (never trained on), each in two phrasings (32 prompts; a capability "
-        "whose scoring settings set `max_prompts` scores that many of them, drawn with the seed). The numbers "
+        "whose settings set `max_prompts` scores that many of them, drawn with the seed). The numbers "
         "on this page are rendered from the tables in `docs/case-study/data/` (a test re-renders the page "
         "from them), which `extract` copies from each run directory.",
         "",
@@ -819,18 +862,20 @@ def main() -> None:
         base, experts = rx.build(tuple(args.capabilities))
         work = rx.CACHE / "case-study"
         for capability in args.capabilities:
-            start = time.perf_counter()
             files = write_prompt_files(capability, work / f"{capability}-prompts")
-            got = run_pipeline(*files, base, experts[capability], work / capability, SCORING_OVERRIDES.get(capability))
+            got = run_pipeline(*files, base, experts[capability], work / capability, OVERRIDES.get(capability))
             extract(work / capability, DATA / "data" / capability)
             meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"capabilities": {}}
-            got["total_seconds"] = round(time.perf_counter() - start, 1)
+            got["seconds"] = stage_seconds(work / capability)  # this process's timings miss resumed work
+            got["total_seconds"] = round(sum(got["seconds"].values()), 1)
             got["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
             got["torch_threads"] = torch.get_num_threads()
             meta["capabilities"][capability] = got
             meta_file.write_text(json.dumps(meta, indent=1) + "\n")
     meta = json.loads(meta_file.read_text())
     found = {c: claims(DATA / "data" / c) for c in meta["capabilities"]}
+    for capability in found:
+        figures(DATA / "data" / capability, capability, DATA)
     DOC.write_text(page(found, meta))
     print(json.dumps(found, indent=1, default=str))
 
