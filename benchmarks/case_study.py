@@ -105,26 +105,12 @@ def stage_configs(
     from weightpatch.config import AnchorConfig, ScreenConfig, TraceConfig
 
     shared = {"base": str(base), "specialized": str(expert), "run_dir": run_dir, "seed": 0, "progress": False}
+    anchor = {"method": "instruction", "steering_prompts": 12, "alphas": [0.0, 1.0, 2.0, 4.0], "max_new_tokens": 40}
+    screen = {"method": "verify", "kinds": ["layer", "module", "head", "neuron"], "top_k": 20}
     return (
-        AnchorConfig(
-            prompts=anchor_file,
-            heldout=heldout_file,
-            method="instruction",
-            steering_prompts=12,
-            alphas=[0.0, 1.0, 2.0, 4.0],
-            max_new_tokens=40,
-            **shared,
-            **overrides.get("anchor", {}),
-        ),
-        ScreenConfig(
-            prompts=heldout_file,
-            method="verify",
-            kinds=["layer", "module", "head", "neuron"],
-            top_k=20,
-            **shared,
-            **scoring,
-        ),
-        TraceConfig(prompts=heldout_file, n_targets=3, **shared, **scoring, **overrides.get("trace", {})),
+        AnchorConfig(prompts=anchor_file, heldout=heldout_file, **shared, **anchor | overrides.get("anchor", {})),
+        ScreenConfig(prompts=heldout_file, **shared, **screen | scoring),
+        TraceConfig(prompts=heldout_file, **shared, **{"n_targets": 3} | scoring | overrides.get("trace", {})),
     )
 
 
