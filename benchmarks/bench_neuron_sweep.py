@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 
+import pandas as pd
 import torch
 
 import real_pair
@@ -31,13 +32,18 @@ from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
 from weightpatch.screening.neurons import NeuronScreen
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def sweep(state: WorkerState, names: list[str]) -> tuple[LocalBackend, float]:
-    """Run ``names`` on the local backend from ``state``; (the backend, wall seconds)."""
-    backend = LocalBackend(state=state)
-    start = time.perf_counter()
-    backend.run(names, progress=False)
-    return backend, time.perf_counter() - start
+
+def sweep(state: WorkerState, names: list[str], clock: str = "wall") -> tuple[LocalBackend, pd.Series, float, float]:
+    """Run ``names`` on the local backend from ``state``, timed by ``clock`` (``cpu``: this process's
+    CPU time, for a machine shared with other jobs); (the backend, scores by component, seconds by
+    ``clock``, wall seconds)."""
+    timer = CLOCKS[clock]
+    backend = LocalBackend(state=state, clock=timer)
+    start, wall = timer(), time.perf_counter()
+    table = backend.run(names, progress=False)
+    return backend, table.frame.set_index("component")["score"], timer() - start, time.perf_counter() - wall
 
 
 def by_layer(backend: LocalBackend) -> dict[int, tuple[int, int, float]]:
@@ -57,6 +63,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compare-layers", type=int, nargs="*", default=[0, 10, 19, 20], help="before/after sample")
     parser.add_argument("--compare-neurons", type=int, default=64)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="cpu: CPU seconds (a shared machine)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     logging.getLogger("weightpatch").addHandler(logging.StreamHandler(sys.stdout))
@@ -76,7 +88,10 @@ def main() -> None:
     # before/after on a sample of depths, same process, same prompts
     compare = [f"L{lay}.mlp.neuron{j}" for lay in args.compare_layers for j in range(args.compare_neurons)]
     rows_compare = []
-    runs = {label: by_layer(sweep(state, compare)[0]) for label, state in (("before", before), ("after", after))}
+    states = {"before": before, "after": after}
+    results = {label: sweep(state, compare, args.clock) for label, state in states.items()}
+    runs = {label: by_layer(result[0]) for label, result in results.items()}
+    max_diff = float((results["before"][1] - results["after"][1].loc[results["before"][1].index]).abs().max())
     for lay in args.compare_layers:
         n, blocks, t_before = runs["before"][lay]
         t_after = runs["after"][lay][2]
@@ -95,7 +110,7 @@ def main() -> None:
 
     # the subset sweep: estimate, then the measured time
     names = [f"L{lay}.mlp.neuron{j}" for lay in range(layer + 1) for j in range(args.neurons)]
-    backend, measured = sweep(after, names)
+    backend, _, measured, wall = sweep(after, names, args.clock)
     (estimate,) = backend.estimates
     rows = []
     for lay, (n, blocks, t) in sorted(by_layer(backend).items()):
@@ -109,6 +124,7 @@ def main() -> None:
             "estimated_s": estimate.seconds,
             "measured_s": measured,
             "estimate/measured": estimate.seconds / measured,
+            "wall_s": wall,
         }
     ]
     notes = (
@@ -116,11 +132,13 @@ def main() -> None:
         f"{args.prompts} scoring prompts, {args.threads} torch thread(s), local backend (the path of `wpatch screen "
         f"--method exact --kinds neuron`), 64 neurons per forward, shards of 256. Estimate as logged before the rest "
         f"ran: `{estimate.message()}`; it includes the calibration's own {estimate.calibration_seconds:.0f} s. "
-        f"Measured = wall time of the whole backend run.\n\n"
+        f"Times ({args.clock} clock: {'CPU seconds of this process' if args.clock == 'cpu' else 'wall seconds'}) of "
+        f"the whole backend run; wall_s: its wall time.\n\n"
         f"Neurons/s by depth (blocks_re_run: blocks after the neuron's own one up to the anchor):\n\n"
         + markdown_table(rows)
         + f"\n\nBefore/after skipping the neuron's own block (before = `NeuronScreen(skip_own_block=False)`: "
-        f"every variant re-ran its block), {args.compare_neurons} neurons per layer, same run:\n\n"
+        f"every variant re-ran its block), {args.compare_neurons} neurons per layer, same run; largest |score "
+        f"difference| {max_diff:.2g}:\n\n"
         + markdown_table(rows_compare)
         + f"\n\nExtrapolated full scale (every one of the {per_layer * (layer + 1):,} neurons of layers 0-{layer}, "
         f"cost model fitted on all of this run's timings: {fitted.per_component * 1e3:.2f} ms per neuron + "
