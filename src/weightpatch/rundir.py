@@ -52,6 +52,7 @@ LOG_FILE = "log.txt"
 LOCK_FILE = ".wpatch.lock"
 PENDING_SCORES = "scores.pending.jsonl"
 SCORE_KEY = ["component", "method"]
+CONSOLE = {"console": True}  # ``logger.info(..., extra=CONSOLE)``: shown by the CLI too, not only in log.txt
 logger = logging.getLogger("weightpatch")
 
 _held_locks: dict[str, list[int]] = {}  # resolved lock path -> [file descriptor, open count] in this process

@@ -3,6 +3,9 @@ components), and Python and the CLI give identical tables for one config."""
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +14,7 @@ from conftest import write_prompts
 from weightpatch.cli.main import app
 from weightpatch.config import AnchorConfig, ScreenConfig
 from weightpatch.pipeline import open_pair, run_anchor, run_screen
+from weightpatch.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,7 @@ def test_python_and_cli_give_identical_tables(anchored, tmp_path):
     ]  # fmt: skip
     result = CliRunner().invoke(app, [str(w) for w in words])
     assert result.exit_code == 0, result.output
+    assert re.search(r"exact sweep: \d components in \d layers?, estimated", result.output)  # the verification's
     for table in ("scores", "verified"):  # both read back the same way from their run directories
         ours, theirs = (pd.read_parquet(run / f"{table}.parquet") for run in (python.run_dir, cli_run))
         pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
@@ -88,3 +93,35 @@ def test_verify_with_the_local_exact_screen(anchored, tmp_path):
         top = local[local["kind"] == kind].sort_values("score", key=abs, ascending=False)["component"].head(2)
         assert set(top) <= set(result.verified["component"])
     assert {"local_exact", "exact"} <= set(result.verified.columns) and len(result.verified) == 4
+
+
+def test_interrupted_exact_neuron_sweep_resumes_with_an_estimate_of_the_rest(anchored, tmp_path, monkeypatch, caplog):
+    """An exact neuron sweep stopped after its first finished shard, resumed in the same run
+    directory: the finished neurons are not scored again (the estimate counts only the rest) and
+    the table equals an uninterrupted run's."""
+    pair, _ = anchored
+    reference = run_screen(screen_cfg(anchored, tmp_path / "ref", method="exact", kinds=["neuron"]), pair)
+    appended: list[set[str]] = []
+    real_append = RunDir.append_scores
+
+    def append_then_stop(run, table):
+        real_append(run, table)
+        appended.append(set(table.frame["component"]))
+        if len(appended) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "append_scores", append_then_stop)
+    cfg = screen_cfg(anchored, tmp_path / "run", method="exact", kinds=["neuron"])
+    with pytest.raises(KeyboardInterrupt):
+        run_screen(cfg, pair)
+    first = appended[0]
+    with caplog.at_level(logging.INFO, logger="weightpatch"):
+        resumed = run_screen(cfg, pair)
+    assert not first & set().union(*appended[1:])  # nothing scored twice
+    frame = resumed.scores.frame
+    layer = RunDir(cfg.run_path).record()["screening"]["anchor_layer"]
+    rest = frame[(frame["layer"] <= layer) & ~frame["component"].isin(first)]
+    assert len(rest) and f"exact neuron sweep: {len(rest)} neurons in" in caplog.text
+    assert f"({len(first)} already done)" in caplog.text
+    ours, theirs = (t.frame.sort_values("component").reset_index(drop=True) for t in (resumed.scores, reference.scores))
+    pd.testing.assert_frame_equal(ours, theirs, check_exact=True)

@@ -8,9 +8,13 @@ from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
 from weightpatch.screening.neurons import NeuronScreen
 
+POST_MLP_NORM = {"gemma2", "gemma3", "olmo2"}  # a norm between the MLP output and the residual add
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_neuron_sweep_equals_patching_each_neuron(family, tmp_path):
+    """Also where the variants skip their own block (blocks that add the MLP output to the
+    residual) and where they cannot (a norm after the MLP)."""
     pair = load_pair(*make_pair(family, tmp_path, scale=0.2))
     anchor = build_anchor(pair, tiny_texts(4, length=8), None, layer=2, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(5, 4, length=8), batch_size=3, min_relative_gap=0.0)
@@ -20,6 +24,7 @@ def test_batched_neuron_sweep_equals_patching_each_neuron(family, tmp_path):
         fast = neurons.run_layer(layer, neurons=range(10), progress=False).frame.set_index("component")
         one_by_one = screen.run([f"L{layer}.mlp.neuron{j}" for j in range(10)], progress=False)
         slow = one_by_one.frame.set_index("component")
+        assert neurons._layer_state(layer).additive == (family not in POST_MLP_NORM)
         assert slow["score"].abs().max() > 1e-4
         torch.testing.assert_close(
             torch.tensor(fast.loc[slow.index, "score"].values), torch.tensor(slow["score"].values), atol=1e-5, rtol=1e-3

@@ -8,7 +8,9 @@ and specialized on the prompts, cache the block inputs) and then scores shard af
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -18,15 +20,27 @@ import torch
 from tqdm.auto import tqdm
 
 from weightpatch.anchors import Anchor
+from weightpatch.backends.estimate import (
+    ENGINES,
+    SweepEstimate,
+    Work,
+    engine,
+    estimate_sweep,
+    format_duration,
+    shard_work,
+    split_for_calibration,
+)
 from weightpatch.components import Component
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable
+from weightpatch.rundir import CONSOLE
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
 from weightpatch.screening.neurons import NeuronScreen
 
 DEFAULT_SHARD_SIZE = 8
 DEFAULT_NEURON_SHARD_SIZE = 256
+logger = logging.getLogger("weightpatch")
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,7 +213,12 @@ class Backend(Protocol):
 
 class LocalBackend:
     """In this process, shard after shard. Give a :class:`JobSpec` (opened on the first run) or
-    an already built ``state`` (:meth:`from_scorer`, e.g. the CLI's scorer)."""
+    an already built ``state`` (:meth:`from_scorer`, e.g. the CLI's scorer).
+
+    With ``estimate``, a run first scores a few calibration units (see
+    :mod:`weightpatch.backends.estimate`), logs the estimated duration of each engine's part
+    (``estimates``), then the rest; ``timings`` holds (shard, work, seconds) of every piece run,
+    timed by ``clock`` (seconds)."""
 
     def __init__(
         self,
@@ -208,11 +227,16 @@ class LocalBackend:
         state: WorkerState | None = None,
         shard_size: int = DEFAULT_SHARD_SIZE,
         neuron_shard_size: int = DEFAULT_NEURON_SHARD_SIZE,
+        estimate: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if job is None and state is None:
             raise WeightPatchError("LocalBackend needs a JobSpec or a WorkerState")
         self.job, self._state = job, state
         self.shard_size, self.neuron_shard_size = shard_size, neuron_shard_size
+        self.estimate, self.clock = estimate, clock
+        self.estimates: list[SweepEstimate] = []
+        self.timings: list[tuple[Shard, Work, float]] = []
 
     @classmethod
     def from_scorer(
@@ -232,6 +256,12 @@ class LocalBackend:
             self._state = self.job.open()  # type: ignore[union-attr]
         return self._state
 
+    def _units(self) -> dict[str, int]:
+        """Calibration unit per engine: one forward's worth of variants."""
+        state = self.state
+        neurons = state.neurons.neurons_per_forward if state.neurons is not None else state.screen.variants_per_batch
+        return {"neuron": neurons, "component": state.screen.variants_per_batch}
+
     def run(
         self,
         components: Sequence[Component | str],
@@ -241,17 +271,49 @@ class LocalBackend:
     ) -> ScoreTable:
         done = set(skip or ())
         shards = plan_shards(components, done, self.shard_size, self.neuron_shard_size)
+        self.estimates, self.timings = [], []
+        if not shards:
+            return ScoreTable.from_rows([])
+        space, anchor = self.state.scorer.pair.space, self.state.scorer.layer
+        calibration: list[Shard] = []
+        if self.estimate:
+            calibration, shards = split_for_calibration(
+                shards, [shard_work(space, anchor, s) for s in shards], self._units()
+            )
         tables = []
-        bar = tqdm(total=sum(map(len, shards)), desc="exact", unit="comp", disable=not progress)
-        for shard in shards:
+        bar = tqdm(total=sum(map(len, calibration + shards)), desc="exact", unit="comp", disable=not progress)
+        for i, shard in enumerate(calibration + shards):
+            if i == len(calibration) and calibration:
+                self._log_estimates(anchor, [(s, shard_work(space, anchor, s)) for s in shards])
+            start = self.clock()
             fresh = dedupe_rows(score_shard(self.state, shard), done)
             if len(fresh):
                 tables.append(fresh)
                 if on_result:
                     on_result(fresh)
+            self.timings.append((shard, shard_work(space, anchor, shard), self.clock() - start))
             bar.update(len(shard))
         bar.close()
+        if calibration and not shards:
+            self._log_estimates(anchor, [])
+        for estimate in self.estimates:
+            spent = sum(t for s, _, t in self.timings if engine(s) == estimate.engine)
+            logger.info(
+                "%s: took %s (estimated %s)",
+                estimate.subject(),
+                format_duration(spent),
+                format_duration(estimate.seconds),
+                extra=CONSOLE,
+            )
         return ScoreTable.concat(tables) if tables else ScoreTable.from_rows([])
+
+    def _log_estimates(self, anchor: int, rest: list[tuple[Shard, Work]]) -> None:
+        """Fit each engine's cost on the calibration timings so far and log its estimate."""
+        for name in ENGINES:
+            estimate = estimate_sweep(name, anchor, self.timings, rest)
+            if estimate is not None:
+                self.estimates.append(estimate)
+                logger.info("%s", estimate.message(), extra=CONSOLE)
 
     def close(self) -> None:
         self._state = None if self.job is not None else self._state

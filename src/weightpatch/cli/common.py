@@ -38,6 +38,15 @@ def progress_wanted(requested: bool) -> bool:
     return show
 
 
+class ConsoleLog(logging.Handler):
+    """Echoes to stderr the log records marked for the console (``extra=CONSOLE``, e.g. the
+    duration estimate of an exact sweep); every record still goes to the run's log.txt."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "console", False):
+            typer.echo(self.format(record), err=True)
+
+
 def handle_errors(fn: F) -> F:
     """Turn user errors (:class:`WeightPatchError`) into a one-line message and exit code 2; with
     ``--debug`` let them (and everything else) raise with a traceback."""
@@ -45,7 +54,10 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
-        logging.getLogger("weightpatch").setLevel(logging.DEBUG if debug else logging.INFO)
+        logger = logging.getLogger("weightpatch")
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+        console = ConsoleLog(logging.INFO)
+        logger.addHandler(console)
         try:
             return fn(*args, **kwargs)
         except WeightPatchError as exc:
@@ -55,6 +67,8 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted; re-run the same command to resume", err=True)
             raise typer.Exit(130) from None
+        finally:
+            logger.removeHandler(console)
 
     return wrapper  # type: ignore[return-value]
 

@@ -26,7 +26,7 @@ from weightpatch.config import ScreenConfig
 from weightpatch.pair import ModelPair
 from weightpatch.pipeline.inputs import scoring_run
 from weightpatch.results import ScoreTable
-from weightpatch.rundir import RunDir
+from weightpatch.rundir import CONSOLE, RunDir
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.first_order import gradient_scores
 from weightpatch.screening.local_exact import local_exact_scores
@@ -131,6 +131,7 @@ def _log_todo(cfg: ScreenConfig, run: RunDir, names: list[str]) -> set[str]:
             cfg.backend,
             len(todo),
             len(names) - len(todo),
+            extra=CONSOLE,
         )
     return done
 

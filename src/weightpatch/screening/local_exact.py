@@ -177,7 +177,7 @@ class LocalExactScreen:
         w_base, w_donor = w_base[chunk].to(dtype), w_donor[chunk].to(dtype)
         f = []
         for bi in range(len(scorer.batches)):
-            a_base, a_donor = ns._activations(layer, bi, down, inputs_patch)
+            a_base, a_donor, _ = ns._activations(layer, bi, down, inputs_patch)
             g = self.gradients(bi)[1][layer].to(dtype)  # (batch, seq, hidden)
             change = torch.einsum("bsk,bsk->bk", a_donor[..., chunk].to(dtype), g @ w_donor.T) - torch.einsum(
                 "bsk,bsk->bk", a_base[..., chunk].to(dtype), g @ w_base.T
