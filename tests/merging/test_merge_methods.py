@@ -257,7 +257,7 @@ def test_work_dtype_is_float32_unless_the_base_is_float64():
 
 def test_argument_count_errors_name_what_is_wrong():
     base, experts = _tensors()
-    with pytest.raises(WeightPatchError, match="a merge needs at least one expert tensor"):
+    with pytest.raises(WeightPatchError, match=r"^a merge needs at least one expert tensor$"):
         task_arithmetic(base, [])
     with pytest.raises(WeightPatchError, match="2 weights given for 3 experts"):
         task_arithmetic(base, experts, [1.0, 1.0])
