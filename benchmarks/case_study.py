@@ -280,6 +280,8 @@ def extract(run_dir: Path, out: Path) -> None:
     (out / "anchor.json").write_text(json.dumps(data.anchor, indent=1, default=str) + "\n")
     scores = data["scores"]
     for name in ("steering", "roles", "sufficiency", "necessity", "behavior", "size_fair"):
+        if not (run_dir / f"{name}.parquet").is_file():  # the case study's own steps, when not run (yet)
+            continue
         frame = pd.read_parquet(run_dir / f"{name}.parquet")
         frame.drop(columns=[c for c in ("components",) if c in frame.columns]).to_csv(out / f"{name}.csv", index=False)
     data.verified().to_csv(out / "verified.csv", index=False)
@@ -306,6 +308,17 @@ def extract(run_dir: Path, out: Path) -> None:
             {"k": k, "fraction": o["fraction"], "traced": " ".join(o["traced"]), "wp": " ".join(o["weight_patching"])}
         )
     pd.DataFrame(rows).to_csv(out / "overlap.csv", index=False)
+
+
+def _recovery_frame(folder: Path) -> pd.DataFrame:
+    """The top-k recovery curves (``ranking, k, recovery, random_mean, random_std`` and, from the
+    behaviour step, ``strict, kl``): the behaviour step's when it ran, else the trace stage's."""
+    if (folder / "behavior.csv").is_file():
+        frame = pd.read_csv(folder / "behavior.csv")
+        return frame[(frame["ranking"] != "model") & (frame["draw"] == "top")].sort_values(
+            ["ranking", "k"], kind="stable"
+        )
+    return pd.read_csv(folder / "sufficiency.csv")
 
 
 def _depth(frame: pd.DataFrame, anchor_layer: int) -> dict:
@@ -373,27 +386,33 @@ def claims(folder: Path) -> dict:
         "top10_kinds": edges.sort_values("supply", ascending=False).head(10)["supplier_kind"].value_counts().to_dict(),
     }
 
-    behaviour = read("behavior")
+    ran_behaviour = (folder / "behavior.csv").is_file()
+    behaviour = read("behavior") if ran_behaviour else None
     curves = {}
-    for ranking, sub in behaviour[behaviour["ranking"] != "model"].groupby("ranking", sort=False):
-        top, rnd = sub[sub["draw"] == "top"].sort_values("k"), sub[sub["draw"] == "random"].sort_values("k")
+    for ranking, top in _recovery_frame(folder).groupby("ranking", sort=False):
         half = top[top["recovery"] >= 0.5]["k"]
+        rnd = (
+            behaviour[(behaviour["ranking"] == ranking) & (behaviour["draw"] == "random")].sort_values("k")
+            if ran_behaviour
+            else None
+        )
         curves[ranking] = {
             "k": top["k"].astype(int).tolist(),
             "recovery": top["recovery"].tolist(),
             "random_mean": top["random_mean"].tolist(),
             "random_std": top["random_std"].tolist(),
-            "strict": top["strict"].tolist(),
-            "random_strict": rnd["strict"].tolist(),
-            "kl": top["kl"].tolist(),
-            "random_kl": rnd["kl"].tolist(),
+            "strict": top["strict"].tolist() if ran_behaviour else None,
+            "random_strict": rnd["strict"].tolist() if ran_behaviour else None,
+            "kl": top["kl"].tolist() if ran_behaviour else None,
+            "random_kl": rnd["kl"].tolist() if ran_behaviour else None,
             "k_half": int(half.iloc[0]) if len(half) else None,
         }
-    models = behaviour[behaviour["ranking"] == "model"].set_index("draw")["strict"]
+    models = behaviour[behaviour["ranking"] == "model"].set_index("draw")["strict"] if ran_behaviour else {}
     out["behaviour"] = {
         "curves": curves,
-        "base_strict": float(models["base"]),
-        "specialized_strict": float(models["specialized"]),
+        "source": "behaviour step" if ran_behaviour else "trace stage (the behaviour step did not run)",
+        "base_strict": float(models["base"]) if ran_behaviour else None,
+        "specialized_strict": float(models["specialized"]) if ran_behaviour else None,
     }
     necessity = read("necessity")
     out["necessity"] = [
@@ -407,6 +426,9 @@ def claims(folder: Path) -> dict:
         for r in necessity.itertuples()
     ]
 
+    if not (folder / "size_fair.csv").is_file():
+        out["size_fair"] = None
+        return out
     size = read("size_fair")
     fair = {}
     for kind, sub in size.groupby("kind"):
@@ -460,11 +482,8 @@ def figures(folder: Path, capability: str, out: Path) -> list[str]:
     fig.savefig(out / names[0])
     plt.close(fig)
 
-    behaviour = pd.read_csv(folder / "behavior.csv")
-    curves = behaviour[behaviour["ranking"] != "model"]
     fig, axes = plt.subplots(1, 3, figsize=(9, 2.8), dpi=90, sharey=True)
-    for ax, (ranking, sub) in zip(axes, curves.groupby("ranking", sort=False), strict=False):
-        top = sub[sub["draw"] == "top"].sort_values("k")
+    for ax, (ranking, top) in zip(axes, _recovery_frame(folder).groupby("ranking", sort=False), strict=False):
         ax.plot(top["k"], top["recovery"], marker="o", label="top-k")
         ax.errorbar(top["k"], top["random_mean"], yerr=top["random_std"], marker="s", ms=3, label="random-k")
         ax.set_xscale("log", base=2)
@@ -575,6 +594,9 @@ def verdict_size(all_claims: dict[str, dict]) -> str:
     parts = []
     for c, cl in all_claims.items():
         fair = cl["size_fair"]
+        if fair is None:
+            parts.append(f"{c}: not run")
+            continue
         per = {k: v["median_per_million"] for k, v in fair.items()}
         densest = max(per, key=lambda k: per[k])
         text = f"{c}: the densest kind (median effect per parameter) is {densest}"
@@ -608,7 +630,7 @@ def discussion(all_claims: dict[str, dict]) -> list[str]:
             + "/".join(str(k) for k in cl["overlap"])
             + "."
         )
-    fair = next(iter(all_claims.values()))["size_fair"]
+    fair = next((cl["size_fair"] for cl in all_claims.values() if cl["size_fair"]), {})
     ratio = fair["head"]["params"] / fair["neuron"]["params"] if {"head", "neuron"} <= set(fair) else float("nan")
     lines += [
         "",
@@ -770,11 +792,11 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
                         "ranking": ranking,
                         "k": k,
                         "recovery top-k": _f(cur["recovery"][i]),
-                        "recovery random-k (mean ± sd of 5)": _pm(cur["random_mean"][i], cur["random_std"][i]),
-                        "strict top-k": _f(cur["strict"][i]),
-                        "strict random-k": _f(cur["random_strict"][i]),
-                        "KL top-k": _f(cur["kl"][i], 3),
-                        "KL random-k": _f(cur["random_kl"][i], 3),
+                        "recovery random-k (mean ± sd)": _pm(cur["random_mean"][i], cur["random_std"][i]),
+                        "strict top-k": _f(cur["strict"][i]) if cur["strict"] else "not run",
+                        "strict random-k": _f(cur["random_strict"][i]) if cur["strict"] else "not run",
+                        "KL top-k": _f(cur["kl"][i], 3) if cur["kl"] else "not run",
+                        "KL random-k": _f(cur["random_kl"][i], 3) if cur["kl"] else "not run",
                     }
                 )
     lines += [
@@ -783,7 +805,9 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
         "Recovery = the fraction of the anchor gap the patched base closes (mean over prompts); strict = the "
         "patched base's strict accuracy (one random k-subset for random-k); KL = KL(specialized || patched "
         "base) of the next-token distribution at the last prompt token, nats. Rankings: the first-order "
-        "screen's order of attention/MLP blocks, heads and neurons.",
+        "screen's order of attention/MLP blocks, heads and neurons. Source of each capability's rows: "
+        + "; ".join(f"{c}: {all_claims[c]['behaviour']['source']}" for c in caps)
+        + ".",
         "",
     ]
     lines += [f"![{c}: recovery of top-k vs random-k](case-study/{c}-recovery.png)" for c in caps]
@@ -811,7 +835,7 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
     lines += ["## Fair comparisons across kinds", ""]
     rows = []
     for c in caps:
-        for kind, v in all_claims[c]["size_fair"].items():
+        for kind, v in (all_claims[c]["size_fair"] or {}).items():
             rows.append(
                 {
                     "capability": c,
