@@ -286,7 +286,11 @@ def extract(run_dir: Path, out: Path) -> None:
         frame.drop(columns=[c for c in ("components",) if c in frame.columns]).to_csv(out / f"{name}.csv", index=False)
     data.verified().to_csv(out / "verified.csv", index=False)
     edges = data["supplier_edges"]
-    edges.to_csv(out / "supplier_edges.csv", index=False)
+    # the 50 strongest suppliers of each kind per target (the page reads the strongest and the top 10)
+    strongest = (
+        edges.sort_values("supply", ascending=False, kind="stable").groupby(["target", "supplier_kind"]).head(50)
+    )
+    strongest.to_csv(out / "supplier_edges.csv", index=False)
     # the top-20 of every ranking the page compares, with layer and kind (not all 46k neuron rows)
     tops = []
     for _, sub in scores.groupby(["method", "kind"], sort=True):
@@ -500,14 +504,14 @@ def figures(folder: Path, capability: str, out: Path) -> list[str]:
 
 
 def verdict_depth(all_claims: dict[str, dict]) -> str:
-    """Held when, for every capability, Weight Patching's top neurons sit at a shallower median layer
-    than activation patching's top heads."""
+    """Held when, for every capability, Weight Patching's top neurons sit at a median layer shallower
+    than activation patching's top heads by at least a fifth of the anchor's depth."""
     parts, held = [], []
     for c, cl in all_claims.items():
         act = cl["depth"]["activation heads"]["median_layer"]
         neu = cl["depth"]["weight neurons (first order)"]["median_layer"]
         mlp = cl["depth"]["weight modules (first order)"]["mlp_share"]
-        held.append(neu < act)
+        held.append(neu <= act - 0.2 * cl["anchor"]["layer"])
         parts.append(
             f"{c}: activation-space top heads at median layer {_f(act, 1)}, Weight Patching top neurons at "
             f"{_f(neu, 1)}, MLP share of its top modules {_f(mlp)}"
@@ -520,9 +524,8 @@ def verdict_depth(all_claims: dict[str, dict]) -> str:
         )
     )
     return (
-        f"**Verdict: {word}** (rule: top-20 neurons shallower than the top-20 activation heads). "
-        + "; ".join(parts)
-        + "."
+        f"**Verdict: {word}** (rule: the top-20 neurons' median layer at least a fifth of the anchor layer "
+        "shallower than the top-20 activation heads'). " + "; ".join(parts) + "."
     )
 
 
@@ -678,6 +681,7 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
                     "total (min)": f"{runs[c]['total_seconds'] / 60:.0f}",
                     "peak memory (GiB)": f"{runs[c]['peak_rss_mib'] / 1024:.1f}",
                     "torch threads": runs[c]["torch_threads"],
+                    "steps run": f"up to the {runs[c]['stopped_after']} stage" if "stopped_after" in runs[c] else "all",
                     "stages (s)": ", ".join(f"{k} {v:.0f}" for k, v in runs[c]["seconds"].items()),
                     "settings changed": "; ".join(
                         f"{stage}: " + ", ".join(f"{k}={v}" for k, v in fields.items())
@@ -882,12 +886,17 @@ def main() -> None:
             got["torch_threads"] = torch.get_num_threads()
             meta["capabilities"][capability] = got
             meta_file.write_text(json.dumps(meta, indent=1) + "\n")
-    meta = json.loads(meta_file.read_text())
-    found = {c: claims(DATA / "data" / c) for c in meta["capabilities"]}
-    for capability in found:
+    for capability in json.loads(meta_file.read_text())["capabilities"]:
         figures(DATA / "data" / capability, capability, DATA)
-    DOC.write_text(page(found, meta))
-    print(json.dumps(found, indent=1, default=str))
+    DOC.write_text(render_page())
+
+
+def render_page(folder: Path = DATA / "data") -> str:
+    """docs/case-study.md from the tables in ``folder`` (capabilities in the order of CAPABILITIES)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    ran = meta["capabilities"]
+    order = [c for c in CAPABILITIES if c in ran] + [c for c in ran if c not in CAPABILITIES]
+    return page({c: claims(folder / c) for c in order}, meta)
 
 
 if __name__ == "__main__":
