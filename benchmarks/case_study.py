@@ -132,7 +132,7 @@ def behaviour_step(run, scorer, trace_cfg, seed: int = 0) -> None:
     prompt token (nats), strict accuracy; plus the mean/std recovery of 5 random k-subsets."""
     from weightpatch.pipeline.inputs import select_prompts
     from weightpatch.pipeline.trace import curve_rankings
-    from weightpatch.validation import behavior_of, sufficiency_curve
+    from weightpatch.validation import behavior_of, next_token_logprobs, sufficiency_curve
 
     if run.has("behavior"):
         return
@@ -140,6 +140,8 @@ def behaviour_step(run, scorer, trace_cfg, seed: int = 0) -> None:
     records = select_prompts(trace_cfg, trace_cfg.seed)
     metric = strict_metric(scorer.pair.tokenizer, records)
     rng = random.Random(seed)
+    with scorer.pair.as_model("specialized") as sft:
+        reference = next_token_logprobs(sft, scorer.batches)
     rows = []
     for label, ranked in curve_rankings(run.scores()).items():
         names = ranked.frame.sort_values("score", ascending=False, kind="stable")["component"].tolist()
@@ -147,7 +149,7 @@ def behaviour_step(run, scorer, trace_cfg, seed: int = 0) -> None:
         curve = sufficiency_curve(scorer, ranked, ks=ks, controls=5, seed=seed).set_index("k")
         for k in ks:
             for draw, components in (("top", names[:k]), ("random", rng.sample(names, k))):
-                out = behavior_of(scorer, components, behavior_metric=metric)
+                out = behavior_of(scorer, components, behavior_metric=metric, reference=reference)
                 rows.append(
                     {
                         "ranking": label,

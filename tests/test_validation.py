@@ -9,7 +9,13 @@ from weightpatch.pair import load_pair
 from weightpatch.results import ScoreTable, score_row
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
-from weightpatch.validation import behavior_of, interaction_matrix, necessity_curve, sufficiency_curve
+from weightpatch.validation import (
+    behavior_of,
+    interaction_matrix,
+    necessity_curve,
+    next_token_logprobs,
+    sufficiency_curve,
+)
 
 
 def _everything_table(pair):
@@ -105,3 +111,17 @@ def test_a_curve_patches_the_complement_once_and_gives_each_knockout_exactly(lla
         with torch.no_grad(), with_knockout(pair, row.components) as model:
             assert row.drop == _gap_fraction(scorer, scorer.anchor_scores(model), "base")
     assert all(torch.equal(before[n], p) for n, p in pair.model.named_parameters())
+
+
+def test_behavior_of_uses_a_given_reference_and_computes_the_same_one_itself(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(8, 5))
+    with pair.as_model("specialized") as sft:
+        reference = next_token_logprobs(sft, scorer.batches)
+    own = behavior_of(scorer, ["L0.mlp"])
+    given = behavior_of(scorer, ["L0.mlp"], reference=reference)
+    assert given == own
+    # against the base's own distribution instead, the KL of a model that is not the base is not the same
+    base_reference = next_token_logprobs(pair.model, scorer.batches)
+    assert behavior_of(scorer, ["L0.mlp"], reference=base_reference)["kl"] != pytest.approx(own["kl"], rel=1e-3)

@@ -241,12 +241,16 @@ def behavior_of(
     mode: Literal["sufficiency", "necessity"] = "sufficiency",
     kl_positions: Literal["last", "all"] = "last",
     behavior_metric: BehaviorMetric | None = None,
+    reference: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Anchor fraction, output KL to the specialized model and the optional behaviour metric of
-    one patched (``"sufficiency"``) or knocked-out (``"necessity"``) model."""
+    one patched (``"sufficiency"``) or knocked-out (``"necessity"``) model. ``reference``: the
+    specialized model's :func:`next_token_logprobs` on ``scorer.batches`` when already computed
+    (several calls on one scorer then run the specialized model once)."""
     pair = scorer.pair
-    with pair.as_model("specialized") as sft:
-        reference = next_token_logprobs(sft, scorer.batches)
+    if reference is None:
+        with pair.as_model("specialized") as sft:
+            reference = next_token_logprobs(sft, scorer.batches)
     context = with_patch if mode == "sufficiency" else with_knockout
     toward: Literal["specialized", "base"] = "specialized" if mode == "sufficiency" else "base"
     with context(pair, components) as model:
