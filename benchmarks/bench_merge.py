@@ -401,6 +401,12 @@ def real_table(args) -> None:
                 )
                 for o in (0.5, 1.0)
             },
+            "owner_boost": {
+                f"owner_takes_top(k={args.top_k},strength={g},{ta_name})": owner_takes_top(
+                    space, tables, top_k=args.top_k, standard=ta, strength=g
+                )
+                for g in (1.5, 2.0)
+            },
             "score_weighted": {
                 f"score_weighted(floor={f},{ta_name})": score_weighted(space, tables, floor=f, standard=ta)
                 for f in (0.3, 0.7)
