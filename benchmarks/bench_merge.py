@@ -272,9 +272,10 @@ def _perplexity(model, tok, prompts: list[str], responses: list[str]) -> float:
 
 def _real_capabilities(rx, base: Path, experts: dict[str, Path], top_k: int):
     """Per skill: the held-out capability (anchor searched on the validation topics, anchor recovery,
-    strict accuracy and KL to the expert measured on the held-out topics) and the expert's Weight
-    Patching scores on the validation topics (screen-then-verify, heads and neurons; cached next to
-    the expert as ``wp-scores.csv``)."""
+    strict accuracy and KL to the expert measured on the held-out topics), the scorer of that anchor on
+    the validation topics (the tie-break of the settings' choice) and the expert's Weight Patching scores
+    on the validation topics (screen-then-verify, heads and neurons; cached next to
+    the expert as ``wp-scores.csv``; modules as ``wp-modules.csv``)."""
     import pandas as pd
 
     from weightpatch.merging.evaluate import build_capability
@@ -282,7 +283,7 @@ def _real_capabilities(rx, base: Path, experts: dict[str, Path], top_k: int):
     from weightpatch.scoring import AnchorScorer
     from weightpatch.screening.verify import screen_then_verify
 
-    caps, scores = {}, {}
+    caps, scores, validation_scorers = {}, {}, {}
     for skill, expert in experts.items():
         spec = rx.SKILLS[skill]
         held = rx.prompts(rx.HELDOUT, spec["instruction"])
@@ -300,14 +301,66 @@ def _real_capabilities(rx, base: Path, experts: dict[str, Path], top_k: int):
             records=records,
             max_new_tokens=48,
         )
-        cache = expert / "wp-scores.csv"
-        if not cache.exists():
-            pair, anchor = cap.scorer.pair, cap.scorer.anchor
-            texts = render_prompts(pair.tokenizer, rx.prompts(rx.VALIDATION, spec["instruction"]))
-            table, _ = screen_then_verify(AnchorScorer(pair, anchor, texts), kinds=("head", "neuron"), top_k=top_k)
-            table.select("exact").to_pandas()[["component", "score"]].to_csv(cache, index=False)
-        caps[skill], scores[skill] = cap, pd.read_csv(cache)
-    return caps, scores
+        pair, anchor = cap.scorer.pair, cap.scorer.anchor
+        texts = render_prompts(pair.tokenizer, rx.prompts(rx.VALIDATION, spec["instruction"]))
+        validation_scorers[skill] = AnchorScorer(pair, anchor, texts)
+        for kinds, cache in ((("head", "neuron"), expert / "wp-scores.csv"), (("module",), expert / "wp-modules.csv")):
+            if not cache.exists():
+                table, _ = screen_then_verify(validation_scorers[skill], kinds=kinds, top_k=top_k)
+                table.select("exact").to_pandas()[["component", "score"]].to_csv(cache, index=False)
+        caps[skill] = cap
+        scores[skill] = {
+            "fine": pd.read_csv(expert / "wp-scores.csv"),
+            "module": pd.read_csv(expert / "wp-modules.csv"),
+        }
+    return caps, scores, validation_scorers
+
+
+WEIGHT_LEVELS = (0.25, 1.0)  # per-expert task-arithmetic weights tried (every combination)
+
+
+def _method_grids(args, space, scores: list[dict], n: int, ta_name: str, ta) -> dict[str, dict[str, object]]:
+    """Every method's grid of settings for a merge of ``n`` experts (``ta``: the task arithmetic
+    whose lambda was chosen on validation; the head/neuron rules are built on it)."""
+    import itertools
+
+    from weightpatch.merging import MergeConfig, owner_takes_top, score_weighted
+
+    fine, modules = [s["fine"] for s in scores], [s["module"] for s in scores]
+    weight_grid = [w for w in itertools.product(WEIGHT_LEVELS, repeat=n) if max(w) == 1.0]
+    return {
+        "task_arithmetic": {ta_name: ta},
+        "task_arithmetic_weighted": {
+            f"task_arithmetic(weights={list(w)})": MergeConfig(weights=w) for w in weight_grid
+        },
+        "ties": {f"ties(d={d})": MergeConfig("ties", density=d) for d in (0.5, 0.2)},
+        "dare_ties": {f"dare_ties(p={p})": MergeConfig("dare_ties", drop_rate=p) for p in (0.5, 0.8)},
+        "localize_stitch": {f"localize_stitch(d={d})": MergeConfig("localize_stitch", density=d) for d in (0.1, 0.05)},
+        "owner_takes_top": {
+            f"owner_takes_top(k={k},{ta_name})": owner_takes_top(space, fine, top_k=k, standard=ta)
+            for k in (args.top_k, 2 * args.top_k)
+        },
+        "owner_blend": {
+            f"owner_blend(k={args.top_k},others={o},{ta_name})": owner_takes_top(
+                space, fine, top_k=args.top_k, standard=ta, conflict="blend", others=o
+            )
+            for o in (0.5, 1.0)
+        },
+        "score_weighted": {
+            f"score_weighted(floor={f},{ta_name})": score_weighted(space, fine, floor=f, standard=ta)
+            for f in (0.3, 0.7)
+        },
+        # each expert's full delta on its top-k modules (the best-scored owner where two own one),
+        # the other experts' deltas there and every delta elsewhere at their per-expert weights
+        "owner_local": {
+            f"owner_takes_top(k={k} modules,others=1,task_arithmetic(weights={list(w)}))": owner_takes_top(
+                space, modules, top_k=k, standard=MergeConfig(weights=w), others=1.0
+            )
+            for k in (4, 8)
+            for w in weight_grid
+            if min(w) < 1.0  # all weights 1: task arithmetic but on shared modules (not a separate setting)
+        },
+    }
 
 
 def real_table(args) -> None:
@@ -318,7 +371,7 @@ def real_table(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import real_experts as rx
-    from weightpatch.merging import Checkpoint, MergeConfig, owner_takes_top, score_weighted
+    from weightpatch.merging import Checkpoint, MergeConfig
     from weightpatch.merging.evaluate import evaluate_model
     from weightpatch.merging.mechanism import component_space_for_checkpoint
 
@@ -327,7 +380,7 @@ def real_table(args) -> None:
     base, experts = rx.build()
     tok = AutoTokenizer.from_pretrained(base)
     space = component_space_for_checkpoint(base)
-    caps, scores = _real_capabilities(rx, base, experts, 2 * args.top_k)
+    caps, scores, validation_scorers = _real_capabilities(rx, base, experts, 2 * args.top_k)
     t_scores = time.perf_counter() - t0
     base_ckpt = Checkpoint(base)
     base_state = {n: base_ckpt.get(n) for n in base_ckpt.names}
@@ -340,12 +393,17 @@ def real_table(args) -> None:
         plain = rx.generate(model, tok, rx.prompts(topics, None), max_new_tokens=48)
         return {s: sum(map(rx.SKILLS[s]["check"], plain)) / len(plain) for s in skills}
 
-    def validation(skills) -> tuple[float, float]:
-        accs = []
+    def validation(skills) -> tuple[float, float, float]:
+        """(mean strict accuracy, worst false-format rate, mean anchor recovery) on the validation topics."""
+        accs, recoveries = [], []
         for s in skills:
             asked = rx.generate(model, tok, rx.prompts(rx.VALIDATION, rx.SKILLS[s]["instruction"]), max_new_tokens=48)
             accs.append(sum(map(rx.SKILLS[s]["check"], asked)) / len(asked))
-        return sum(accs) / len(accs), max(false_rates(skills, rx.VALIDATION).values())
+            with torch.no_grad():
+                scorer = validation_scorers[s]
+                recoveries.append(scorer.effect(scorer.anchor_scores(model)).mean)
+        n = len(skills)
+        return sum(accs) / n, max(false_rates(skills, rx.VALIDATION).values()), sum(recoveries) / n
 
     measured: dict[str, dict] = {}  # the base's and each expert's metrics, measured once for every combination
 
@@ -369,49 +427,24 @@ def real_table(args) -> None:
         return row
 
     def choose(grid: dict[str, object], skills) -> tuple[str, object, str]:
-        """The grid entry with the best validation (mean strict, then lower false-format rate)."""
+        """The grid entry with the best validation: mean strict accuracy, then the lower false-format
+        rate, then the mean anchor recovery (greedy strict accuracy on 12 prompts per skill ties often)."""
         results = {}
         for name, merger in grid.items():
             _in_memory_merge(model, base_state, [states[s] for s in skills], merger)
             results[name] = validation(skills)
             print("validation", "+".join(skills), name, results[name], flush=True)
-        best = max(results, key=lambda n: (results[n][0], -results[n][1]))
-        return best, grid[best], ", ".join(f"{n}: {v[0]:.2f}/{v[1]:.2f}" for n, v in results.items())
+        best = max(results, key=lambda n: (results[n][0], -results[n][1], results[n][2]))
+        return best, grid[best], ", ".join(f"{n}: {v[0]:.2f}/{v[1]:.2f}/{v[2]:.2f}" for n, v in results.items())
 
     combos = COMBOS if args.combos == "all" else tuple(tuple(c.split("+")) for c in args.combos.split(","))
     rows, chosen = [], []
     for combo in combos:
-        tables = [scores[s] for s in combo]
         label = "+".join(combo)
         ta_name, ta, _ = choose({f"task_arithmetic(lam={v})": MergeConfig(lam=v) for v in args.lams}, combo)
-        grids = {
-            "task_arithmetic": {ta_name: ta},
-            "ties": {f"ties(d={d})": MergeConfig("ties", density=d) for d in (0.5, 0.2)},
-            "dare_ties": {f"dare_ties(p={p})": MergeConfig("dare_ties", drop_rate=p) for p in (0.5, 0.8)},
-            "localize_stitch": {
-                f"localize_stitch(d={d})": MergeConfig("localize_stitch", density=d) for d in (0.1, 0.05)
-            },
-            "owner_takes_top": {
-                f"owner_takes_top(k={k},{ta_name})": owner_takes_top(space, tables, top_k=k, standard=ta)
-                for k in (args.top_k, 2 * args.top_k)
-            },
-            "owner_blend": {
-                f"owner_blend(k={args.top_k},others={o},{ta_name})": owner_takes_top(
-                    space, tables, top_k=args.top_k, standard=ta, conflict="blend", others=o
-                )
-                for o in (0.5, 1.0)
-            },
-            "owner_boost": {
-                f"owner_takes_top(k={args.top_k},strength={g},{ta_name})": owner_takes_top(
-                    space, tables, top_k=args.top_k, standard=ta, strength=g
-                )
-                for g in (1.5, 2.0)
-            },
-            "score_weighted": {
-                f"score_weighted(floor={f},{ta_name})": score_weighted(space, tables, floor=f, standard=ta)
-                for f in (0.3, 0.7)
-            },
-        }
+        grids = _method_grids(args, space, [scores[s] for s in combo], len(combo), ta_name, ta)
+        if args.methods != "all":
+            grids = {m: g for m, g in grids.items() if m in args.methods.split(",")}
         for name in ("base", *(f"expert:{s}" for s in combo)):
             model.load_state_dict(base_state if name == "base" else states[name.split(":")[1]], strict=False)
             rows.append({"experts": label, "model": name, **heldout(combo, name)})
@@ -421,7 +454,8 @@ def real_table(args) -> None:
         for method, grid in grids.items():
             name, merger, tried = choose(grid, combo) if len(grid) > 1 else (*next(iter(grid.items())), "")
             chosen.append(
-                f"{label} {method}: {name}" + (f" (validation mean strict/false-format: {tried})" if tried else "")
+                f"{label} {method}: {name}"
+                + (f" (validation mean strict/false-format/recovery: {tried})" if tried else "")
             )
             _in_memory_merge(model, base_state, [states[s] for s in combo], merger)
             rows.append({"experts": label, "model": name, **heldout(combo)})
@@ -438,11 +472,14 @@ def real_table(args) -> None:
         f"false_format = the worst rate, over the merged skills, of that skill's format on the held-out prompts "
         f"without any instruction; base_text_ppl = perplexity of the base's own greedy responses to them. Every "
         f"method's setting chosen on {len(rx.VALIDATION)} validation topics x {len(rx.TEMPLATES)} phrasings "
-        f"(mean strict accuracy, then the lower false-format rate; grid {args.grid!r}: with 'lambda' only the "
-        f"task-arithmetic lambda is tuned, every other method keeps its first setting); lambda from {args.lams}, and "
-        f"the mechanism-aware merges are built on that task arithmetic. Scores: each expert's Weight Patching "
-        f"screen-then-verify on its own capability (heads and neurons, exact scores of the verified top "
-        f"{args.top_k * 2} per kind, validation prompts). Scoring {t_scores:.0f} s, total "
+        f"(mean strict accuracy, then the lower false-format rate, then the mean anchor recovery; grid "
+        f"{args.grid!r}: with 'lambda' only the task-arithmetic lambda is tuned, every other method keeps its first "
+        f"setting); lambda from {args.lams}; the head/neuron mechanism-aware merges are built on that task "
+        f"arithmetic; task_arithmetic_weighted tunes one weight per expert ({WEIGHT_LEVELS}, lambda 1) and "
+        f"owner_local is owner_takes_top over those weights with each expert's full delta on its top-k modules "
+        f"(others=1). Scores: each expert's Weight Patching screen-then-verify on its own capability (heads and "
+        f"neurons; modules separately), exact scores of the verified top {args.top_k * 2} per kind on the "
+        f"validation prompts. Scoring {t_scores:.0f} s, total "
         f"{time.perf_counter() - t0:.0f} s.\n\nChosen settings:\n\n" + "\n".join(f"- {c}" for c in chosen),
     )
 
@@ -458,6 +495,7 @@ def main() -> None:
         "--grid", choices=["lambda", "full"], default="lambda", help="real part: tune only lambda, or every method"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", default="all", help="real part: e.g. task_arithmetic_weighted,owner_local")
     parser.add_argument("--anchor-method", choices=["model_diff", "instruction"], default="model_diff")
     parser.add_argument("--build-caps", action="store_true", help="build the SmolLM2 caps expert if missing")
     args = parser.parse_args()
