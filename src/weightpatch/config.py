@@ -210,6 +210,9 @@ class MergeStageConfig(StageConfig):
     )
     scores: list[Path] = Field([], description="score table or run directory, one per expert (mechanism-aware).")
     score_method: str = Field("exact", description="which scores of --scores to use.")
+    score_kinds: list[KindName] | None = Field(
+        None, description="use only these granularities of --scores, e.g. module (default: every one)."
+    )
     top_k: int | None = Field(10, ge=1, description="components each expert owns (mechanism-aware).")
     threshold: float | None = Field(None, description="minimum score of an owned component (mechanism-aware).")
     conflict: Literal["max", "blend"] = Field(
@@ -232,7 +235,7 @@ class MergeStageConfig(StageConfig):
         [], description="IFEval JSONL prompts, one per expert: add the merge evaluation table."
     )
 
-    _lists = _split_lists("experts", "expert_revisions", "weights", "scores", "evaluate_prompts")
+    _lists = _split_lists("experts", "expert_revisions", "weights", "scores", "score_kinds", "evaluate_prompts")
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}

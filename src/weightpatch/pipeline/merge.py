@@ -54,6 +54,14 @@ def read_scores(path: Path, method: str) -> pd.DataFrame:
     return frame[["component", "score"]]
 
 
+def _of_kinds(space, table: pd.DataFrame, kinds: list[str], path: Path) -> pd.DataFrame:
+    """The rows of ``table`` whose component is of one of ``kinds`` (``module``, ``head``, ...)."""
+    keep = table[[space.parse(str(c)).kind in kinds for c in table["component"]]]
+    if keep.empty:
+        raise WeightPatchError(f"score table {path} has no {'/'.join(kinds)} scores; widen --score-kinds")
+    return keep
+
+
 def merger_of(cfg: MergeStageConfig):
     """The merge method of ``cfg``: a standard ``MergeConfig``, or a mechanism-aware merger over it."""
     standard = MergeConfig(
@@ -73,6 +81,8 @@ def merger_of(cfg: MergeStageConfig):
         )
     space = component_space_for_checkpoint(cfg.base)
     tables = [read_scores(p, cfg.score_method) for p in cfg.scores]
+    if cfg.score_kinds:
+        tables = [_of_kinds(space, t, cfg.score_kinds, p) for t, p in zip(tables, cfg.scores, strict=True)]
     if cfg.mechanism == "owner_takes_top":
         return owner_takes_top(
             space, tables, top_k=cfg.top_k, threshold=cfg.threshold, standard=standard,
