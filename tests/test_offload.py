@@ -46,3 +46,40 @@ def test_disk_offloaded_weights_are_refused(llama_pair_dirs, tmp_path):
         patched(pair.model, pair.donor, pair.space, ["L0.mlp"]),
     ):
         pass
+
+
+def test_an_offload_hook_chained_with_another_hook_is_patched(llama_pair_dirs):
+    """accelerate chains hooks in a SequentialHook (``.hooks``); the one holding the weights map is found
+    among hooks that hold none."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    pair = load_pair(*llama_pair_dirs)
+    cpu_offload(pair.model, execution_device=torch.device("cpu"))
+    up = pair.model.model.layers[0].mlp.up_proj
+    add_hook_to_module(up, ModelHook(), append=True)
+    assert len(up._hf_hook.hooks) == 2
+    storage = up._hf_hook.hooks[0].weights_map["weight"]
+    before = storage.clone()
+    with patched(pair.model, pair.donor, pair.space, ["L0.mlp"]):
+        (up_slice,) = [s for s in pair.space.resolve("L0.mlp") if s.name == "model.layers.0.mlp.up_proj.weight"]
+        assert torch.equal(storage, pair.donor.read(up_slice))
+    assert torch.equal(storage, before)
+
+
+def test_a_parameter_on_the_meta_device_without_real_storage_is_refused(llama_pair_dirs):
+    """Not loaded at all (no hook), or a hook whose weights map holds only a meta tensor: the same error."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    for hooked in (False, True):
+        pair = load_pair(*llama_pair_dirs)
+        up = pair.model.model.layers[0].mlp.up_proj
+        up.weight = torch.nn.Parameter(torch.empty_like(up.weight, device="meta"))
+        if hooked:
+            hook = ModelHook()
+            hook.weights_map = {"weight": torch.empty_like(up.weight, device="meta")}
+            add_hook_to_module(up, hook)
+        with (
+            pytest.raises(WeightPatchError, match="offloaded to disk \\(or not loaded\\)"),
+            patched(pair.model, pair.donor, pair.space, ["L0.mlp"]),
+        ):
+            pass
