@@ -356,7 +356,7 @@ def _method_grids(args, space, scores: list[dict], n: int, ta_name: str, ta) -> 
             f"owner_takes_top(k={k} modules,others=1,task_arithmetic(weights={list(w)}))": owner_takes_top(
                 space, modules, top_k=k, standard=MergeConfig(weights=w), others=1.0
             )
-            for k in (4, 8)
+            for k in args.owner_local_k
             for w in weight_grid
             if min(w) < 1.0  # all weights 1: task arithmetic but on shared modules (not a separate setting)
         },
@@ -437,6 +437,7 @@ def real_table(args) -> None:
         best = max(results, key=lambda n: (results[n][0], -results[n][1], results[n][2]))
         return best, grid[best], ", ".join(f"{n}: {v[0]:.2f}/{v[1]:.2f}/{v[2]:.2f}" for n, v in results.items())
 
+    fixed = {m: int(i) for m, i in (kv.split("=") for kv in args.fixed.split(",") if kv)}
     combos = COMBOS if args.combos == "all" else tuple(tuple(c.split("+")) for c in args.combos.split(","))
     rows, chosen = [], []
     for combo in combos:
@@ -451,6 +452,9 @@ def real_table(args) -> None:
             print(rows[-1], flush=True)
         if args.grid == "lambda":  # only lambda tuned: every other method at its first (conventional) setting
             grids = {method: dict([next(iter(grid.items()))]) for method, grid in grids.items()}
+        for method, position in fixed.items():  # a setting chosen before (on another combination's validation)
+            if method in grids:
+                grids[method] = dict([list(grids[method].items())[position]])
         for method, grid in grids.items():
             name, merger, tried = choose(grid, combo) if len(grid) > 1 else (*next(iter(grid.items())), "")
             chosen.append(
@@ -479,7 +483,9 @@ def real_table(args) -> None:
         f"owner_local is owner_takes_top over those weights with each expert's full delta on its top-k modules "
         f"(others=1). Scores: each expert's Weight Patching screen-then-verify on its own capability (heads and "
         f"neurons; modules separately), exact scores of the verified top {args.top_k * 2} per kind on the "
-        f"validation prompts. Scoring {t_scores:.0f} s, total "
+        f"validation prompts."
+        + (f" Settings used without tuning here (grid positions): {args.fixed}." if args.fixed else "")
+        + f" Scoring {t_scores:.0f} s, total "
         f"{time.perf_counter() - t0:.0f} s.\n\nChosen settings:\n\n" + "\n".join(f"- {c}" for c in chosen),
     )
 
@@ -495,6 +501,12 @@ def main() -> None:
         "--grid", choices=["lambda", "full"], default="lambda", help="real part: tune only lambda, or every method"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--fixed",
+        default="",
+        help="real part: method=position of a grid setting used without tuning, e.g. ties=0,owner_blend=1",
+    )
+    parser.add_argument("--owner-local-k", type=int, nargs="+", default=[4, 8], help="real part: modules owned")
     parser.add_argument("--methods", default="all", help="real part: e.g. task_arithmetic_weighted,owner_local")
     parser.add_argument("--anchor-method", choices=["model_diff", "instruction"], default="model_diff")
     parser.add_argument("--build-caps", action="store_true", help="build the SmolLM2 caps expert if missing")
