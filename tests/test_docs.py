@@ -18,9 +18,10 @@ def test_pattern_recipes_run_on_the_demo_pair(tmp_path, monkeypatch):
     code = "\n".join(blocks)
     code = code.replace('"path/or/hub-id-of-base"', repr(str(paths.base)))
     code = code.replace('"path/or/hub-id-of-specialized"', repr(str(paths.specialized)))
-    code = code.replace(
-        '"base", ["expert_a", "expert_b"], "merged"', f'{str(paths.base)!r}, [{str(paths.specialized)!r}], "merged"'
-    )
+    # the merge recipes: two experts (the specialized model twice), each with the scores saved above
+    for name, path in (('"base"', paths.base), ('"expert_a"', paths.specialized), ('"expert_b"', paths.specialized)):
+        code = code.replace(name, repr(str(path)))
+    code = code.replace('"runs/a"', '"runs/scores.parquet"').replace('"runs/b"', '"runs/scores.parquet"')
     namespace = {
         "train_with": [r.prompt for r in records[:12]],
         "train_without": [r.prompt_without_instruction for r in records[:12]],
@@ -32,6 +33,9 @@ def test_pattern_recipes_run_on_the_demo_pair(tmp_path, monkeypatch):
     exec(compile(code, str(DOCS), "exec"), namespace)
     assert (tmp_path / "runs" / "scores.parquet").is_file()
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    owned = namespace["merger"]
+    assert all(chosen and all(re.fullmatch(r"L\d+\.(attn|mlp)", c) for c in chosen) for chosen in owned.selected)
+    assert (tmp_path / "merged-owned" / "README.md").is_file() and (tmp_path / "merged-owned.yml").is_file()
 
 
 README = Path(__file__).parents[1] / "README.md"
