@@ -304,15 +304,16 @@ def _real_capabilities(rx, base: Path, experts: dict[str, Path], top_k: int):
         pair, anchor = cap.scorer.pair, cap.scorer.anchor
         texts = render_prompts(pair.tokenizer, rx.prompts(rx.VALIDATION, spec["instruction"]))
         validation_scorers[skill] = AnchorScorer(pair, anchor, texts)
-        for kinds, cache in ((("head", "neuron"), expert / "wp-scores.csv"), (("module",), expert / "wp-modules.csv")):
-            if not cache.exists():
+        scores[skill] = {}
+        for label, kinds, cache in (
+            ("fine", ("head", "neuron"), "wp-scores.csv"),
+            ("module", ("module",), "wp-modules.csv"),
+        ):
+            if not (expert / cache).exists():
                 table, _ = screen_then_verify(validation_scorers[skill], kinds=kinds, top_k=top_k)
-                table.select("exact").to_pandas()[["component", "score"]].to_csv(cache, index=False)
+                table.select("exact").to_pandas()[["component", "score"]].to_csv(expert / cache, index=False)
+            scores[skill][label] = pd.read_csv(expert / cache)
         caps[skill] = cap
-        scores[skill] = {
-            "fine": pd.read_csv(expert / "wp-scores.csv"),
-            "module": pd.read_csv(expert / "wp-modules.csv"),
-        }
     return caps, scores, validation_scorers
 
 

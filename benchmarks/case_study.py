@@ -132,7 +132,7 @@ def behaviour_step(run, scorer, trace_cfg, seed: int = 0) -> None:
     prompt token (nats), strict accuracy; plus the mean/std recovery of 5 random k-subsets."""
     from weightpatch.pipeline.inputs import select_prompts
     from weightpatch.pipeline.trace import curve_rankings
-    from weightpatch.validation import behavior_of, next_token_logprobs, sufficiency_curve
+    from weightpatch.validation import behavior_of, specialized_logprobs, sufficiency_curve
 
     if run.has("behavior"):
         return
@@ -140,8 +140,7 @@ def behaviour_step(run, scorer, trace_cfg, seed: int = 0) -> None:
     records = select_prompts(trace_cfg, trace_cfg.seed)
     metric = strict_metric(scorer.pair.tokenizer, records)
     rng = random.Random(seed)
-    with scorer.pair.as_model("specialized") as sft:
-        reference = next_token_logprobs(sft, scorer.batches)
+    reference = specialized_logprobs(scorer)
     rows = []
     for label, ranked in curve_rankings(run.scores()).items():
         names = ranked.frame.sort_values("score", ascending=False, kind="stable")["component"].tolist()

@@ -14,6 +14,7 @@ from weightpatch.validation import (
     interaction_matrix,
     necessity_curve,
     next_token_logprobs,
+    specialized_logprobs,
     sufficiency_curve,
 )
 
@@ -117,8 +118,7 @@ def test_behavior_of_uses_a_given_reference_and_computes_the_same_one_itself(lla
     pair = load_pair(*llama_pair_dirs)
     anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(8, 5))
-    with pair.as_model("specialized") as sft:
-        reference = next_token_logprobs(sft, scorer.batches)
+    reference = specialized_logprobs(scorer)
     own = behavior_of(scorer, ["L0.mlp"])
     given = behavior_of(scorer, ["L0.mlp"], reference=reference)
     assert given == own

@@ -111,6 +111,13 @@ def next_token_logprobs(model: torch.nn.Module, batches: Sequence[Batch]) -> lis
         return [torch.log_softmax(model(**b.kwargs(), use_cache=False).logits.float(), -1) for b in batches]
 
 
+def specialized_logprobs(scorer: AnchorScorer) -> list[torch.Tensor]:
+    """The specialized model's :func:`next_token_logprobs` on ``scorer.batches``: the reference
+    of every output KL here."""
+    with scorer.pair.as_model("specialized") as sft:
+        return next_token_logprobs(sft, scorer.batches)
+
+
 def output_kl(
     model: torch.nn.Module,
     batches: Sequence[Batch],
@@ -161,10 +168,7 @@ def _curve(
         raise ValueError("the score table has no rows for this method/kind")
     toward: Literal["specialized", "base"] = "specialized" if mode == "sufficiency" else "base"
     column = "recovery" if mode == "sufficiency" else "drop"
-    reference = None
-    if kl:
-        with pair.as_model("specialized") as sft:
-            reference = next_token_logprobs(sft, scorer.batches)
+    reference = specialized_logprobs(scorer) if kl else None
     if 0 < controls < MIN_CONTROLS:
         logger.warning("controls=%d raised to %d: fewer random draws give no usable spread", controls, MIN_CONTROLS)
         controls = MIN_CONTROLS
@@ -245,12 +249,11 @@ def behavior_of(
 ) -> dict[str, float]:
     """Anchor fraction, output KL to the specialized model and the optional behaviour metric of
     one patched (``"sufficiency"``) or knocked-out (``"necessity"``) model. ``reference``: the
-    specialized model's :func:`next_token_logprobs` on ``scorer.batches`` when already computed
+    specialized model's log-probabilities (:func:`specialized_logprobs`) when already computed
     (several calls on one scorer then run the specialized model once)."""
     pair = scorer.pair
     if reference is None:
-        with pair.as_model("specialized") as sft:
-            reference = next_token_logprobs(sft, scorer.batches)
+        reference = specialized_logprobs(scorer)
     context = with_patch if mode == "sufficiency" else with_knockout
     toward: Literal["specialized", "base"] = "specialized" if mode == "sufficiency" else "base"
     with context(pair, components) as model:
