@@ -83,3 +83,17 @@ def test_bin_checkpoint_donor_and_bf16_receiver(tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     with patched(pair.model, pair.donor, pair.space, ["L0.mlp"]):
         assert torch.equal(pair.model.get_parameter(name), sft.get_parameter(name).to(torch.bfloat16))
+
+
+def test_as_model_gives_each_role_its_checkpoint_and_refuses_other_roles(llama_pair_dirs):
+    from transformers import AutoModelForCausalLM
+
+    pair = load_pair(*llama_pair_dirs)
+    ids = torch.tensor([[5, 9, 11, 7]])
+    for role, directory in zip(("base", "specialized"), llama_pair_dirs, strict=True):
+        reference = AutoModelForCausalLM.from_pretrained(directory).eval()
+        with torch.no_grad(), pair.as_model(role) as model:
+            assert torch.equal(model(ids).logits, reference(ids).logits), role
+    refused = pytest.raises(WeightPatchError, match=r"^unknown model role 'sft'; use 'base' or 'specialized'$")
+    with refused, pair.as_model("sft"):
+        pass

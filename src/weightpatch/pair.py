@@ -242,6 +242,8 @@ class ModelPair:
     def as_model(self, role: Role) -> Iterator[PreTrainedModel]:
         """The in-memory model with the weights of ``role``: the receiver as it is, or with every
         component patched from the donor (bit-identical to the other checkpoint)."""
+        if role not in ("base", "specialized"):
+            raise WeightPatchError(f"unknown model role {role!r}; use 'base' or 'specialized'")
         if role == self.receiver:
             yield self.model
             return
