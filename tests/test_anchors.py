@@ -133,8 +133,12 @@ def test_built_anchors_are_the_normalized_mean_differences_of_their_method(llama
         build_anchor(pair, asked, plain, layer=1, method="mean")
     with pytest.raises(WeightPatchError, match="without its instruction"):  # unequal counts are refused too
         build_anchor(pair, asked, plain[:4], layer=1, method="instruction")
-    with pytest.raises(WeightPatchError, match=r"^anchor layer -1 is out of range \(the model has layers 0\.\.2\)$"):
-        build_anchor(pair, asked, None, layer=-1, method="model_diff")
+    for layer in (-1, 3):
+        with pytest.raises(
+            WeightPatchError, match=rf"^anchor layer {layer} is out of range \(the model has layers 0\.\.2\)$"
+        ):
+            build_anchor(pair, asked, None, layer=layer, method="model_diff")
+    assert build_anchor(pair, asked, None, layer=0, method="model_diff").layer == 0
 
 
 def test_prompts_sha256_is_the_sha256_of_the_groups_with_separators():
@@ -170,7 +174,7 @@ def test_search_table_is_the_held_out_separation_of_each_layers_training_directi
         search_anchor_layer(pair, train, None, held, None, method="model_diff", layers=[1, 3])
 
 
-@pytest.mark.parametrize(("layers", "expected"), [(1, [0]), (4, [1, 3]), (10, [2, 4, 6, 8, 9])])
+@pytest.mark.parametrize(("layers", "expected"), [(1, [0]), (2, [1]), (4, [1, 3]), (10, [2, 4, 6, 8, 9])])
 def test_default_search_layers_skip_the_first_fifth_and_step_by_two(tmp_path, layers, expected):
     pair = load_pair(*make_pair("llama", tmp_path, num_layers=layers))
     _, table = search_anchor_layer(pair, tiny_texts(3, 1), None, tiny_texts(3, 2), None, method="model_diff")
@@ -220,6 +224,9 @@ def test_steering_pushes_every_direction_by_alpha_times_scale(llama_pair_dirs):
         return got
 
     seen, again, other = pushes(4), pushes(4), pushes(5)
+    default = []
+    steering_curve(pair, anchor, [1.0], lambda m: default.append(residual(m) - before) or 0.0, random_directions=2)
+    assert all(torch.allclose(a, b) for a, b in zip(default, pushes(0), strict=True))  # the default seed is 0
     assert torch.allclose(seen[0], anchor.vector, atol=1e-4)  # the anchor row pushes along u
     assert all(torch.allclose(a, b) for a, b in zip(seen, again, strict=True))  # seeded
     assert not torch.allclose(seen[1], seen[2], atol=1e-2) and not torch.allclose(seen[1], other[1], atol=1e-2)
@@ -300,6 +307,8 @@ def test_midpoint_accuracy_counts_the_negative_condition_at_the_midpoint_as_righ
     assert sep["accuracy"] == 1.0
     # midpoint 2.0: the positive 1.0 and the negative 2.5 are on the wrong side
     assert _separation(np.array([4.0, 1.0]), np.array([2.5, 0.5]))["accuracy"] == 0.5
+    # means 2.75 and 0.25: midpoint 1.5, where one positive value sits (it is not above it)
+    assert _separation(np.array([4.0, 1.5]), np.array([1.0, -0.5]))["accuracy"] == 0.75
     assert set(sep) == {"cohen_d", "auc", "accuracy", "mean_gap"}
 
 
@@ -308,15 +317,16 @@ def test_non_finite_residuals_name_their_layers_and_prompts(llama_pair_dirs, mon
 
     pair = load_pair(*llama_pair_dirs)
 
-    def designed(pair, texts, layers, role, batch_size, truncate_prompts):  # NaN at prompt 1, second layer
+    def designed(pair, texts, layers, role, batch_size, truncate_prompts):  # prompts 1 and 2, second layer
         out = torch.zeros(len(texts), len(layers), 32)
         if role == "base":
             out[1, 1, 7] = float("inf")
+            out[2, 1, 0] = float("nan")
         return out
 
     monkeypatch.setattr(anchors, "last_token_residuals", designed)
     message = (
-        r"^the residual stream is NaN/inf at layers \[2\] on 1 of 3 prompts: the models' weights are not "
+        r"^the residual stream is NaN/inf at layers \[2\] on 2 of 3 prompts: the models' weights are not "
         r"finite or overflow in this dtype \(check them with `wpatch check`, or use float32\); no anchor was built$"
     )
     with pytest.raises(WeightPatchError, match=message):
@@ -334,6 +344,12 @@ def test_prompts_longer_than_the_context_are_cut_only_when_asked(llama_pair_dirs
     by_hand = build_anchor(pair, [kept, *long[1:]], None, layer=1, method="model_diff")
     assert torch.allclose(cut.vector, by_hand.vector, atol=1e-5)
     search_anchor_layer(pair, long, None, long, None, method="model_diff", truncate_prompts=True)  # both sets cut
+    plain = [long[0], *tiny_texts(2, 5)]  # the long prompt also without its (here: any) instruction
+    instruction = build_anchor(pair, long, plain, layer=1, method="instruction", truncate_prompts=True)
+    by_hand = build_anchor(pair, [kept, *long[1:]], [kept, *plain[1:]], layer=1, method="instruction")
+    assert torch.allclose(instruction.vector, by_hand.vector, atol=1e-5)
+    with pytest.raises(WeightPatchError, match="longer than"):
+        last_token_residuals(pair, long, [1], "base")
     with pytest.raises(WeightPatchError, match="longer than"):
         search_anchor_layer(pair, tiny_texts(3), None, long, None, method="model_diff")
 
@@ -386,3 +402,16 @@ def test_steering_reference_rows_are_the_unmodified_models(llama_pair_dirs):
     assert curve["draw"].tolist() == [0, 0, 0, 0]  # base, anchor, random draw 0, specialized
     empty = steering_curve(pair, anchor, [], lambda m: 0.0)
     assert empty.empty and empty.columns.tolist() == ["alpha", "metric", "direction", "draw"]
+
+
+def test_conditions_that_do_not_differ_are_refused_by_name(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    texts = tiny_texts(3)
+    message = (
+        r"^the two conditions have the same mean residual after block 1 \(the anchor direction has norm .*\): the "
+        r"prompts with and without the instruction do not differ; check the 'prompt_without_instruction' field$"
+    )
+    with pytest.raises(WeightPatchError, match=message):
+        build_anchor(pair, texts, texts[::-1], layer=1, method="instruction")
+    with pytest.raises(WeightPatchError, match=message):
+        search_anchor_layer(pair, texts, texts, texts, texts, method="instruction", layers=[1])

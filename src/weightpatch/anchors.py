@@ -188,6 +188,21 @@ def _differences(pair, method, with_instr, without_instr, layers, batch_size, tr
     return a, b
 
 
+def _unit_direction(
+    direction: Float[torch.Tensor, " hidden"], residuals: Float[torch.Tensor, "prompt hidden"], layer: int
+) -> Float[torch.Tensor, " hidden"]:
+    """``direction / |direction|``, refusing a direction below float32 noise: shorter than 1e-6 of the mean
+    residual norm (the two conditions do not differ; padding alone moves residuals by about 1e-7)."""
+    norm = float(direction.norm())
+    if norm <= 1e-6 * float(residuals.norm(dim=-1).mean()):
+        raise WeightPatchError(
+            f"the two conditions have the same mean residual after block {layer} (the anchor direction has norm "
+            f"{norm:.1e}): the prompts with and without the instruction do not differ; check the "
+            "'prompt_without_instruction' field"
+        )
+    return direction / norm
+
+
 def cohens_d(pos: np.ndarray, neg: np.ndarray) -> float:
     """Cohen's d of two samples with the pooled (degrees-of-freedom weighted) standard deviation:
     Student's t of :func:`scipy.stats.ttest_ind` times ``sqrt(1/n_pos + 1/n_neg)``. NaN with fewer
@@ -249,7 +264,7 @@ def search_anchor_layer(
     rows, vectors = [], {}
     for i, layer in enumerate(layers):
         direction = (a[:, i] - b[:, i]).mean(0)
-        u = direction / direction.norm()
+        u = _unit_direction(direction, a[:, i], layer)
         vectors[layer] = u
         sep = _separation((ha[:, i] @ u).numpy(), (hb[:, i] @ u).numpy())
         rows.append({"layer": layer, **sep, "direction_norm": float(direction.norm())})
@@ -285,7 +300,7 @@ def build_anchor(
     a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size, truncate_prompts)
     direction = (a[:, 0] - b[:, 0]).mean(0)
     return Anchor(
-        direction / direction.norm(),
+        _unit_direction(direction, a[:, 0], layer),
         layer,
         method,
         pair.identities(),
