@@ -125,3 +125,148 @@ def test_behavior_of_uses_a_given_reference_and_computes_the_same_one_itself(lla
     # against the base's own distribution instead, the KL of a model that is not the base is not the same
     base_reference = next_token_logprobs(pair.model, scorer.batches)
     assert behavior_of(scorer, ["L0.mlp"], reference=base_reference)["kl"] != pytest.approx(own["kl"], rel=1e-3)
+
+
+# ---- values by hand: each row is the model patched on its own, measured with the gap formula ----
+def _hand_fraction(scorer, f: torch.Tensor) -> float:
+    """Mean over the kept prompts of (F - F_base) / (F_sft - F_base) for a base-receiver scorer."""
+    return float(((f - scorer.f_receiver) / (scorer.f_donor - scorer.f_receiver))[scorer.valid].double().mean())
+
+
+def _hand_kl(reference_model, model, scorer, positions: str) -> float:
+    """KL(P_ref || P_model) of next-token distributions, averaged over last tokens or every real token."""
+    total, count = 0.0, 0
+    for batch in scorer.batches:
+        with torch.no_grad():
+            ref = torch.log_softmax(reference_model(**batch.kwargs()).logits.double(), -1)
+            got = torch.log_softmax(model(**batch.kwargs()).logits.double(), -1)
+        kl = (ref.exp() * (ref - got)).sum(-1)
+        keep = batch.attention_mask.bool() if positions == "all" else torch.zeros_like(kl, dtype=torch.bool)
+        if positions == "last":
+            keep[:, -1] = True
+        total, count = total + float(kl[keep].sum()), count + int(keep.sum())
+    return total / count
+
+
+def _table(pair, scored: list[tuple[str, str, float]]):
+    return ScoreTable.from_rows(score_row(pair.space.parse(c), method, s, 0.0, 1) for c, method, s in scored)
+
+
+def test_curve_rows_are_measured_by_hand_on_their_own_patched_models(llama_pair_dirs):
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from weightpatch.patch import patched
+
+    pair = load_pair(*llama_pair_dirs)
+    sft = AutoModelForCausalLM.from_pretrained(llama_pair_dirs[1]).eval()
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(7, 5), batch_size=3)  # three batches, left-padded
+    table = _table(
+        pair,
+        [
+            ("L0.mlp", "exact", 4.0),
+            ("L1.attn.head1", "exact", 3.0),
+            ("L2.attn", "exact", 3.0),  # a tie: the earlier row ranks first
+            ("L1.mlp.neuron3", "exact", 2.0),
+            ("L0.attn", "exact", 1.0),
+            ("L1.mlp", "first_order", 9.0),  # another method: not in the exact ranking
+        ],
+    )
+    ranked = ["L0.mlp", "L1.attn.head1", "L2.attn", "L1.mlp.neuron3", "L0.attn"]
+
+    def patched_fraction(components) -> float:
+        with torch.no_grad(), patched(pair.model, pair.donor, pair.space, components):
+            return _hand_fraction(scorer, scorer.anchor_scores(pair.model))
+
+    seen = []
+    curve = sufficiency_curve(
+        scorer,
+        table,
+        ks=[0, 3, 1, 99],  # 0 is dropped, 99 is the whole pool
+        method="exact",
+        controls=5,
+        seed=7,
+        kl=True,
+        kl_positions="all",
+        behavior_metric=lambda model: seen.append(1) or float(scorer.anchor_scores(model).mean()),
+    )
+    assert curve["k"].tolist() == [1, 3, 5] and curve["components"].tolist() == [ranked[:1], ranked[:3], ranked]
+    rng = random.Random(7)  # the controls: seeded draws of k of the pool, k after k
+    for row in curve.itertuples():
+        assert row.recovery == pytest.approx(patched_fraction(ranked[: row.k]), abs=1e-6)
+        draws = [patched_fraction(rng.sample(ranked, row.k)) for _ in range(5 if row.k < 5 else 0)]
+        assert row.n_controls == len(draws)
+        if draws:
+            assert row.random_mean == pytest.approx(np.mean(draws), abs=1e-6)
+            assert row.random_std == pytest.approx(np.std(draws, ddof=1), abs=1e-6)
+        with torch.no_grad(), patched(pair.model, pair.donor, pair.space, ranked[: row.k]):
+            assert row.kl == pytest.approx(_hand_kl(sft, pair.model, scorer, "all"), rel=1e-4, abs=1e-7)
+            assert row.behavior == pytest.approx(float(scorer.anchor_scores(pair.model).mean()), abs=1e-6)
+    assert len(seen) == 3
+    last = sufficiency_curve(scorer, table, ks=2, method="exact", controls=0, kl=True)
+    assert last["k"].tolist() == [1, 2] and last["n_controls"].tolist() == [0, 0]
+    with torch.no_grad(), patched(pair.model, pair.donor, pair.space, ranked[:2]):
+        assert last["kl"].iloc[1] == pytest.approx(_hand_kl(sft, pair.model, scorer, "last"), rel=1e-4, abs=1e-7)
+    heads = sufficiency_curve(scorer, table, ks=5, kind="head", controls=0)
+    assert heads["components"].tolist() == [["L1.attn.head1"]]
+    with pytest.raises(ValueError, match=r"^the score table has no rows for this method/kind$"):
+        sufficiency_curve(scorer, table, method="ig")
+
+
+def test_necessity_and_behavior_values_by_hand(llama_pair_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from weightpatch.patch import patched
+
+    pair = load_pair(*llama_pair_dirs)
+    sft_pair = load_pair(*llama_pair_dirs, receiver="specialized")  # knockouts built the other way round
+    sft = AutoModelForCausalLM.from_pretrained(llama_pair_dirs[1]).eval()
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(7, 5), batch_size=4)
+    table = _table(pair, [("L0.mlp", "exact", 3.0), ("L1.attn", "exact", 2.0), ("L2.mlp.neuron5", "exact", 1.0)])
+
+    def knocked_out(components):
+        return patched(sft_pair.model, sft_pair.donor, sft_pair.space, components)
+
+    def hand_drop(components) -> float:
+        with torch.no_grad(), knocked_out(components):
+            f = scorer.anchor_scores(sft_pair.model)
+        return float(((scorer.f_donor - f) / (scorer.f_donor - scorer.f_receiver))[scorer.valid].double().mean())
+
+    curve = necessity_curve(scorer, table, ks=[1, 2], controls=0, kl=True, behavior_metric=lambda m: 0.5)
+    for row in curve.itertuples():
+        assert row.drop == pytest.approx(hand_drop(["L0.mlp", "L1.attn"][: row.k]), abs=1e-5)
+        with torch.no_grad(), knocked_out(["L0.mlp", "L1.attn"][: row.k]):
+            assert row.kl == pytest.approx(_hand_kl(sft, sft_pair.model, scorer, "last"), rel=1e-4, abs=1e-7)
+    assert curve["behavior"].tolist() == [0.5, 0.5]
+    # behavior_of: the same two directions, one model each
+    out = behavior_of(scorer, ["L1.attn"], mode="necessity", kl_positions="all", behavior_metric=lambda m: 2.0)
+    assert out["anchor"] == pytest.approx(hand_drop(["L1.attn"]), abs=1e-5) and out["behavior"] == 2.0
+    with torch.no_grad(), knocked_out(["L1.attn"]):
+        assert out["kl"] == pytest.approx(_hand_kl(sft, sft_pair.model, scorer, "all"), rel=1e-4, abs=1e-7)
+    default = behavior_of(scorer, ["L1.attn"])  # sufficiency, last tokens, no metric
+    with torch.no_grad(), patched(pair.model, pair.donor, pair.space, ["L1.attn"]):
+        assert default["anchor"] == pytest.approx(_hand_fraction(scorer, scorer.anchor_scores(pair.model)), abs=1e-6)
+        assert default["kl"] == pytest.approx(_hand_kl(sft, pair.model, scorer, "last"), rel=1e-4, abs=1e-7)
+    assert set(default) == {"anchor", "kl"}
+    with pytest.raises(ValueError):  # a reference for other batches is refused, not silently cut
+        behavior_of(scorer, ["L1.attn"], reference=specialized_logprobs(scorer)[:1])
+
+
+def test_interactions_from_a_table_take_its_top_m(llama_pair_dirs, caplog):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
+    names = [f"L{layer}.mlp.neuron{i}" for layer in range(2) for i in range(5)]  # 10 components
+    table = _table(pair, [(c, "exact", float(10 - i)) for i, c in enumerate(names)])
+    matrix = interaction_matrix(scorer, table=table)
+    assert matrix.index.tolist() == names[:8] and matrix.dtypes.eq(np.float64).all()  # m = 8 by default
+    assert interaction_matrix(scorer, table=table, m=3, kind="neuron").index.tolist() == names[:3]
+    with pytest.raises(ValueError, match=r"^give components or a score table to take the top-m from$"):
+        interaction_matrix(scorer)
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        few = sufficiency_curve(scorer, table, ks=[1], controls=2)
+    assert few["n_controls"].tolist() == [5]
+    assert "controls=2 raised to 5: fewer random draws give no usable spread" in caplog.text
