@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -125,3 +126,131 @@ def test_demo_pair_targets_in_two_layers():
     high = edges[edges["target"] == "L3.mlp"]
     assert set(low["supplier_layer"]) == {0} and set(high["supplier_layer"]) == {0, 1, 2, 3}
     assert edges["supply"].notna().all()
+
+
+# ---- the edge-table functions on designed edges (values written out by hand) -------------------
+def _edges(rows) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["supplier", "target", "supply", "method", "supplier_kind"])
+
+
+def test_top_suppliers_keep_the_k_largest_per_target_at_or_above_the_floor():
+    from weightpatch.tracing import top_suppliers
+
+    edges = _edges(
+        [
+            ("a", "T1", 0.3, "exact", "neuron"),
+            ("b", "T1", 0.1, "exact", "neuron"),
+            ("c", "T1", 0.05, "exact", "neuron"),
+            ("d", "T1", 0.01, "exact", "neuron"),
+            ("a", "T2", 0.2, "exact", "neuron"),
+            ("e", "T2", 0.4, "exact", "head"),
+        ]
+        + [(f"n{i}", "T3", 0.5 + i / 100, "exact", "neuron") for i in range(6)]
+    )
+    kept = top_suppliers(edges, k=2, min_supply=0.05)
+    assert kept.columns.tolist() == edges.columns.tolist() and kept.index.tolist() == list(range(6))
+    assert list(zip(kept["supplier"], kept["target"], strict=True)) == [
+        ("n5", "T3"),
+        ("n4", "T3"),
+        ("e", "T2"),
+        ("a", "T1"),
+        ("a", "T2"),
+        ("b", "T1"),
+    ]
+    with_floor = top_suppliers(edges, k=3, min_supply=0.05)
+    assert sorted(with_floor[with_floor["target"] == "T1"]["supplier"]) == ["a", "b", "c"]  # 0.05 itself is kept
+    default = top_suppliers(edges)  # k = 5, no floor
+    assert (default["target"] == "T3").sum() == 5 and (default["target"] == "T1").sum() == 4
+
+
+def test_supplier_graph_carries_supply_and_method_on_its_edges():
+    from weightpatch.tracing import supplier_graph
+
+    edges = _edges([("a", "T1", 0.3, "exact", "neuron"), ("b", "T1", 0.1, "first_order", "head")])
+    graph = supplier_graph(edges, k=5)
+    assert sorted(graph.edges(data=True)) == [
+        ("a", "T1", {"weight": 0.3, "method": "exact"}),
+        ("b", "T1", {"weight": 0.1, "method": "first_order"}),
+    ]
+    assert list(supplier_graph(edges, min_supply=0.2).edges) == [("a", "T1")]
+
+
+def test_supplier_overlap_by_hand(llama_pair_dirs):
+    from weightpatch.results import ScoreTable, score_row
+    from weightpatch.tracing import supplier_overlap
+
+    space = load_pair(*llama_pair_dirs).space
+    neurons = [f"L0.mlp.neuron{i}" for i in range(12)]
+    # supplies: neuron i gives 0.01 * (12 - i) to T1, and neuron 11 also 0.5 to T2 (its max counts)
+    rows = [(n, "T1", 0.01 * (12 - i), "exact", "neuron") for i, n in enumerate(neurons)]
+    rows += [(neurons[11], "T2", 0.5, "exact", "neuron"), ("L0.attn.head1", "T1", 0.9, "exact", "head")]
+    edges = _edges(rows)
+    table = ScoreTable.from_rows(
+        [score_row(space.parse(n), "exact", float(i), 0.0, 1) for i, n in enumerate(neurons)]  # reversed order
+        + [score_row(space.parse("L0.mlp.neuron0"), "first_order", 99.0, 0.0, 1)]
+        + [score_row(space.parse("L0.attn.head1"), "exact", 99.0, 0.0, 1)]
+    )
+    out = supplier_overlap(edges, table)  # k = 10, exact, neurons
+    traced = [neurons[11], *neurons[:9]]
+    wp = neurons[::-1][:10]
+    assert out == {
+        "k": 10,
+        "fraction": len(set(traced) & set(wp)) / 10,
+        "traced": traced,
+        "weight_patching": wp,
+        "shared": [c for c in traced if c in wp],
+    }
+    assert out["fraction"] == pytest.approx(0.8)
+    floor = supplier_overlap(edges, table, k=3, min_supply=0.11)  # 0.11 itself is kept
+    assert floor["traced"] == [neurons[11], neurons[0], neurons[1]] and floor["shared"] == [neurons[11]]
+    heads = supplier_overlap(edges, table, k=1, kind=None)
+    assert heads["traced"] == ["L0.attn.head1"] and heads["weight_patching"] == ["L0.attn.head1"]
+    first_order = supplier_overlap(edges, table, k=1, method="first_order")
+    assert first_order["weight_patching"] == ["L0.mlp.neuron0"]
+    empty = supplier_overlap(edges, table, min_supply=1.0)
+    assert empty["traced"] == [] and np.isnan(empty["fraction"])
+
+
+def test_hierarchy_levels_by_hand(llama_pair_dirs):
+    from weightpatch.tracing import hierarchy
+
+    space = load_pair(*llama_pair_dirs).space
+    edges = _edges(
+        [
+            ("L0.mlp.neuron1", "L1.attn.head0", 0.3, "exact", "neuron"),
+            ("L0.attn.head2", "L1.attn.head3", 0.01, "exact", "head"),  # below the 0.05 floor
+            ("L1.attn.head0", "L1.mlp", 0.2, "exact", "head"),  # a target that also supplies: not a source
+            ("L0.mlp.neuron1", "L1", 0.1, "exact", "neuron"),
+        ]
+    )
+    roles = pd.DataFrame(
+        [
+            ("L2.attn.head1", 2, True),  # above the top router (layer 1): execution
+            ("L1.attn", 1, True),  # at the top router's layer: not
+            ("L2.mlp", 2, False),  # not high in activation space: not
+            ("L0.attn", 0, True),
+        ],
+        columns=["component", "layer", "activation_high"],
+    )
+    levels = hierarchy(edges, space, anchor_layer=0, roles=roles)
+    assert levels["layer"].dtype == "Int64"
+    got = [
+        (c, lv, name, None if pd.isna(layer) else int(layer), t)
+        for c, lv, name, layer, t in levels.itertuples(index=False)
+    ]
+    assert got == [
+        ("L0.mlp.neuron1", 0, "source", 0, True),
+        ("L1.attn.head0", 1, "router", 1, True),
+        ("L1.attn.head3", 1, "router", 1, False),
+        ("L1.mlp", 1, "router", 1, True),
+        ("L1", 1, "router", 1, True),
+        ("L2.attn.head1", 2, "execution", 2, False),
+        ("L2", 2, "execution", 2, False),  # L1 is a router already: listed once
+        ("norm.final", 3, "unembedding", None, False),
+        ("unembed", 3, "unembedding", None, False),
+    ]
+    no_edges = hierarchy(edges.iloc[:0], space, anchor_layer=1, roles=roles)  # no router: every high one counts
+    assert no_edges["component"].tolist() == ["L2.attn.head1", "L1.attn", "L0.attn", "L2", "norm.final", "unembed"]
+    strict = hierarchy(edges, space, anchor_layer=1, k=1, min_supply=0.25)  # only neuron1 -> head0 is kept
+    assert strict["component"].tolist()[:5] == ["L0.mlp.neuron1", "L1.attn.head0", "L1.attn.head3", "L1.mlp", "L1"]
+    assert strict["traced"].tolist()[:5] == [True, True, False, False, False]
