@@ -270,3 +270,72 @@ def test_interactions_from_a_table_take_its_top_m(llama_pair_dirs, caplog):
         few = sufficiency_curve(scorer, table, ks=[1], controls=2)
     assert few["n_controls"].tolist() == [5]
     assert "controls=2 raised to 5: fewer random draws give no usable spread" in caplog.text
+
+
+def test_curve_defaults_filters_and_control_counts(llama_pair_dirs, caplog):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
+    neurons = [f"L{layer}.mlp.neuron{i}" for layer in range(2) for i in range(6)]  # 12 of them
+    table = _table(pair, [(c, "exact", float(12 - i)) for i, c in enumerate(neurons)])
+    table = ScoreTable.from_rows(
+        [*table.frame.to_dict("records"), *_table(pair, [("L1.mlp", "first_order", 99.0)]).frame.to_dict("records")]
+    )
+    for curve_of, column in ((sufficiency_curve, "recovery"), (necessity_curve, "drop")):
+        default = curve_of(scorer, table, method="exact", kind="neuron", controls=5)
+        assert default["k"].tolist() == list(range(1, 11)) and "kl" not in default  # ks = 10, no KL by default
+        assert default["components"].iloc[0] == [neurons[0]]  # the first_order row is filtered out
+        seeded = curve_of(scorer, table, ks=[2], method="exact", kind="neuron", controls=5, seed=0)
+        alone = curve_of(scorer, table, ks=[2], method="exact", kind="neuron", controls=5)
+        other = curve_of(scorer, table, ks=[2], method="exact", kind="neuron", controls=5, seed=1)
+        assert alone["random_mean"].iloc[0] == seeded["random_mean"].iloc[0] != other["random_mean"].iloc[0]
+        assert column in default
+        mixed = curve_of(scorer, table, ks=[1], kind="module", controls=0)
+        assert mixed["components"].tolist() == [["L1.mlp"]]
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        one = sufficiency_curve(scorer, table, ks=[1], method="exact", controls=1)
+        five = sufficiency_curve(scorer, table, ks=[1], method="exact", controls=5)
+    assert one["n_controls"].tolist() == [5] and five["n_controls"].tolist() == [5]
+    assert [r.getMessage() for r in caplog.records] == [
+        "controls=1 raised to 5: fewer random draws give no usable spread"
+    ]  # 5 is enough: no warning for it
+
+
+def test_output_kl_defaults_to_last_tokens_and_refuses_a_short_reference(llama_pair_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from weightpatch.validation import output_kl
+
+    pair = load_pair(*llama_pair_dirs)
+    sft = AutoModelForCausalLM.from_pretrained(llama_pair_dirs[1]).eval()
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(7, 5), batch_size=3)
+    reference = specialized_logprobs(scorer)
+    assert output_kl(pair.model, scorer.batches, reference) == pytest.approx(
+        _hand_kl(sft, pair.model, scorer, "last"), rel=1e-4
+    )
+    assert output_kl(pair.model, scorer.batches, reference) != pytest.approx(
+        _hand_kl(sft, pair.model, scorer, "all"), rel=1e-3
+    )
+    with pytest.raises(ValueError):
+        output_kl(pair.model, scorer.batches, reference[:2])
+
+
+def test_rankings_keep_table_order_among_many_ties_and_metrics_get_the_patched_model(llama_pair_dirs):
+    from weightpatch.patch import patched
+    from weightpatch.validation import _ranking
+
+    pair = load_pair(*llama_pair_dirs)
+    names = [f"L{layer}.mlp.neuron{i}" for layer in range(3) for i in range(20)]
+    scores = [float((i * 7) % 3) for i in range(60)]  # three values, 20 ties each, interleaved
+    table = _table(pair, list(zip(names, ["exact"] * 60, scores, strict=True)))
+    expected = [c for level in (2.0, 1.0, 0.0) for c, s in zip(names, scores, strict=True) if s == level]
+    assert _ranking(table, None, None) == expected  # ties keep the table's order (numpy's quicksort does not)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
+    out = behavior_of(scorer, ["L0.mlp"], behavior_metric=lambda m: float(scorer.anchor_scores(m).mean()))
+    with torch.no_grad(), patched(pair.model, pair.donor, pair.space, ["L0.mlp"]):
+        assert out["behavior"] == pytest.approx(float(scorer.anchor_scores(pair.model).mean()), abs=1e-6)
+    mixed = _table(pair, [("L1.mlp", "first_order", 9.0), ("L0.mlp", "exact", 1.0), ("L0.attn.head1", "exact", 0.5)])
+    matrix = interaction_matrix(scorer, table=mixed, m=2, method="exact", kind="module")
+    assert matrix.index.tolist() == ["L0.mlp"]
