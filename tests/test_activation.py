@@ -69,3 +69,35 @@ def test_components_without_an_activation_site_are_refused(tmp_path):
     with pytest.raises(ComponentError, match="activation site"):
         site_of(pair.space, "unembed")
     assert site_of(pair.space, "L0.attn.head1").start == 8
+
+
+def test_defaults_patch_every_position_and_list_every_kind_below_each_layer(llama_pair_dirs):
+    from weightpatch.activation import default_components
+
+    pair = load_pair(*llama_pair_dirs)
+    space = pair.space
+    heads = default_components(space, kinds=("head",))
+    assert heads and {c.kind for c in heads} == {"head"} and {c.layer for c in heads} == {0, 1, 2}
+    assert {c.layer for c in default_components(space, kinds=("module",), layers=[1])} == {1}
+    assert [c.name for c in default_components(space, kinds=("module",), modules=("mlp",), layers=[0])] == ["L0.mlp"]
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 3))
+    components = ["L0.attn", "L0.mlp.neuron2", "L1.attn.head1", "L2.mlp", "L2.attn"]  # two above the anchor
+    default = activation_scores(scorer, components).frame.set_index("component")
+    every = activation_scores(scorer, components, positions="all").frame.set_index("component")
+    last = activation_scores(scorer, components, positions="last").frame.set_index("component")
+    assert default["score"].equals(every["score"]) and not default["score"].equals(last["score"])
+    # above the anchor block nothing can move the anchor: score 0 with no spread, every such row present
+    assert default.loc[["L2.mlp", "L2.attn"], ["score", "stderr"]].eq(0.0).all().all()
+    low = AnchorScorer(pair, build_anchor(pair, tiny_texts(6), None, layer=0, method="model_diff"), tiny_texts(6, 3))
+    above = activation_scores(low, ["L1.mlp", "L2.mlp", "L0.mlp"]).frame.set_index("component")
+    assert above.loc[["L1.mlp", "L2.mlp"], "score"].eq(0.0).all() and above.loc["L0.mlp", "score"] != 0.0
+    ids = encode(pair.tokenizer, tiny_texts(3, 3))
+    assert torch.equal(
+        patched_residual(pair, ids, ["L0.attn"], layer=1),
+        patched_residual(pair, ids, ["L0.attn"], layer=1, positions="all"),
+    )
+    assert not torch.equal(
+        patched_residual(pair, ids, ["L0.attn"], layer=1),
+        patched_residual(pair, ids, ["L0.attn"], layer=1, positions="last"),
+    )
