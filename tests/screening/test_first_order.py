@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from conftest import make_pair, tiny_texts
@@ -81,3 +82,11 @@ def test_first_order_stderr_is_the_spread_of_single_prompt_scores(scorer64):
     np.testing.assert_allclose(table.loc[components, "score"], per_prompt.mean(0), rtol=1e-6)
     np.testing.assert_allclose(table.loc[components, "stderr"], per_prompt.std(0, ddof=1) / np.sqrt(n), rtol=1e-5)
     assert (table["n_prompts"] == n).all()
+
+
+def test_two_steps_are_integrated_gradients_at_the_quarter_points(scorer64):
+    components = ["L0.mlp", "L1.attn"]
+    first = gradient_scores(scorer64, components=components, progress=False).frame.set_index("component")
+    two = gradient_scores(scorer64, components=components, steps=2, progress=False).frame.set_index("component")
+    assert set(first["method"]) == {"first_order"} and set(two["method"]) == {"integrated_gradients"}
+    assert not np.allclose(first["score"], two["score"], rtol=1e-6)  # the path is sampled at 1/4 and 3/4, not 0
