@@ -14,13 +14,14 @@ POST_MLP_NORM = {"gemma2", "gemma3", "olmo2"}  # a norm between the MLP output a
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_neuron_sweep_equals_patching_each_neuron(family, tmp_path):
     """Also where the variants skip their own block (blocks that add the MLP output to the
-    residual) and where they cannot (a norm after the MLP)."""
+    residual) and where they cannot (a norm after the MLP), and in the anchor's own block (layer 2),
+    where only the last position is read."""
     pair = load_pair(*make_pair(family, tmp_path, scale=0.2))
     anchor = build_anchor(pair, tiny_texts(4, length=8), None, layer=2, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(5, 4, length=8), batch_size=3, min_relative_gap=0.0)
     screen = ExactScreen(scorer)
     neurons = NeuronScreen(screen, neurons_per_forward=7)
-    for layer in (0, 1):
+    for layer in (0, 1, 2):
         fast = neurons.run_layer(layer, neurons=range(10), progress=False).frame.set_index("component")
         one_by_one = screen.run([f"L{layer}.mlp.neuron{j}" for j in range(10)], progress=False)
         slow = one_by_one.frame.set_index("component")
@@ -29,3 +30,25 @@ def test_batched_neuron_sweep_equals_patching_each_neuron(family, tmp_path):
         torch.testing.assert_close(
             torch.tensor(fast.loc[slow.index, "score"].values), torch.tensor(slow["score"].values), atol=1e-5, rtol=1e-3
         )
+
+
+def test_neuron_rows_match_the_exact_screen_row_for_row_and_are_zero_above_the_anchor(tmp_path):
+    pair = load_pair(*make_pair("llama", tmp_path, scale=0.2, num_layers=4))
+    anchor = build_anchor(pair, tiny_texts(4, length=8), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(5, 4, length=8), batch_size=3)
+    screen = ExactScreen(scorer)
+    table = NeuronScreen(screen, neurons_per_forward=5).run(progress=False).frame.set_index("component")
+    assert len(table) == 4 * 48 and set(table["layer"]) == {0, 1, 2, 3}  # run() covers every layer
+    names = ["L0.mlp.neuron3", "L2.mlp.neuron7", "L2.mlp.neuron40", "L3.mlp.neuron1"]
+    slow = screen.run(names, progress=False).frame.set_index("component")
+    columns = ["kind", "component_class", "layer", "index", "method", "n_prompts"]
+    assert table.loc[names, columns].equals(slow.loc[names, columns])
+    torch.testing.assert_close(
+        torch.tensor(table.loc[names, ["score", "stderr"]].values),
+        torch.tensor(slow.loc[names, ["score", "stderr"]].values),
+        atol=1e-5,
+        rtol=1e-3,
+    )
+    above = table[table["layer"] == 3]
+    assert (above["score"] == 0).all() and (above["stderr"] == 0).all()
+    assert (above["n_prompts"] == int(scorer.valid.sum())).all()
