@@ -77,3 +77,22 @@ def test_half_precision_weights_score_in_float32_close_to_float32_run(llama_pair
     atol = HALF_TOLERANCE[dtype]
     assert results["float32"].abs().min() > 2 * atol
     torch.testing.assert_close(results[dtype], results["float32"], atol=atol, rtol=0)
+
+
+def test_rows_name_their_method_and_components_above_the_anchor_score_zero_with_no_spread(tmp_path):
+    pair = load_pair(*make_pair("llama", tmp_path, scale=0.2, num_layers=4))
+    anchor = build_anchor(pair, tiny_texts(4, length=8), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(5, 4, length=8), batch_size=3)
+    names = ["L0.mlp", "L1.attn.head2", "L2.mlp", "L3.attn"]
+    fast = ExactScreen(scorer).run(names, progress=False).frame.set_index("component")
+    plain = plain_exact_scores(scorer, names).frame.set_index("component")
+    assert set(fast["method"]) == set(plain["method"]) == {"exact"}
+    above = fast.loc[["L2.mlp", "L3.attn"]]
+    assert (above["score"] == 0).all() and (above["stderr"] == 0).all()
+    assert (above["n_prompts"] == int(scorer.valid.sum())).all()
+    torch.testing.assert_close(
+        torch.tensor(fast.loc[names, ["score", "stderr"]].values),
+        torch.tensor(plain.loc[names, ["score", "stderr"]].values),
+        atol=1e-5,
+        rtol=1e-4,
+    )
