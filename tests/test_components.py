@@ -110,3 +110,32 @@ def test_unknown_components_get_clear_errors(name, message):
     space = ComponentSpace.from_model(tiny_model("llama"))
     with pytest.raises(ComponentError, match=message):
         space.parse(name)
+
+
+def test_param_slice_numel_counts_entries_by_hand():
+    from weightpatch.components import ParamSlice
+
+    assert ParamSlice("w").numel((6, 4)) == 24
+    assert ParamSlice("w", dim=0, ranges=((1, 3), (4, 5))).numel((6, 4)) == 3 * 4  # rows 1, 2, 4
+    assert ParamSlice("w", dim=1, ranges=((0, 1),)).numel((6, 4, 5)) == 6 * 1 * 5
+    assert ParamSlice("w", expert=2).numel((3, 6, 4)) == 24  # one expert's slab
+    assert ParamSlice("w", dim=2, ranges=((1, 3),), expert=0).numel((3, 6, 4)) == 6 * 2
+
+
+def test_out_of_range_components_name_the_range_and_the_nearest_valid_name(llama_pair_dirs):
+    from weightpatch.pair import load_pair
+
+    space = load_pair(*llama_pair_dirs).space  # 3 layers, 4 heads, 48 neurons
+    cases = {
+        "L3.mlp": r"^unknown component 'L3\.mlp': layer 3 is out of range \(the model has layers 0\.\.2\); "
+        r"did you mean 'L2\.mlp'\?$",
+        "L1.attn.head4": r"^unknown component 'L1\.attn\.head4': head 4 is out of range \(layer 1 has heads 0\.\.3\)",
+        "L1.mlp.neuron48": r"^unknown component 'L1\.mlp\.neuron48': neuron 48 is out of range "
+        r"\(layer 1 has 48 neurons\)",
+        "L1.mlpx": r"^unknown component 'L1\.mlpx': no module 'mlpx' in layer 1; did you mean 'L1\.mlp'\?$",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ComponentError, match=message):
+            space.validate(name)
+    for name in ("L2.mlp", "L1.attn.head3", "L1.mlp.neuron47", "L0"):
+        assert space.validate(name).name == name
