@@ -261,8 +261,8 @@ def test_first_order_supply_is_the_exact_supply_to_first_order(tmp_path, positio
     """On a float64 pair whose fine-tune is tiny, supply is linear in the delta: the gradient-based
     estimate and the exact patch agree to O(delta), over several left-padded batches. Measured largest
     difference / largest supply: 1.1e-2 at delta 1e-3, 1.1e-3 at 1e-4, then it grows again as delta
-    shrinks (1.3e-3 at 1e-5, 1.1e-2 at 1e-6), as round-off would: some step loses precision even in this
-    float64 model (not located; attention runs SDPA in float64 here). 1e-4 is the sweet spot."""
+    shrinks (1.3e-3 at 1e-5, 1.1e-2 at 1e-6), as round-off does: transformers' LlamaRMSNorm normalizes
+    in float32 even in a float64 model, a floor under the exact differences. 1e-4 is the sweet spot."""
     pair = load_pair(*make_pair("llama", tmp_path, scale=1e-4), dtype="float64")
     anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(5, 5), batch_size=2)
