@@ -291,3 +291,20 @@ def test_first_order_supply_is_the_exact_supply_to_first_order(tmp_path, positio
         assert mine.loc[best, "supply"] == pytest.approx(want, rel=1e-9)
     with pytest.raises(ValueError, match=r"^no targets to trace$"):
         trace_suppliers(scorer, [], candidates=few)
+
+
+def test_upstream_rule_within_a_layer_and_for_whole_blocks(llama_pair_dirs):
+    space = load_pair(*llama_pair_dirs).space
+    assert is_upstream(space, "L1.attn.head0", "L1.mlp") and is_upstream(space, "L1.attn", "L1.mlp.neuron3")
+    assert not is_upstream(space, "L1", "L1.mlp")  # the whole block writes after its own MLP reads
+    assert not is_upstream(space, "L0.mlp.neuron1", "L0.attn.head0")  # the MLP runs after attention
+    assert not is_upstream(space, "L1.mlp", "L1.attn") and not is_upstream(space, "L1.mlp", "L1.mlp")
+    assert is_upstream(space, "L0.mlp.neuron1", "L1.attn.head0")
+    assert is_upstream(space, "embed", "L0.attn.head0")  # model-level weights read before block 0
+
+
+def test_edges_record_both_layers(planted):
+    edges = trace_suppliers(planted, [PLANTED_HEAD, "L2.mlp"], method="first_order")
+    space = planted.pair.space
+    assert (edges["target_layer"] == [space.parse(t).layer for t in edges["target"]]).all()
+    assert (edges["supplier_layer"] == [space.parse(s).layer for s in edges["supplier"]]).all()
