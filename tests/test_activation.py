@@ -101,3 +101,19 @@ def test_defaults_patch_every_position_and_list_every_kind_below_each_layer(llam
         patched_residual(pair, ids, ["L0.attn"], layer=1),
         patched_residual(pair, ids, ["L0.attn"], layer=1, positions="last"),
     )
+
+
+def test_a_specialized_receiver_takes_its_activations_from_the_base(llama_pair_dirs):
+    """The donor is the other model whichever is in memory: patching a whole layer's residual into the
+    specialized receiver gives the base residual, and the anchor layer's block scores 1 either way."""
+    base_pair = load_pair(*llama_pair_dirs)
+    sft_pair = load_pair(*llama_pair_dirs, receiver="specialized")
+    batch = encode(sft_pair.tokenizer, tiny_texts(4, 3))
+    with torch.no_grad():
+        base_residual = run_segment(base_pair.model, base_pair.space, batch, stop=1)[0]
+    assert torch.allclose(patched_residual(sft_pair, batch, ["L1"], 1), base_residual, atol=1e-6)
+    anchor = build_anchor(base_pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(sft_pair, anchor, tiny_texts(6, 5))
+    screen = ActivationScreen(scorer)
+    assert screen.effect_of(["L1"]).mean == pytest.approx(1.0, abs=1e-6)
+    assert screen.effect_of(["L2.mlp"]).mean == 0.0  # above the anchor: nothing to patch
