@@ -117,3 +117,14 @@ def test_a_specialized_receiver_takes_its_activations_from_the_base(llama_pair_d
     screen = ActivationScreen(scorer)
     assert screen.effect_of(["L1"]).mean == pytest.approx(1.0, abs=1e-6)
     assert screen.effect_of(["L2.mlp"]).mean == 0.0  # above the anchor: nothing to patch
+
+
+def test_the_embedding_output_is_patched_before_block_0(llama_pair_dirs):
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5), batch_size=16)
+    score = activation_scores(scorer, ["embed"]).frame["score"].item()
+    (batch,) = scorer.batches
+    f = scorer.project(patched_residual(pair, batch, ["embed"], 1))  # the whole forward, embedding swapped
+    by_hand = float(((f - scorer.f_receiver) / scorer.gap)[scorer.valid].double().mean())
+    assert score == pytest.approx(by_hand, abs=1e-6) and abs(score) > 1e-3
