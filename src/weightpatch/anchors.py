@@ -188,19 +188,25 @@ def _differences(pair, method, with_instr, without_instr, layers, batch_size, tr
     return a, b
 
 
-def _unit_direction(
-    direction: Float[torch.Tensor, " hidden"], residuals: Float[torch.Tensor, "prompt hidden"], layer: int
-) -> Float[torch.Tensor, " hidden"]:
-    """``direction / |direction|``, refusing a direction below float32 noise: shorter than 1e-6 of the mean
-    residual norm (the two conditions do not differ; padding alone moves residuals by about 1e-7)."""
+def _direction(
+    a: Float[torch.Tensor, "prompt hidden"], b: Float[torch.Tensor, "prompt hidden"], layer: int, method: Method
+) -> tuple[Float[torch.Tensor, " hidden"], float]:
+    """The anchor direction of one layer: the unit mean difference ``mean(a - b) / |mean(a - b)|`` and
+    that norm (residual units). A norm below float32 noise (1e-6 of the mean residual norm of ``a``;
+    padding alone moves residuals by about 1e-7) is refused: the two conditions do not differ."""
+    direction = (a - b).mean(0)
     norm = float(direction.norm())
-    if norm <= 1e-6 * float(residuals.norm(dim=-1).mean()):
+    if norm <= 1e-6 * float(a.norm(dim=-1).mean()):
+        same = (
+            "the prompts with and without the instruction do not differ; check the 'prompt_without_instruction' field"
+            if method == "instruction"
+            else "the two models do not differ on these prompts; check that the specialized model is the fine-tune"
+        )
         raise WeightPatchError(
             f"the two conditions have the same mean residual after block {layer} (the anchor direction has norm "
-            f"{norm:.1e}): the prompts with and without the instruction do not differ; check the "
-            "'prompt_without_instruction' field"
+            f"{norm:.1e}): {same}"
         )
-    return direction / norm
+    return direction / norm, norm
 
 
 def cohens_d(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -263,11 +269,10 @@ def search_anchor_layer(
     ha, hb = _differences(pair, method, heldout_with, heldout_without, layers, batch_size, truncate_prompts)
     rows, vectors = [], {}
     for i, layer in enumerate(layers):
-        direction = (a[:, i] - b[:, i]).mean(0)
-        u = _unit_direction(direction, a[:, i], layer)
+        u, norm = _direction(a[:, i], b[:, i], layer, method)
         vectors[layer] = u
         sep = _separation((ha[:, i] @ u).numpy(), (hb[:, i] @ u).numpy())
-        rows.append({"layer": layer, **sep, "direction_norm": float(direction.norm())})
+        rows.append({"layer": layer, **sep, "direction_norm": norm})
     table = pd.DataFrame(rows)
     good = table[table["auc"] >= table["auc"].max() - 0.02]
     best = int(good.sort_values("cohen_d", ascending=False).iloc[0]["layer"])
@@ -298,9 +303,8 @@ def build_anchor(
             f"anchor layer {layer} is out of range (the model has layers 0..{pair.space.num_layers - 1})"
         )
     a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size, truncate_prompts)
-    direction = (a[:, 0] - b[:, 0]).mean(0)
     return Anchor(
-        _unit_direction(direction, a[:, 0], layer),
+        _direction(a[:, 0], b[:, 0], layer, method)[0],
         layer,
         method,
         pair.identities(),
