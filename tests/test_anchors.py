@@ -1,3 +1,4 @@
+import functools
 import re
 
 import numpy as np
@@ -78,13 +79,18 @@ def test_anchor_from_a_vector_scores_like_the_built_one(llama_pair_dirs):
 
 
 # ---- values against references computed another way (transformers' own hidden states) -----------
+@functools.cache
+def _reference_model(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
 def _hidden_after(directory, tokenizer, texts, layer: int) -> torch.Tensor:
     """(prompt, hidden) residual stream leaving decoder block ``layer`` at the last token, one unpadded
     prompt at a time, from the Llama checkpoint loaded by transformers itself (a hook on the block's
     output: ``hidden_states[-1]`` would be after the final norm)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = _reference_model(directory)
     rows = []
 
     def keep(module, args, out) -> None:
@@ -415,3 +421,6 @@ def test_conditions_that_do_not_differ_are_refused_by_name(llama_pair_dirs):
         build_anchor(pair, texts, texts[::-1], layer=1, method="instruction")
     with pytest.raises(WeightPatchError, match=message):
         search_anchor_layer(pair, texts, texts, texts, texts, method="instruction", layers=[1])
+    same_models = load_pair(llama_pair_dirs[0], llama_pair_dirs[0])
+    with pytest.raises(WeightPatchError, match=r"the two models do not differ on these prompts"):
+        build_anchor(same_models, texts, None, layer=1, method="model_diff")
