@@ -277,16 +277,11 @@ def test_curve_defaults_filters_and_control_counts(llama_pair_dirs, caplog):
     anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
     neurons = [f"L{layer}.mlp.neuron{i}" for layer in range(2) for i in range(6)]  # 12 of them
-    table = _table(pair, [(c, "exact", float(12 - i)) for i, c in enumerate(neurons)])
-    table = ScoreTable.from_rows(
-        [
-            *table.frame.to_dict("records"),
-            # rows each filter must drop: another method's neuron, the same method's module
-            *_table(pair, [("L1.mlp", "first_order", 99.0), ("L1.mlp.neuron0", "first_order", 50.0)]).frame.to_dict(
-                "records"
-            ),
-            *_table(pair, [("L0.attn", "exact", 60.0)]).frame.to_dict("records"),
-        ]
+    table = _table(
+        pair,
+        [(c, "exact", float(12 - i)) for i, c in enumerate(neurons)]
+        # rows each filter must drop: another method's neuron and module, the same method's module
+        + [("L1.mlp", "first_order", 99.0), ("L1.mlp.neuron0", "first_order", 50.0), ("L0.attn", "exact", 60.0)],
     )
     for curve_of, column in ((sufficiency_curve, "recovery"), (necessity_curve, "drop")):
         default = curve_of(scorer, table, method="exact", kind="neuron", controls=5)
