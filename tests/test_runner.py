@@ -57,3 +57,41 @@ def test_segment_from_a_cached_input_equals_the_full_run(family):
     torch.testing.assert_close(resumed, full, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="needs the input"):
         run_segment(model, space, batch, stop=2, start=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_position_run_equals_the_full_runs_last_position(family):
+    """With ``last_position`` the stop block's MLP and attention output projection see one position
+    only, and the output (the last position) equals the full run's to float round-off; blocks below
+    the stop block and later runs see every position."""
+    model = tiny_model(family)
+    space = ComponentSpace.from_model(model)
+    ids = token_batch(n=3, length=12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    batch = Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
+    seen: dict[str, list[int]] = {}
+    paths = {
+        "stop mlp": space.module_path(2, "mlp"),
+        "stop o_proj": f"{space.layer_path(2)}.{space.spec.sites.head_output}",
+        "lower mlp": space.module_path(1, "mlp"),
+    }
+    hooks = [
+        model.get_submodule(path).register_forward_hook(  # sees the arguments forward got
+            lambda _m, args, _out, key=key: seen.setdefault(key, []).append(args[0].shape[1])
+        )
+        for key, path in paths.items()
+    ]
+    with torch.no_grad():
+        full, inputs = run_segment(model, space, batch, stop=2, capture_inputs=[1])
+        last, _ = run_segment(model, space, batch, stop=2, last_position=True)
+        resumed, _ = run_segment(model, space, batch, stop=2, start=1, hidden_in=inputs[1], last_position=True)
+        again, _ = run_segment(model, space, batch, stop=2)
+    for h in hooks:
+        h.remove()
+    assert last.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(resumed, full[:, -1:], atol=1e-6, rtol=1e-5)
+    assert torch.equal(again, full)
+    assert seen["stop mlp"] == [12, 1, 1, 12] and seen["stop o_proj"] == [12, 1, 1, 12]
+    assert seen["lower mlp"] == [12, 12, 12, 12]

@@ -1,11 +1,13 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import make_pair, tiny_texts
 from test_roles import PLANTED_HEAD, PLANTED_NEURONS, planted_scorer
 from weightpatch.anchors import build_anchor
 from weightpatch.pair import load_pair
+from weightpatch.patch import patched
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
 from weightpatch.tracing import (
@@ -254,6 +256,9 @@ def test_hierarchy_levels_by_hand(llama_pair_dirs):
     strict = hierarchy(edges, space, anchor_layer=1, k=1, min_supply=0.25)  # only neuron1 -> head0 is kept
     assert strict["component"].tolist()[:5] == ["L0.mlp.neuron1", "L1.attn.head0", "L1.attn.head3", "L1.mlp", "L1"]
     assert strict["traced"].tolist()[:5] == [True, True, False, False, False]
+    six = _edges([(f"L0.mlp.neuron{j}", "L1.attn.head0", 0.1 + j / 100, "exact", "neuron") for j in range(6)])
+    sources = hierarchy(six, space, anchor_layer=2).query("level_name == 'source'")["component"]
+    assert sorted(sources) == [f"L0.mlp.neuron{j}" for j in range(1, 6)]  # k = 5 by default
 
 
 @pytest.mark.parametrize("positions", ["last", "all"])
@@ -308,3 +313,91 @@ def test_edges_record_both_layers(planted):
     space = planted.pair.space
     assert (edges["target_layer"] == [space.parse(t).layer for t in edges["target"]]).all()
     assert (edges["supplier_layer"] == [space.parse(s).layer for s in edges["supplier"]]).all()
+
+
+def _llama_outputs_by_hand(model, batches, target: str, positions: str) -> torch.Tensor:
+    """A target's output read with a hook on the module path written out for the tiny Llama (heads:
+    their 8 channels of ``o_proj``'s input; ``L2.mlp``: the MLP's output), at the last position or at
+    every real one (padding zeroed), over a full forward of the whole model."""
+    layer = int(target[1])
+    head = int(target.rsplit("head", 1)[1]) if ".head" in target else None
+    module = model.get_submodule(f"model.layers.{layer}." + ("self_attn.o_proj" if head is not None else "mlp"))
+    parts = []
+    for b in batches:
+        seen = []
+        if head is not None:
+            handle = module.register_forward_pre_hook(
+                lambda _m, args, seen=seen: seen.append(args[0][..., 8 * head : 8 * head + 8])
+            )
+        else:
+            handle = module.register_forward_hook(lambda _m, _args, out, seen=seen: seen.append(out))
+        with torch.no_grad():
+            model(**b.kwargs(), use_cache=False)
+        handle.remove()
+        x = seen[0].double()
+        parts.append(x[:, -1] if positions == "last" else (x * b.attention_mask[..., None]).flatten(1))
+    return torch.cat(parts)
+
+
+def _supply_by_hand(pair, batches, target, supplier, positions, min_relative_gap) -> tuple[float, int]:
+    receiver = _llama_outputs_by_hand(pair.model, batches, target, positions)
+    with pair.as_model("specialized" if pair.receiver == "base" else "base") as donor_model:
+        donor = _llama_outputs_by_hand(donor_model, batches, target, positions)
+    with patched(pair.model, pair.donor, pair.space, [supplier]):
+        moved = _llama_outputs_by_hand(pair.model, batches, target, positions)
+    d = donor - receiver
+    norm2 = (d**2).sum(-1)
+    keep = norm2 > min_relative_gap * norm2.median()
+    ratios = ((moved - receiver) * d).sum(-1) / norm2
+    return float(ratios[keep].mean()), int(keep.sum())
+
+
+@pytest.mark.parametrize("receiver", ["base", "specialized"])
+def test_exact_supply_by_hand(llama_pair_dirs, receiver):
+    """Exact supply edges against the projection ratio computed from full forwards with hand-written
+    hooks: at the defaults (last position, min_relative_gap 0.1) and at positions="all" with another
+    floor; in repair and in knockout (receiver = specialized) runs; targets above the anchor layer;
+    a first candidate upstream of no target; the table's order and dtypes."""
+    pair = load_pair(*llama_pair_dirs, receiver=receiver)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(7, 5), batch_size=3)
+    targets = ["L2.attn.head1", "L2.mlp"]
+    candidates = ["L2.mlp.neuron0", "L0.attn.head0", "embed", "L1.mlp.neuron3", "L2.attn.head2"]
+    expected = {(t, s) for t in targets for s in candidates[1:4]} | {("L2.mlp", "L2.attn.head2")}
+    default = trace_suppliers(scorer, targets, candidates=candidates)
+    wide = trace_suppliers(scorer, targets, candidates=candidates, positions="all", min_relative_gap=0.9)
+    for edges, positions, gap in ((default, "last", 0.1), (wide, "all", 0.9)):
+        got = edges.set_index(["target", "supplier"])
+        assert set(got.index) == expected
+        for t, s in expected:
+            value, n = _supply_by_hand(pair, scorer.batches, t, s, positions, gap)
+            assert got.loc[(t, s), "supply"] == pytest.approx(value, rel=1e-5, abs=1e-9), (t, s, positions)
+            assert got.loc[(t, s), "n_prompts"] == n
+    assert not default.equals(wide)
+    assert list(default["target"]) == sorted(default["target"])  # by target, then supply descending
+    for _, group in default.groupby("target"):
+        assert list(group["supply"]) == sorted(group["supply"], reverse=True)
+    assert str(default["supplier_layer"].dtype) == str(default["target_layer"].dtype) == "Int64"
+    assert default[default["supplier"] == "embed"]["supplier_layer"].isna().all()
+    with pytest.raises(ValueError, match=r"^unknown tracing method 'bogus'; use 'exact' or 'first_order'$"):
+        trace_suppliers(scorer, targets, candidates=candidates, method="bogus")
+
+
+def test_a_target_the_fine_tune_leaves_alone_has_no_supply(planted):
+    """Only the planted neurons differ, so a head below them has the same output in both models:
+    no prompt is kept, the supply is NaN over 0 prompts (not an error, not a division by zero)."""
+    edges = trace_suppliers(planted, ["L0.attn.head0"], candidates=["embed"])
+    assert edges["supply"].isna().all() and (edges["n_prompts"] == 0).all() and len(edges) == 1
+
+
+def test_first_order_supply_with_a_single_prompt(tmp_path):
+    """One kept prompt: the first-order weights divide by 1 (not by a clamped larger count)."""
+    pair = load_pair(*make_pair("llama", tmp_path, scale=1e-4), dtype="float64")
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(1, 5))
+    few = ["L0.attn.head0", "L1.attn.head2", "L0.mlp.neuron4"]
+    exact = trace_suppliers(scorer, ["L2.attn.head1"], candidates=few).set_index("supplier")
+    first = trace_suppliers(scorer, ["L2.attn.head1"], candidates=few, method="first_order").set_index("supplier")
+    assert (exact["n_prompts"] == 1).all() and (first["n_prompts"] == 1).all()
+    scale = exact["supply"].abs().max()
+    np.testing.assert_allclose(first.loc[exact.index, "supply"], exact["supply"], rtol=1e-2, atol=3e-3 * scale)

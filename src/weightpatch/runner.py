@@ -161,6 +161,30 @@ def _first_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def _last_position_only(module: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that make a position-wise ``module`` (an MLP, an attention output projection) compute
+    its last position only: its input ``(batch, seq, d)`` is cut to ``(batch, 1, d)`` and its output
+    broadcast back to ``seq`` positions (a view), so every position of the output holds the last
+    position's value. Only what the last position of the block output needs stays exact."""
+    seq_len: list[int] = []
+
+    def cut(_module, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+            seq_len.append(args[0].shape[1])
+            return (args[0][:, -1:], *args[1:])
+        return None
+
+    def broadcast(_module, _args, output):
+        if not seq_len:
+            return None
+        n = seq_len.pop()
+        if isinstance(output, tuple):
+            return (output[0].expand(-1, n, -1), *output[1:])
+        return output.expand(-1, n, -1)
+
+    return [module.register_forward_pre_hook(cut), module.register_forward_hook(broadcast)]
+
+
 def run_segment(
     model: torch.nn.Module,
     space: ComponentSpace,
@@ -169,12 +193,19 @@ def run_segment(
     start: int = 0,
     hidden_in: Float[torch.Tensor, "batch seq hidden"] | None = None,
     capture_inputs: Sequence[int] = (),
+    last_position: bool = False,
 ) -> tuple[Float[torch.Tensor, "batch seq hidden"], dict[int, torch.Tensor]]:
     """Run blocks ``start..stop`` and return the output of block ``stop`` (the residual stream at
     layer ``stop``), plus the inputs of the blocks listed in ``capture_inputs``.
 
     With ``start > 0``, ``hidden_in`` is the input of block ``start`` (as cached from an earlier
     run on the same batch); the blocks below are not run. Gradients flow if enabled by the caller.
+
+    ``last_position``: only the last position of the output is wanted (an anchor score reads
+    nothing else), so block ``stop`` runs its MLP and its attention output projection on the last
+    position only (the earlier positions' keys and values still come from every position); the
+    output is then ``(batch, 1, hidden)``. Its values agree with the full run's last position to
+    float round-off (the matrix products have another shape), not bit for bit.
     """
     if start > 0 and hidden_in is None:
         raise ValueError("a segment that starts above layer 0 needs the input of its first layer")
@@ -207,6 +238,9 @@ def run_segment(
         if start > 0:
             handles.append(layers[start].register_forward_pre_hook(inject, with_kwargs=True))
         handles.append(layers[stop].register_forward_hook(stop_here))
+        if last_position:
+            for module in (space.module_path(stop, "mlp"), f"{space.layer_path(stop)}.{space.spec.sites.head_output}"):
+                handles += _last_position_only(model.get_submodule(module))
         with suppress(_StopForward):
             model(**batch.kwargs(), use_cache=False)
     finally:
@@ -214,7 +248,7 @@ def run_segment(
             h.remove()
         for i, layer in originals.items():
             layers[i] = layer
-    return result[0], captured
+    return (result[0][:, -1:] if last_position else result[0]), captured
 
 
 @contextmanager

@@ -112,7 +112,10 @@ class AnchorScorer:
 
     def anchor_scores(self, model: torch.nn.Module) -> Float[torch.Tensor, " prompt"]:
         """F(model, x) for every prompt, with the model's current weights."""
-        out = [self.project(run_segment(model, self.pair.space, b, stop=self.layer)[0]) for b in self.batches]
+        out = [
+            self.project(run_segment(model, self.pair.space, b, stop=self.layer, last_position=True)[0])
+            for b in self.batches
+        ]
         return torch.cat(out)
 
     def effect(self, f_patched: Float[torch.Tensor, " prompt"]) -> Effect:

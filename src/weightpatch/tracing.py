@@ -85,7 +85,7 @@ def is_upstream(space: ComponentSpace, supplier: Component | str, target: Compon
     t_layer = 0 if t.layer is None else t.layer
     if first < t_layer:
         return True
-    return first == t_layer and s.kind != "layer" and _is_attention(s) and _is_mlp(t)
+    return first == t_layer and _is_attention(s) and _is_mlp(t)
 
 
 def candidates_for(

@@ -51,7 +51,9 @@ def test_resume_skips_scored_components_and_streams_results(llama_pair_dirs):
     scores = table.frame.set_index("component")["score"]
     assert streamed_scores.to_dict() == scores.to_dict()
     full = screen.run(["L0.mlp", "L1.attn", "L1.attn.head0"], progress=False).frame.set_index("component")["score"]
-    assert scores.to_dict() == full[["L0.mlp", "L1.attn.head0"]].to_dict()
+    # to float32 round-off, not bit for bit: with the skipped component gone, head0 is stacked with
+    # fewer variants, and the anchor block's last-position products then have another shape
+    assert scores.to_dict() == pytest.approx(full[["L0.mlp", "L1.attn.head0"]].to_dict(), rel=1e-6)
 
 
 # measured max |error| against float32 on these scores (llama tiny pair): bfloat16 0.0014,

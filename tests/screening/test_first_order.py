@@ -90,3 +90,24 @@ def test_two_steps_are_integrated_gradients_at_the_quarter_points(scorer64):
     two = gradient_scores(scorer64, components=components, steps=2, progress=False).frame.set_index("component")
     assert set(first["method"]) == {"first_order"} and set(two["method"]) == {"integrated_gradients"}
     assert not np.allclose(first["score"], two["score"], rtol=1e-6)  # the path is sampled at 1/4 and 3/4, not 0
+
+
+def test_first_order_stderr_of_two_prompts_is_half_their_difference(scorer64):
+    """The smallest sample with a spread: two kept prompts give stderr |v0 - v1| / 2 (std with ddof 1
+    over sqrt 2), each v scored alone."""
+    texts = scorer64.texts[:2]
+    two = gradient_scores(
+        AnchorScorer(scorer64.pair, scorer64.anchor, texts, min_relative_gap=0.0), components=["L0.mlp"], progress=False
+    ).frame
+    single = [
+        gradient_scores(
+            AnchorScorer(scorer64.pair, scorer64.anchor, [text], min_relative_gap=0.0),
+            components=["L0.mlp"],
+            progress=False,
+        ).frame
+        for text in texts
+    ]
+    v0, v1 = (s["score"].item() for s in single)
+    assert np.isnan(single[0]["stderr"].item())  # one prompt has no spread
+    assert two["n_prompts"].item() == 2 and abs(v0 - v1) > 1e-6
+    assert two["stderr"].item() == pytest.approx(abs(v0 - v1) / 2, rel=1e-6)

@@ -81,3 +81,19 @@ def test_gpt_neox_query_is_a_multi_range_slice(tmp_path):
         (prefix + "weight", 0, query_rows),
         (prefix + "bias", 0, query_rows),
     }
+
+
+def test_several_ranges_along_a_later_dim(tmp_path):
+    """GPT-2 stores q, k and v in one Conv1D weight (in, 3 * hidden): with keys and values a head owns
+    three column ranges of it, a several-ranges slice along dim 1, whose reduction must sum over the
+    rows, not slice them. First order equals the finite difference there too."""
+    pair = load_pair(*make_pair("gpt2", tmp_path, scale=0.1), dtype="float64", include_kv=True)
+    hidden, head_dim = 32, 32 // 4
+    columns = tuple((part * hidden + head_dim, part * hidden + 2 * head_dim) for part in range(3))
+    slices = {(s.name, s.dim, s.ranges) for s in pair.space.resolve("L1.attn.head1")}
+    assert ("transformer.h.1.attn.c_attn.weight", 1, columns) in slices
+    scorer = scorer_excluding_one_prompt(pair, equal_length_texts(7, 7))
+    score = gradient_scores(scorer, components=["L1.attn.head1"], progress=False).frame["score"].item()
+    fd = finite_difference(scorer, "L1.attn.head1")
+    assert abs(fd) > 1e-5
+    assert score == pytest.approx(fd, rel=2e-2, abs=1e-6)

@@ -52,3 +52,26 @@ def test_neuron_rows_match_the_exact_screen_row_for_row_and_are_zero_above_the_a
     above = table[table["layer"] == 3]
     assert (above["score"] == 0).all() and (above["stderr"] == 0).all()
     assert (above["n_prompts"] == int(scorer.valid.sum())).all()
+
+
+def test_a_neuron_subset_over_several_batches_in_float64(tmp_path):
+    """Neurons given out of order, prompts in three batches (each batch's scores land in its own
+    columns), float64 throughout: equal to the one-by-one exact screen to float64 round-off (GPT-2's
+    LayerNorm computes in the model's dtype)."""
+    pair = load_pair(*make_pair("gpt2", tmp_path, scale=0.2), dtype="float64")
+    anchor = build_anchor(pair, tiny_texts(4, length=8), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4, length=8), batch_size=2, min_relative_gap=0.0)
+    assert len(scorer.batches) == 3
+    screen = ExactScreen(scorer)
+    order = [9, 2, 30]
+    for layer in (0, 2):
+        fast = NeuronScreen(screen, neurons_per_forward=2).run_layer(layer, neurons=order, progress=False).frame
+        assert fast["component"].tolist() == [f"L{layer}.mlp.neuron{j}" for j in order]
+        slow = screen.run(fast["component"], progress=False).frame
+        assert slow["score"].abs().max() > 1e-3
+        torch.testing.assert_close(
+            torch.tensor(fast[["score", "stderr"]].values),
+            torch.tensor(slow[["score", "stderr"]].values),
+            atol=1e-12,
+            rtol=1e-9,
+        )

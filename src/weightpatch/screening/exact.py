@@ -8,7 +8,10 @@ The plain way costs a full forward per component per prompt batch. Here:
   component in layer ``l`` re-runs only blocks ``l..anchor`` (nothing above the anchor, no
   unembedding);
 - several components of the same layer are patched one at a time for block ``l`` only, then their
-  outputs are stacked into one batch that runs blocks ``l+1..anchor`` together.
+  outputs are stacked into one batch that runs blocks ``l+1..anchor`` together;
+- the anchor block computes only what the anchor reads, the last position: its MLP and attention
+  output projection run on that position alone (``run_segment(last_position=True)``; the receiver's
+  and donor's anchor scores are computed the same way, so a patch that changes nothing scores 0).
 
 Components that cannot reach the anchor (blocks above it, the final norm, the unembedding) have
 exactly zero effect and are scored 0 without running anything.
@@ -58,6 +61,7 @@ class ExactScreen:
                             stop=stop_first,
                             start=start,
                             hidden_in=self.inputs[i].get(start) if start > 0 else None,
+                            last_position=stop_first == anchor,
                         )[0]
                         for i, b in enumerate(scorer.batches)
                     ]
@@ -67,7 +71,13 @@ class ExactScreen:
             stacked = torch.cat([o[i] for o in outs])
             if stop_first < anchor:
                 stacked = run_segment(
-                    self.model, self.space, b.repeat(len(group)), stop=anchor, start=start + 1, hidden_in=stacked
+                    self.model,
+                    self.space,
+                    b.repeat(len(group)),
+                    stop=anchor,
+                    start=start + 1,
+                    hidden_in=stacked,
+                    last_position=True,
                 )[0]
             rows.append(scorer.project(stacked).view(len(group), len(b)))
         return torch.cat(rows, dim=1)

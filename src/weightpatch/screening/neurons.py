@@ -17,7 +17,8 @@ When block ``l``'s output is its MLP output plus terms that do not depend on it 
 in Llama, Qwen, GPT-2 or parallel-attention blocks; probed once per layer), the patched output of
 block ``l`` is the base output plus ``delta_j``: the stacked variants then start at block ``l + 1``
 (neurons of the anchor's own block need no block run at all), and block ``l`` runs twice per prompt
-batch and layer (base and donor activations) instead of once per neuron.
+batch and layer (base and donor activations) instead of once per neuron. The anchor block computes
+the last position only, as in :class:`~weightpatch.screening.exact.ExactScreen`.
 """
 
 from __future__ import annotations
@@ -158,7 +159,9 @@ class NeuronScreen:
             if layer == anchor:
                 return (out_base[:, -1:] + self._delta(state, batch_index, chunk, last=True)).flatten(0, 1)
             stacked = (out_base + self._delta(state, batch_index, chunk, last=False)).flatten(0, 1)
-            return run_segment(model, space, batch.repeat(k), stop=anchor, start=layer + 1, hidden_in=stacked)[0]
+            return run_segment(
+                model, space, batch.repeat(k), stop=anchor, start=layer + 1, hidden_in=stacked, last_position=True
+            )[0]
         delta = self._delta(state, batch_index, chunk, last=False).flatten(0, 1)
 
         def add_delta(_m, _a, out):
@@ -168,7 +171,9 @@ class NeuronScreen:
         handle = model.get_submodule(self._paths(layer)[0]).register_forward_hook(add_delta)
         try:
             stacked_in = hidden_in.repeat(k, 1, 1) if hidden_in is not None else None
-            return run_segment(model, space, batch.repeat(k), stop=anchor, start=layer, hidden_in=stacked_in)[0]
+            return run_segment(
+                model, space, batch.repeat(k), stop=anchor, start=layer, hidden_in=stacked_in, last_position=True
+            )[0]
         finally:
             handle.remove()
 
