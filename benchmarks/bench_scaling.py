@@ -199,7 +199,7 @@ def ray_section(paths, anchor, texts, args) -> None:
     try:
         with timed(t, "ray"), RayBackend(job, workers=2, num_cpus=1) as backend:
             remote = backend.run(components, progress=False)
-            ray_setup = backend.timings["start_workers_s"]
+            ray_setup = backend.durations["start_workers_s"]
     finally:
         ray.shutdown()
     a, b = local.frame.set_index("component")["score"], remote.frame.set_index("component")["score"]

@@ -1,6 +1,8 @@
 """The Ray backend on a local two-CPU cluster: same scores as the local backend, every component
 exactly once, also when a worker dies mid-run. Slow (Ray and its worker processes start)."""
 
+import logging
+
 import pytest
 import torch
 
@@ -55,16 +57,38 @@ def assert_same(table, local_scores):
     )
 
 
-def test_ray_backend_equals_local_backend_and_streams_shards(cluster, job, names, local_scores):
+def test_ray_backend_equals_local_backend_and_streams_shards(cluster, job, names, local_scores, caplog):
+    """Also: calibration units go first and the sweep's estimate is logged per engine (worker time)
+    and for the pool (wall time); every shard scored is timed once."""
     streamed = []
     skip = set(names[:5])
-    with RayBackend(job, workers=2, shard_size=4, neuron_shard_size=8) as backend:
+    with (
+        caplog.at_level(logging.INFO, logger="weightpatch"),
+        RayBackend(job, workers=2, shard_size=4, neuron_shard_size=8) as backend,
+    ):
         table = backend.run(names, skip=skip, on_result=streamed.append, progress=False)
         assert len(backend._pool) == 2
         assert backend.restarts == 0
     got = [n for t in streamed for n in t.frame["component"]]
     assert sorted(got) == sorted(set(names) - skip) and len(streamed) > 4
     assert_same(table, local_scores.drop(index=list(skip)))
+
+    space = load_pair(job.base, job.specialized).space
+    todo = [n for n in names if n not in skip]
+    reach = [n for n in todo if space.first_affected_layer(n) <= 2]  # the anchor layer
+    by_engine = {e.engine: e for e in backend.estimates}
+    assert set(by_engine) == {"neuron", "component"}
+    neurons = by_engine["neuron"]
+    assert neurons.n_components == sum(".neuron" in n for n in reach) == 32
+    assert neurons.layers == (0, 1) and neurons.calibration_layers == (0, 1) and neurons.calibration_n == 16
+    assert by_engine["component"].n_components == sum(".neuron" not in n for n in reach)
+    assert all(e.seconds >= e.calibration_seconds > 0 for e in backend.estimates)
+    timed = [n for shard, _, seconds in backend.timings for n in shard.names if seconds > 0]
+    assert sorted(timed) == sorted(todo)
+    assert "exact neuron sweep: 32 neurons in 2 layers, estimated" in caplog.text
+    assert "calibrated on 16 neurons at layers 0, 1" in caplog.text and "of worker time" in caplog.text
+    assert "exact sweep on 2 Ray workers: about" in caplog.text and "exact sweep on Ray: took" in caplog.text
+    assert backend.wall_estimate > 0
 
 
 def test_a_worker_dying_mid_run_loses_nothing_and_counts_nothing_twice(cluster, job, names, local_scores, tmp_path):

@@ -12,6 +12,10 @@ engine (MLP neurons through the batched neuron path, every other component throu
 screen) on calibration units: the first ``unit`` components of one shard at the deepest, middle and
 shallowest depth of the sweep. Calibration is real work (its scores are kept), so the estimate
 adds the calibration's measured time to the prediction for everything else.
+
+Both backends use it: the local one runs the calibration units first, then the rest; the Ray
+backend submits the calibration units first, logs the estimate (worker time, and wall time on its
+pool) once they are back, while the other shards already run.
 """
 
 from __future__ import annotations
@@ -194,3 +198,23 @@ def estimate_sweep(
         calibration_layers=layers(w for _, w, _ in calibration),
         model=model,
     )
+
+
+def calibration_units(variants_per_batch: int, neurons_per_forward: int | None) -> dict[str, int]:
+    """Calibration unit per engine: one forward's worth of variants (``neurons_per_forward`` None:
+    neurons go through the exact screen, ``variants_per_batch`` per forward like the rest)."""
+    return {"neuron": neurons_per_forward or variants_per_batch, "component": variants_per_batch}
+
+
+def fit_estimates(
+    anchor_layer: int, calibration: Sequence[tuple[Shard, Work, float]], rest: Sequence[tuple[Shard, Work]]
+) -> list[SweepEstimate]:
+    """:func:`estimate_sweep` for each engine that has components to run."""
+    return [e for name in ENGINES if (e := estimate_sweep(name, anchor_layer, calibration, rest)) is not None]
+
+
+def outcome_message(estimate: SweepEstimate, timings: Iterable[tuple[Shard, Work, float]]) -> str:
+    """``exact sweep: 120 components in 3 layers: took 41 s (estimated 38 s)``, the time summed over
+    the engine's pieces in ``timings``."""
+    spent = sum(t for s, _, t in timings if engine(s) == estimate.engine)
+    return f"{estimate.subject()}: took {format_duration(spent)} (estimated {format_duration(estimate.seconds)})"

@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 
 from weightpatch.anchors import Anchor
 from weightpatch.backends.estimate import (
-    ENGINES,
     SweepEstimate,
     Work,
-    engine,
-    estimate_sweep,
-    format_duration,
+    calibration_units,
+    fit_estimates,
+    outcome_message,
     shard_work,
     split_for_calibration,
 )
@@ -256,12 +255,6 @@ class LocalBackend:
             self._state = self.job.open()  # type: ignore[union-attr]
         return self._state
 
-    def _units(self) -> dict[str, int]:
-        """Calibration unit per engine: one forward's worth of variants."""
-        state = self.state
-        neurons = state.neurons.neurons_per_forward if state.neurons is not None else state.screen.variants_per_batch
-        return {"neuron": neurons, "component": state.screen.variants_per_batch}
-
     def run(
         self,
         components: Sequence[Component | str],
@@ -277,8 +270,12 @@ class LocalBackend:
         space, anchor = self.state.scorer.pair.space, self.state.scorer.layer
         calibration: list[Shard] = []
         if self.estimate:
+            state = self.state
+            neurons = state.neurons.neurons_per_forward if state.neurons is not None else None
             calibration, shards = split_for_calibration(
-                shards, [shard_work(space, anchor, s) for s in shards], self._units()
+                shards,
+                [shard_work(space, anchor, s) for s in shards],
+                calibration_units(state.screen.variants_per_batch, neurons),
             )
         tables = []
         bar = tqdm(total=sum(map(len, calibration + shards)), desc="exact", unit="comp", disable=not progress)
@@ -297,23 +294,14 @@ class LocalBackend:
         if calibration and not shards:
             self._log_estimates(anchor, [])
         for estimate in self.estimates:
-            spent = sum(t for s, _, t in self.timings if engine(s) == estimate.engine)
-            logger.info(
-                "%s: took %s (estimated %s)",
-                estimate.subject(),
-                format_duration(spent),
-                format_duration(estimate.seconds),
-                extra=CONSOLE,
-            )
+            logger.info("%s", outcome_message(estimate, self.timings), extra=CONSOLE)
         return ScoreTable.concat(tables) if tables else ScoreTable.from_rows([])
 
     def _log_estimates(self, anchor: int, rest: list[tuple[Shard, Work]]) -> None:
         """Fit each engine's cost on the calibration timings so far and log its estimate."""
-        for name in ENGINES:
-            estimate = estimate_sweep(name, anchor, self.timings, rest)
-            if estimate is not None:
-                self.estimates.append(estimate)
-                logger.info("%s", estimate.message(), extra=CONSOLE)
+        for estimate in fit_estimates(anchor, self.timings, rest):
+            self.estimates.append(estimate)
+            logger.info("%s", estimate.message(), extra=CONSOLE)
 
     def close(self) -> None:
         self._state = None if self.job is not None else self._state

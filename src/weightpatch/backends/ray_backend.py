@@ -6,6 +6,10 @@ shards submitted to it one at a time. The driver keeps every actor busy, collect
 with ``ray.wait`` as they come and hands their rows to the caller's callback (which appends them
 to the run directory), deduplicated by component name.
 
+Before the rest, a few calibration units are submitted (as in the local backend,
+:mod:`weightpatch.backends.estimate`); once they are back, the estimated duration of each engine's
+part is logged in worker time and as wall time on the pool, while the other shards already run.
+
 A worker that dies (process killed, node lost, out of memory) loses only its in-flight shard: the
 actor is replaced by a fresh one and the shard is submitted again, up to ``max_retries`` times per
 shard. An exception raised by the scoring code itself is not retried (it would fail again); it is
@@ -25,6 +29,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from weightpatch.backends.estimate import (
+    SweepEstimate,
+    Work,
+    calibration_units,
+    fit_estimates,
+    format_duration,
+    outcome_message,
+    shard_work,
+    split_for_calibration,
+)
 from weightpatch.backends.local import (
     DEFAULT_NEURON_SHARD_SIZE,
     DEFAULT_SHARD_SIZE,
@@ -38,6 +52,7 @@ from weightpatch.backends.local import (
 from weightpatch.components import Component
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable
+from weightpatch.rundir import CONSOLE
 
 logger = logging.getLogger("weightpatch")
 
@@ -81,9 +96,17 @@ class ShardWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    def score(self, shard: Shard) -> tuple[int, list[dict]]:
+    def works(self, shards: Sequence[Shard]) -> tuple[int, list[Work]]:
+        """The anchor layer and what each shard costs (the driver holds no model to tell)."""
+        scorer = self.state.scorer
+        return scorer.layer, [shard_work(scorer.pair.space, scorer.layer, s) for s in shards]
+
+    def score(self, shard: Shard) -> tuple[int, list[dict], float]:
+        """The shard's rows and the seconds this worker spent scoring them."""
         _maybe_crash()
-        return shard.index, score_shard(self.state, shard).frame.to_dict("records")
+        start = time.perf_counter()
+        rows = score_shard(self.state, shard).frame.to_dict("records")
+        return shard.index, rows, time.perf_counter() - start
 
 
 class RayBackend:
@@ -94,7 +117,9 @@ class RayBackend:
     ``workers``: actors in the pool (default: as many as the cluster's CPUs (GPUs with
     ``num_gpus``) allow, at most one per shard). ``num_cpus``/``num_gpus``: resources per actor;
     torch in each actor uses ``num_cpus`` threads. ``max_retries``: re-submissions of a shard whose
-    worker died. ``runtime_env``: passed to every actor (e.g. ``{"env_vars": {...}}``)."""
+    worker died. ``runtime_env``: passed to every actor (e.g. ``{"env_vars": {...}}``).
+    ``estimate``: calibrate first and log the sweep's estimated duration (``estimates``);
+    ``timings`` of the last run hold (shard, work, worker seconds) of every shard scored."""
 
     def __init__(
         self,
@@ -109,6 +134,7 @@ class RayBackend:
         max_retries: int = 3,
         runtime_env: dict[str, Any] | None = None,
         init_options: dict[str, Any] | None = None,
+        estimate: bool = True,
     ) -> None:
         require_ray()
         if workers is not None and workers < 1:
@@ -121,7 +147,11 @@ class RayBackend:
         self._started_ray = False
         self._pool: list[Any] = []
         self.restarts = 0  # workers replaced after dying (over this backend's life)
-        self.timings: dict[str, float] = {"start_workers_s": 0.0, "run_s": 0.0}
+        self.durations: dict[str, float] = {"start_workers_s": 0.0, "run_s": 0.0}
+        self.estimate = estimate
+        self.estimates: list[SweepEstimate] = []
+        self.wall_estimate = 0.0  # seconds, the whole last run on the pool (0: not estimated)
+        self.timings: list[tuple[Shard, Work, float]] = []
 
     # ---- cluster and actors ------------------------------------------------------------------
     def _connect(self):
@@ -161,7 +191,7 @@ class RayBackend:
         start = time.perf_counter()
         try:
             ray.get([a.ready.remote() for a in new])
-            self.timings["start_workers_s"] += time.perf_counter() - start
+            self.durations["start_workers_s"] += time.perf_counter() - start
         except ray.exceptions.RayError as exc:
             for a in new:
                 ray.kill(a, no_restart=True)
@@ -189,12 +219,26 @@ class RayBackend:
         ray = self._connect()
         started = time.perf_counter()
         self._fill_pool(ray, self._n_workers(ray, len(shards)))
-        queue: deque[Shard] = deque(shards)
+        self.estimates, self.timings = [], []
+        calibration: list[Shard] = []
+        rest: list[tuple[Shard, Work]] = []
+        work_of: dict[Shard, Work] = {}
+        anchor = -1
+        if self.estimate:
+            planner = self._pool[0]
+            anchor, works = ray.get(planner.works.remote(shards))
+            neurons = self.job.neurons_per_forward if self.job.neuron_sweep else None
+            units = calibration_units(self.job.variants_per_batch, neurons)
+            calibration, shards = split_for_calibration(shards, works, units)
+            rest = list(zip(shards, ray.get(planner.works.remote(shards))[1], strict=True))
+            work_of = dict(zip(calibration, ray.get(planner.works.remote(calibration))[1], strict=True)) | dict(rest)
+        waiting = set(calibration)  # calibration units not back yet
+        queue: deque[Shard] = deque(calibration + shards)
         idle = deque(self._pool)
         pending: dict[Any, tuple[Any, Shard]] = {}
         failures: Counter[int] = Counter()
         tables: list[ScoreTable] = []
-        bar = tqdm(total=sum(map(len, shards)), desc="exact (ray)", unit="comp", disable=not progress)
+        bar = tqdm(total=sum(map(len, queue)), desc="exact (ray)", unit="comp", disable=not progress)
         try:
             while queue or pending:
                 while idle and queue:
@@ -204,7 +248,7 @@ class RayBackend:
                 for ref in ready:
                     actor, shard = pending.pop(ref)
                     try:
-                        _, rows = ray.get(ref)
+                        _, rows, seconds = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:  # our code raised: retrying would not help
                         cause = getattr(exc, "cause", None)
                         if isinstance(cause, WeightPatchError):
@@ -228,6 +272,11 @@ class RayBackend:
                         idle.append(self._new_actor(ray))
                         self._pool.append(idle[-1])
                         continue
+                    if self.estimate:
+                        self.timings.append((shard, work_of[shard], seconds))
+                        waiting.discard(shard)
+                        if calibration and not waiting and not self.estimates:
+                            self._log_estimates(anchor, rest, time.perf_counter() - started)
                     fresh = dedupe_rows(ScoreTable.from_rows(rows) if rows else _empty(), done)
                     if len(fresh):
                         tables.append(fresh)
@@ -237,10 +286,37 @@ class RayBackend:
                     idle.append(actor)
         finally:
             bar.close()
-            self.timings["run_s"] += time.perf_counter() - started
+            self.durations["run_s"] += time.perf_counter() - started
             for actor, _ in pending.values():  # interrupted: in-flight work is abandoned
                 self._drop(ray, actor)
+        for estimate in self.estimates:
+            logger.info("%s", outcome_message(estimate, self.timings) + " of worker time", extra=CONSOLE)
+        if self.estimates:
+            logger.info(
+                "exact sweep on Ray: took %s wall time (estimated %s)",
+                format_duration(time.perf_counter() - started),
+                format_duration(self.wall_estimate),
+                extra=CONSOLE,
+            )
         return ScoreTable.concat(tables)
+
+    def _log_estimates(self, anchor: int, rest: list[tuple[Shard, Work]], elapsed: float) -> None:
+        """Fit each engine's cost on the calibration timings, log its estimate in worker time and
+        the whole sweep's wall time: ``elapsed`` so far plus the remaining worker time spread over
+        the pool."""
+        self.estimates = fit_estimates(anchor, self.timings, rest)
+        for estimate in self.estimates:
+            logger.info("%s of worker time", estimate.message(), extra=CONSOLE)
+        remaining = sum(e.seconds - e.calibration_seconds for e in self.estimates)
+        workers = len(self._pool)
+        self.wall_estimate = elapsed + remaining / workers
+        logger.info(
+            "exact sweep on %d Ray worker%s: about %s wall time in all",
+            workers,
+            "s" if workers != 1 else "",
+            format_duration(self.wall_estimate),
+            extra=CONSOLE,
+        )
 
     def close(self) -> None:
         if self._pool:
