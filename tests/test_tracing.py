@@ -311,8 +311,9 @@ def test_upstream_rule_within_a_layer_and_for_whole_blocks(llama_pair_dirs):
 def test_edges_record_both_layers(planted):
     edges = trace_suppliers(planted, [PLANTED_HEAD, "L2.mlp"], method="first_order")
     space = planted.pair.space
-    assert (edges["target_layer"] == [space.parse(t).layer for t in edges["target"]]).all()
-    assert (edges["supplier_layer"] == [space.parse(s).layer for s in edges["supplier"]]).all()
+    # tolist: an all-<NA> column would pass an element-wise == (NA is skipped by .all())
+    assert edges["target_layer"].tolist() == [space.parse(t).layer for t in edges["target"]]
+    assert edges["supplier_layer"].tolist() == [space.parse(s).layer for s in edges["supplier"]]
 
 
 def _llama_outputs_by_hand(model, batches, target: str, positions: str) -> torch.Tensor:
@@ -401,3 +402,25 @@ def test_first_order_supply_with_a_single_prompt(tmp_path):
     assert (exact["n_prompts"] == 1).all() and (first["n_prompts"] == 1).all()
     scale = exact["supply"].abs().max()
     np.testing.assert_allclose(first.loc[exact.index, "supply"], exact["supply"], rtol=1e-2, atol=3e-3 * scale)
+
+
+def test_tracer_defaults_embedding_targets_and_empty_tables(llama_pair_dirs):
+    """SupplyTracer's own defaults are trace_suppliers' (last position, min_relative_gap 0.1); the
+    embedding as a target has no supplier (nothing is upstream of the model's input); candidates
+    upstream of no target give an empty table with every column, for both methods."""
+    from weightpatch.tracing import EDGE_COLUMNS, SupplyTracer
+
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(7, 5), batch_size=3)
+    direct = SupplyTracer(scorer, ["L2.mlp"]).exact(["L0.attn.head0"])
+    value, n = _supply_by_hand(pair, scorer.batches, "L2.mlp", "L0.attn.head0", "last", 0.1)
+    assert direct["supply"].item() == pytest.approx(value, rel=1e-5) and direct["n_prompts"].item() == n
+    assert direct["target_layer"].tolist() == [2] and direct["supplier_layer"].tolist() == [0]
+    space = pair.space
+    assert not is_upstream(space, "L0.attn.head0", "embed") and not is_upstream(space, "L1", "embed")
+    assert not is_upstream(space, "L1.mlp.down", "L1.mlp.neuron3")  # read after the neuron's activation
+    assert len(trace_suppliers(scorer, ["embed"], kinds=("head", "neuron", "module"))) == 0
+    for method in ("exact", "first_order"):
+        empty = trace_suppliers(scorer, ["L0.attn.head0"], candidates=["L2.mlp.neuron0"], method=method)
+        assert empty.columns.tolist() == EDGE_COLUMNS and len(empty) == 0

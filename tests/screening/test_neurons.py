@@ -39,6 +39,8 @@ def test_neuron_rows_match_the_exact_screen_row_for_row_and_are_zero_above_the_a
     screen = ExactScreen(scorer)
     table = NeuronScreen(screen, neurons_per_forward=5).run(progress=False).frame.set_index("component")
     assert len(table) == 4 * 48 and set(table["layer"]) == {0, 1, 2, 3}  # run() covers every layer
+    one = NeuronScreen(screen, neurons_per_forward=5).run(layers=[1], progress=False).frame.set_index("component")
+    assert len(one) == 48 and set(one["layer"]) == {1} and one["score"].equals(table.loc[one.index, "score"])
     names = ["L0.mlp.neuron3", "L2.mlp.neuron7", "L2.mlp.neuron40", "L3.mlp.neuron1"]
     slow = screen.run(names, progress=False).frame.set_index("component")
     columns = ["kind", "component_class", "layer", "index", "method", "n_prompts"]
