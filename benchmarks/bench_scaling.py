@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray backend section")
+    parser.add_argument("--only-ray", action="store_true", help="run only the Ray backend section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -119,6 +120,10 @@ def main() -> None:
         "first_order_all = of every component of every kind (all_components, neurons included). "
         f"Batch size {args.batch_size}; prompts from the demo held-out set."
     )
+    if args.only_ray:
+        paths = demo.paths()
+        ray_section(paths, demo_anchor(load_pair(paths.base, paths.specialized)), texts[:16], args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         # ---- layers --------------------------------------------------------------------------
         rows, pairs = [], {}
@@ -152,14 +157,7 @@ def main() -> None:
     # ---- the demo pair -------------------------------------------------------------------------
     paths = demo.paths()
     pair = load_pair(paths.base, paths.specialized)
-    anchor_records = demo.prompts("anchor")
-    anchor = build_anchor(
-        pair,
-        [r.prompt for r in anchor_records[:48]],
-        [r.prompt_without_instruction for r in anchor_records[:48]],
-        layer=2,
-        method="instruction",
-    )
+    anchor = demo_anchor(pair)
     pool = [c.name for c in pair.space.components(kinds=("head", "module"))]
     random.Random(0).shuffle(pool)
     rows = []
@@ -173,6 +171,18 @@ def main() -> None:
     if not args.no_ray:
         ray_section(paths, anchor, texts[:16], args)
     print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def demo_anchor(pair):
+    """The instruction anchor at layer 2 of the demo pair, from 48 anchor prompts."""
+    records = demo.prompts("anchor")[:48]
+    return build_anchor(
+        pair,
+        [r.prompt for r in records],
+        [r.prompt_without_instruction for r in records],
+        layer=2,
+        method="instruction",
+    )
 
 
 def ray_section(paths, anchor, texts, args) -> None:
@@ -194,12 +204,15 @@ def ray_section(paths, anchor, texts, args) -> None:
         backend = LocalBackend(job)
         with timed(t, "local_setup"):
             backend.state  # noqa: B018 (loads the pair, scores base/specialized, caches block inputs)
-        local = backend.run(components, progress=False)
+        with timed(t, "local_run"):
+            local = backend.run(components, progress=False)
+        local_estimate = sum(e.seconds for e in backend.estimates)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         with timed(t, "ray"), RayBackend(job, workers=2, num_cpus=1) as backend:
             remote = backend.run(components, progress=False)
-            ray_setup = backend.durations["start_workers_s"]
+            ray_setup, ray_run = backend.durations["start_workers_s"], backend.durations["run_s"]
+            ray_estimate = backend.wall_estimate
     finally:
         ray.shutdown()
     a, b = local.frame.set_index("component")["score"], remote.frame.set_index("component")["score"]
@@ -209,6 +222,9 @@ def ray_section(paths, anchor, texts, args) -> None:
             "components": len(local),
             "seconds": t["local"],
             "setup_s": t["local_setup"],
+            "run_s": t["local_run"],
+            "estimated_run_s": local_estimate,
+            "estimate_ratio": local_estimate / t["local_run"],
             "max_diff": 0.0,
         },
         {
@@ -216,6 +232,9 @@ def ray_section(paths, anchor, texts, args) -> None:
             "components": len(remote),
             "seconds": t["ray"],
             "setup_s": ray_setup,
+            "run_s": ray_run,
+            "estimated_run_s": ray_estimate,
+            "estimate_ratio": ray_estimate / ray_run,
             "max_diff": float((a - b.loc[a.index]).abs().max()),
         },
     ]
@@ -225,7 +244,9 @@ def ray_section(paths, anchor, texts, args) -> None:
         "Both include loading the pair and the scorer setup; Ray also starts its local cluster's actors "
         "(each loads the pair once). Neurons go through NeuronScreen in shards of 256, heads/modules in "
         "shards of 8. setup_s: loading the job (Ray: starting both actors, each loading the pair and scoring base "
-        "and specialized, in parallel). max_diff = largest |ray - local| score.",
+        "and specialized, in parallel). run_s: the sweep itself; estimated_run_s: the duration the backend "
+        "logged once its calibration units were back (Ray: wall time on its 2 actors). max_diff = largest "
+        "|ray - local| score.",
     )
 
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -139,3 +141,59 @@ def test_out_of_range_components_name_the_range_and_the_nearest_valid_name(llama
             space.validate(name)
     for name in ("L2.mlp", "L1.attn.head3", "L1.mlp.neuron47", "L0"):
         assert space.validate(name).name == name
+
+
+def test_first_affected_layer_module_paths_and_neuron_readout_by_hand():
+    """Written out from transformers' module trees: the embeddings (token and GPT-2's positions) feed
+    block 0; an untied unembedding and the final norm come after the last block, a tied one (GPT-2's
+    lm_head is wte) feeds block 0; module paths and the down projection's neuron dim per layout."""
+    llama = ComponentSpace.from_model(tiny_model("llama"))
+    gpt2 = ComponentSpace.from_model(tiny_model("gpt2"))
+    assert [llama.first_affected_layer(n) for n in ("embed", "unembed", "norm.final", "L1.attn.head1", "L2")] == [
+        0,
+        3,
+        3,
+        1,
+        2,
+    ]
+    assert [gpt2.first_affected_layer(n) for n in ("embed", "pos_embed", "unembed", "norm.final")] == [0, 0, 0, 3]
+    assert [llama.module_path(1, m) for m in ("attn", "mlp", "attn.q", "mlp.down")] == [
+        "model.layers.1.self_attn",
+        "model.layers.1.mlp",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    assert [gpt2.module_path(1, m) for m in ("attn", "mlp", "mlp.down")] == [
+        "transformer.h.1.attn",
+        "transformer.h.1.mlp",
+        "transformer.h.1.mlp.c_proj",
+    ]
+    with pytest.raises(
+        ComponentError,
+        match=r"^L1\.attn\.q is a slice of a fused parameter in the gpt2 layout and has no separate output to "
+        r"patch; use the heads or the whole 'attn'/'mlp' module$",
+    ):
+        gpt2.module_path(1, "attn.q")
+    # Llama's down_proj.weight is (hidden, intermediate): neuron j is column j; GPT-2's Conv1D
+    # c_proj.weight is (intermediate, hidden): row j
+    assert llama.neuron_readout(1) == ("model.layers.1.mlp.down_proj.weight", 1)
+    assert gpt2.neuron_readout(2) == ("transformer.h.2.mlp.c_proj.weight", 0)
+
+
+def test_unknown_names_get_the_nearest_valid_one():
+    space = ComponentSpace.from_model(tiny_model("llama"))  # layers 0..2, heads 0..3
+    cases = {
+        "L3.attn": "layer 3 is out of range (the model has layers 0..2); did you mean 'L2.attn'?",
+        "L7.mlp.neuron4": "layer 7 is out of range (the model has layers 0..2); did you mean 'L2.mlp.neuron4'?",
+        "L0.atn": "no module 'atn' in layer 0; did you mean 'L0.attn'?",
+        "L2.mlp.gat": "no module 'mlp.gat' in layer 2; did you mean 'L2.mlp.gate'?",
+        "foo": "no module 'foo' at model level",
+        "embd": "no module 'embd' at model level; did you mean 'embed'?",
+    }
+    for name, problem in cases.items():
+        with pytest.raises(ComponentError, match="^" + re.escape(f"unknown component {name!r}: {problem}") + "$"):
+            space.validate(name)
+    with pytest.raises(
+        ComponentError, match=r"^norm\.final has no activation site; model-level modules other than 'embed' cannot be$"
+    ):
+        space.site("norm.final")
