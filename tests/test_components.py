@@ -197,3 +197,22 @@ def test_unknown_names_get_the_nearest_valid_one():
         ComponentError, match=r"^norm\.final has no activation site; model-level modules other than 'embed' cannot be$"
     ):
         space.site("norm.final")
+
+
+def test_merge_slices_of_experts_and_its_refusals():
+    """A dim-0 slice of whole experts absorbs slices inside the experts it covers, and only those;
+    slices that cannot form one slice are refused with the parameter, the dims and the expert."""
+    whole = ParamSlice("w", 0, ((2, 4),))  # experts 2 and 3 whole
+    inside = [ParamSlice("w", 1, ((0, 2),), expert=e) for e in (0, 3)]
+    assert merge_slices([whole, *inside]) == [whole, ParamSlice("w", 1, ((0, 2),), expert=0)]
+    refusals = {
+        "slices of w along different dims [0, 1] cannot be merged": [
+            ParamSlice("w", 0, ((0, 1),)),
+            ParamSlice("w", 1, ((0, 1),)),
+        ],
+        "slices of w along dim 1 and inside expert 0 cannot be merged": [ParamSlice("w", 1, ((0, 1),)), inside[0]],
+        "slices of w in expert 3 along different dims [1, 2]": [inside[1], ParamSlice("w", 2, ((0, 1),), expert=3)],
+    }
+    for message, slices in refusals.items():
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            merge_slices(slices)
