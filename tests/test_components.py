@@ -216,3 +216,20 @@ def test_merge_slices_of_experts_and_its_refusals():
     for message, slices in refusals.items():
         with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
             merge_slices(slices)
+
+
+@pytest.mark.parametrize("extra", [8, 9])
+def test_parameters_no_module_owns_are_listed_eight_at_most(extra):
+    from weightpatch.errors import ArchitectureDescriptionError
+
+    model = tiny_model("llama")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    names = [f"model.extra{i}.weight" for i in range(extra)]
+    shapes |= dict.fromkeys(names, (2,))
+    listed = ", ".join(sorted(names)[:8]) + (" and 1 more" if extra == 9 else "")
+    message = (
+        f"llama.json: no module owns the parameters {listed}; add them to 'modules' (per layer) or 'globals' "
+        "of the description"
+    )
+    with pytest.raises(ArchitectureDescriptionError, match="^" + re.escape(message) + "$"):
+        ComponentSpace.from_shapes(model.config, shapes)
