@@ -98,3 +98,17 @@ def test_rows_name_their_method_and_components_above_the_anchor_score_zero_with_
         atol=1e-5,
         rtol=1e-4,
     )
+
+
+def test_components_the_fine_tune_left_alone_score_exactly_zero(tmp_path):
+    """Only the planted neurons (layer 0) and one head (layer 2) differ: every other component scores
+    0.0 exactly, in the anchor's own block (run alone) as below it (stacked): the patched runs and the
+    receiver's anchor scores compute the anchor block the same way (its last position only)."""
+    from test_roles import planted_scorer
+
+    scorer = planted_scorer(tmp_path)
+    assert scorer.layer == 2
+    untouched = ["L2.attn.head0", "L2.mlp", "L1.attn.head2", "L1.mlp", "L0.attn", "L0.mlp.neuron5"]
+    table = ExactScreen(scorer).run([*untouched, "L2.attn.head1"], progress=False).frame.set_index("component")
+    assert (table.loc[untouched, "score"] == 0.0).all()
+    assert table.loc["L2.attn.head1", "score"] != 0.0

@@ -77,3 +77,18 @@ def test_a_neuron_subset_over_several_batches_in_float64(tmp_path):
             atol=1e-12,
             rtol=1e-9,
         )
+
+
+def test_neurons_the_fine_tune_left_alone_score_exactly_zero(tmp_path):
+    """On the planted pair only neurons 3 and 7 of layer 0 differ: every other neuron scores 0.0
+    exactly, also in the anchor's own block (layer 2), whose base output and activations are
+    computed on the last position like the receiver's anchor scores."""
+    from test_roles import NEURONS, planted_scorer
+
+    scorer = planted_scorer(tmp_path)
+    neurons = NeuronScreen(ExactScreen(scorer), neurons_per_forward=4)
+    for layer in (0, 1, 2):
+        table = neurons.run_layer(layer, neurons=range(10), progress=False).frame
+        planted = table["index"].isin(NEURONS) & (layer == 0)
+        assert (table.loc[~planted, "score"] == 0.0).all(), layer
+        assert (table.loc[planted, "score"] > 0.1).all()

@@ -73,16 +73,17 @@ class NeuronScreen:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs of the down projection (batch, seq, neurons) under base weights and with the
         donor's neuron input weights (gate/up rows and their biases) patched in, and the block's
-        base output (batch, seq, hidden)."""
+        base output (batch, seq, hidden); seq = 1 (the last position) in the anchor's own block."""
         scorer, space, model = self.scorer, self.space, self.model
         batch = scorer.batches[batch_index]
         hidden_in = self.screen.inputs[batch_index].get(layer) if layer > 0 else None
+        last = layer == scorer.layer  # the anchor block: its last position only, as the anchor scores
         captured: list[torch.Tensor] = []
         handle = model.get_submodule(down).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         try:
-            out = run_segment(model, space, batch, stop=layer, start=layer, hidden_in=hidden_in)[0]
+            out = run_segment(model, space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last)[0]
             with patched(model, scorer.pair.donor, space, inputs_patch):
-                run_segment(model, space, batch, stop=layer, start=layer, hidden_in=hidden_in)
+                run_segment(model, space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last)
         finally:
             handle.remove()
         return captured[0], captured[1], out
@@ -101,7 +102,10 @@ class NeuronScreen:
 
         handle = self.model.get_submodule(mlp).register_forward_hook(shift)
         try:
-            out = run_segment(self.model, self.space, batch, stop=layer, start=layer, hidden_in=hidden_in)[0]
+            last = layer == self.scorer.layer  # as in _activations: out_base is then the last position
+            out = run_segment(
+                self.model, self.space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last
+            )[0]
         finally:
             handle.remove()
         tolerance = 64 * torch.finfo(out.dtype).eps * scale
