@@ -5,6 +5,8 @@ transformers 5 holds the experts as fused 3-D tensors in memory (``mlp.experts.g
 donor reads the fused slices from the per-expert tensors.
 """
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -221,3 +223,31 @@ def test_first_order_scores_of_an_experts_neurons_add_up_to_the_expert(moe_dirs)
     assert scores["L1.mlp.expert1"] != 0
     assert scores[neurons].sum() == pytest.approx(scores["L1.mlp.expert1"], rel=1e-9, abs=1e-12)
     assert scores[neurons].sum() != pytest.approx(scores["L1.mlp.expert0"])
+
+
+def test_expert_names_out_of_range_sites_and_readout_refusals():
+    """Messages in full: an expert index equal to the count is out of range (for experts and for
+    neurons inside them), the suggestion is a name that exists in that layer (a mixture-of-experts
+    layer has no dense neuron to suggest), expert neurons have no activation site, and a layer
+    without dense neurons has no neuron readout."""
+    space = ComponentSpace.from_model(tiny_moe())
+    assert (space.num_experts(1), space.num_expert_neurons(1), space.num_neurons(1)) == (4, 16, 0)
+    cases = {
+        "L1.mlp.expert4.neuron0": "expert 4 is out of range (layer 1 has 4 experts); "
+        "did you mean 'L1.mlp.expert0.neuron0'?",
+        "L1.mlp.expert3.neuron16": "neuron 16 is out of range (the experts of layer 1 have 16 neurons); "
+        "did you mean 'L1.mlp.expert0.neuron0'?",
+        "L1.mlp.neuron3": "neuron 3 is out of range (layer 1 has 0 neurons); did you mean 'L1.mlp.expert0.neuron0'?",
+    }
+    for name, problem in cases.items():
+        with pytest.raises(ComponentError, match="^" + re.escape(f"unknown component {name!r}: {problem}") + "$"):
+            space.validate(name)
+    with pytest.raises(
+        ComponentError,
+        match=r"^L1\.mlp\.expert0\.neuron1 has no activation site: fused experts compute every expert inside one "
+        r"module; patch the whole 'L1\.mlp' or the router 'L1\.mlp\.router'$",
+    ):
+        space.site("L1.mlp.expert0.neuron1")
+    with pytest.raises(ComponentError, match=r"^layer 1 of this qwen3_moe model has no dense MLP neurons$"):
+        space.neuron_readout(1)
+    assert space.neuron_readout(2) == ("model.layers.2.mlp.down_proj.weight", 1)  # the dense block

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,6 +190,8 @@ def test_unknown_names_get_the_nearest_valid_one():
         "L2.mlp.gat": "no module 'mlp.gat' in layer 2; did you mean 'L2.mlp.gate'?",
         "foo": "no module 'foo' at model level",
         "embd": "no module 'embd' at model level; did you mean 'embed'?",
+        "L1.x": "no module 'x' in layer 1; did you mean 'L1'?",  # whole layers are candidates too
+        "L1.qq": "no module 'qq' in layer 1; did you mean 'L1.attn.q'?",  # similarity 0.57: cutoff 0.5
     }
     for name, problem in cases.items():
         with pytest.raises(ComponentError, match="^" + re.escape(f"unknown component {name!r}: {problem}") + "$"):
@@ -233,3 +236,36 @@ def test_parameters_no_module_owns_are_listed_eight_at_most(extra):
     )
     with pytest.raises(ArchitectureDescriptionError, match="^" + re.escape(message) + "$"):
         ComponentSpace.from_shapes(model.config, shapes)
+
+
+def test_neuron_count_rules_skip_absent_parameters_and_read_stride_and_offset(tmp_path):
+    """The neuron count is the largest for which every present neuron rule stays in its tensor: a
+    rule on a parameter the model lacks (a bias) is skipped, not the end of the rules; a stride of 2
+    halves the count of a 48-row gate projection, an offset of 8 leaves 40 rows."""
+    import json
+
+    from weightpatch.architecture import load_architecture
+
+    shipped = Path(__file__).resolve().parents[1] / "src" / "weightpatch" / "architectures" / "llama.json"
+    model = tiny_model("llama")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    gate = {"param": "mlp.gate_proj.weight", "dim": 0}
+    variants = {
+        "absent_first": ([{"param": "mlp.gate_proj.bias", "dim": 0}], 48),
+        "strided": ([{**gate, "stride": "2"}], 24),
+        "offset": ([{**gate, "offset": "8"}], 40),
+    }
+    for name, (rules, count) in variants.items():
+        raw = json.loads(shipped.read_text())
+        raw["neuron"] = rules + [r for r in raw["neuron"] if r["param"] != gate["param"] or name == "absent_first"]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        spec = load_architecture(path)
+        space = ComponentSpace(spec, spec.dims(model.config), shapes)
+        assert space.num_neurons(0) == count, name
+
+
+def test_numel_is_an_integer_count():
+    slices = [ParamSlice("w"), ParamSlice("w", 1, ((0, 3), (5, 6))), ParamSlice("w", 2, ((1, 2),), expert=1)]
+    counts = [s.numel((4, 6, 5)) for s in slices]
+    assert counts == [120, 80, 6] and all(type(n) is int for n in counts)

@@ -580,7 +580,11 @@ class ComponentSpace:
                 pass
         names = [x.name for x in self.components(kinds=("layer", "module"))]
         if c.layer is not None and 0 <= c.layer < self.num_layers:
-            names += [f"L{c.layer}.attn.head0", f"L{c.layer}.mlp.neuron0"]
+            names.append(f"L{c.layer}.attn.head0")
+            if self.num_neurons(c.layer):
+                names.append(f"L{c.layer}.mlp.neuron0")
+            if self.num_experts(c.layer):
+                names += [f"L{c.layer}.mlp.expert0", f"L{c.layer}.mlp.expert0.neuron0"]
         close = difflib.get_close_matches(c.name, names, n=1, cutoff=0.5)
         return close[0] if close else None
 
