@@ -175,6 +175,8 @@ def test_supplier_graph_carries_supply_and_method_on_its_edges():
         ("b", "T1", {"weight": 0.1, "method": "first_order"}),
     ]
     assert list(supplier_graph(edges, min_supply=0.2).edges) == [("a", "T1")]
+    six = _edges([(f"n{j}", "T1", 0.1 + j / 100, "exact", "neuron") for j in range(6)])
+    assert sorted(u for u, _ in supplier_graph(six).edges) == [f"n{j}" for j in range(1, 6)]  # k = 5
 
 
 def test_supplier_overlap_by_hand(llama_pair_dirs):
