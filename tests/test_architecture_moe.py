@@ -238,6 +238,7 @@ def test_expert_names_out_of_range_sites_and_readout_refusals():
         "L1.mlp.expert3.neuron16": "neuron 16 is out of range (the experts of layer 1 have 16 neurons); "
         "did you mean 'L1.mlp.expert0.neuron0'?",
         "L1.mlp.neuron3": "neuron 3 is out of range (layer 1 has 0 neurons); did you mean 'L1.mlp.expert0.neuron0'?",
+        "L1.atn": "no module 'atn' in layer 1; did you mean 'L1.attn'?",  # the layer's modules stay candidates
     }
     for name, problem in cases.items():
         with pytest.raises(ComponentError, match="^" + re.escape(f"unknown component {name!r}: {problem}") + "$"):

@@ -192,6 +192,9 @@ def test_unknown_names_get_the_nearest_valid_one():
         "embd": "no module 'embd' at model level; did you mean 'embed'?",
         "L1.x": "no module 'x' in layer 1; did you mean 'L1'?",  # whole layers are candidates too
         "L1.qq": "no module 'qq' in layer 1; did you mean 'L1.attn.q'?",  # similarity 0.57: cutoff 0.5
+        "L1.mlp.neuron99": "neuron 99 is out of range (layer 1 has 48 neurons); did you mean 'L1.mlp.neuron0'?",
+        "L0.mlp.neuron99": "neuron 99 is out of range (layer 0 has 48 neurons); did you mean 'L0.mlp.neuron0'?",
+        "L3.mlp.neuron4": "layer 3 is out of range (the model has layers 0..2); did you mean 'L2.mlp.neuron4'?",
     }
     for name, problem in cases.items():
         with pytest.raises(ComponentError, match="^" + re.escape(f"unknown component {name!r}: {problem}") + "$"):
