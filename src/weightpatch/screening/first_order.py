@@ -176,7 +176,7 @@ def gradient_scores(
                 for i, b in enumerate(scorer.batches):
                     prompts = range(offset_of[i], offset_of[i + 1])
                     w = weights[prompts.start : prompts.stop].to(scorer.u.device)
-                    hidden = run_segment(model, space, b, stop=scorer.layer)[0]
+                    hidden = run_segment(model, space, b, stop=scorer.layer, last_position=True)[0]
                     terms = scorer.project(hidden) * w
                     if not per_prompt:
                         terms.sum().backward()

@@ -81,7 +81,7 @@ def residual_gradients(
     handles += [model.get_submodule(p).register_forward_hook(keep(mlp_outputs, i)) for i, p in mlp_paths.items()]
     try:
         with torch.enable_grad():
-            hidden = run_segment(model, space, batch, stop=anchor)[0]
+            hidden = run_segment(model, space, batch, stop=anchor, last_position=True)[0]
             targets = [outputs[layer] for layer in range(anchor)] + [mlp_outputs[layer] for layer in mlp_paths]
             grads = torch.autograd.grad(scorer.project(hidden).sum(), targets) if targets else ()
     finally:
@@ -119,7 +119,10 @@ class LocalExactScreen:
         input, with the model's current weights."""
         hidden_in = self.screen.inputs[batch_index].get(layer) if layer > 0 else None
         batch = self.scorer.batches[batch_index]
-        return run_segment(self.model, self.space, batch, stop=layer, start=layer, hidden_in=hidden_in)[0]
+        last = layer == self.scorer.layer  # the anchor block: its last position, as the anchor scores
+        return run_segment(
+            self.model, self.space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last
+        )[0]
 
     def _base_output(self, layer: int, batch_index: int) -> torch.Tensor:
         """:meth:`_block_output` of the receiver, cached (call it outside any patch)."""
@@ -155,7 +158,13 @@ class LocalExactScreen:
             stacked = torch.cat([o[bi] for o in outs])
             if stop > layer:
                 stacked = run_segment(
-                    self.model, self.space, batch.repeat(len(group)), stop=stop, start=layer + 1, hidden_in=stacked
+                    self.model,
+                    self.space,
+                    batch.repeat(len(group)),
+                    stop=stop,
+                    start=layer + 1,
+                    hidden_in=stacked,
+                    last_position=stop == anchor,
                 )[0]
             if stop == anchor:
                 rows.append(scorer.project(stacked).view(len(group), len(batch)))
