@@ -238,8 +238,8 @@ def run_segment(
         if start > 0:
             handles.append(layers[start].register_forward_pre_hook(inject, with_kwargs=True))
         handles.append(layers[stop].register_forward_hook(stop_here))
-        if last_position:
-            for module in (space.module_path(stop, "mlp"), f"{space.layer_path(stop)}.{space.spec.sites.head_output}"):
+        if last_position:  # the MLP, and the head-output module (whose input is every head's output)
+            for module in (space.module_path(stop, "mlp"), space.site(f"L{stop}.attn.head0").module):
                 handles += _last_position_only(model.get_submodule(module))
         with suppress(_StopForward):
             model(**batch.kwargs(), use_cache=False)

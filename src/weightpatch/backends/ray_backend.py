@@ -230,8 +230,9 @@ class RayBackend:
             neurons = self.job.neurons_per_forward if self.job.neuron_sweep else None
             units = calibration_units(self.job.variants_per_batch, neurons)
             calibration, shards = split_for_calibration(shards, works, units)
-            rest = list(zip(shards, ray.get(planner.works.remote(shards))[1], strict=True))
-            work_of = dict(zip(calibration, ray.get(planner.works.remote(calibration))[1], strict=True)) | dict(rest)
+            _, after = ray.get(planner.works.remote(calibration + shards))  # the split shards' own works
+            work_of = dict(zip(calibration + shards, after, strict=True))
+            rest = [(s, work_of[s]) for s in shards]
         waiting = set(calibration)  # calibration units not back yet
         queue: deque[Shard] = deque(calibration + shards)
         idle = deque(self._pool)
