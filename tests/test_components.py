@@ -175,6 +175,8 @@ def test_first_affected_layer_module_paths_and_neuron_readout_by_hand():
         r"patch; use the heads or the whole 'attn'/'mlp' module$",
     ):
         gpt2.module_path(1, "attn.q")
+    with pytest.raises(ComponentError, match=r"^no module 'mlp\.router' in layer 1 of this llama model$"):
+        llama.module_path(1, "mlp.router")  # a dense family has no router (it said "a slice of a fused parameter")
     # Llama's down_proj.weight is (hidden, intermediate): neuron j is column j; GPT-2's Conv1D
     # c_proj.weight is (intermediate, hidden): row j
     assert llama.neuron_readout(1) == ("model.layers.1.mlp.down_proj.weight", 1)

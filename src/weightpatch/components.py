@@ -499,6 +499,8 @@ class ComponentSpace:
     def module_path(self, layer: int, module: str) -> str:
         """The full submodule path of module name ``module`` in block ``layer`` (``L3.mlp`` ->
         ``model.layers.3.mlp``); ComponentError when the name is no single submodule."""
+        if module not in self.spec.modules:
+            raise ComponentError(f"no module {module!r} in layer {layer} of this {self.spec.family} model")
         sites = self.spec.sites
         sub = {"attn": sites.attn, "mlp": sites.mlp, "mlp.router": sites.router}.get(module) or self.spec.submodule(
             module
