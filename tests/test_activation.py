@@ -128,3 +128,24 @@ def test_the_embedding_output_is_patched_before_block_0(llama_pair_dirs):
     f = scorer.project(patched_residual(pair, batch, ["embed"], 1))  # the whole forward, embedding swapped
     by_hand = float(((f - scorer.f_receiver) / scorer.gap)[scorer.valid].double().mean())
     assert score == pytest.approx(by_hand, abs=1e-6) and abs(score) > 1e-3
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_sites_inside_the_anchor_block_equal_a_full_forward(llama_pair_dirs, positions):
+    """The scores run the anchor block on its last position only; patching sites inside that block
+    (its MLP output, a neuron, a head, the attention output, the whole block) must give what a full
+    run of the block gives: the effect computed from ``patched_residual``'s last position."""
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(7, 5), batch_size=3)
+    components = ["L1.mlp", "L1.mlp.neuron5", "L1.attn.head2", "L1.attn", "L1", "L0.mlp"]
+    table = activation_scores(scorer, components, positions=positions, variants_per_batch=4).frame.set_index(
+        "component"
+    )
+    for name in components:
+        f = torch.cat(
+            [scorer.project(patched_residual(pair, b, [name], layer=1, positions=positions)) for b in scorer.batches]
+        )
+        ratios = ((f - scorer.f_receiver) / scorer.gap)[scorer.valid].double()
+        assert table.loc[name, "score"] == pytest.approx(float(ratios.mean()), rel=1e-5, abs=1e-7), name
+    assert table["score"].abs().min() > 1e-3

@@ -164,6 +164,8 @@ def activation_patched(
 
     def overwrite(module: str, hook: str, x: torch.Tensor) -> torch.Tensor:
         src = cache[(module, hook)].to(x.dtype)
+        if x.shape[1] == 1 < src.shape[1]:  # inside an anchor block cut to its last position
+            src = src[:, -1:]
         b, s = src.shape[0], src.shape[1]
         mask = masks[(module, hook)].to(x.device)[:, None, None, :]
         if positions == "last":
@@ -246,7 +248,13 @@ class ActivationScreen:
             hidden_in = self.inputs[i][start].repeat(n, 1, 1) if start > 0 else None
             with activation_patched(self.model, self.space, self._cache[i], variants, self.positions):
                 out = run_segment(
-                    self.model, self.space, b.repeat(n), stop=self.scorer.layer, start=start, hidden_in=hidden_in
+                    self.model,
+                    self.space,
+                    b.repeat(n),
+                    stop=self.scorer.layer,
+                    start=start,
+                    hidden_in=hidden_in,
+                    last_position=True,
                 )[0]
             rows.append(self.scorer.project(out).view(n, len(b)))
         return torch.cat(rows, dim=1)
