@@ -16,6 +16,44 @@ from weightpatch.runner import encode, render_prompts
 
 
 @torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int = 160,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Greedy continuations of model-ready ``texts`` (already rendered, see
+    :func:`weightpatch.runner.render_prompts`) as token ids, in order: everything the model wrote up
+    to and including its first eos token (or ``max_new_tokens`` tokens), padding removed."""
+    if max_new_tokens < 1:
+        raise WeightPatchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = encode(tokenizer, list(texts[start : start + batch_size]), device)
+            enc = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            generated = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row in generated[:, enc["input_ids"].shape[1] :].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                out.append(row)
+    finally:
+        model.train(was_training)
+    return out
+
+
 def generate(
     model,
     tokenizer,
@@ -29,30 +67,9 @@ def generate(
 
     Generation stops at the tokenizer's eos token (or after ``max_new_tokens``).
     """
-    if max_new_tokens < 1:
-        raise WeightPatchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            batch = encode(tokenizer, render_prompts(tokenizer, chunk, prompt_format), device)
-            enc = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            generated = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            out.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return out
+    texts = render_prompts(tokenizer, prompts, prompt_format)
+    ids = generate_ids(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def load_model(path, dtype: torch.dtype = torch.float32):

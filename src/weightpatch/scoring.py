@@ -39,7 +39,75 @@ class Effect:
     n_prompts: int
 
 
-class AnchorScorer:
+class GapScorer:
+    """The normalization every objective shares: a per-prompt readout ``F(M, x)`` of a model, the
+    receiver's and donor's values, the gap ``G(x) = F(donor, x) - F(receiver, x)``, the prompts whose
+    gap is too small to divide by, and :meth:`effect` (0 = receiver, 1 = donor).
+
+    A subclass sets ``pair``, ``texts`` and ``batches`` (the batches :meth:`readout` reads) and
+    implements :meth:`readout`; :meth:`measure_references` then fills in the rest. The anchor
+    objective is :class:`AnchorScorer`; the behaviour objective is
+    :class:`weightpatch.behaviour.BehaviourScorer`.
+    """
+
+    objective = "anchor"
+    separation_subject = "the anchor"  # what a refusal says does not separate the models
+    separation_fix = " or rebuild the anchor"
+    pair: ModelPair
+    texts: list[str]
+    batches: list[Batch]
+
+    def readout(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
+        """F(model, x) of each prompt of one batch, with the model's current weights
+        (differentiable: first-order scores backpropagate through it)."""
+        raise NotImplementedError
+
+    def values(self, model: torch.nn.Module) -> Float[torch.Tensor, " prompt"]:
+        """F(model, x) for every prompt, with the model's current weights."""
+        with torch.no_grad():
+            return torch.cat([self.readout(model, b) for b in self.batches])
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """Scores accumulate in float32 (float64 for float64 models, e.g. finite-difference checks)."""
+        return torch.float64 if self.pair.model.dtype == torch.float64 else torch.float32
+
+    def measure_references(self, min_relative_gap: float) -> None:
+        """Run the receiver and the donor once: ``f_receiver``, ``f_donor``, ``gap``, ``valid`` and
+        ``n_excluded``; refuses non-finite values and a set where every gap is tiny."""
+        self.f_receiver = self.values(self.pair.model)
+        donor_role = "specialized" if self.pair.receiver == "base" else "base"
+        with self.pair.as_model(donor_role) as donor_model:
+            self.f_donor = self.values(donor_model)
+        self.gap = self.f_donor - self.f_receiver
+        if not torch.isfinite(self.gap).all():
+            raise WeightPatchError(
+                f"{self.objective} scores contain NaN/inf: check the model weights and dtype (try float32)"
+            )
+        threshold = min_relative_gap * self.gap.abs().median()
+        self.valid = self.gap.abs() > threshold
+        self.n_excluded = int((~self.valid).sum())
+        if not self.valid.any():
+            raise WeightPatchError(
+                f"{self.separation_subject} does not separate the two models on these prompts (every gap is ~0); "
+                f"use prompts that exercise the capability{self.separation_fix}"
+            )
+
+    def effect(self, f_patched: Float[torch.Tensor, " prompt"]) -> Effect:
+        """Normalized effect of a patched model given its values on every prompt; refuses
+        (:class:`WeightPatchError`) NaN/inf values rather than writing them into a table."""
+        if not torch.isfinite(f_patched[self.valid]).all():
+            raise WeightPatchError(
+                f"a patched model's {self.objective} scores contain NaN/inf: its weights overflow in this dtype or "
+                "are not finite; check the pair with `wpatch check`, or use float32"
+            )
+        ratios = ((f_patched - self.f_receiver) / self.gap)[self.valid].double()
+        n = ratios.numel()
+        stderr = float(ratios.std() / math.sqrt(n)) if n > 1 else float("nan")
+        return Effect(float(ratios.mean()), stderr, n)
+
+
+class AnchorScorer(GapScorer):
     """Everything needed to score patched models on one prompt set with one anchor.
 
     On construction it runs the receiver and the donor once to get ``F_receiver``, ``F_donor`` and
@@ -61,30 +129,14 @@ class AnchorScorer:
             raise WeightPatchError("no prompts to score; the prompt set is empty")
         anchor.check_compatible(pair)
         self.pair, self.anchor, self.texts = pair, anchor, list(texts)
-        # scores accumulate in float32 (float64 for float64 models, e.g. finite-difference checks)
-        dtype = torch.float64 if pair.model.dtype == torch.float64 else torch.float32
-        self.u = anchor.vector.to(device=pair.device, dtype=dtype)
+        self.u = anchor.vector.to(device=pair.device, dtype=self.value_dtype)
         limit = context_length(pair.model, pair.tokenizer)
         encoded = encode(pair.tokenizer, self.texts, pair.device, max_length=limit, truncate=truncate_prompts)
         self.batches: list[Batch] = list(batches(encoded, batch_size))
         self._block_inputs: list[dict[int, torch.Tensor]] | None = None
         self._block_inputs_top = -1
         with torch.no_grad():
-            self.f_receiver = self.anchor_scores(pair.model)
-            donor_role = "specialized" if pair.receiver == "base" else "base"
-            with pair.as_model(donor_role) as donor_model:
-                self.f_donor = self.anchor_scores(donor_model)
-        self.gap = self.f_donor - self.f_receiver
-        if not torch.isfinite(self.gap).all():
-            raise WeightPatchError("anchor scores contain NaN/inf: check the model weights and dtype (try float32)")
-        threshold = min_relative_gap * self.gap.abs().median()
-        self.valid = self.gap.abs() > threshold
-        self.n_excluded = int((~self.valid).sum())
-        if not self.valid.any():
-            raise WeightPatchError(
-                "the anchor does not separate the two models on these prompts (every gap is ~0); "
-                "use prompts that exercise the capability or rebuild the anchor"
-            )
+            self.measure_references(min_relative_gap)
 
     @property
     def layer(self) -> int:
@@ -110,23 +162,10 @@ class AnchorScorer:
         """Anchor score of each row: the last token's residual projected on ``u``."""
         return hidden[:, -1].to(self.u.dtype) @ self.u
 
+    def readout(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
+        """F(model, x) of one batch: the anchor layer's last-position residual projected on ``u``."""
+        return self.project(run_segment(model, self.pair.space, batch, stop=self.layer, last_position=True)[0])
+
     def anchor_scores(self, model: torch.nn.Module) -> Float[torch.Tensor, " prompt"]:
         """F(model, x) for every prompt, with the model's current weights."""
-        out = [
-            self.project(run_segment(model, self.pair.space, b, stop=self.layer, last_position=True)[0])
-            for b in self.batches
-        ]
-        return torch.cat(out)
-
-    def effect(self, f_patched: Float[torch.Tensor, " prompt"]) -> Effect:
-        """Normalized effect of a patched model given its anchor scores on every prompt; refuses
-        (:class:`WeightPatchError`) NaN/inf scores rather than writing them into a table."""
-        if not torch.isfinite(f_patched[self.valid]).all():
-            raise WeightPatchError(
-                "a patched model's anchor scores contain NaN/inf: its weights overflow in this dtype or are not "
-                "finite; check the pair with `wpatch check`, or use float32"
-            )
-        ratios = ((f_patched - self.f_receiver) / self.gap)[self.valid].double()
-        n = ratios.numel()
-        stderr = float(ratios.std() / math.sqrt(n)) if n > 1 else float("nan")
-        return Effect(float(ratios.mean()), stderr, n)
+        return self.values(model)

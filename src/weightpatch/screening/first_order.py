@@ -30,8 +30,7 @@ from weightpatch.components import KINDS, Component, ComponentSpace, Kind, Param
 from weightpatch.errors import WeightPatchError
 from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable, score_row
-from weightpatch.runner import run_segment
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import GapScorer
 
 
 @dataclass
@@ -119,9 +118,7 @@ def gradient_hooks(
             p.grad = None
 
 
-def _targets(
-    scorer: AnchorScorer, kinds: Iterable[Kind], components: Iterable[Component | str] | None
-) -> list[Component]:
+def _targets(scorer: GapScorer, kinds: Iterable[Kind], components: Iterable[Component | str] | None) -> list[Component]:
     space = scorer.pair.space
     if components is not None:
         return [space.validate(c) for c in components]
@@ -129,7 +126,7 @@ def _targets(
 
 
 def gradient_scores(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     kinds: Iterable[Kind] = KINDS,
     components: Iterable[Component | str] | None = None,
     steps: int = 1,
@@ -175,9 +172,8 @@ def gradient_scores(
                 state["patch"] = patch if alpha > 0 else None
                 for i, b in enumerate(scorer.batches):
                     prompts = range(offset_of[i], offset_of[i + 1])
-                    w = weights[prompts.start : prompts.stop].to(scorer.u.device)
-                    hidden = run_segment(model, space, b, stop=scorer.layer, last_position=True)[0]
-                    terms = scorer.project(hidden) * w
+                    w = weights[prompts.start : prompts.stop].to(pair.device)
+                    terms = scorer.readout(model, b) * w
                     if not per_prompt:
                         terms.sum().backward()
                     else:

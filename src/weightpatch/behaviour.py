@@ -1,0 +1,159 @@
+"""The behaviour objective (docs/method.md, "The behaviour objective"): Weight Patching scored by
+the specialized model's own behaviour instead of the vector anchor.
+
+For a prompt x, let ``y(x) = (y_1 .. y_T)`` be the specialized model's greedy response (up to and
+including its eos token, at most ``max_new_tokens`` tokens), generated once per run. For any model M:
+
+    B(M, x)   = (1/T) sum_t log p_M(y_t | x, y_<t)        (teacher-forced, nats per token)
+    G_B(x)    = B(D, x) - B(R, x)                        (the behaviour gap)
+    E_B(C)    = mean_x [ (B(R^(C <- D), x) - B(R, x)) / G_B(x) ]
+
+normalized exactly like the anchor score (:class:`weightpatch.scoring.GapScorer`): 0 = the
+receiver's behaviour, 1 = the donor's; with a base receiver ``G_B > 0`` on every prompt where the
+greedy response is more likely under the specialized model (the usual case), and a positive
+``E_B`` moves the base toward writing the specialized model's answer. Prompts whose ``|G_B|`` is
+below ``min_relative_gap`` times the median are left out, as for the anchor.
+
+The readout needs the whole model (through the unembedding), so there is no truncated segment:
+exact scores run one full forward per component (:func:`behaviour_exact_scores`) and first-order
+scores backpropagate through the full forward (:func:`weightpatch.screening.first_order.gradient_scores`
+takes any :class:`GapScorer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from weightpatch.components import Component
+from weightpatch.errors import WeightPatchError
+from weightpatch.generation import generate_ids
+from weightpatch.pair import ModelPair
+from weightpatch.patch import patched
+from weightpatch.results import ScoreTable, score_row
+from weightpatch.runner import Batch
+from weightpatch.scoring import GapScorer
+
+DEFAULT_RESPONSE_TOKENS = 32
+
+
+def specialized_responses(
+    pair: ModelPair, texts: Sequence[str], max_new_tokens: int = DEFAULT_RESPONSE_TOKENS, batch_size: int = 16
+) -> list[list[int]]:
+    """The specialized model's greedy responses (token ids) to model-ready ``texts``."""
+    with pair.as_model("specialized") as sft:
+        return generate_ids(sft, pair.tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def responses_sha256(texts: Sequence[str], responses: Sequence[Sequence[int]]) -> str:
+    """Content hash of the prompts and their responses (what a run directory records)."""
+    payload = json.dumps([[t, list(r)] for t, r in zip(texts, responses, strict=True)])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class TeacherForcedBatch(Batch):
+    """Prompt + response token ids, left-padded; ``scored`` (batch, seq) marks the positions whose
+    *next* token is a response token (the logits that score the response)."""
+
+    scored: torch.Tensor | None = None
+
+
+def teacher_forced_batch(
+    tokenizer, texts: Sequence[str], responses: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+) -> TeacherForcedBatch:
+    """The :class:`TeacherForcedBatch` of ``texts`` (model-ready prompts) followed by ``responses``."""
+    rows = []
+    for text, response in zip(texts, responses, strict=True):
+        if not response:
+            raise WeightPatchError("an empty response cannot be scored; generate at least one token per prompt")
+        prompt_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        rows.append((list(prompt_ids), list(response)))
+    width = max(len(p) + len(r) for p, r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    scored = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        seq = p + r
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        mask[i, width - len(seq) :] = 1
+        # the logit at position j predicts token j + 1: the response tokens are the last len(r)
+        scored[i, width - len(r) - 1 : width - 1] = True
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return TeacherForcedBatch(ids.to(device), mask.to(device), positions.to(device), scored.to(device))
+
+
+class BehaviourScorer(GapScorer):
+    """Scores patched models by the teacher-forced log-probability of the specialized model's own
+    greedy responses (``B`` in the module docstring). ``texts`` are model-ready (rendered) prompts;
+    ``responses`` their specialized responses as token ids (default: generated here with
+    ``max_new_tokens``)."""
+
+    objective = "behaviour"
+    separation_subject = "the specialized model's responses"
+    separation_fix = " (the two models answer them alike)"
+
+    def __init__(
+        self,
+        pair: ModelPair,
+        texts: Sequence[str],
+        responses: Sequence[Sequence[int]] | None = None,
+        batch_size: int = 16,
+        min_relative_gap: float = 0.1,
+        max_new_tokens: int = DEFAULT_RESPONSE_TOKENS,
+    ) -> None:
+        if not texts:
+            raise WeightPatchError("no prompts to score; the prompt set is empty")
+        self.pair, self.texts = pair, list(texts)
+        if responses is None:
+            responses = specialized_responses(pair, self.texts, max_new_tokens, batch_size)
+        if len(responses) != len(self.texts):
+            raise WeightPatchError(f"{len(responses)} responses for {len(self.texts)} prompts; give one per prompt")
+        self.responses = [list(r) for r in responses]
+        self.batches: list[Batch] = [
+            teacher_forced_batch(
+                pair.tokenizer, self.texts[i : i + batch_size], self.responses[i : i + batch_size], pair.device
+            )
+            for i in range(0, len(self.texts), batch_size)
+        ]
+        with torch.no_grad():
+            self.measure_references(min_relative_gap)
+
+    @property
+    def responses_sha256(self) -> str:
+        return responses_sha256(self.texts, self.responses)
+
+    def readout(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
+        """Mean log-probability (nats per token) of each prompt's response under ``model``."""
+        if not isinstance(batch, TeacherForcedBatch) or batch.scored is None:
+            raise TypeError("the behaviour readout needs a TeacherForcedBatch (prompt + response tokens)")
+        scored = batch.scored
+        logits = model(**batch.kwargs(), use_cache=False).logits.to(self.value_dtype)
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = batch.input_ids[:, 1:]
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        mask = scored[:, :-1].to(token_logprobs.dtype)
+        return (token_logprobs * mask).sum(-1) / mask.sum(-1)
+
+
+def behaviour_exact_scores(
+    scorer: GapScorer, components: Iterable[Component | str], progress: bool = False
+) -> ScoreTable:
+    """Exact scores under ``scorer``'s objective, one whole-model forward per component: swap the
+    component's weights in, read every prompt, restore. Rows carry method ``exact``."""
+    pair = scorer.pair
+    rows = []
+    with torch.no_grad():
+        for c in tqdm(list(components), desc="exact (behaviour)", disable=not progress):
+            c = pair.space.validate(c)
+            with patched(pair.model, pair.donor, pair.space, [c]):
+                e = scorer.effect(scorer.values(pair.model))
+            rows.append(score_row(c, "exact", e.mean, e.stderr, e.n_prompts))
+    return ScoreTable.from_rows(rows)

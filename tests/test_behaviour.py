@@ -1,0 +1,103 @@
+"""The behaviour objective: teacher-forced log-probability of the specialized model's own greedy
+responses, normalized like the anchor score."""
+
+import pytest
+import torch
+
+from conftest import make_pair, tiny_texts
+from weightpatch.behaviour import (
+    BehaviourScorer,
+    behaviour_exact_scores,
+    responses_sha256,
+    specialized_responses,
+    teacher_forced_batch,
+)
+from weightpatch.errors import WeightPatchError
+from weightpatch.generation import generate_ids
+from weightpatch.pair import load_pair
+from weightpatch.patch import patched
+from weightpatch.screening.first_order import gradient_scores
+
+
+@pytest.fixture(scope="module")
+def scorer64(tmp_path_factory):
+    pair = load_pair(*make_pair("llama", tmp_path_factory.mktemp("b"), scale=0.05), dtype="float64")
+    return BehaviourScorer(pair, tiny_texts(6, 3), batch_size=4, min_relative_gap=0.0, max_new_tokens=5)
+
+
+def test_responses_are_the_specialized_models_own_greedy_outputs(scorer64):
+    pair = scorer64.pair
+    with pair.as_model("specialized") as sft:
+        expected = generate_ids(sft, pair.tokenizer, scorer64.texts, max_new_tokens=5, batch_size=1)
+    assert scorer64.responses == expected
+    assert all(1 <= len(r) <= 5 for r in scorer64.responses)
+    # the base answers differently somewhere, or the objective would have no gap to measure
+    base = generate_ids(pair.model, pair.tokenizer, scorer64.texts, max_new_tokens=5)
+    assert base != expected
+    assert scorer64.responses_sha256 == responses_sha256(scorer64.texts, expected)
+    assert responses_sha256(scorer64.texts, base) != scorer64.responses_sha256
+
+
+def test_readout_is_the_mean_log_probability_of_the_response_tokens(scorer64):
+    pair = scorer64.pair
+    text, response = scorer64.texts[0], scorer64.responses[0]
+    prompt = pair.tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(pair.model(input_ids=ids).logits[0].double(), -1)
+    by_hand = sum(float(logprobs[len(prompt) - 1 + t, tok]) for t, tok in enumerate(response)) / len(response)
+    # the padded batch (left padding, position ids over real tokens) gives the unpadded value
+    assert float(scorer64.f_receiver[0]) == pytest.approx(by_hand, abs=1e-10)
+
+
+def test_patch_nothing_is_zero_and_patch_everything_is_one_exactly(scorer64):
+    pair = scorer64.pair
+    with torch.no_grad():
+        assert scorer64.effect(scorer64.values(pair.model)).mean == 0.0
+        with patched(pair.model, pair.donor, pair.space, pair.space.everything()):
+            assert scorer64.effect(scorer64.values(pair.model)).mean == 1.0
+
+
+@pytest.mark.parametrize("component", ["L0.mlp", "L1.attn.head2", "L0.mlp.neuron7", "L2", "L1.attn.q"])
+def test_first_order_matches_finite_difference(scorer64, component):
+    pair = scorer64.pair
+    score = gradient_scores(scorer64, components=[component], progress=False).frame["score"].item()
+    eps = 1e-3
+    moved = []
+    for alpha in (eps, -eps):
+        with torch.no_grad(), patched(pair.model, pair.donor, pair.space, [component], alpha=alpha):
+            moved.append(scorer64.effect(scorer64.values(pair.model)).mean)
+    fd = (moved[0] - moved[1]) / (2 * eps)
+    assert abs(fd) > 1e-5
+    assert score == pytest.approx(fd, rel=2e-3)
+
+
+def test_exact_scores_are_one_full_forward_per_component(scorer64):
+    pair = scorer64.pair
+    table = behaviour_exact_scores(scorer64, ["L1.mlp", "L0.attn.head1"])
+    assert list(table.frame["method"]) == ["exact", "exact"]
+    with torch.no_grad(), patched(pair.model, pair.donor, pair.space, ["L1.mlp"]):
+        by_hand = float(((scorer64.values(pair.model) - scorer64.f_receiver) / scorer64.gap).mean())
+    assert table.frame.set_index("component").loc["L1.mlp", "score"] == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_identical_models_are_refused_by_name(tmp_path):
+    base, _ = make_pair("llama", tmp_path, scale=0.05)
+    pair = load_pair(base, base)
+    with pytest.raises(WeightPatchError, match="the specialized model's responses does not separate"):
+        BehaviourScorer(pair, tiny_texts(3), max_new_tokens=3)
+
+
+def test_empty_response_and_count_mismatch_are_refused(scorer64):
+    with pytest.raises(WeightPatchError, match="empty response"):
+        teacher_forced_batch(scorer64.pair.tokenizer, ["a"], [[]])
+    with pytest.raises(WeightPatchError, match="2 responses for 6 prompts"):
+        BehaviourScorer(scorer64.pair, scorer64.texts, responses=scorer64.responses[:2])
+
+
+def test_specialized_responses_restore_the_receiver(scorer64):
+    pair = scorer64.pair
+    before = {k: v.clone() for k, v in pair.model.state_dict().items()}
+    specialized_responses(pair, scorer64.texts[:2], max_new_tokens=2)
+    after = pair.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
