@@ -116,7 +116,7 @@ class DesignedGaps(AnchorScorer):
         self._runs = iter([torch.zeros(len(gaps)), torch.tensor(gaps)])
         super().__init__(pair, anchor, [f"p {i}" for i in range(len(gaps))], **kwargs)
 
-    def anchor_scores(self, model):
+    def values(self, model):
         return next(self._runs)
 
 
