@@ -7,7 +7,7 @@ import torch
 from conftest import make_pair, tiny_texts
 from weightpatch.behaviour import (
     BehaviourScorer,
-    behaviour_exact_scores,
+    PlainBackend,
     responses_sha256,
     specialized_responses,
     teacher_forced_batch,
@@ -74,7 +74,11 @@ def test_first_order_matches_finite_difference(scorer64, component):
 
 def test_exact_scores_are_one_full_forward_per_component(scorer64):
     pair = scorer64.pair
-    table = behaviour_exact_scores(scorer64, ["L1.mlp", "L0.attn.head1"])
+    seen = []
+    with PlainBackend(scorer64) as backend:
+        table = backend.run(["L1.mlp", "L0.attn.head1", "L0.mlp"], skip={"L0.mlp"}, on_result=seen.append)
+    assert list(table.frame["component"]) == ["L1.mlp", "L0.attn.head1"]
+    assert [len(t) for t in seen] == [1, 1]
     assert list(table.frame["method"]) == ["exact", "exact"]
     with torch.no_grad(), patched(pair.model, pair.donor, pair.space, ["L1.mlp"]):
         by_hand = float(((scorer64.values(pair.model) - scorer64.f_receiver) / scorer64.gap).mean())

@@ -15,7 +15,7 @@ greedy response is more likely under the specialized model (the usual case), and
 below ``min_relative_gap`` times the median are left out, as for the anchor.
 
 The readout needs the whole model (through the unembedding), so there is no truncated segment:
-exact scores run one full forward per component (:func:`behaviour_exact_scores`) and first-order
+exact scores run one full forward per component (:class:`PlainBackend`) and first-order
 scores backpropagate through the full forward (:func:`weightpatch.screening.first_order.gradient_scores`
 takes any :class:`GapScorer`).
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,17 +143,41 @@ class BehaviourScorer(GapScorer):
         return (token_logprobs * mask).sum(-1) / mask.sum(-1)
 
 
-def behaviour_exact_scores(
-    scorer: GapScorer, components: Iterable[Component | str], progress: bool = False
-) -> ScoreTable:
-    """Exact scores under ``scorer``'s objective, one whole-model forward per component: swap the
-    component's weights in, read every prompt, restore. Rows carry method ``exact``."""
-    pair = scorer.pair
-    rows = []
-    with torch.no_grad():
-        for c in tqdm(list(components), desc="exact (behaviour)", disable=not progress):
-            c = pair.space.validate(c)
-            with patched(pair.model, pair.donor, pair.space, [c]):
-                e = scorer.effect(scorer.values(pair.model))
-            rows.append(score_row(c, "exact", e.mean, e.stderr, e.n_prompts))
-    return ScoreTable.from_rows(rows)
+class PlainBackend:
+    """Exact scores under any objective the plain way (a :class:`weightpatch.backends.Backend`):
+    for each component, swap its weights in, run the whole model on every prompt, restore. The
+    behaviour objective reads after the last layer, so no block below can be skipped; each finished
+    component is handed to ``on_result`` (resumable runs). Rows carry method ``exact``."""
+
+    def __init__(self, scorer: GapScorer) -> None:
+        self.scorer = scorer
+
+    def run(
+        self,
+        components: Sequence[Component | str],
+        skip: Iterable[str] | None = None,
+        on_result: Callable[[ScoreTable], None] | None = None,
+        progress: bool = True,
+    ) -> ScoreTable:
+        pair, done = self.scorer.pair, set(skip or ())
+        todo = [pair.space.validate(c) for c in components]
+        todo = [c for c in dict.fromkeys(todo) if c.name not in done]
+        tables = []
+        with torch.no_grad():
+            for c in tqdm(todo, desc=f"exact ({self.scorer.objective})", unit="comp", disable=not progress):
+                with patched(pair.model, pair.donor, pair.space, [c]):
+                    e = self.scorer.effect(self.scorer.values(pair.model))
+                table = ScoreTable.from_rows([score_row(c, "exact", e.mean, e.stderr, e.n_prompts)])
+                tables.append(table)
+                if on_result is not None:
+                    on_result(table)
+        return ScoreTable.concat(tables)
+
+    def close(self) -> None:
+        """Nothing to release (the scorer's pair belongs to the caller)."""
+
+    def __enter__(self) -> PlainBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

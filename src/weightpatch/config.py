@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weightpatch.errors import WeightPatchError
 
@@ -174,8 +174,35 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
     workers: int | None = Field(None, ge=1, description="Ray actors, each loading the pair once (default: per CPU).")
     worker_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray actor (its torch threads).")
     worker_gpus: float = Field(0.0, ge=0.0, description="GPUs per Ray actor (with --device cuda).")
+    objective: Literal["anchor", "behaviour"] = Field(
+        "anchor",
+        description="what a score recovers: anchor (the vector anchor's gap) or behaviour (the teacher-forced "
+        "log-probability of the specialized model's own greedy responses).",
+    )
+    response_tokens: int = Field(
+        32, ge=1, description="tokens of each specialized response the behaviour objective scores (greedy)."
+    )
+    validity_k: int = Field(
+        16,
+        ge=0,
+        description="anchor validity check: patch the top-k components of one kind and measure anchor and "
+        "behaviour recovery (0: skip).",
+    )
+    validity_controls: int = Field(5, ge=0, description="random k-subsets in the anchor validity check.")
 
     _lists = _split_lists("kinds", "components")
+
+    @model_validator(mode="after")
+    def _behaviour_engines(self) -> ScreenConfig:
+        if self.objective == "behaviour":
+            if "local_exact" in (self.method, self.screen if self.method == "verify" else None):
+                raise ValueError(
+                    "the behaviour objective has no local_exact screen (it reads after the last layer); "
+                    "use --method first_order, exact or verify with --screen first_order"
+                )
+            if self.backend != "local":
+                raise ValueError("the behaviour objective runs on the local backend only; drop --backend ray")
+        return self
 
 
 class TraceConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):

@@ -299,6 +299,9 @@ def findings(data: RunData) -> list[dict]:
         )
         text += f"; {int(counts.get('neither', 0))} neither, of {len(roles)} components with both scores"
         items.append({"topic": "Roles", "text": text, "values": {r: int(counts.get(r, 0)) for r in counts.index}})
+    validity = data.record.get("anchor_validity")
+    if validity:
+        items.append({"topic": "Anchor validity", "text": validity["line"], "values": dict(validity)})
     behaviour = _behaviour_values(data)
     if behaviour:
         items.append({"topic": "Behaviour", "text": "; ".join(behaviour["texts"]), "values": behaviour["values"]})
@@ -837,6 +840,14 @@ def render(run_dir: str | os.PathLike) -> str:
         components_section(data),
         curves_section(data),
         supplier_section(data),
+        simple_section(
+            data,
+            "anchor_validity",
+            "Anchor validity",
+            note="The top-k components patched into the base, measured in both currencies: the fraction of the "
+            "anchor gap and of the behaviour gap (teacher-forced log-probability of the specialized model's "
+            "responses) recovered, against random k-subsets of the same kind.",
+        ),
         simple_section(data, "merge_table", "Merges"),
         simple_section(
             data,

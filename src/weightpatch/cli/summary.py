@@ -65,6 +65,10 @@ def print_summary(run_dir: Path, table: ScoreTable | None = None) -> None:
                 "component roles (activation- vs weight-space effect)",
             )
         )
+    validity = (run.record() or {}).get("anchor_validity")
+    if validity:
+        style = "bold yellow" if validity["status"] in ("misleads", "under-reports") else ""
+        common.out.print(validity["line"], style=style, soft_wrap=True)
     merges = run.load_table("merge_table")
     if merges is not None and len(merges):
         common.out.print(frame_table(merges, "merges"))

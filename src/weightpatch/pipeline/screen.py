@@ -11,6 +11,14 @@ method for everything, exact for the ``top_k`` of each kind by ``|screen score|`
 Results go to ``scores`` (long table, all methods) and ``verified`` (first-order vs exact). Exact
 scores are appended as each group of components finishes; re-running the same config resumes where it
 stopped. ``backend="ray"`` scores the exact part on Ray actors (:mod:`weightpatch.backends`).
+
+``objective="behaviour"`` scores by the teacher-forced log-probability of the specialized model's own
+greedy responses (:mod:`weightpatch.behaviour`; the responses are generated once and kept in the
+``responses`` table) instead of the anchor, with first order, integrated gradients and exact scores
+(one whole-model forward per component). After scoring, the anchor validity check
+(:mod:`weightpatch.validity`, ``validity_k`` > 0) patches the top-k components of one kind and
+measures both recoveries; its table is ``anchor_validity`` and its one-line verdict goes to the log,
+the run record and the CLI summary.
 """
 
 from __future__ import annotations
@@ -21,16 +29,21 @@ from pathlib import Path
 
 import pandas as pd
 
+from weightpatch.behaviour import BehaviourScorer, PlainBackend, specialized_responses
+from weightpatch.checkers import evaluate
 from weightpatch.components import KINDS, Kind
 from weightpatch.config import ScreenConfig
+from weightpatch.errors import WeightPatchError
+from weightpatch.generation import generate_ids
 from weightpatch.pair import ModelPair
-from weightpatch.pipeline.inputs import scoring_run
+from weightpatch.pipeline.inputs import scoring_run, select_prompts
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import CONSOLE, RunDir
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import AnchorScorer, GapScorer
 from weightpatch.screening.first_order import gradient_scores
 from weightpatch.screening.local_exact import local_exact_scores
 from weightpatch.screening.verify import screen_then_verify, verification_candidates, verified_table
+from weightpatch.validity import Verdict, anchor_validity, validity_verdict
 
 logger = logging.getLogger("weightpatch")
 EXHAUSTIVE_WARNING = 5000
@@ -41,12 +54,13 @@ class ScreenResult:
     scores: ScoreTable  # every score in the run directory (all methods)
     verified: pd.DataFrame | None  # first_order vs exact of the verified components
     n_prompts: int
-    n_excluded: int  # prompts with a tiny anchor gap, left out of every mean
+    n_excluded: int  # prompts with a tiny gap (of the run's objective), left out of every mean
     run_dir: Path
+    validity: Verdict | None = None  # the anchor validity check (None: skipped)
 
 
 def screen_scores(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     method: str,
     kinds: tuple[Kind, ...] = KINDS,
     components: list[str] | None = None,
@@ -78,7 +92,7 @@ def screen_options(cfg: ScreenConfig) -> dict:
     }
 
 
-def screen_stage(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir, method: str) -> ScoreTable:
+def screen_stage(cfg: ScreenConfig, scorer: GapScorer, run: RunDir, method: str) -> ScoreTable:
     """Screen scores of ``cfg.kinds`` by ``method``, reused from the run directory per kind."""
     kinds = cfg.kinds
     have = set(run.scores().select(method).frame["kind"])
@@ -96,10 +110,13 @@ def _model_location(given: str) -> str:
     return str(path.resolve()) if path.exists() else given
 
 
-def exact_backend(cfg: ScreenConfig, scorer: AnchorScorer):
-    """The exact-score backend of ``cfg.backend``: this process (reusing ``scorer``) or Ray actors."""
+def exact_backend(cfg: ScreenConfig, scorer: GapScorer):
+    """The exact-score backend of ``cfg.backend``: this process (reusing ``scorer``) or Ray actors;
+    the plain whole-model loop for an objective other than the anchor."""
     from weightpatch.backends import JobSpec, LocalBackend, make_backend
 
+    if not isinstance(scorer, AnchorScorer):
+        return PlainBackend(scorer)
     if cfg.backend == "local":
         return LocalBackend.from_scorer(scorer, cfg.variants_per_batch)
     job = JobSpec(
@@ -136,7 +153,7 @@ def _log_todo(cfg: ScreenConfig, run: RunDir, names: list[str]) -> set[str]:
     return done
 
 
-def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> list[str]:
+def screen_components(cfg: ScreenConfig, scorer: GapScorer, run: RunDir) -> list[str]:
     """Compute (or resume) ``cfg.method``'s scores into ``run``; returns the verified component names."""
     space = scorer.pair.space
     named = [str(space.parse(c)) for c in cfg.components or []]
@@ -172,16 +189,98 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
     return candidates
 
 
+def behaviour_scorer(cfg: ScreenConfig, run: RunDir, scorer: AnchorScorer) -> BehaviourScorer:
+    """The behaviour objective on the run's prompts: the specialized model's greedy responses are
+    read from the run's ``responses`` table, or generated and saved there, and their SHA-256 is
+    recorded in the run record."""
+    saved = run.load_table("responses")
+    if saved is not None and list(saved["prompt"]) == scorer.texts:
+        responses = [[int(t) for t in r] for r in saved["response_ids"]]
+    else:
+        logger.info("specialized responses (%d tokens at most) for the behaviour objective", cfg.response_tokens)
+        responses = specialized_responses(scorer.pair, scorer.texts, cfg.response_tokens, cfg.batch_size)
+        decoded = scorer.pair.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        run.save_table(
+            "responses", pd.DataFrame({"prompt": scorer.texts, "response_ids": responses, "response": decoded})
+        )
+    behaviour = BehaviourScorer(scorer.pair, scorer.texts, responses, cfg.batch_size, cfg.min_relative_gap)
+    if behaviour.n_excluded:
+        logger.warning("%d prompts with a tiny behaviour gap are excluded from every mean", behaviour.n_excluded)
+    run.update_record(
+        behaviour={
+            "responses_sha256": behaviour.responses_sha256,
+            "response_tokens": cfg.response_tokens,
+            "n_excluded": behaviour.n_excluded,
+        }
+    )
+    return behaviour
+
+
+def checker_metric(cfg: ScreenConfig, scorer: AnchorScorer):
+    """IFEval strict prompt-level accuracy of greedy responses (``cfg.response_tokens`` tokens) on the
+    run's prompts that carry instructions, or None when none does."""
+    records = select_prompts(cfg, cfg.seed)
+    chosen = [(r, t) for r, t in zip(records, scorer.texts, strict=True) if r.instruction_id_list]
+    if not chosen:
+        return None
+    tokenizer = scorer.pair.tokenizer
+
+    def metric(model) -> float:
+        ids = generate_ids(model, tokenizer, [t for _, t in chosen], max_new_tokens=cfg.response_tokens)
+        accuracy, _ = evaluate([r for r, _ in chosen], tokenizer.batch_decode(ids, skip_special_tokens=True))
+        return accuracy.prompt_strict
+
+    return metric
+
+
+def validity_stage(
+    cfg: ScreenConfig, run: RunDir, scorer: AnchorScorer, behaviour: BehaviourScorer, table: ScoreTable
+) -> Verdict:
+    """The anchor validity check of the run's ranking (reused from the run directory when done)."""
+    frame = run.load_table("anchor_validity")
+    if frame is None:
+        frame = anchor_validity(
+            scorer,
+            behaviour,
+            table,
+            k=cfg.validity_k,
+            controls=cfg.validity_controls,
+            seed=cfg.seed,
+            metric=checker_metric(cfg, scorer),
+        )
+        run.save_table("anchor_validity", frame)
+    verdict = validity_verdict(frame, ranked_by=cfg.objective)
+    run.update_record(anchor_validity={"status": verdict.status, "line": verdict.line})
+    (logger.warning if verdict.warns else logger.info)("%s", verdict.line, extra=CONSOLE)
+    return verdict
+
+
 def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult:
     """Score the components of ``cfg`` on its prompts against its anchor, in its run directory."""
     with scoring_run(cfg, "screen", pair, cfg.components or []) as (run, scorer):
-        verified_names = screen_components(cfg, scorer, run)
+        check = bool(cfg.validity_k) and scorer.pair.receiver == "base"  # the check patches the base
+        behaviour = None
+        if cfg.objective == "behaviour":
+            behaviour = behaviour_scorer(cfg, run, scorer)
+        elif check:
+            try:
+                behaviour = behaviour_scorer(cfg, run, scorer)
+            except WeightPatchError as error:  # the check is a diagnostic: it never stops an anchor run
+                logger.warning("anchor validity check skipped: %s", error, extra=CONSOLE)
+        objective: GapScorer = behaviour if cfg.objective == "behaviour" and behaviour is not None else scorer
+        verified_names = screen_components(cfg, objective, run)
         scores = run.scores()
         verified = None
         if verified_names:
             verified = verified_table(scores, verified_names)
             run.save_table("verified", verified)
         run.update_record(
-            screening={"n_prompts": len(scorer.texts), "n_excluded": scorer.n_excluded, "anchor_layer": scorer.layer}
+            screening={
+                "n_prompts": len(scorer.texts),
+                "n_excluded": objective.n_excluded,
+                "anchor_layer": scorer.layer,
+                "objective": cfg.objective,
+            }
         )
-        return ScreenResult(scores, verified, len(scorer.texts), scorer.n_excluded, run.path)
+        verdict = validity_stage(cfg, run, scorer, behaviour, scores) if check and behaviour is not None else None
+        return ScreenResult(scores, verified, len(scorer.texts), objective.n_excluded, run.path, verdict)

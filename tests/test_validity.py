@@ -1,0 +1,157 @@
+"""The anchor validity check: the warning fires where the anchor is unrelated to the output and not
+where it is related; the behaviour objective runs through the screen stage from Python and the CLI."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import save, tiny_model, tiny_texts, write_prompts
+from weightpatch import demo
+from weightpatch.anchors import build_anchor
+from weightpatch.behaviour import BehaviourScorer
+from weightpatch.config import AnchorConfig, ScreenConfig
+from weightpatch.pair import load_pair
+from weightpatch.pipeline import open_pair, run_anchor, run_screen
+from weightpatch.rundir import RunDir
+from weightpatch.scoring import AnchorScorer
+from weightpatch.screening.first_order import gradient_scores
+from weightpatch.validity import anchor_validity, validity_verdict
+
+
+def _misleading_pair(root):
+    """A fine-tune whose change below the anchor (layer 1) is a small one in L0's MLP, while its
+    output behaviour comes from a large change in the last layer (3), above the anchor."""
+    base = tiny_model("llama", num_layers=4)
+    sft = tiny_model("llama", num_layers=4)
+    sft.load_state_dict(base.state_dict())
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if name.startswith("model.layers.0.mlp."):
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+            elif name.startswith("model.layers.3."):
+                p.add_(1.0 * torch.randn(p.shape, generator=generator))
+    return save(base, root / "base"), save(sft, root / "sft")
+
+
+def test_warning_fires_where_the_anchor_is_unrelated_to_the_output(tmp_path):
+    pair = load_pair(*_misleading_pair(tmp_path))
+    texts = tiny_texts(8, 4)
+    anchor = build_anchor(pair, tiny_texts(8, 1), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, texts, min_relative_gap=0.0)
+    behaviour = BehaviourScorer(pair, texts, min_relative_gap=0.0, max_new_tokens=4)
+    table = gradient_scores(scorer, kinds=("module",), progress=False)
+    frame = anchor_validity(scorer, behaviour, table, k=2, controls=5)
+    top = frame[frame["selection"] == "top"].iloc[0]
+    assert "L0.mlp" in top["components"]
+    assert top["anchor"] > 0.8 and top["behaviour"] < 0.3, top
+    verdict = validity_verdict(frame)
+    assert verdict.status == "misleads" and verdict.warns
+    assert verdict.line.startswith("anchor misleads here: top-2 modules by first_order anchor score recover")
+    # the controls draw from every module of the model, seeded
+    randoms = frame[frame["selection"] == "random"]
+    assert len(randoms) == 5
+    again = anchor_validity(scorer, behaviour, table, k=2, controls=5)
+    assert [list(c) for c in again["components"]] == [list(c) for c in frame["components"]]
+
+
+def test_patching_every_changed_layer_recovers_both_gaps_exactly(tmp_path):
+    pair = load_pair(*_misleading_pair(tmp_path))  # only layers 0 and 3 differ
+    texts = tiny_texts(6, 4)
+    anchor = build_anchor(pair, tiny_texts(6, 1), None, layer=1, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, texts, min_relative_gap=0.0)
+    behaviour = BehaviourScorer(pair, texts, min_relative_gap=0.0, max_new_tokens=3)
+    table = gradient_scores(scorer, kinds=("layer",), progress=False)
+    frame = anchor_validity(scorer, behaviour, table, k=4, controls=3)
+    top = frame.iloc[0]
+    assert sorted(top["components"]) == ["L0", "L1", "L2", "L3"]
+    assert (top["anchor"], top["behaviour"]) == (1.0, 1.0)
+    assert len(frame) == 1  # k is the whole kind: no random subset differs from the top-k
+    assert validity_verdict(frame).status == "valid"
+
+
+@pytest.fixture(scope="module")
+def demo_anchor(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-validity")
+    paths = demo.paths()
+    cfg = AnchorConfig(
+        base=str(paths.base),
+        specialized=str(paths.specialized),
+        prompts=demo.prompt_path("anchor"),
+        heldout=demo.prompt_path("heldout"),
+        steering_prompts=0,
+        run_dir=root / "run",
+        progress=False,
+    )
+    pair = open_pair(cfg)
+    run_anchor(cfg, pair)
+    return pair, cfg, root
+
+
+def _screen_cfg(demo_anchor, run_dir, **fields) -> ScreenConfig:
+    _, acfg, _ = demo_anchor
+    return ScreenConfig(
+        base=acfg.base, specialized=acfg.specialized, prompts=acfg.heldout, anchor=acfg.run_path / "anchor",
+        run_dir=run_dir, progress=False, max_prompts=16, **fields,
+    )  # fmt: skip
+
+
+def test_no_warning_on_the_demo_pair_where_the_anchor_is_related(demo_anchor, tmp_path):
+    pair, _, _ = demo_anchor
+    result = run_screen(_screen_cfg(demo_anchor, tmp_path / "s", method="first_order", kinds=["module"]), pair)
+    assert result.validity is not None
+    assert not result.validity.warns, result.validity.line
+    run = RunDir(result.run_dir)
+    assert run.record()["anchor_validity"]["line"] == result.validity.line
+    frame = run.load_table("anchor_validity")
+    checker = frame.set_index("selection")["metric"]  # the demo prompts carry IFEval instructions
+    assert checker["specialized"] > checker["base"]
+    responses = run.load_table("responses")
+    assert len(responses) == 16 and run.record()["behaviour"]["responses_sha256"]
+
+
+def test_behaviour_objective_from_python_and_cli_gives_identical_tables(demo_anchor, tmp_path):
+    from typer.testing import CliRunner
+
+    from weightpatch.cli.main import app
+
+    pair, acfg, _ = demo_anchor
+    fields = {"method": "verify", "kinds": ["module"], "top_k": 3, "objective": "behaviour", "validity_k": 0}
+    python = run_screen(_screen_cfg(demo_anchor, tmp_path / "py", **fields), pair)
+    assert set(python.scores.frame["method"]) == {"first_order", "exact"}
+    assert RunDir(python.run_dir).record()["screening"]["objective"] == "behaviour"
+    words = [
+        "screen", acfg.base, acfg.specialized, "--prompts", acfg.heldout, "--anchor", acfg.run_path / "anchor",
+        "--kinds", "module", "--top-k", "3", "--objective", "behaviour", "--validity-k", "0", "--max-prompts", "16",
+        "--run-dir", tmp_path / "cli", "--no-progress",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, [str(w) for w in words])
+    assert result.exit_code == 0, result.output
+    cli = RunDir(tmp_path / "cli").scores().frame.sort_values(["method", "component"]).reset_index(drop=True)
+    ours = python.scores.frame.sort_values(["method", "component"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(cli, ours)
+
+
+def test_behaviour_objective_refuses_the_engines_it_has_not(demo_anchor, tmp_path):
+    with pytest.raises(ValueError, match="no local_exact screen"):
+        _screen_cfg(demo_anchor, tmp_path / "x", objective="behaviour", method="local_exact")
+    with pytest.raises(ValueError, match="local backend only"):
+        _screen_cfg(demo_anchor, tmp_path / "x", objective="behaviour", backend="ray")
+
+
+def test_a_screen_of_the_tiny_pair_records_the_check(llama_pair_dirs, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    base, sft = map(str, llama_pair_dirs)
+    acfg = AnchorConfig(base=base, specialized=sft, prompts=prompts, steering_prompts=0, run_dir=tmp_path / "run")
+    pair = open_pair(acfg)
+    run_anchor(acfg, pair)
+    cfg = ScreenConfig(
+        base=base, specialized=sft, prompts=prompts, anchor=acfg.run_path / "anchor", run_dir=tmp_path / "s",
+        progress=False, method="first_order", kinds=["head"], validity_k=3, validity_controls=5,
+    )  # fmt: skip
+    result = run_screen(cfg, pair)
+    frame = RunDir(result.run_dir).load_table("anchor_validity")
+    assert list(frame["selection"]) == ["top"] + ["random"] * 5 + ["base", "specialized"]  # IFEval prompts: checker rows
+    assert set(frame["kind"]) == {"head"} and set(frame["k"]) == {3}
