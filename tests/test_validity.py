@@ -153,5 +153,6 @@ def test_a_screen_of_the_tiny_pair_records_the_check(llama_pair_dirs, tmp_path):
     )  # fmt: skip
     result = run_screen(cfg, pair)
     frame = RunDir(result.run_dir).load_table("anchor_validity")
-    assert list(frame["selection"]) == ["top"] + ["random"] * 5 + ["base", "specialized"]  # IFEval prompts: checker rows
-    assert set(frame["kind"]) == {"head"} and set(frame["k"]) == {3}
+    # the prompts carry IFEval instructions: the checker's base and specialized reference rows follow
+    assert list(frame["selection"]) == ["top"] + ["random"] * 5 + ["base", "specialized"]
+    assert set(frame["kind"]) == {"head"} and list(frame["k"]) == [3] * 6 + [0, 0]
