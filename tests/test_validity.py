@@ -7,17 +7,19 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import save, tiny_model, tiny_texts, write_prompts
+from conftest import make_pair, save, tiny_model, tiny_texts, write_prompts
 from weightpatch import demo
 from weightpatch.anchors import build_anchor
 from weightpatch.behaviour import BehaviourScorer
 from weightpatch.config import AnchorConfig, ScreenConfig
 from weightpatch.pair import load_pair
 from weightpatch.pipeline import open_pair, run_anchor, run_screen
+from weightpatch.report import build_report
+from weightpatch.results import ScoreTable
 from weightpatch.rundir import RunDir
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.first_order import gradient_scores
-from weightpatch.validity import anchor_validity, validity_verdict
+from weightpatch.validity import anchor_validity, objective_agreement, validity_verdict
 
 
 def _misleading_pair(root):
@@ -156,3 +158,37 @@ def test_a_screen_of_the_tiny_pair_records_the_check(llama_pair_dirs, tmp_path):
     # the prompts carry IFEval instructions: the checker's base and specialized reference rows follow
     assert list(frame["selection"]) == ["top"] + ["random"] * 5 + ["base", "specialized"]
     assert set(frame["kind"]) == {"head"} and list(frame["k"]) == [3] * 6 + [0, 0]
+
+
+def test_agreement_of_a_table_with_itself_and_with_its_reverse(tmp_path):
+    pair = load_pair(*make_pair("llama", tmp_path, num_layers=4))
+    anchor = build_anchor(pair, tiny_texts(6, 1), None, layer=3, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4), min_relative_gap=0.0)
+    table = gradient_scores(scorer, kinds=("head", "layer"), progress=False)
+    same = objective_agreement(table, table, k=3)
+    assert (same["spearman"] == 1.0).all() and (same["overlap"] == same["k"]).all()
+    assert set(same.loc[same["layer"].isna(), "kind"]) == {"head", "layer"}
+    assert set(same.loc[same["kind"] == "head", "layer"].dropna()) == {0.0, 1.0, 2.0, 3.0}  # 4 heads per layer
+    reversed_ = ScoreTable(table.frame.assign(score=-table.frame["score"].rank()))
+    heads = objective_agreement(table, reversed_).set_index(["kind", "layer"])
+    assert heads.loc[("head", 0.0), "spearman"] == pytest.approx(-1.0)
+
+
+def test_behaviour_run_compares_the_objectives_and_the_report_shows_it(demo_anchor, tmp_path):
+    pair, _, _ = demo_anchor
+    cfg = _screen_cfg(demo_anchor, tmp_path / "b", method="first_order", kinds=["module"], objective="behaviour",
+                      validity_k=4, validity_controls=5)  # fmt: skip
+    result = run_screen(cfg, pair)
+    run = RunDir(result.run_dir)
+    curves = run.load_table("currency_curves")
+    assert set(curves["ranking"]) == {"anchor", "behaviour"} and sorted(set(curves["k"])) == [1, 2, 4]
+    validity = run.load_table("anchor_validity")
+    # the validity check ranks by the run's objective: its top-4 is the behaviour curve's k=4 point
+    top = validity[validity["selection"] == "top"].iloc[0]
+    point = curves[(curves["ranking"] == "behaviour") & (curves["k"] == 4)].iloc[0]
+    assert list(top["components"]) == list(point["components"])
+    assert (top["anchor"], top["behaviour"]) == (point["anchor"], point["behaviour"])
+    assert "by first_order behaviour score" in result.validity.line
+    html = build_report(result.run_dir).read_text()
+    assert "Anchor vs behaviour objective" in html and "Anchor validity" in html
+    assert result.validity.line.split(":")[0] in html

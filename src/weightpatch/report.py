@@ -153,7 +153,8 @@ class RunData:
         self.anchor: dict | None = _json(run / "anchor.json")
         names = (
             "scores verified anchor_layers steering weight_delta sufficiency necessity interactions roles "
-            "supplier_edges supplier_overlap hierarchy merge_table behavior"
+            "supplier_edges supplier_overlap hierarchy merge_table behavior anchor_validity objective_agreement "
+            "currency_curves"
         )
         self.tables: dict[str, pd.DataFrame | None] = {n: _load(run, n) for n in names.split()}
 
@@ -819,6 +820,37 @@ def _supplier_graph(edges: pd.DataFrame, n: int = 24):
     return fig
 
 
+def objective_section(data: RunData) -> dict | None:
+    """Anchor vs behaviour objective (a behaviour run): the top-k by each objective measured in both
+    currencies, and the rank agreement of the two objectives' first-order scores per kind."""
+    curves, agree = data["currency_curves"], data["objective_agreement"]
+    if curves is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, currency in zip(axes, ("anchor", "behaviour"), strict=True):
+        for ranking, sub in curves.groupby("ranking", sort=False):
+            sub = sub.sort_values("k")
+            ax.plot(sub["k"], sub[currency], marker="o", label=f"top-k by {ranking} score")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        _integer_axis(ax.xaxis)
+        ax.set(xlabel="k (components patched into the base)", title=f"recovered: fraction of the {currency} gap")
+    axes[0].set_ylabel("fraction of gap recovered (1 = specialized)")
+    axes[1].legend(fontsize=10)
+    figures = [
+        figure(
+            fig,
+            "sufficiency curves by each objective in both currencies",
+            "Where the two panels differ, the anchor and the behaviour locate the capability in different places.",
+        )
+    ]
+    tables = []
+    if agree is not None:
+        per_kind = agree[agree["layer"].isna()].drop(columns=["layer"])
+        tables.append({"title": "rank agreement per kind (first order)", "caption": "", **table(per_kind)})
+    return _section("Anchor vs behaviour objective", figures=figures, tables=tables)
+
+
 def simple_section(data: RunData, name: str, title: str, note: str = "") -> dict | None:
     frame = data[name]
     return None if frame is None else _section(title, note=note, tables=[{"title": "", "caption": "", **table(frame)}])
@@ -839,6 +871,7 @@ def render(run_dir: str | os.PathLike) -> str:
         neurons_section(data),
         components_section(data),
         curves_section(data),
+        objective_section(data),
         supplier_section(data),
         simple_section(
             data,

@@ -21,6 +21,7 @@ from typing import Literal
 
 import pandas as pd
 import torch
+from scipy import stats
 
 from weightpatch.components import ComponentSpace, Kind
 from weightpatch.errors import WeightPatchError
@@ -193,3 +194,57 @@ def validity_verdict(frame: pd.DataFrame, ranked_by: str = "anchor") -> Verdict:
     if a >= ANCHOR_RECOVERED and b >= 0.5:
         return Verdict("valid", f"anchor valid here: {facts}")
     return Verdict("partial", f"anchor and behaviour partly recovered: {facts}")
+
+
+def objective_agreement(anchor: ScoreTable, behaviour: ScoreTable, k: int = 10) -> pd.DataFrame:
+    """Where the two objectives rank alike: Spearman rank correlation and top-``k`` overlap (by
+    ``|score|``) of the anchor and behaviour scores of the components both tables hold, per kind
+    (``layer`` NaN) and per kind and layer (layers with at least 3 shared components; Spearman is NaN
+    where either objective scores every component alike, e.g. all 0 above the anchor). Each table
+    should hold one method per component (e.g. both first order)."""
+    merged = anchor.frame.merge(behaviour.frame, on=["component", "kind", "layer"], suffixes=("_anchor", "_behaviour"))
+    rows = []
+
+    def add(kind: str, layer: float, sub: pd.DataFrame) -> None:
+        if len(sub) < 3:
+            return
+        top = min(k, len(sub))
+        by_anchor = set(sub.loc[sub["score_anchor"].abs().nlargest(top).index, "component"])
+        by_behaviour = set(sub.loc[sub["score_behaviour"].abs().nlargest(top).index, "component"])
+        constant = sub["score_anchor"].nunique() < 2 or sub["score_behaviour"].nunique() < 2
+        rho = float("nan") if constant else stats.spearmanr(sub["score_anchor"], sub["score_behaviour"]).statistic
+        rows.append(
+            {"kind": kind, "layer": layer, "n": len(sub), "spearman": float(rho), "k": top,
+             "overlap": len(by_anchor & by_behaviour)}
+        )  # fmt: skip
+
+    for kind, sub in merged.groupby("kind", sort=False):
+        add(str(kind), float("nan"), sub)
+        for layer, inner in sub.dropna(subset=["layer"]).groupby("layer"):
+            add(str(kind), float(layer), inner)
+    return pd.DataFrame(rows, columns=["kind", "layer", "n", "spearman", "k", "overlap"])
+
+
+def currency_curves(
+    anchor_scorer: GapScorer,
+    behaviour_scorer: GapScorer,
+    rankings: dict[str, ScoreTable],
+    ks: Sequence[int],
+    kind: Kind = "module",
+) -> pd.DataFrame:
+    """Sufficiency curves in both currencies: for each named ranking (e.g. ``{"anchor": ...,
+    "behaviour": ...}``) and each ``k``, the top-``k`` components of ``kind`` (disjoint pool, see
+    :func:`disjoint_pool`) patched into the base, with the fraction of the anchor gap and of the
+    behaviour gap recovered. Columns: ``ranking, k, anchor, behaviour, components``."""
+    pair = anchor_scorer.pair
+    pool = disjoint_pool(pair.space, kind)
+    rows = []
+    for name, table in rankings.items():
+        _, ranked = validity_ranking(table, pool, kind)
+        for k in sorted({min(int(k), len(ranked)) for k in ks if k > 0}):
+            with torch.no_grad(), with_patch(pair, ranked[:k]) as model:
+                rows.append(
+                    {"ranking": name, "k": k, "anchor": _recovery(anchor_scorer, model),
+                     "behaviour": _recovery(behaviour_scorer, model), "components": ranked[:k]}
+                )  # fmt: skip
+    return pd.DataFrame(rows)

@@ -43,7 +43,14 @@ from weightpatch.scoring import AnchorScorer, GapScorer
 from weightpatch.screening.first_order import gradient_scores
 from weightpatch.screening.local_exact import local_exact_scores
 from weightpatch.screening.verify import screen_then_verify, verification_candidates, verified_table
-from weightpatch.validity import Verdict, anchor_validity, validity_verdict
+from weightpatch.validity import (
+    Verdict,
+    anchor_validity,
+    currency_curves,
+    default_kind,
+    objective_agreement,
+    validity_verdict,
+)
 
 logger = logging.getLogger("weightpatch")
 EXHAUSTIVE_WARNING = 5000
@@ -255,6 +262,23 @@ def validity_stage(
     return verdict
 
 
+def objective_comparison(
+    cfg: ScreenConfig, run: RunDir, scorer: AnchorScorer, behaviour: BehaviourScorer, scores: ScoreTable
+) -> None:
+    """In a behaviour run: first-order anchor scores of the same kinds beside the behaviour ones, their
+    rank agreement per kind and layer (``objective_agreement``) and the sufficiency curves of the
+    top-k by each objective in both currencies (``currency_curves``), reused when done."""
+    if run.has("objective_agreement") and run.has("currency_curves"):
+        return
+    anchor_scores = screen_scores(scorer, "first_order", tuple(cfg.kinds), progress=cfg.progress)
+    behaviour_scores = scores.select("first_order")
+    run.save_table("objective_agreement", objective_agreement(anchor_scores, behaviour_scores))
+    rankings = {"anchor": anchor_scores, "behaviour": behaviour_scores}
+    kind = default_kind(behaviour_scores)
+    ks = [k for k in (1, 2, 4, 8, 16, 32) if k <= cfg.validity_k] or [cfg.validity_k]
+    run.save_table("currency_curves", currency_curves(scorer, behaviour, rankings, ks, kind))
+
+
 def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult:
     """Score the components of ``cfg`` on its prompts against its anchor, in its run directory."""
     with scoring_run(cfg, "screen", pair, cfg.components or []) as (run, scorer):
@@ -282,5 +306,9 @@ def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult
                 "objective": cfg.objective,
             }
         )
-        verdict = validity_stage(cfg, run, scorer, behaviour, scores) if check and behaviour is not None else None
+        verdict = None
+        if check and behaviour is not None:
+            verdict = validity_stage(cfg, run, scorer, behaviour, scores)
+            if cfg.objective == "behaviour":
+                objective_comparison(cfg, run, scorer, behaviour, scores)
         return ScreenResult(scores, verified, len(scorer.texts), objective.n_excluded, run.path, verdict)
