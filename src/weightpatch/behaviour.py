@@ -1,5 +1,5 @@
-"""The behaviour objective (docs/method.md, "The behaviour objective"): Weight Patching scored by
-the specialized model's own behaviour instead of the vector anchor.
+"""The behaviour objective (docs/method.md, "Behaviour objective and anchor validity"): Weight
+Patching scored by the specialized model's own behaviour instead of the vector anchor.
 
 For a prompt x, let ``y(x) = (y_1 .. y_T)`` be the specialized model's greedy response (up to and
 including its eos token, at most ``max_new_tokens`` tokens), generated once per run. For any model M:

@@ -174,10 +174,10 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
     workers: int | None = Field(None, ge=1, description="Ray actors, each loading the pair once (default: per CPU).")
     worker_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray actor (its torch threads).")
     worker_gpus: float = Field(0.0, ge=0.0, description="GPUs per Ray actor (with --device cuda).")
-    objective: Literal["anchor", "behaviour"] = Field(
+    objective: Literal["behaviour", "anchor"] = Field(
         "anchor",
-        description="what a score recovers: anchor (the vector anchor's gap) or behaviour (the teacher-forced "
-        "log-probability of the specialized model's own greedy responses).",
+        description="what a score recovers: anchor (the vector anchor's gap, the default) or behaviour (the "
+        "teacher-forced log-probability of the specialized model's own greedy responses).",
     )
     response_tokens: int = Field(
         32, ge=1, description="tokens of each specialized response the behaviour objective scores (greedy)."

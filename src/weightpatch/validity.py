@@ -1,5 +1,5 @@
-"""The anchor validity check (docs/method.md, "Is the anchor enough?"): does recovering the anchor
-recover the behaviour?
+"""The anchor validity check (docs/method.md, "Behaviour objective and anchor validity"): does
+recovering the anchor recover the behaviour?
 
 Patch the top-``k`` components of one kind (ranked by a score table, normally the anchor's) into
 the base and measure, on the same prompts, both the anchor recovery ``E`` (fraction of the anchor
