@@ -105,3 +105,19 @@ def test_specialized_responses_restore_the_receiver(scorer64):
     specialized_responses(pair, scorer64.texts[:2], max_new_tokens=2)
     after = pair.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "gpt2", "gpt_neox"])
+def test_first_order_matches_finite_difference_across_families(family, tmp_path):
+    """The behaviour readout runs each family's own forward (tied and scaled embeddings, learned
+    positions, left padding): first order equals a central difference for a block of each."""
+    pair = load_pair(*make_pair(family, tmp_path, scale=0.05), dtype="float64")
+    scorer = BehaviourScorer(pair, tiny_texts(4, 3), batch_size=4, min_relative_gap=0.0, max_new_tokens=4)
+    score = gradient_scores(scorer, components=["L1"], progress=False).frame["score"].item()
+    moved = []
+    for alpha in (1e-3, -1e-3):
+        with torch.no_grad(), patched(pair.model, pair.donor, pair.space, ["L1"], alpha=alpha):
+            moved.append(scorer.effect(scorer.values(pair.model)).mean)
+    fd = (moved[0] - moved[1]) / 2e-3
+    assert abs(fd) > 1e-5
+    assert score == pytest.approx(fd, rel=2e-3)

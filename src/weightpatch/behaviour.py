@@ -139,8 +139,9 @@ class BehaviourScorer(GapScorer):
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = batch.input_ids[:, 1:]
         token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        mask = scored[:, :-1].to(token_logprobs.dtype)
-        return (token_logprobs * mask).sum(-1) / mask.sum(-1)
+        mask = scored[:, :-1]
+        # where, not a product: a padding position's logits may be NaN (fully masked attention rows)
+        return torch.where(mask, token_logprobs, 0.0).sum(-1) / mask.sum(-1)
 
 
 class PlainBackend:
