@@ -29,13 +29,12 @@ takes an ``fcntl.flock`` lock, released on :meth:`RunDir.close` or when the proc
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from weightpatch.errors import WeightPatchError
+from weightpatch.errors import WeightPatchError, writing
 from weightpatch.results import TMP_SUFFIX, ScoreTable, provenance, read_table, write_atomic, write_text_atomic
 from weightpatch.weights import files_sha256
 
@@ -71,17 +70,9 @@ def _is_within(path: Path, parent: Path) -> bool:
         return False
 
 
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Turn an operating-system error while writing under ``path`` into a one-line message."""
-    try:
-        yield
-    except OSError as exc:
-        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            fix = "fix its permissions or choose another --run-dir"
-        else:
-            fix = "free space or choose another --run-dir"
-        raise WeightPatchError(f"cannot write in run directory {path} ({exc.strerror or exc}); {fix}") from exc
+def _writing(path: Path) -> AbstractContextManager[None]:
+    """Errors while writing in the run directory ``path`` as one-line messages."""
+    return writing(path, "--run-dir", "run directory")
 
 
 def input_files(inputs: Iterable[str | os.PathLike]) -> list[dict[str, str]]:
