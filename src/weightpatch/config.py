@@ -7,8 +7,9 @@ new field is a new flag with no second list. Configs are built from an optional 
 does not silently fall back to a default. Comma-separated strings are accepted for list fields
 (``kinds: head,neuron`` or ``--kinds head,neuron``). Every float option must be finite (NaN and
 inf are refused by name: a NaN threshold or steering strength would silently select nothing or
-write NaN results), and options that exclude each other are refused together. A run directory's own ``config.yaml`` (one section
-per command) can be given to ``--config``: the section of the command being run is used.
+write NaN results), and options that exclude each other are refused together. A run directory's
+own ``config.yaml`` (one section per command) can be given to ``--config``: the section of the
+command being run is used.
 
 The resolved config is written into the run directory. :meth:`StageConfig.identity` is the part that
 determines results, which a resumed run must match: it leaves out where and how fast the run goes

@@ -49,11 +49,15 @@ def _reading_error(exc: Exception, path: Path, what: str, also: tuple[type[Excep
     """The one-line message for ``exc`` raised while reading ``what`` at ``path`` (None: not an
     input problem)."""
     import jinja2.exceptions
+    import pydantic
     from safetensors import SafetensorError
 
     if isinstance(exc, UnicodeDecodeError):
         byte = exc.object[exc.start : exc.start + 1].hex()
         return f"{path}: the {what} is not UTF-8 text (byte 0x{byte} at offset {exc.start}); save it as UTF-8"
+    if isinstance(exc, pydantic.ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+        return f"{path}: the {what} is invalid ({problems}); correct those fields or re-save the file"
     if isinstance(exc, json.JSONDecodeError):
         return (
             f"{path}: the {what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
@@ -81,7 +85,8 @@ def _reading_error(exc: Exception, path: Path, what: str, also: tuple[type[Excep
     if isinstance(exc, OSError) and exc.strerror:
         return f"cannot read {exc.filename or path} ({exc.strerror}); check that the {what} exists and is readable"
     if type(exc) is Exception or isinstance(exc, also):  # the tokenizers library raises bare Exceptions
-        return f"{path}: the {what} cannot be loaded ({_first_line(exc)}); repair it or re-save it with its library"
+        fix = "re-download it or re-save it with the library that wrote it"
+        return f"{path}: the {what} cannot be loaded ({_first_line(exc)}); {fix}"
     return None
 
 

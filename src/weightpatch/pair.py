@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from weightpatch.architecture import architecture_for
 from weightpatch.components import ComponentSpace
-from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.errors import PairMismatchError, WeightPatchError, reading
 from weightpatch.lora import ADAPTER_CONFIG, LoraAdapter, LoraSource, apply_adapter, is_adapter_dir
 from weightpatch.weights import (
     WEIGHT_FILE_SUFFIXES,
@@ -123,9 +123,16 @@ def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(WEIGHT_FILE_SUFFIXES) and p.is_file())
 
 
+def _what(gguf_file: str | None, what: str) -> str:
+    """How a reading error names what was read: the GGUF file, or ``what``."""
+    return "GGUF file" if gguf_file else what
+
+
 def _config(directory: Path, gguf_file: str | None, trust_remote_code: bool):
     try:
-        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        source = directory / gguf_file if gguf_file else directory / "config.json"
+        with reading(source, _what(gguf_file, "model config"), also=(OSError, ValueError) if gguf_file else ()):
+            return AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise WeightPatchError(f"cannot read a model config in {directory}: {exc}") from exc
 
@@ -374,7 +381,8 @@ def _adapter_in(directory: Path, gguf_file: str | None) -> LoraAdapter | None:
 
 def _tokenizer(directory: Path, gguf_file: str | None, trust_remote_code: bool):
     try:
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        with reading(directory / gguf_file if gguf_file else directory, _what(gguf_file, "tokenizer")):
+            return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise WeightPatchError(f"cannot load a tokenizer from {directory}: {exc}") from exc
 
@@ -388,7 +396,7 @@ def _load_model(directory: Path, gguf_file, dtype, device, device_map, trust_rem
     if not gguf_file and not weight_files(directory):
         raise WeightPatchError(f"no weight files (.safetensors/.bin/.gguf) in {directory}")
     try:
-        with reading_weights(directory):
+        with reading_weights(directory / gguf_file if gguf_file else directory):
             model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
