@@ -429,6 +429,17 @@ class ComponentSpace:
         """The union of the slices of several components."""
         return merge_slices(s for c in components for s in self.resolve(c))
 
+    def check_kinds(self, kinds: Iterable[Kind]) -> None:
+        """Refuse (:class:`ComponentError`) granularities this model has no component of, such as
+        ``expert`` in a dense model, instead of scoring nothing."""
+        empty = [k for k in dict.fromkeys(kinds) if next(self.components(kinds=(k,)), None) is None]
+        if empty:
+            why = " (it is not a mixture-of-experts model)" if {"expert", "expert_neuron"} & set(empty) else ""
+            raise ComponentError(
+                f"this {self.spec.family} model has no {'/'.join(empty)} components{why}; "
+                f"drop {','.join(empty)} from --kinds"
+            )
+
     def components(self, kinds: Iterable[Kind] = KINDS, layers: Iterable[int] | None = None) -> Iterator[Component]:
         """Enumerate components in a stable order: model-level modules first, then per layer
         the layer, its modules, its heads, its neurons (filtered by ``kinds``)."""

@@ -11,7 +11,7 @@ read by transformers with weights-only unpickling; ``trust_remote_code`` is off 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,6 +81,34 @@ def split_model_source(source: str | os.PathLike, gguf_file: str | None = None) 
             f"GGUF file {text!r} does not exist; pass an existing .gguf file, or repo-id:file.gguf for the hub"
         )
     return text, gguf_file
+
+
+def refuse_unused_revision(revision: str | None, sources: Sequence[str | os.PathLike], option: str) -> None:
+    """Refuse a hub ``revision`` (given as ``option``) when every one of ``sources`` is a local path:
+    it would be silently ignored (a local directory is used as it is)."""
+    if revision is None or not sources or not all(Path(s).expanduser().exists() for s in sources):
+        return
+    listed = ", ".join(str(s) for s in sources)
+    verb = "is a local path" if len(sources) == 1 else "are local paths"
+    raise WeightPatchError(f"{option} {revision!r} picks a hub revision, but {listed} {verb}, used as is; drop {option}")
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a torch device this machine does not have (``cuda`` without CUDA, ``cuda:3`` with
+    two GPUs, ``mps`` off Apple silicon) before any model is loaded."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise WeightPatchError(f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise WeightPatchError(f"device {device!r} is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise WeightPatchError(f"device {device!r} does not exist (GPUs 0..{count - 1}); pick one of those")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise WeightPatchError(f"device {device!r} is not available on this machine; use --device cpu")
 
 
 def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, gguf_file: str | None = None) -> Path:
@@ -312,6 +340,9 @@ def load_pair(
         "specialized": split_model_source(specialized, specialized_gguf_file),
     }
     gguf = {r: split[r][1] for r in split}
+    refuse_unused_revision(revision, [split[r][0] for r in split], "--revision")
+    if device_map is None:
+        check_device(device)
     dirs = {r: resolve_checkpoint(split[r][0], revision, gguf[r]) for r in split}
     if not gguf["base"] and is_adapter_dir(dirs["base"]):
         raise WeightPatchError(

@@ -154,8 +154,9 @@ def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None,
     adapter (directory or hub id) is an expert ``base + adapter``
     (:class:`weightpatch.lora.LoraCheckpoint`, deltas computed from the factors tensor by tensor)."""
     from weightpatch.lora import LoraCheckpoint, is_adapter_dir
-    from weightpatch.pair import resolve_checkpoint
+    from weightpatch.pair import refuse_unused_revision, resolve_checkpoint
 
+    refuse_unused_revision(revision, [source], "--base-revision" if base is None else "--expert-revisions")
     directory = resolve_checkpoint(source, revision)
     if base is not None and is_adapter_dir(directory):
         return LoraCheckpoint(directory, base)

@@ -195,6 +195,8 @@ def scoring_run(
     pair = pair_for(cfg, pair)
     for name in names:
         pair.space.parse(name)
+    if isinstance(cfg, ScreenConfig):
+        pair.space.check_kinds(cfg.kinds)
     anchor, sha = load_anchor(cfg, cfg.anchor, pair)
     with open_run(cfg, command, pair, [cfg.base, cfg.specialized, cfg.prompts], anchor_sha256=sha) as run:
         texts = render(pair, [r.prompt for r in records], cfg)
