@@ -90,7 +90,7 @@ def refuse_unused_revision(revision: str | None, sources: Sequence[str | os.Path
         return
     listed = ", ".join(str(s) for s in sources)
     verb = "is a local path" if len(sources) == 1 else "are local paths"
-    raise WeightPatchError(f"{option} {revision!r} picks a hub revision, but {listed} {verb}, used as is; drop {option}")
+    raise WeightPatchError(f"{option} {revision!r} picks a hub revision, but {listed} {verb}; drop {option}")
 
 
 def check_device(device: str | torch.device) -> None:
