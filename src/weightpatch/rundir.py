@@ -13,7 +13,9 @@ Layout (all files optional except ``run.json``)::
     scores.pending.jsonl  score rows appended since ``scores.parquet`` was last compacted
     report.html         the report (``wpatch report``)
 
-Every table and record is written to a temporary name and renamed
+Writes never follow a symbolic link out of the directory: a run directory holding a link is
+refused when opened, and the lock and pending scores are opened with ``O_NOFOLLOW``. Every table and record is written
+to a temporary name and renamed
 (:func:`weightpatch.results.atomic_output`), so an interrupted run never leaves a torn file; the
 temporaries of a killed run are removed when the directory is next opened. Score rows are appended
 group by group to ``scores.pending.jsonl`` (one JSON object a line, one ``write`` per group, so the
@@ -137,6 +139,13 @@ class RunDir:
                 )
         if run.path.exists() and not run.path.is_dir():
             raise WeightPatchError(f"run directory {run.path} exists and is not a directory")
+        links = sorted(p for p in run.path.iterdir() if p.is_symlink()) if run.path.is_dir() else []
+        if links:
+            raise WeightPatchError(
+                f"run directory {run.path} holds a symbolic link ({links[0].name} -> {os.readlink(links[0])}); "
+                f"weightpatch does not write through links out of a run directory: remove the link, or use "
+                f"another --run-dir"
+            )
         if run.path.is_dir() and run.record() is None and any(p.name != LOCK_FILE for p in run.path.iterdir()):
             raise WeightPatchError(
                 f"{run.path} is not empty and is not a weightpatch run directory (no {RUN_FILE}); "
@@ -240,7 +249,7 @@ class RunDir:
             _held_locks[key][1] += 1
             self._lock_key = key
             return
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -396,7 +405,7 @@ class RunDir:
         rows = [[None if v is pd.NA else v for v in r] for r in rows]  # nullable layer/index: null
         lines = "".join(json.dumps(dict(zip(names, r, strict=True))) + "\n" for r in rows).encode()
         with _writing(self.path):
-            fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 view = memoryview(lines)
                 while view:
