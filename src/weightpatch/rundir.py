@@ -224,7 +224,7 @@ class RunDir:
         try:
             return json.loads(f.read_text())
         except ValueError as exc:
-            raise WeightPatchError(f"{f} is corrupt ({exc}); use another --run-dir") from exc
+            raise WeightPatchError(f"{f} is corrupt (not valid JSON: {exc}); use another --run-dir") from exc
         except OSError as exc:
             raise WeightPatchError(f"cannot read {f} ({exc.strerror or exc}); fix its permissions") from exc
 
