@@ -119,7 +119,9 @@ def writing(path: str | os.PathLike, option: str = "output location", what: str 
     try:
         yield
     except OSError as exc:
-        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno == errno.ELOOP:  # opened with O_NOFOLLOW: a link planted where a file was expected
+            fix = f"a symbolic link is in the way ({exc.filename}): remove it, or choose another {option}"
+        elif isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             fix = f"fix its permissions or choose another {option}"
         else:
             fix = f"free space or choose another {option}"
