@@ -22,7 +22,9 @@ group by group to ``scores.pending.jsonl`` (one JSON object a line, one ``write`
 cost of a group does not grow with the table; a line torn by a kill is dropped) and folded into
 ``scores.parquet``/``scores.csv`` when the writer reads the scores, opens or closes the directory.
 
-Re-running a command on the same directory resumes it (finished results are kept); the run
+A command refused (one-line error) before it wrote any result leaves the record as it was, so the
+corrected inputs are not refused as "different" on the re-run. Re-running a command on the same
+directory resumes it (finished results are kept); the run
 directory refuses, with a one-line message naming what changed, a command whose configuration or
 input files (by content: SHA-256, not path) differ from the ones recorded for it, or models whose
 weights (sha256) differ from the recorded ones. One process writes at a time: :meth:`RunDir.open`
@@ -107,6 +109,8 @@ class RunDir:
         self._handler: logging.Handler | None = None
         self._lock_key: str | None = None
         self._provenance: dict[str, Any] | None = None  # stamped into every Parquet table written
+        self._before: dict[str, Any] | None = None  # the record before open() registered this command
+        self._wrote = False  # whether a result was written since open()
 
     # ---- opening, checks ---------------------------------------------------------------------
     @classmethod
@@ -156,6 +160,7 @@ class RunDir:
             run.path.mkdir(parents=True, exist_ok=True)
             run._lock()
         try:
+            run._before = run.record()
             previous = run._check_and_record(command, config, models, files, full_config)
             with _writing(run.path):
                 run._recover()
@@ -324,8 +329,22 @@ class RunDir:
     def __enter__(self) -> RunDir:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        """Close; after a refusal (:class:`WeightPatchError`) that came before any result was
+        written, first put the record back as it was, so the refused inputs (prompts, models,
+        settings) are not held against the corrected re-run."""
+        try:
+            if isinstance(exc, WeightPatchError) and self.writable and not self._wrote:
+                self._undo_record()
+        finally:
+            self.close()
+
+    def _undo_record(self) -> None:
+        if self._before is not None:
+            self.write_record(self._before)
+            return
+        for name in (RUN_FILE, "config.yaml", LOG_FILE):  # a new directory: empty again but for the lock
+            (self.path / name).unlink(missing_ok=True)
 
     # ---- tables ------------------------------------------------------------------------------
     def table_path(self, name: str) -> Path:
@@ -338,6 +357,7 @@ class RunDir:
         """Write ``<name>.parquet`` and ``<name>.csv`` atomically (the CSV first: the Parquet file
         is the table, the CSV its readable twin)."""
         path = self.table_path(name)
+        self._wrote = True
         with _writing(self.path):
             write_atomic(frame, path.with_suffix(".csv"))
             write_atomic(frame, path, provenance=self._provenance)
@@ -404,6 +424,7 @@ class RunDir:
         rows = table.frame.to_numpy(dtype=object).tolist()  # Python values; json writes floats round-trip exact
         rows = [[None if v is pd.NA else v for v in r] for r in rows]  # nullable layer/index: null
         lines = "".join(json.dumps(dict(zip(names, r, strict=True))) + "\n" for r in rows).encode()
+        self._wrote = True
         with _writing(self.path):
             fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:

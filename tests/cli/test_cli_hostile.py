@@ -71,7 +71,13 @@ def _with_records(path: Path, records: list[dict]) -> Path:
 
 
 def _record(key, ids=("punctuation:no_comma",)) -> dict:
-    return {"key": key, "prompt": f"a b c {key} no comma", "instruction_id_list": list(ids), "kwargs": [{}] * len(ids)}
+    return {
+        "key": key,
+        "prompt": f"a b c {key} no comma",
+        "instruction_id_list": list(ids),
+        "kwargs": [{}] * len(ids),
+        "prompt_without_instruction": f"a b c {key}",
+    }
 
 
 # ---- 1-5: third-party loading errors -------------------------------------------------------------
@@ -260,6 +266,18 @@ def test_a_refused_nan_model_is_not_recorded_as_the_run_identity(pair_dirs, prom
     args = ("anchor", pair_dirs[0], sft, "--prompts", prompts, "--run-dir", tmp_path / "run", "--steering-prompts", "0")
     assert_user_error(invoke(*args), "non-finite weights")
     shutil.copy(pair_dirs[1] / "model.safetensors", sft / "model.safetensors")  # the weights fixed
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+
+
+def test_inputs_refused_mid_stage_are_not_held_against_the_corrected_rerun(pair_dirs, tmp_path, unchanged):
+    records = [_record(i) for i in range(8)]
+    records[3]["prompt"] = " ".join(["abc"] * 40)  # beyond the tiny model's context of 64 tokens
+    prompts = _with_records(tmp_path / "p.jsonl", records)
+    args = ("anchor", *pair_dirs, "--prompts", prompts, "--run-dir", tmp_path / "run", "--steering-prompts", "0")
+    assert_user_error(invoke(*args), "longer than the model's context")
+    records[3]["prompt"] = "a b c no comma"
+    _with_records(prompts, records)
     result = invoke(*args)
     assert result.exit_code == 0, result.output
 
