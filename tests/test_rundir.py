@@ -153,6 +153,25 @@ def test_write_refused_in_an_existing_run_directory_is_a_one_line_error(tmp_path
     run.close()
 
 
+def test_writes_never_follow_a_link_out_of_the_run_directory(tmp_path):
+    outside = tmp_path / "input.jsonl"
+    outside.write_text("an input\n")
+    run_path = tmp_path / "run"
+    RunDir.open(run_path, "screen", {}, MODELS).close()
+    (run_path / "log.txt").unlink()
+    (run_path / "log.txt").symlink_to(outside)
+    with pytest.raises(WeightPatchError, match=r"holds a symbolic link \(log.txt -> .*input.jsonl\); .*remove"):
+        RunDir.open(run_path, "screen", {}, MODELS)
+    (run_path / "log.txt").unlink()
+    run = RunDir.open(run_path, "screen", {}, MODELS)
+    (run_path / "scores.pending.jsonl").symlink_to(outside)  # planted while the run is open
+    with pytest.raises(WeightPatchError, match=r"cannot write in run directory .*symbolic link is in the way"):
+        run.append_scores(_rows(["L0.attn.head0"]))
+    (run_path / "scores.pending.jsonl").unlink()
+    run.close()
+    assert outside.read_text() == "an input\n"
+
+
 # ---- atomic writes -----------------------------------------------------------------------------
 def _crash_midway(monkeypatch):
     """Make every table and text write put half of its bytes at the path it is given, then fail."""

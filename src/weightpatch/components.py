@@ -429,6 +429,19 @@ class ComponentSpace:
         """The union of the slices of several components."""
         return merge_slices(s for c in components for s in self.resolve(c))
 
+    def check_kinds(self, kinds: Iterable[Kind]) -> None:
+        """Refuse (:class:`ComponentError`) the mixture-of-experts granularities (``expert``,
+        ``expert_neuron``) on a model without experts, instead of scoring nothing. (Other kinds are
+        never empty in a dense model; in a model whose every MLP is experts, ``neuron`` of the
+        default kinds is simply empty.)"""
+        moe = [k for k in dict.fromkeys(kinds) if k in ("expert", "expert_neuron")]
+        empty = [k for k in moe if next(self.components(kinds=(k,)), None) is None]
+        if empty:
+            raise ComponentError(
+                f"this {self.spec.family} model has no {'/'.join(empty)} components (it is not a "
+                f"mixture-of-experts model); drop {','.join(empty)} from --kinds"
+            )
+
     def components(self, kinds: Iterable[Kind] = KINDS, layers: Iterable[int] | None = None) -> Iterator[Component]:
         """Enumerate components in a stable order: model-level modules first, then per layer
         the layer, its modules, its heads, its neurons (filtered by ``kinds``)."""

@@ -5,8 +5,11 @@ the CLI generates its flags from the fields here (name, type, default, ``descrip
 new field is a new flag with no second list. Configs are built from an optional YAML file
 (``--config FILE``) overlaid with the flags given (flags win). Unknown keys are an error, so a typo
 does not silently fall back to a default. Comma-separated strings are accepted for list fields
-(``kinds: head,neuron`` or ``--kinds head,neuron``). A run directory's own ``config.yaml`` (one section
-per command) can be given to ``--config``: the section of the command being run is used.
+(``kinds: head,neuron`` or ``--kinds head,neuron``). Every float option must be finite (NaN and
+inf are refused by name: a NaN threshold or steering strength would silently select nothing or
+write NaN results), and options that exclude each other are refused together. A run directory's
+own ``config.yaml`` (one section per command) can be given to ``--config``: the section of the
+command being run is used.
 
 The resolved config is written into the run directory. :meth:`StageConfig.identity` is the part that
 determines results, which a resumed run must match: it leaves out where and how fast the run goes
@@ -53,10 +56,15 @@ def _split_lists(*fields: str):
     return field_validator(*fields, mode="before")(classmethod(lambda cls, v: _split(v)))
 
 
-class StageConfig(BaseModel):
-    """Options every command has."""
+class Options(BaseModel):
+    """The base of every config model: float options are finite (no NaN or inf), unknown keys are
+    refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StageConfig(Options):
+    """Options every command has."""
 
     run_dir: Path | None = Field(DEFAULT_RUN_DIR, description="run directory (created, or resumed when it exists).")
     seed: int = Field(0, description="random seed (prompt shuffling and splits, random controls, DARE).")
@@ -73,7 +81,7 @@ class StageConfig(BaseModel):
         return {k: v for k, v in data.items() if k not in RUN_ONLY_FIELDS | LOCATION_FIELDS}
 
 
-class ModelOptions(BaseModel):
+class ModelOptions(Options):
     """How models are loaded."""
 
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps.")
@@ -87,7 +95,7 @@ class PairOptions(ModelOptions):
     specialized: str = Field(description="specialized model (fine-tuned from BASE): directory, .gguf file or hub id.")
 
 
-class PromptOptions(BaseModel):
+class PromptOptions(Options):
     """Where prompts come from and how the model sees them."""
 
     prompts: Path = Field(
@@ -107,7 +115,7 @@ class PromptOptions(BaseModel):
     )
 
 
-class ScoringOptions(BaseModel):
+class ScoringOptions(Options):
     batch_size: int = Field(16, ge=1, description="prompts per forward pass.")
     min_relative_gap: float = Field(
         0.1, ge=0.0, description="prompts whose anchor gap is below this fraction of the median gap are excluded."
@@ -143,6 +151,12 @@ class AnchorConfig(StageConfig, PairOptions, PromptOptions):
     )
 
     _lists = _split_lists("layers", "alphas")
+
+    @model_validator(mode="after")
+    def _one_layer_choice(self) -> AnchorConfig:
+        if self.layer is not None and self.layers is not None:
+            raise ValueError("give --layer (build at one layer) or --layers (search these), not both")
+        return self
 
 
 class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
@@ -268,9 +282,7 @@ class MergeStageConfig(StageConfig):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}
 
 
-class ReportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ReportConfig(Options):
     run_dir: Path = Field(description="a run directory written by wpatch.")
     output: Path | None = Field(None, description="where to write the report (default: RUN_DIR/report.html).")
     debug: bool = Field(False, description="show full tracebacks.")
@@ -306,6 +318,10 @@ def _describe(error: ValidationError) -> str:
             msg = "missing (give it as an argument, a flag or in --config)"
         elif e["type"] == "extra_forbidden":
             msg = "unknown option"
+        elif e["type"] == "finite_number":
+            msg = f"{e['input']} is not a finite number (NaN and inf are refused); give a finite value"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
 

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from weightpatch.components import ParamSlice
-from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.errors import PairMismatchError, WeightPatchError, reading
 from weightpatch.weights import SafetensorsSource, WeightSource
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,6 +87,20 @@ class LoraModule:
     bias_key: str | None = None  # lora_B.bias with lora_bias=True
 
 
+class _AdapterNumbers(BaseModel):
+    """The numeric fields of ``adapter_config.json`` that set the delta, checked before use (a
+    wrong type is the config's fault, refused naming the file and field)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    r: int = Field(8, ge=1)
+    lora_alpha: float = 8.0
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    use_rslora: bool | None = None
+    fan_in_fan_out: bool | None = None
+
+
 @dataclass
 class LoraAdapter:
     """A parsed PEFT LoRA adapter directory. Factors are read lazily from its safetensors file."""
@@ -100,10 +115,11 @@ class LoraAdapter:
     def load(cls, directory: str | Path) -> LoraAdapter:
         """Parse ``adapter_config.json`` and the factor names; refuses what it cannot represent."""
         directory = Path(directory)
-        try:
-            config = json.loads((directory / ADAPTER_CONFIG).read_text())
-        except (OSError, ValueError) as exc:
-            raise WeightPatchError(f"cannot read {directory / ADAPTER_CONFIG}: {exc}") from exc
+        with reading(directory / ADAPTER_CONFIG, "adapter config"):
+            config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise WeightPatchError(f"{directory / ADAPTER_CONFIG}: expected a JSON object; re-save the adapter")
+            _AdapterNumbers.model_validate(config)
         peft_type = str(config.get("peft_type", "")).upper()
         if peft_type != "LORA":
             raise WeightPatchError(

@@ -11,7 +11,7 @@ read by transformers with weights-only unpickling; ``trust_remote_code`` is off 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from weightpatch.architecture import architecture_for
 from weightpatch.components import ComponentSpace
-from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.errors import PairMismatchError, WeightPatchError, reading
 from weightpatch.lora import ADAPTER_CONFIG, LoraAdapter, LoraSource, apply_adapter, is_adapter_dir
 from weightpatch.weights import (
     WEIGHT_FILE_SUFFIXES,
@@ -83,6 +83,34 @@ def split_model_source(source: str | os.PathLike, gguf_file: str | None = None) 
     return text, gguf_file
 
 
+def refuse_unused_revision(revision: str | None, sources: Sequence[str | os.PathLike], option: str) -> None:
+    """Refuse a hub ``revision`` (given as ``option``) when every one of ``sources`` is a local path:
+    it would be silently ignored (a local directory is used as it is)."""
+    if revision is None or not sources or not all(Path(s).expanduser().exists() for s in sources):
+        return
+    listed = ", ".join(str(s) for s in sources)
+    verb = "is a local path" if len(sources) == 1 else "are local paths"
+    raise WeightPatchError(f"{option} {revision!r} picks a hub revision, but {listed} {verb}; drop {option}")
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a torch device this machine does not have (``cuda`` without CUDA, ``cuda:3`` with
+    two GPUs, ``mps`` off Apple silicon) before any model is loaded."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise WeightPatchError(f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise WeightPatchError(f"device {device!r} is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise WeightPatchError(f"device {device!r} does not exist (GPUs 0..{count - 1}); pick one of those")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise WeightPatchError(f"device {device!r} is not available on this machine; use --device cpu")
+
+
 def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, gguf_file: str | None = None) -> Path:
     """A local directory for ``source``: the directory itself, or a hub snapshot (downloaded or
     from the local cache: configs, tokenizer files, and the weights: safetensors, else ``.bin``, or
@@ -123,9 +151,16 @@ def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(WEIGHT_FILE_SUFFIXES) and p.is_file())
 
 
+def _what(gguf_file: str | None, what: str) -> str:
+    """How a reading error names what was read: the GGUF file, or ``what``."""
+    return "GGUF file" if gguf_file else what
+
+
 def _config(directory: Path, gguf_file: str | None, trust_remote_code: bool):
     try:
-        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        source = directory / gguf_file if gguf_file else directory / "config.json"
+        with reading(source, _what(gguf_file, "model config"), also=(OSError, ValueError) if gguf_file else ()):
+            return AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise WeightPatchError(f"cannot read a model config in {directory}: {exc}") from exc
 
@@ -305,6 +340,9 @@ def load_pair(
         "specialized": split_model_source(specialized, specialized_gguf_file),
     }
     gguf = {r: split[r][1] for r in split}
+    refuse_unused_revision(revision, [split[r][0] for r in split], "--revision")
+    if device_map is None:
+        check_device(device)
     dirs = {r: resolve_checkpoint(split[r][0], revision, gguf[r]) for r in split}
     if not gguf["base"] and is_adapter_dir(dirs["base"]):
         raise WeightPatchError(
@@ -374,7 +412,8 @@ def _adapter_in(directory: Path, gguf_file: str | None) -> LoraAdapter | None:
 
 def _tokenizer(directory: Path, gguf_file: str | None, trust_remote_code: bool):
     try:
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        with reading(directory / gguf_file if gguf_file else directory, _what(gguf_file, "tokenizer")):
+            return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise WeightPatchError(f"cannot load a tokenizer from {directory}: {exc}") from exc
 
@@ -388,7 +427,7 @@ def _load_model(directory: Path, gguf_file, dtype, device, device_map, trust_rem
     if not gguf_file and not weight_files(directory):
         raise WeightPatchError(f"no weight files (.safetensors/.bin/.gguf) in {directory}")
     try:
-        with reading_weights(directory):
+        with reading_weights(directory / gguf_file if gguf_file else directory):
             model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):

@@ -11,18 +11,42 @@ One JSON object per line with IFEval's fields:
 weightpatch extension (optional, never required): ``prompt_without_instruction`` (str), the same
 request with its instruction sentences removed, used to build instruction-vector anchors. Other
 extra fields are kept in :attr:`PromptRecord.extra`. Blank lines are skipped.
+
+Refused, naming the file and line: text that is not UTF-8, a JSON object with a repeated field
+name (which of the two values was meant?), a ``key`` used by two records (keys identify prompts in
+results) and an instruction id that is not one of IFEval's (:data:`IFEVAL_INSTRUCTIONS`, the ids
+of lm-eval's ``instructions_registry``; the closest one is suggested), which no checker could score.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weightpatch.errors import WeightPatchError
+from weightpatch.errors import WeightPatchError, reading
 
 REQUIRED_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
+
+#: Every IFEval instruction id (lm-eval's ``INSTRUCTION_DICT``); the builtin checkers cover six.
+IFEVAL_INSTRUCTIONS: frozenset[str] = frozenset(
+    {
+        *("keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency"),
+        "language:response_language",
+        *("length_constraints:number_sentences", "length_constraints:number_paragraphs"),
+        *("length_constraints:number_words", "length_constraints:nth_paragraph_first_word"),
+        *("detectable_content:number_placeholders", "detectable_content:postscript"),
+        *("detectable_format:number_bullet_lists", "detectable_format:constrained_response"),
+        *("detectable_format:number_highlighted_sections", "detectable_format:multiple_sections"),
+        *("detectable_format:json_format", "detectable_format:title"),
+        *("combination:two_responses", "combination:repeat_prompt"),
+        *("startend:end_checker", "startend:quotation"),
+        *("change_case:capital_word_frequency", "change_case:english_capital", "change_case:english_lowercase"),
+        "punctuation:no_comma",
+    }
+)
 
 
 @dataclass
@@ -70,6 +94,10 @@ def parse_record(obj: Any, path: Path | str = "<memory>", lineno: int = 0) -> Pr
     ids = obj["instruction_id_list"]
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise _fail(path, lineno, "field 'instruction_id_list' must be a list of strings")
+    for unknown in [i for i in ids if i not in IFEVAL_INSTRUCTIONS]:
+        close = difflib.get_close_matches(unknown, sorted(IFEVAL_INSTRUCTIONS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"known ids: {', '.join(sorted(IFEVAL_INSTRUCTIONS))}"
+        raise _fail(path, lineno, f"unknown IFEval instruction id {unknown!r}; {hint}")
     kwargs = obj["kwargs"]
     if not isinstance(kwargs, list) or not all(isinstance(k, dict) for k in kwargs):
         raise _fail(path, lineno, "field 'kwargs' must be a list of objects (one per instruction)")
@@ -93,6 +121,20 @@ def parse_record(obj: Any, path: Path | str = "<memory>", lineno: int = 0) -> Pr
     )
 
 
+class _RepeatedField(ValueError):
+    """A JSON object names one field twice (``json`` keeps the last silently)."""
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of the prompt reader: refuses a field named twice in one object."""
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise _RepeatedField(name)
+        obj[name] = value
+    return obj
+
+
 def load_prompts(path: str | Path) -> list[PromptRecord]:
     """Read an IFEval-schema JSONL file (e.g. IFEval's ``input_data.jsonl``).
 
@@ -102,16 +144,28 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
     path = Path(path)
     if not path.is_file():
         raise WeightPatchError(f"{path}: prompt file not found")
+    with reading(path, "prompt file"):
+        text = path.read_text(encoding="utf-8")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _fail(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            records.append(parse_record(obj, path, lineno))
+    first_line: dict[int | str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, object_pairs_hook=_unique_fields)
+        except json.JSONDecodeError as e:
+            raise _fail(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except _RepeatedField as e:
+            raise _fail(path, lineno, f"field {e.args[0]!r} appears twice in one object; keep one") from None
+        record = parse_record(obj, path, lineno)
+        if record.key in first_line:
+            raise _fail(
+                path,
+                lineno,
+                f"key {record.key!r} is already used at line {first_line[record.key]}; keys must be unique",
+            )
+        first_line[record.key] = lineno
+        records.append(record)
     if not records:
         raise WeightPatchError(f"{path}: no prompts (the file is empty); expected one JSON object per line")
     return records

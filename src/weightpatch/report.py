@@ -42,7 +42,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
-from weightpatch.errors import WeightPatchError
+from weightpatch.errors import WeightPatchError, reading, writing
 from weightpatch.results import read_table, write_text_atomic
 from weightpatch.rundir import RUN_FILE, RunDir
 
@@ -140,7 +140,10 @@ def _load(run: Path, name: str) -> pd.DataFrame | None:
 
 
 def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with reading(path):
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ---- the run's data, loaded once -------------------------------------------------------------------
@@ -149,7 +152,7 @@ class RunData:
 
     def __init__(self, run: Path) -> None:
         self.path = run
-        self.record: dict = json.loads((run / RUN_FILE).read_text())
+        self.record: dict = _json(run / RUN_FILE) or {}
         self.anchor: dict | None = _json(run / "anchor.json")
         names = (
             "scores verified anchor_layers steering weight_delta sufficiency necessity interactions roles "
@@ -899,8 +902,9 @@ def build_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     """Write ``report.html`` (or ``output``) for a run directory and return its path."""
     doc = render(run_dir)
     path = Path(output) if output is not None else Path(run_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, doc)
+    with writing(path.parent, "--output"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, doc)
     return path
 
 

@@ -13,14 +13,18 @@ Layout (all files optional except ``run.json``)::
     scores.pending.jsonl  score rows appended since ``scores.parquet`` was last compacted
     report.html         the report (``wpatch report``)
 
-Every table and record is written to a temporary name and renamed
+Writes never follow a symbolic link out of the directory: a run directory holding a link is
+refused when opened, and the lock and pending scores are opened with ``O_NOFOLLOW``. Every table and record is written
+to a temporary name and renamed
 (:func:`weightpatch.results.atomic_output`), so an interrupted run never leaves a torn file; the
 temporaries of a killed run are removed when the directory is next opened. Score rows are appended
 group by group to ``scores.pending.jsonl`` (one JSON object a line, one ``write`` per group, so the
 cost of a group does not grow with the table; a line torn by a kill is dropped) and folded into
 ``scores.parquet``/``scores.csv`` when the writer reads the scores, opens or closes the directory.
 
-Re-running a command on the same directory resumes it (finished results are kept); the run
+A command refused (one-line error) before it wrote any result leaves the record as it was, so the
+corrected inputs are not refused as "different" on the re-run. Re-running a command on the same
+directory resumes it (finished results are kept); the run
 directory refuses, with a one-line message naming what changed, a command whose configuration or
 input files (by content: SHA-256, not path) differ from the ones recorded for it, or models whose
 weights (sha256) differ from the recorded ones. One process writes at a time: :meth:`RunDir.open`
@@ -29,13 +33,12 @@ takes an ``fcntl.flock`` lock, released on :meth:`RunDir.close` or when the proc
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from weightpatch.errors import WeightPatchError
+from weightpatch.errors import WeightPatchError, writing
 from weightpatch.results import TMP_SUFFIX, ScoreTable, provenance, read_table, write_atomic, write_text_atomic
 from weightpatch.weights import files_sha256
 
@@ -71,17 +74,9 @@ def _is_within(path: Path, parent: Path) -> bool:
         return False
 
 
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Turn an operating-system error while writing under ``path`` into a one-line message."""
-    try:
-        yield
-    except OSError as exc:
-        if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            fix = "fix its permissions or choose another --run-dir"
-        else:
-            fix = "free space or choose another --run-dir"
-        raise WeightPatchError(f"cannot write in run directory {path} ({exc.strerror or exc}); {fix}") from exc
+def _writing(path: Path) -> AbstractContextManager[None]:
+    """Errors while writing in the run directory ``path`` as one-line messages."""
+    return writing(path, "--run-dir", "run directory")
 
 
 def input_files(inputs: Iterable[str | os.PathLike]) -> list[dict[str, str]]:
@@ -114,6 +109,8 @@ class RunDir:
         self._handler: logging.Handler | None = None
         self._lock_key: str | None = None
         self._provenance: dict[str, Any] | None = None  # stamped into every Parquet table written
+        self._before: dict[str, Any] | None = None  # the record before open() registered this command
+        self._wrote = False  # whether a result was written since open()
 
     # ---- opening, checks ---------------------------------------------------------------------
     @classmethod
@@ -146,6 +143,13 @@ class RunDir:
                 )
         if run.path.exists() and not run.path.is_dir():
             raise WeightPatchError(f"run directory {run.path} exists and is not a directory")
+        links = sorted(p for p in run.path.iterdir() if p.is_symlink()) if run.path.is_dir() else []
+        if links:
+            raise WeightPatchError(
+                f"run directory {run.path} holds a symbolic link ({links[0].name} -> {os.readlink(links[0])}); "
+                f"weightpatch does not write through links out of a run directory: remove the link, or use "
+                f"another --run-dir"
+            )
         if run.path.is_dir() and run.record() is None and any(p.name != LOCK_FILE for p in run.path.iterdir()):
             raise WeightPatchError(
                 f"{run.path} is not empty and is not a weightpatch run directory (no {RUN_FILE}); "
@@ -156,6 +160,7 @@ class RunDir:
             run.path.mkdir(parents=True, exist_ok=True)
             run._lock()
         try:
+            run._before = run.record()
             previous = run._check_and_record(command, config, models, files, full_config)
             with _writing(run.path):
                 run._recover()
@@ -224,7 +229,7 @@ class RunDir:
         try:
             return json.loads(f.read_text())
         except ValueError as exc:
-            raise WeightPatchError(f"{f} is corrupt ({exc}); use another --run-dir") from exc
+            raise WeightPatchError(f"{f} is corrupt (not valid JSON: {exc}); use another --run-dir") from exc
         except OSError as exc:
             raise WeightPatchError(f"cannot read {f} ({exc.strerror or exc}); fix its permissions") from exc
 
@@ -249,7 +254,7 @@ class RunDir:
             _held_locks[key][1] += 1
             self._lock_key = key
             return
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -324,8 +329,22 @@ class RunDir:
     def __enter__(self) -> RunDir:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        """Close; after a refusal (:class:`WeightPatchError`) that came before any result was
+        written, first put the record back as it was, so the refused inputs (prompts, models,
+        settings) are not held against the corrected re-run."""
+        try:
+            if isinstance(exc, WeightPatchError) and self.writable and not self._wrote:
+                self._undo_record()
+        finally:
+            self.close()
+
+    def _undo_record(self) -> None:
+        if self._before is not None:
+            self.write_record(self._before)
+            return
+        for name in (RUN_FILE, "config.yaml", LOG_FILE):  # a new directory: empty again but for the lock
+            (self.path / name).unlink(missing_ok=True)
 
     # ---- tables ------------------------------------------------------------------------------
     def table_path(self, name: str) -> Path:
@@ -338,6 +357,7 @@ class RunDir:
         """Write ``<name>.parquet`` and ``<name>.csv`` atomically (the CSV first: the Parquet file
         is the table, the CSV its readable twin)."""
         path = self.table_path(name)
+        self._wrote = True
         with _writing(self.path):
             write_atomic(frame, path.with_suffix(".csv"))
             write_atomic(frame, path, provenance=self._provenance)
@@ -404,8 +424,9 @@ class RunDir:
         rows = table.frame.to_numpy(dtype=object).tolist()  # Python values; json writes floats round-trip exact
         rows = [[None if v is pd.NA else v for v in r] for r in rows]  # nullable layer/index: null
         lines = "".join(json.dumps(dict(zip(names, r, strict=True))) + "\n" for r in rows).encode()
+        self._wrote = True
         with _writing(self.path):
-            fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path / PENDING_SCORES, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 view = memoryview(lines)
                 while view:

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 
 from weightpatch.components import ComponentSpace
-from weightpatch.errors import WeightPatchError
+from weightpatch.errors import WeightPatchError, reading
 
 logger = logging.getLogger("weightpatch")
 
@@ -59,9 +59,10 @@ def render_prompt(tokenizer, prompt: str, prompt_format: str = "auto") -> str:
         raise WeightPatchError(f"unknown prompt format {prompt_format!r}; choose auto, chat or raw")
     if resolve_prompt_format(tokenizer, prompt_format) == "raw":
         return prompt
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
+    with reading(getattr(tokenizer, "name_or_path", "") or "the tokenizer", "chat template"):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     bos = getattr(tokenizer, "bos_token", None)
     adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
     return text[len(bos) :] if adds_bos and text.startswith(bos) else text

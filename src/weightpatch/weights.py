@@ -21,17 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from weightpatch.components import ParamSlice
-from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.errors import PairMismatchError, WeightPatchError, reading
 
 WEIGHT_FILE_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 """File name endings of weight files (any framework): hashed as a model's identity, never copied
@@ -41,24 +40,10 @@ _BLOCK = 1 << 20  # bytes of the first and last block in a cache fingerprint
 _ALWAYS_HASH_BELOW = 8 << 20  # smaller files are hashed every time (faster than the cache)
 
 
-@contextmanager
-def reading_weights(location: str | os.PathLike) -> Iterator[None]:
-    """Translate the errors of reading checkpoint files under ``location`` (a file or directory)
-    into one-line :class:`WeightPatchError` messages that name the file and the fix."""
-    try:
-        yield
-    except SafetensorError as exc:
-        raise WeightPatchError(
-            f"{location}: a safetensors file is truncated or corrupt ({exc}); re-download or re-save the checkpoint"
-        ) from exc
-    except pickle.UnpicklingError as exc:
-        reason = next((line for line in str(exc).splitlines() if "unsupported GLOBAL" in line), "")
-        raise WeightPatchError(
-            f"{location}: the .bin checkpoint holds Python objects that weights-only loading refuses, because "
-            f"unpickling them can run code{f' ({reason.strip()})' if reason else ''}; if you trust its source, convert "
-            "it once to safetensors (torch.load(path, weights_only=False), then safetensors.torch.save_file) "
-            "and pass that directory"
-        ) from exc
+def reading_weights(location: str | os.PathLike) -> AbstractContextManager[None]:
+    """Errors of reading checkpoint files under ``location`` (a file or directory) as one-line
+    messages naming the file and the fix (:func:`weightpatch.errors.reading`)."""
+    return reading(location, "checkpoint")
 
 
 def _fingerprint(path: Path, stat: os.stat_result) -> str:

@@ -454,3 +454,14 @@ def test_merge_config_describe_resolves_normalize():
     }
     assert MergeConfig("dare_ties").describe()["normalize"] is False
     assert MergeConfig("task_arithmetic", normalize=True).describe()["normalize"] is True
+
+
+NON_FINITE = [{"lam": float("nan")}, {"weights": (1.0, float("inf"))}, {"density": float("nan")}]
+
+
+@pytest.mark.parametrize("setting", NON_FINITE)
+def test_non_finite_settings_are_refused_by_name(setting):
+    """A NaN lam once reached the merge and was reported as an overflow of the output dtype."""
+    name = next(iter(setting))
+    with pytest.raises(WeightPatchError, match=rf"merge setting {name}=.* is not finite"):
+        MergeConfig("ties", **setting)

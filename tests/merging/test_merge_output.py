@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from merging_testutil import build_tiny_checkpoints, dir_hashes
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from weightpatch.errors import PairMismatchError, WeightPatchError
@@ -197,57 +198,41 @@ def test_stale_leftovers_are_removed(tiny_checkpoints, tmp_path, caplog):
     assert sum("removed" in r.message and "did not finish" in r.message for r in caplog.records) == 2
 
 
-def test_interrupt_keeps_a_resumable_output_and_rerun_resumes_bit_equal(
-    tiny_checkpoints, tmp_path, monkeypatch, caplog
-):
+def test_ctrl_c_removes_its_temporary_output_and_a_rerun_is_bit_equal(tiny_checkpoints, tmp_path, monkeypatch):
     base, a, b = tiny_checkpoints
-    before = {p: dir_hashes(p) for p in (base, a, b)}
     cfg = MergeConfig("ties", density=0.5)
     reference = merge_checkpoints(base, [a, b], tmp_path / "reference", cfg, max_shard_size="30KB")
-    calls = []
-    resumed = False
     real_save = stream.save_file
+    calls = []
 
-    def counting_save(tensors, path, metadata=None):
+    def interrupted_save(tensors, path, metadata=None):
         calls.append(path)
-        if len(calls) == 2 and not resumed:
+        if len(calls) == 2:  # one shard is on disk in the temporary output
             raise KeyboardInterrupt("simulated Ctrl-C mid-write")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(stream, "save_file", counting_save)
+    monkeypatch.setattr(stream, "save_file", interrupted_save)
     target = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
         merge_checkpoints(base, [a, b], target, cfg, max_shard_size="30KB")
-    assert not target.exists()
-    [kept] = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp-")]
-    assert sorted(p.name for p in kept.glob("*.safetensors")) == ["model-00001-of-00004.safetensors"]
-    assert any("re-running the same merge" in r.message for r in caplog.records)
-
-    calls.clear()
-    resumed = True
-    merge_checkpoints(base, [a, b], target, cfg, max_shard_size="30KB")
-    assert len(calls) == 3  # shard 1 was not written again
-    assert any("resuming an interrupted merge" in r.message for r in caplog.records)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "reference"]
-    assert dir_hashes(target) == dir_hashes(reference)
-    assert {p: dir_hashes(p) for p in (base, a, b)} == before
-
-
-def test_interrupted_output_of_another_recipe_is_removed(tiny_checkpoints, tmp_path, monkeypatch):
-    base, a, b = tiny_checkpoints
-    real_save = stream.save_file
-
-    def interrupt(tensors, path, metadata=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(stream, "save_file", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        merge_checkpoints(base, [a, b], tmp_path / "merged", MergeConfig(lam=0.3), max_shard_size="30KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reference"]  # no .merged.tmp-*, no .merged.lock
     monkeypatch.setattr(stream, "save_file", real_save)
-    merge_checkpoints(base, [a, b], tmp_path / "merged", MergeConfig(lam=0.4), max_shard_size="30KB")
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
-    record = json.loads((tmp_path / "merged" / "weightpatch_merge.json").read_text())
-    assert record["merge"]["lam"] == 0.4
+    merge_checkpoints(base, [a, b], target, cfg, max_shard_size="30KB")
+    assert dir_hashes(target) == dir_hashes(reference)
+
+
+def test_full_disk_is_a_one_line_error_and_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    base, a, _ = tiny_checkpoints
+
+    def full_disk(tensors, path, metadata=None):  # what safetensors raises on ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(stream, "save_file", full_disk)
+    target = tmp_path / "merged"
+    with pytest.raises(WeightPatchError, match=r"cannot write in the merge output .*merged \(.*No space left") as err:
+        merge_checkpoints(base, [a], target, MergeConfig())
+    assert "free space or choose another --output" in str(err.value) and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_second_writer_is_refused(tiny_checkpoints, tmp_path):

@@ -3,10 +3,13 @@ paths printed whole), and printing."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,9 +50,37 @@ class ConsoleLog(logging.Handler):
             typer.echo(self.format(record), err=True)
 
 
+@contextlib.contextmanager
+def sigint_seen() -> Iterator[list[int]]:
+    """Record Ctrl-C (SIGINT) during the block, still raising ``KeyboardInterrupt`` as Python does:
+    the list it yields is non-empty once one arrived. Some libraries turn the ``KeyboardInterrupt``
+    raised inside them into an error of their own (a safetensors read gives a ``ValueError``); the
+    record tells such an error apart from a bug."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted() -> typer.Exit:
+    typer.echo("interrupted; re-run the same command to resume", err=True)
+    return typer.Exit(130)
+
+
 def handle_errors(fn: F) -> F:
-    """Turn user errors (:class:`WeightPatchError`) into a one-line message and exit code 2; with
-    ``--debug`` let them (and everything else) raise with a traceback."""
+    """Turn user errors (:class:`WeightPatchError`) into a one-line message and exit code 2, and
+    Ctrl-C (however a library reports it) into "interrupted" and exit code 130; with ``--debug``
+    let errors raise with a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -59,14 +90,18 @@ def handle_errors(fn: F) -> F:
         console = ConsoleLog(logging.INFO)
         logger.addHandler(console)
         try:
-            return fn(*args, **kwargs)
+            with sigint_seen() as interrupted:
+                return fn(*args, **kwargs)
         except WeightPatchError as exc:
             if debug:
                 raise
             fail(str(exc))
         except KeyboardInterrupt:
-            typer.echo("interrupted; re-run the same command to resume", err=True)
-            raise typer.Exit(130) from None
+            raise _interrupted() from None
+        except Exception:
+            if interrupted and not debug:
+                raise _interrupted() from None
+            raise
         finally:
             logger.removeHandler(console)
 

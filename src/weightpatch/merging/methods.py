@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -333,6 +334,11 @@ class MergeConfig:
         if self.method not in METHODS:
             choices = ", ".join(METHODS)
             raise WeightPatchError(f"unknown merge method {self.method!r}; choose one of {choices}")
+        for name in ("weights", "lam", "density", "drop_rate"):
+            value = getattr(self, name)
+            values = value if isinstance(value, (tuple, list)) else () if value is None else (value,)
+            if not all(math.isfinite(float(v)) for v in values):
+                raise WeightPatchError(f"merge setting {name}={value!r} is not finite (NaN or inf); give finite values")
 
     @property
     def normalize_value(self) -> bool:

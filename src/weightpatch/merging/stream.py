@@ -8,12 +8,13 @@ one tensor per input model plus at most one output shard.
 The output is written atomically: into a temporary directory beside the target, then renamed
 into place, under a per-target lock (:mod:`weightpatch.merging.output`). An error removes the
 temporary directory and leaves the target as it was (absent, or the old contents when
-``overwrite=True``); Ctrl-C and SIGKILL leave it for the next run to the same target, which
-resumes from its finished shards (same recipe) or removes it.
+``overwrite=True``), and so does Ctrl-C; only a killed process (SIGKILL, power loss) leaves it, for
+the next run to the same target, which resumes from its finished shards (same recipe) or removes it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from weightpatch.errors import PairMismatchError, WeightPatchError
+from weightpatch.errors import PairMismatchError, WeightPatchError, writing
 from weightpatch.merging.checks import FiniteGuard, check_experts_against_base, refuse_custom_code
 from weightpatch.merging.output import (
     CARD_NAME,
@@ -154,8 +155,9 @@ def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None,
     adapter (directory or hub id) is an expert ``base + adapter``
     (:class:`weightpatch.lora.LoraCheckpoint`, deltas computed from the factors tensor by tensor)."""
     from weightpatch.lora import LoraCheckpoint, is_adapter_dir
-    from weightpatch.pair import resolve_checkpoint
+    from weightpatch.pair import refuse_unused_revision, resolve_checkpoint
 
+    refuse_unused_revision(revision, [source], "--base-revision" if base is None else "--expert-revisions")
     directory = resolve_checkpoint(source, revision)
     if base is not None and is_adapter_dir(directory):
         return LoraCheckpoint(directory, base)
@@ -287,10 +289,11 @@ def merge_checkpoints(
     output. Non-finite values (in an input or the result) stop the merge with the first tensor
     names; nothing is published.
 
-    Interruptions: an error removes the temporary output. Ctrl-C (KeyboardInterrupt) and SIGKILL
-    leave it beside the target; the next run to the same target resumes from its finished shards
-    when the recipe (inputs by content, merge settings, shard plan, library versions) is the same,
-    and removes it otherwise. Output directories are 0755 and files 0644 (under the usual umask).
+    Interruptions: an error or Ctrl-C (KeyboardInterrupt) removes the temporary output; a write
+    error (disk full, read-only directory) is a one-line error naming the output. A killed process
+    (SIGKILL) leaves it beside the target; the next run to the same target resumes from its finished
+    shards when the recipe (inputs by content, merge settings, shard plan, library versions) is the
+    same, and removes it otherwise. Output directories are 0755 and files 0644 (under the usual umask).
 
     ``base`` and each expert may be a directory or a hub id (``base_revision``/``expert_revisions``
     pick a branch, tag or commit); an expert may be a PEFT LoRA adapter of ``base``.
@@ -347,13 +350,12 @@ def merge_checkpoints(
         if tmp is None:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
             (tmp / RECIPE_FILE).write_text(json.dumps({"recipe_sha256": record["recipe_sha256"]}) + "\n")
-        written = 0
+        output_errors = functools.partial(writing, target, "--output", "the merge output")  # disk full, read-only
         try:
             done = 0
             for file, shard in zip(files, shards, strict=True):
                 if _finished_shard(tmp / file, shard):
                     done += len(shard)
-                    written += 1
                     if progress is not None:
                         progress(done, len(sizes), shard[-1])
                     continue
@@ -381,37 +383,22 @@ def merge_checkpoints(
                     break
                 if not guard.found:
                     partial = tmp / f"{file}.partial"
-                    save_file(tensors, str(partial), metadata={"format": "pt"})
-                    os.replace(partial, tmp / file)
-                    written += 1
+                    with output_errors():
+                        save_file(tensors, str(partial), metadata={"format": "pt"})
+                        os.replace(partial, tmp / file)
                 del tensors
             guard.raise_if_any()
             weight_map = {name: file for file, shard in zip(files, shards, strict=True) for name in shard}
             index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            record["copied_from_base"] = _copy_aux_files(base_ckpt.path, tmp)
-            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
-            (tmp / CARD_NAME).write_text(model_card(json.loads(json.dumps(record, default=str))))
-            (tmp / RECIPE_FILE).unlink()
-            apply_normal_modes(tmp)
-            _publish(tmp, target)
-        except KeyboardInterrupt:
-            logger.warning(
-                "merge interrupted: %d of %d shards are kept in %s; re-running the same merge to %s resumes from "
-                "them (a different merge to that output removes them)",
-                written,
-                n_shards,
-                tmp,
-                target,
-            )
-            raise
-        except OSError as exc:  # disk full, permissions changed under us, ...
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise WeightPatchError(
-                f"writing the merge to {target} failed ({exc.strerror or exc}); nothing was published, "
-                f"free space or fix permissions and re-run"
-            ) from exc
-        except BaseException:
+            with output_errors():
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                record["copied_from_base"] = _copy_aux_files(base_ckpt.path, tmp)
+                (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+                (tmp / CARD_NAME).write_text(model_card(json.loads(json.dumps(record, default=str))))
+                (tmp / RECIPE_FILE).unlink()
+                apply_normal_modes(tmp)
+                _publish(tmp, target)
+        except BaseException:  # an error, Ctrl-C: nothing is published, nothing is left behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target

@@ -70,7 +70,8 @@ def check_layers(cfg: AnchorConfig, num_layers: int) -> list[int] | None:
 
 def _build(cfg: AnchorConfig, pair: ModelPair, run: RunDir, train: list, heldout: list) -> Anchor:
     layers = check_layers(cfg, pair.space.num_layers)
-    if run.anchor_stem.with_suffix(".json").is_file() and run.has("anchor_layers"):
+    saved = all(run.anchor_stem.with_suffix(suffix).is_file() for suffix in (".json", ".safetensors"))
+    if saved and run.has("anchor_layers"):  # a missing anchor file is rebuilt
         anchor = Anchor.load(run.anchor_stem, pair)
         logger.info("reusing the anchor in %s (layer %d)", run.path, anchor.layer)
         return anchor

@@ -60,15 +60,16 @@ def pair_for(cfg: PairOptions, pair: ModelPair | None) -> ModelPair:
     return pair if pair is not None else open_pair(cfg)
 
 
-def ensure_finite(pair: ModelPair, run: RunDir) -> None:
+def ensure_finite(pair: ModelPair, run_path: Path) -> list[str]:
     """Refuse a pair with NaN/inf weights (:func:`weightpatch.pair.check_finite`), once per run
-    directory and pair of weights: the verdict is recorded with the weights' SHA-256."""
+    directory and pair of weights: returns the weights' SHA-256 under which the caller records the
+    verdict (``finite_weights``), skipping the check when the run directory already holds it. Runs
+    before the directory is opened, so a refused pair is never recorded as the run's models."""
     ids = pair.identities()
     key = [ids[role]["weights_sha256"] for role in ("base", "specialized")]
-    if (run.record() or {}).get("finite_weights") == key:
-        return
-    check_finite(pair)
-    run.update_record(finite_weights=key)
+    if (RunDir(run_path).record() or {}).get("finite_weights") != key:
+        check_finite(pair)
+    return key
 
 
 def read_prompt_file(path: Path) -> list[PromptRecord]:
@@ -162,11 +163,13 @@ def open_run(
     """Create or resume the run directory of ``cfg`` for ``command``: refuses one made from other
     models, prompts or settings. ``identity`` adds facts that determine the results beyond the config
     (the anchor's SHA-256). The prompt format actually used is recorded with the config. A pair with
-    NaN/inf weights is refused (checked once per run directory and pair of weights)."""
+    NaN/inf weights is refused before the directory is touched (checked once per run directory and
+    pair of weights)."""
     config = {**cfg.identity(), **identity}
     if pair is not None and isinstance(cfg, PromptOptions):
         config["prompt_format"] = resolve_prompt_format(pair.tokenizer, cfg.prompt_format)
     models = pair.identities() if pair is not None else None
+    finite = ensure_finite(pair, cfg.run_path) if pair is not None and check_weights else None
     run = RunDir.open(
         cfg.run_path,
         command,
@@ -175,9 +178,9 @@ def open_run(
         [i for i in inputs if i is not None],
         full_config=cfg.model_dump(mode="json"),
     )
-    if pair is not None and check_weights:
+    if finite is not None and (run.record() or {}).get("finite_weights") != finite:
         try:
-            ensure_finite(pair, run)
+            run.update_record(finite_weights=finite)
         except BaseException:
             run.close()
             raise
@@ -195,6 +198,8 @@ def scoring_run(
     pair = pair_for(cfg, pair)
     for name in names:
         pair.space.parse(name)
+    if isinstance(cfg, ScreenConfig):
+        pair.space.check_kinds(cfg.kinds)
     anchor, sha = load_anchor(cfg, cfg.anchor, pair)
     with open_run(cfg, command, pair, [cfg.base, cfg.specialized, cfg.prompts], anchor_sha256=sha) as run:
         texts = render(pair, [r.prompt for r in records], cfg)

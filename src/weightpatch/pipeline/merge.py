@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -51,6 +52,14 @@ def read_scores(path: Path, method: str) -> pd.DataFrame:
         if method not in methods:
             raise WeightPatchError(f"{path} has no {method!r} scores (it has {methods}); choose --score-method")
         frame = frame[frame["method"] == method]
+    scores = pd.to_numeric(frame["score"], errors="coerce")
+    bad = frame.loc[~np.isfinite(scores.to_numpy(dtype=float)), "component"]
+    if len(bad):
+        listed = ", ".join(map(str, bad[:3])) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise WeightPatchError(
+            f"score table {path} holds NaN/inf (or non-numeric) {method} scores for {listed}; re-run `wpatch screen` "
+            f"for those components, or drop their rows"
+        )
     return frame[["component", "score"]]
 
 
