@@ -91,8 +91,8 @@ class PromptOptions(BaseModel):
     """Where prompts come from and how the model sees them."""
 
     prompts: Path = Field(
-        description="IFEval-style JSONL (prompt_without_instruction needed by the instruction anchor) "
-        "or a .txt file with one prompt per line."
+        description="IFEval-style JSONL (prompt_without_instruction needed by the instruction anchor), "
+        "a CSV with a prompt column, or plain text with one prompt per line (recognised by content)."
     )
     max_prompts: int | None = Field(
         None, ge=2, description="use at most this many prompts per set (after shuffling with --seed)."
@@ -197,8 +197,12 @@ class MergeStageConfig(StageConfig):
     """The merge stage (``merging.MergeConfig`` is the merge method itself)."""
 
     base: str = Field(description="base model: local directory or hub id.")
-    experts: list[str] = Field(description="expert models fine-tuned from BASE: directories or hub ids.")
+    experts: list[str] = Field(description="expert models fine-tuned from BASE: directories, hub ids or LoRA adapters.")
     output: Path = Field(description="directory for the merged model.")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the merged weights (default: each tensor's own dtype in the base)."
+    )
+    max_shard_size: str = Field("5GB", description="largest safetensors shard written, e.g. 2GB or 500MiB.")
     run_dir: Path | None = Field(None, description="append the merge (and its evaluation) to this run directory.")
     base_revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub-id base.")
     expert_revisions: list[str] | None = Field(None, description="hub revision of each hub-id expert, one per expert.")

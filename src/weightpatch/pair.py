@@ -11,6 +11,7 @@ read by transformers with weights-only unpickling; ``trust_remote_code`` is off 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -99,13 +100,22 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, g
         raise WeightPatchError(f"model directory {text!r} does not exist; pass a local directory or a hub id")
     from huggingface_hub import list_repo_files, snapshot_download
 
+    offline = hub_unreachable()
+    if offline is not None:  # the cache or nothing: never a retried request
+        try:
+            return Path(snapshot_download(text, revision=revision, local_files_only=True))
+        except Exception as exc:
+            raise WeightPatchError(
+                f"{text!r} is not a local directory and is not in the Hugging Face cache ({offline}); check the "
+                f"id, or download it where the hub is reachable and pass the directory"
+            ) from exc
     patterns = ["*.json", "*.model", "*.txt", "*.jinja"]
     if gguf_file:
         patterns.append(gguf_file)
     else:
         try:  # PyTorch .bin weights only for repositories without safetensors
             has_safetensors = any(f.endswith(".safetensors") for f in list_repo_files(text, revision=revision))
-        except Exception:  # offline: rely on what the local cache has
+        except Exception:  # the hub failed: rely on what the local cache has
             has_safetensors = True
         patterns += ["*.safetensors"] if has_safetensors else ["pytorch_model*.bin"]
     try:
@@ -115,6 +125,26 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, g
             f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(exc).__name__}); check the id, or download it and pass the directory"
         ) from exc
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be asked (``HF_HUB_OFFLINE`` set, or its host not reachable: one DNS
+    look-up and one connection attempt of at most ``timeout`` seconds), or None when it can. Checked
+    before any hub request, so an offline machine fails at once instead of after the hub client's
+    retries."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"the hub at {host} cannot be reached: {getattr(exc, 'strerror', None) or exc}"
+    return None
 
 
 def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:

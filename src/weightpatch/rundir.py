@@ -324,8 +324,21 @@ class RunDir:
     def __enter__(self) -> RunDir:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self.log_stop(exc)
         self.close()
+
+    def log_stop(self, exc: BaseException) -> None:
+        """Say in log.txt why the command stopped (only there: the CLI prints its own error line), so a
+        directory left by a failed run tells what happened instead of ending on "started"."""
+        if self._handler is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            reason = "interrupted; re-run the same command to resume"
+        else:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        self._handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "stopped: %s", (reason,), None))
 
     # ---- tables ------------------------------------------------------------------------------
     def table_path(self, name: str) -> Path:

@@ -2,7 +2,8 @@
 and the run directory it writes into.
 
 Prompt selection and rendering are decided here once, for Python and ``wpatch`` alike: a prompt file
-is read (IFEval JSONL or one prompt per line), shuffled with the config's seed, cut to
+is read (IFEval JSONL, a CSV with a ``prompt`` column or one prompt per line, by content:
+:func:`weightpatch.prompts.read_prompt_file`), shuffled with the config's seed, cut to
 ``max_prompts``, and rendered by :func:`weightpatch.runner.render_prompts` with the config's
 ``prompt_format``; the format actually used (``chat`` or ``raw``) is recorded in the run directory.
 """
@@ -21,7 +22,7 @@ from weightpatch.anchors import Anchor
 from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenConfig, StageConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, check_finite, load_pair
-from weightpatch.prompts import PromptRecord, load_prompts
+from weightpatch.prompts import MIN_PROMPTS, PromptRecord, read_prompt_file
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format
 from weightpatch.scoring import AnchorScorer
@@ -71,29 +72,25 @@ def ensure_finite(pair: ModelPair, run: RunDir) -> None:
     run.update_record(finite_weights=key)
 
 
-def read_prompt_file(path: Path) -> list[PromptRecord]:
-    """Prompt records from an IFEval JSONL file, or from a text file with one prompt per line."""
-    path = Path(path)
-    if path.suffix in (".jsonl", ".json"):
-        return load_prompts(path)
-    if not path.is_file():
-        raise WeightPatchError(f"{path}: prompt file not found")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as exc:
-        raise WeightPatchError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-    records = [PromptRecord(key=i, prompt=line, instruction_id_list=[], kwargs=[]) for i, line in enumerate(lines)]
-    records = [r for r in records if r.prompt]
-    if not records:
-        raise WeightPatchError(f"{path}: no prompts (the file is empty); expected one prompt per line")
-    return records
+def warn_if_few(records: Sequence[PromptRecord], path: Path, what: str) -> None:
+    """Warn (shown by ``wpatch`` too) when a prompt set is smaller than :data:`MIN_PROMPTS`."""
+    if len(records) < MIN_PROMPTS:
+        logger.warning(
+            "only %d %s from %s: separations and mean scores from so few prompts are not reliable; give at least %d",
+            len(records),
+            what,
+            path,
+            MIN_PROMPTS,
+        )
 
 
 def select_prompts(cfg: PromptOptions, seed: int) -> list[PromptRecord]:
     """The prompts a scoring stage uses: ``cfg.prompts`` shuffled with ``seed``, at most ``max_prompts``."""
     records = read_prompt_file(cfg.prompts)
     random.Random(seed).shuffle(records)
-    return records[: cfg.max_prompts]
+    records = records[: cfg.max_prompts]
+    warn_if_few(records, cfg.prompts, "prompts")
+    return records
 
 
 def anchor_prompt_sets(cfg: AnchorConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
@@ -117,6 +114,8 @@ def anchor_prompt_sets(cfg: AnchorConfig) -> tuple[list[PromptRecord], list[Prom
         train, heldout = shuffled[:half], shuffled[half:]
     if cfg.max_prompts is not None:
         train, heldout = train[: cfg.max_prompts], heldout[: cfg.max_prompts]
+    warn_if_few(train, cfg.prompts, "training prompts")
+    warn_if_few(heldout, cfg.heldout or cfg.prompts, "held-out prompts")
     return train, heldout
 
 
