@@ -66,6 +66,19 @@ class Anchor:
                 "not finite (check the models' weights with `wpatch check`, or use float32); nothing was saved"
             )
 
+    def _facts(self) -> dict[str, Any]:
+        return {"layer": self.layer, "method": self.method, "dimension": int(self.vector.shape[0]), **self.metrics}
+
+    def __repr__(self) -> str:
+        from weightpatch.display import facts_text
+
+        return f"Anchor({facts_text(self._facts())})"
+
+    def _repr_html_(self) -> str:
+        from weightpatch.display import html_card
+
+        return html_card("Anchor", self._facts())
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<path>.safetensors`` (the vector) and ``<path>.json`` (metadata), atomically."""
         path = Path(path).with_suffix("")

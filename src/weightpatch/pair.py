@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -256,6 +256,9 @@ class ModelPair:
     base: ModelRef
     specialized: ModelRef
     receiver: Role = "base"
+    # what load_pair was given: dtype, device, device_map, trust_remote_code, revision (a stage given
+    # this pair refuses a config that asks for other ones, so its run directory records what ran)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -281,6 +284,28 @@ class ModelPair:
 
         with patched(self.model, self.donor, self.space, self.space.everything()):
             yield self.model
+
+    def _facts(self) -> dict[str, Any]:
+        space = self.space
+        return {
+            "family": space.spec.family,
+            "layers": space.num_layers,
+            "heads": space.num_heads,
+            "receiver (in memory)": self.receiver,
+            "base": self.base.source,
+            "specialized": self.specialized.source,
+            **{k: v for k, v in self.options.items() if v not in (None, False)},
+        }
+
+    def __repr__(self) -> str:
+        from weightpatch.display import facts_text
+
+        return f"ModelPair({facts_text(self._facts())})"
+
+    def _repr_html_(self) -> str:
+        from weightpatch.display import html_card
+
+        return html_card("ModelPair", self._facts())
 
     def identities(self) -> dict[str, Any]:
         """What every run records: both models' identities and the library versions."""
@@ -373,7 +398,14 @@ def load_pair(
     if adapter is not None:  # the scaling lives in the config: two alphas are two models
         hashed["specialized"].append(dirs["specialized"] / ADAPTER_CONFIG)
     refs = {r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(hashed[r])) for r in dirs}
-    return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver)
+    options = {
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "device": str(device),
+        "device_map": device_map,
+        "trust_remote_code": trust_remote_code,
+        "revision": revision,
+    }
+    return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver, options)
 
 
 def _adapter_donor(

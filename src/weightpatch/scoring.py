@@ -90,6 +90,26 @@ class AnchorScorer:
     def layer(self) -> int:
         return self.anchor.layer
 
+    def _facts(self) -> dict[str, object]:
+        gap = self.gap[self.valid]
+        return {
+            "prompts": len(self.texts),
+            "excluded (tiny gap)": self.n_excluded,
+            "anchor layer": self.layer,
+            "mean anchor gap": float(gap.mean()),
+            "receiver": self.pair.receiver,
+        }
+
+    def __repr__(self) -> str:
+        from weightpatch.display import facts_text
+
+        return f"AnchorScorer({facts_text(self._facts())})"
+
+    def _repr_html_(self) -> str:
+        from weightpatch.display import html_card
+
+        return html_card("AnchorScorer", self._facts())
+
     def block_inputs(self, top: int | None = None) -> list[dict[int, Float[torch.Tensor, "batch seq hidden"]]]:
         """Per prompt batch, the receiver's input of every block ``1..top`` (default: the anchor
         layer), computed once and shared by every engine that re-runs a segment of blocks from a

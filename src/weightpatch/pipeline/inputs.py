@@ -21,7 +21,7 @@ from typing import Any
 from weightpatch.anchors import Anchor
 from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenConfig, StageConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, check_finite, load_pair
+from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair
 from weightpatch.prompts import MIN_PROMPTS, PromptRecord, read_prompt_file
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format
@@ -54,8 +54,40 @@ def open_pair(cfg: PairOptions, receiver: str = "base") -> ModelPair:
     )
 
 
+def _same_model(given: str, ref: ModelRef) -> bool:
+    """Whether a config's model (as typed) names the model ``ref`` of an open pair."""
+    if given == ref.source:
+        return True
+    path = Path(given).expanduser()
+    return path.exists() and path.resolve() in (Path(ref.source).expanduser().resolve(), Path(ref.path).resolve())
+
+
+def check_pair_matches(cfg: PairOptions, pair: ModelPair) -> None:
+    """Refuse a pair opened with other models or settings (dtype, device, remote code, revision) than
+    ``cfg`` asks for: the stage would run with the pair's and record the config's."""
+    differences = [
+        f"{key} {pair.options[key]!r} (pair) vs {getattr(cfg, key)!r} (config)"
+        for key in ("dtype", "device", "trust_remote_code", "revision")
+        if key in pair.options and pair.options[key] != getattr(cfg, key)
+        and not (key == "device" and pair.options.get("device_map") is not None)
+    ]  # fmt: skip
+    differences += [
+        f"{role} {getattr(pair, role).source!r} (pair) vs {getattr(cfg, role)!r} (config)"
+        for role in ("base", "specialized")
+        if not _same_model(str(getattr(cfg, role)), getattr(pair, role))
+    ]
+    if differences:
+        raise WeightPatchError(
+            f"the pair given to this stage does not match its config ({'; '.join(differences)}); open the pair "
+            f"with open_pair(cfg), or give the config the pair's settings"
+        )
+
+
 def pair_for(cfg: PairOptions, pair: ModelPair | None) -> ModelPair:
-    """``pair`` when the caller already holds one (a notebook, the demo), else the pair of ``cfg``."""
+    """``pair`` when the caller already holds one (a notebook, the demo), checked against ``cfg``
+    (:func:`check_pair_matches`), else the pair of ``cfg``."""
+    if pair is not None:
+        check_pair_matches(cfg, pair)
     if isinstance(cfg, StageConfig):
         seed_everything(cfg.seed)
     return pair if pair is not None else open_pair(cfg)
