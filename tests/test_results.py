@@ -232,3 +232,15 @@ def test_notebook_displays_are_short_and_informative(demo_like):
     assert "family llama" in repr(pair) and "dtype float32" in repr(pair) and "LlamaForCausalLM" not in repr(pair)
     html = table._repr_html_()
     assert "top 10 by |first_order|" in html and html.count("</tr>") == 11  # header and ten rows
+
+
+def test_heatmap_is_the_reports_figure_with_a_row_per_layer():
+    import matplotlib.pyplot as plt
+
+    table = _table([("L0.attn.head1", "exact", 0.5), ("L2.attn.head0", "exact", -0.25), ("L1.mlp", "exact", 0.1)])
+    fig = table.heatmap("exact")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]  # layer 1: a grey row, not left out
+    assert ax.get_title() == "weight space, exact"
+    assert [t.get_text() for t in ax.texts] == ["0.500\n±0.000", "-0.250\n±0.000"]  # score ± stderr
+    plt.close(fig)

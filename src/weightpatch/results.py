@@ -308,6 +308,13 @@ class ScoreTable:
         f = self.select(method).frame
         return f.groupby("kind")["score"].describe()
 
+    def heatmap(self, method: str, vmax: float | None = None) -> Any:
+        """The report's layer x head map of ``method``'s head scores (a matplotlib Figure; in a
+        notebook it displays inline): :func:`weightpatch.report.head_heatmap`."""
+        from weightpatch.report import head_heatmap
+
+        return head_heatmap(self, method, vmax)
+
     def matrix(self, method: str, kind: str = "head", num_layers: int | None = None) -> pd.DataFrame:
         """Layer x index matrix of one kind's scores (e.g. the layer x head heatmap): one row per layer
         ``0..num_layers-1`` (default: up to the highest layer anywhere in the table), NaN where a layer

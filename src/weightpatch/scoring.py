@@ -27,7 +27,8 @@ from jaxtyping import Float
 from weightpatch.anchors import Anchor
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
-from weightpatch.runner import Batch, batches, context_length, encode, run_segment
+from weightpatch.prompts import PromptRecord
+from weightpatch.runner import Batch, batches, context_length, encode, model_texts, run_segment
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,16 @@ class AnchorScorer:
         self,
         pair: ModelPair,
         anchor: Anchor,
-        texts: Sequence[str],
+        texts: Sequence[str | PromptRecord],
         batch_size: int = 16,
         min_relative_gap: float = 0.1,
         truncate_prompts: bool = False,
+        render: str | None = None,
     ) -> None:
         if not texts:
             raise WeightPatchError("no prompts to score; the prompt set is empty")
         anchor.check_compatible(pair)
-        self.pair, self.anchor, self.texts = pair, anchor, list(texts)
+        self.pair, self.anchor, self.texts = pair, anchor, model_texts(pair.tokenizer, texts, render)
         # scores accumulate in float32 (float64 for float64 models, e.g. finite-difference checks)
         dtype = torch.float64 if pair.model.dtype == torch.float64 else torch.float32
         self.u = anchor.vector.to(device=pair.device, dtype=dtype)
