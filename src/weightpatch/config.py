@@ -27,7 +27,7 @@ from weightpatch.errors import WeightPatchError
 DEFAULT_RUN_DIR = Path("wpatch-runs/default")
 
 RUN_ONLY_FIELDS = frozenset(
-    {"device", "batch_size", "run_dir", "debug", "progress", "variants_per_batch"}
+    {"device", "device_map", "max_memory", "batch_size", "run_dir", "debug", "progress", "variants_per_batch"}
     | {"backend", "address", "workers", "worker_cpus", "worker_gpus"}  # where exact scores run (screen)
 )
 # where the inputs lie: identified by content in the run record instead
@@ -76,7 +76,11 @@ class StageConfig(BaseModel):
 class ModelOptions(BaseModel):
     """How models are loaded."""
 
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps.")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps, or auto (cuda, else mps, else cpu).")
+    device_map: str | None = Field(
+        None, description="auto: place the model across GPUs and CPU with accelerate (as transformers does)."
+    )
+    max_memory: str | None = Field(None, description="with --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB.")
     dtype: Dtype = Field("float32", description="weight dtype: float32, float64, bfloat16, float16 or auto.")
     trust_remote_code: bool = Field(False, description="run the checkpoint's own code (custom architectures).")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of hub-id models.")

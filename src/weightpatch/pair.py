@@ -339,6 +339,7 @@ def load_pair(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     base_gguf_file: str | None = None,
@@ -353,8 +354,14 @@ def load_pair(
     id): it is ``base + adapter``, with the given base (the adapter's ``base_model_name_or_path`` is
     not used); its deltas are computed slice by slice from the factors (:mod:`weightpatch.lora`).
 
+    ``device``: ``cpu``, ``cuda``, ``cuda:1``, ``mps`` or ``auto`` (the first of cuda, mps, cpu that
+    is available). ``device_map`` (``"auto"`` or a module -> device dict, with ``max_memory`` per
+    device) places the receiver across devices with accelerate, as ``from_pretrained`` does; the
+    patch operator writes into dispatched and CPU-offloaded weights alike (disk offload is refused).
+
     Raises :class:`PairMismatchError` listing the first differences when the two are not patchable.
     """
+    device = resolve_device(device)
     split = {
         "base": split_model_source(base, base_gguf_file),
         "specialized": split_model_source(specialized, specialized_gguf_file),
@@ -385,11 +392,11 @@ def load_pair(
     )
     donor_role: Role = "specialized" if receiver == "base" else "base"
     if adapter is None:
-        model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, trust_remote_code)
+        model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, max_memory, trust_remote_code)
         space = ComponentSpace.from_model(model, include_kv=include_kv)
         donor = _donor_source(dirs[donor_role], gguf[donor_role], space, dtype, trust_remote_code)
     else:
-        model = _load_model(dirs["base"], gguf["base"], dtype, device, device_map, trust_remote_code)
+        model = _load_model(dirs["base"], gguf["base"], dtype, device, device_map, max_memory, trust_remote_code)
         space = ComponentSpace.from_model(model, include_kv=include_kv)
         base_source = _donor_source(dirs["base"], gguf["base"], space, dtype, trust_remote_code)
         donor = _adapter_donor(adapter, model, space, base_source, receiver)
@@ -402,6 +409,7 @@ def load_pair(
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
         "device": str(device),
         "device_map": device_map,
+        "max_memory": max_memory,
         "trust_remote_code": trust_remote_code,
         "revision": revision,
     }
@@ -441,12 +449,33 @@ def _tokenizer(directory: Path, gguf_file: str | None, trust_remote_code: bool):
         raise WeightPatchError(f"cannot load a tokenizer from {directory}: {exc}") from exc
 
 
-def _load_model(directory: Path, gguf_file, dtype, device, device_map, trust_remote_code) -> PreTrainedModel:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device for ``device``; ``"auto"`` is cuda when available, else mps, else cpu. A device
+    that is not available here is refused in one line."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise WeightPatchError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise WeightPatchError(f"device {device!r}: torch sees no CUDA GPU here; use --device auto or cpu")
+    return resolved
+
+
+def _load_model(
+    directory: Path, gguf_file, dtype, device, device_map, max_memory, trust_remote_code
+) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = dict(max_memory)  # transformers rewrites it in place
     if not gguf_file and not weight_files(directory):
         raise WeightPatchError(f"no weight files (.safetensors/.bin/.gguf) in {directory}")
     try:

@@ -21,7 +21,7 @@ from typing import Any
 from weightpatch.anchors import Anchor
 from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenConfig, StageConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair
+from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair, resolve_device
 from weightpatch.prompts import MIN_PROMPTS, PromptRecord, read_prompt_file
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format
@@ -49,9 +49,24 @@ def open_pair(cfg: PairOptions, receiver: str = "base") -> ModelPair:
         receiver=receiver,  # type: ignore[arg-type]
         dtype=cfg.dtype,
         device=cfg.device,
+        device_map=cfg.device_map,
+        max_memory=parse_max_memory(cfg.max_memory),
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (accelerate's ``max_memory``)."""
+    if text is None:
+        return None
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise WeightPatchError(f"--max-memory {text!r}: write device=size pairs, e.g. 0=20GiB,cpu=60GiB")
+        out[int(device) if device.strip().isdigit() else device.strip()] = size.strip()
+    return out
 
 
 def _same_model(given: str, ref: ModelRef) -> bool:
@@ -65,10 +80,17 @@ def _same_model(given: str, ref: ModelRef) -> bool:
 def check_pair_matches(cfg: PairOptions, pair: ModelPair) -> None:
     """Refuse a pair opened with other models or settings (dtype, device, remote code, revision) than
     ``cfg`` asks for: the stage would run with the pair's and record the config's."""
+    asked = {
+        "dtype": cfg.dtype,
+        "device": str(resolve_device(cfg.device)),
+        "device_map": cfg.device_map,
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+    }
     differences = [
-        f"{key} {pair.options[key]!r} (pair) vs {getattr(cfg, key)!r} (config)"
-        for key in ("dtype", "device", "trust_remote_code", "revision")
-        if key in pair.options and pair.options[key] != getattr(cfg, key)
+        f"{key} {pair.options[key]!r} (pair) vs {value!r} (config)"
+        for key, value in asked.items()
+        if key in pair.options and pair.options[key] != value
         and not (key == "device" and pair.options.get("device_map") is not None)
     ]  # fmt: skip
     differences += [
