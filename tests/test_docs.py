@@ -92,3 +92,19 @@ def test_nothing_refers_to_files_outside_the_repository():
     sections = re.findall(r'docs/method\.md, "([^"]+)"', "".join(p.read_text() for p in files))
     headings = set(re.findall(r"^##+ (?:\d+\. )?(.+)$", (root / "docs" / "method.md").read_text(), flags=re.M))
     assert sections and set(sections) <= headings, set(sections) - headings
+
+
+DEMO_STUDY = Path(__file__).parents[1] / "docs" / "demo-study.md"
+
+
+@pytest.mark.slow  # the demo's anchor, screen and trace stages (~1 min of CPU)
+def test_demo_study_page_runs_and_draws_its_figures(tmp_path, monkeypatch):
+    code = "\n".join(re.findall(r"```python\n(.*?)```", DEMO_STUDY.read_text(), flags=re.S))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-study").mkdir()
+    namespace: dict = {}
+    exec(compile(code, str(DEMO_STUDY), "exec"), namespace)
+    for image in re.findall(r"!\[[^]]*\]\((demo-study/[^)]+)\)", DEMO_STUDY.read_text()):
+        assert (tmp_path / image).stat().st_size > 10_000, image  # drawn by the page's own cells
+        assert (DEMO_STUDY.parent / image).is_file(), image  # and shipped with the page
+    assert len(namespace["screen"].scores.select("exact")) == 24  # top 8 of heads, modules, neurons

@@ -127,3 +127,12 @@ def test_hub_id_without_a_network_fails_at_once_without_retries(monkeypatch):
     message = str(info.value)
     assert message.startswith("'some-org/some-model' is not a local directory and is not in the Hugging Face cache")
     assert "cannot be reached: Name or service not known" in message and "\n" not in message
+
+
+def test_merge_names_gguf_as_unsupported_with_the_conversion(llama_pair_dirs, tmp_path):
+    from weightpatch.merging import MergeConfig, merge_checkpoints
+
+    gguf = tmp_path / "expert.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(WeightPatchError, match=r"expert\.gguf: merging streams safetensors .*save_pretrained"):
+        merge_checkpoints(llama_pair_dirs[0], [gguf], tmp_path / "out", MergeConfig())

@@ -501,7 +501,7 @@ def _donor_source(directory: Path, gguf_file, space: ComponentSpace, dtype, trus
         stored = set(source.names())
         layouts = {name: layout for name, layout in space.checkpoint_layouts().items() if name not in stored}
         return FusedExpertSource(source, layouts) if layouts else source
-    donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, trust_remote_code)
+    donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, None, trust_remote_code)
     return TensorDictSource.from_model(donor_model)
 
 

@@ -17,6 +17,7 @@ divided by silently. If every prompt's gap is tiny, :class:`AnchorScorer` refuse
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
 from weightpatch.prompts import PromptRecord
 from weightpatch.runner import Batch, batches, context_length, encode, model_texts, run_segment
+
+logger = logging.getLogger("weightpatch")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,13 @@ class AnchorScorer:
         threshold = min_relative_gap * self.gap.abs().median()
         self.valid = self.gap.abs() > threshold
         self.n_excluded = int((~self.valid).sum())
+        if self.n_excluded:
+            logger.warning(
+                "%d of %d prompts have an anchor gap below %g x the median and are excluded from every mean",
+                self.n_excluded,
+                len(self.texts),
+                min_relative_gap,
+            )
         if not self.valid.any():
             raise WeightPatchError(
                 "the anchor does not separate the two models on these prompts (every gap is ~0); "

@@ -255,6 +255,4 @@ def scoring_run(
         scorer = AnchorScorer(
             pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
         )
-        if scorer.n_excluded:
-            logger.warning("%d prompts with a tiny anchor gap are excluded from every mean", scorer.n_excluded)
         yield run, scorer
