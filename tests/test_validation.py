@@ -297,6 +297,7 @@ def test_curve_defaults_filters_and_control_counts(llama_pair_dirs, caplog):
         assert column in default
         with pytest.raises(ValueError, match=r"2 methods \(first_order, exact\); pass method="):
             curve_of(scorer, table, ks=[1], kind="module", controls=0)  # ranked L1.mlp's 99 over L0.attn's 60
+    caplog.clear()  # the curves above logged where their controls come from
     with caplog.at_level("WARNING", logger="weightpatch"):
         one = sufficiency_curve(scorer, table, ks=[1], method="exact", kind="neuron", controls=1)
         five = sufficiency_curve(scorer, table, ks=[1], method="exact", kind="neuron", controls=5)
