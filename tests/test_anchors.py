@@ -2,6 +2,7 @@ import functools
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -424,3 +425,34 @@ def test_conditions_that_do_not_differ_are_refused_by_name(llama_pair_dirs):
     same_models = load_pair(llama_pair_dirs[0], llama_pair_dirs[0])
     with pytest.raises(WeightPatchError, match=r"the two models do not differ on these prompts"):
         build_anchor(same_models, texts, None, layer=1, method="model_diff")
+
+
+def test_records_are_rendered_as_the_stage_renders_and_raw_strings_are_flagged(caplog):
+    """docs/patterns.md passed raw `record.prompt` strings: no chat template, another anchor layer (1
+    instead of the stage's 3 on the demo pair), no warning. Records are now rendered like the stage;
+    unrendered strings are named in a warning; render='raw' takes them as they are, silently."""
+    from weightpatch import demo
+    from weightpatch.prompts import without_instruction
+    from weightpatch.runner import render_prompts
+
+    pair = load_pair(demo.paths().base, demo.paths().specialized)
+    train, held = demo.prompts("anchor")[:12], demo.prompts("heldout")[:12]
+    layers = [1, 3]
+    _, from_records = search_anchor_layer(pair, train, None, held, None, layers=layers)
+
+    def rendered(records):
+        return render_prompts(pair.tokenizer, [r.prompt for r in records], "auto")
+
+    sets = (rendered(train), rendered(without_instruction(train)), rendered(held), rendered(without_instruction(held)))
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        _, by_hand = search_anchor_layer(pair, *sets, layers=layers)
+    assert caplog.records == []  # rendered texts: nothing to say
+    pd.testing.assert_frame_equal(from_records, by_hand)
+    raw = [[r.prompt for r in s] for s in (train, without_instruction(train), held, without_instruction(held))]
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        search_anchor_layer(pair, *raw, layers=layers)
+    assert "12 texts without the chat template the pipeline applies" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        search_anchor_layer(pair, *raw, layers=layers, render="raw")
+    assert caplog.records == []

@@ -10,9 +10,8 @@ from weightpatch import demo
 DOCS = Path(__file__).parents[1] / "docs" / "patterns.md"
 
 
-def test_pattern_recipes_run_on_the_demo_pair(tmp_path, monkeypatch):
+def test_pattern_recipes_run_on_the_demo_pair(tmp_path, monkeypatch, caplog):
     paths = demo.paths()
-    records = demo.prompts("anchor")[:24]
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
     assert len(blocks) >= 6
     code = "\n".join(blocks)
@@ -22,15 +21,13 @@ def test_pattern_recipes_run_on_the_demo_pair(tmp_path, monkeypatch):
     for name, path in (('"base"', paths.base), ('"expert_a"', paths.specialized), ('"expert_b"', paths.specialized)):
         code = code.replace(name, repr(str(path)))
     code = code.replace('"runs/a"', '"runs/scores.parquet"').replace('"runs/b"', '"runs/scores.parquet"')
-    namespace = {
-        "train_with": [r.prompt for r in records[:12]],
-        "train_without": [r.prompt_without_instruction for r in records[:12]],
-        "heldout_with": [r.prompt for r in records[12:]],
-        "heldout_without": [r.prompt_without_instruction for r in records[12:]],
-        "prompts": [r.prompt for r in records[:8]],
-    }
+    code = code.replace('"prompts.jsonl"', repr(str(demo.prompt_path("anchor"))))
+    namespace: dict = {}
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(DOCS), "exec"), namespace)
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        exec(compile(code, str(DOCS), "exec"), namespace)
+    assert "without the chat template" not in caplog.text  # the recipes render as the stages do
+    assert "lie inside other ranked ones" not in caplog.text  # and rank disjoint components
     assert (tmp_path / "runs" / "scores.parquet").is_file()
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
     owned = namespace["merger"]
@@ -95,3 +92,19 @@ def test_nothing_refers_to_files_outside_the_repository():
     sections = re.findall(r'docs/method\.md, "([^"]+)"', "".join(p.read_text() for p in files))
     headings = set(re.findall(r"^##+ (?:\d+\. )?(.+)$", (root / "docs" / "method.md").read_text(), flags=re.M))
     assert sections and set(sections) <= headings, set(sections) - headings
+
+
+DEMO_STUDY = Path(__file__).parents[1] / "docs" / "demo-study.md"
+
+
+@pytest.mark.slow  # the demo's anchor, screen and trace stages (~1 min of CPU)
+def test_demo_study_page_runs_and_draws_its_figures(tmp_path, monkeypatch):
+    code = "\n".join(re.findall(r"```python\n(.*?)```", DEMO_STUDY.read_text(), flags=re.S))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-study").mkdir()
+    namespace: dict = {}
+    exec(compile(code, str(DEMO_STUDY), "exec"), namespace)
+    for image in re.findall(r"!\[[^]]*\]\((demo-study/[^)]+)\)", DEMO_STUDY.read_text()):
+        assert (tmp_path / image).stat().st_size > 10_000, image  # drawn by the page's own cells
+        assert (DEMO_STUDY.parent / image).is_file(), image  # and shipped with the page
+    assert len(namespace["screen"].scores.select("exact")) == 24  # top 8 of heads, modules, neurons

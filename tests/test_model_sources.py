@@ -86,7 +86,11 @@ def test_merge_with_hub_shaped_names_offline_fails_fast_with_one_line(llama_pair
 
     base, _ = llama_pair_dirs
     for experts, message in [
-        (["some-org/some-expert"], r"^'some-org/some-expert' is not a local directory and could not be fetched"),
+        (
+            ["some-org/some-expert"],
+            r"^'some-org/some-expert' is not a local directory and is not in the Hugging Face cache "
+            r"\(HF_HUB_OFFLINE is set\)",
+        ),
         ([tmp_path / "missing" / "expert"], r"^model directory .* does not exist"),
     ]:
         start = time.monotonic()
@@ -95,3 +99,40 @@ def test_merge_with_hub_shaped_names_offline_fails_fast_with_one_line(llama_pair
         assert time.monotonic() - start < 2
         assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_without_a_network_fails_at_once_without_retries(monkeypatch):
+    """No HF_HUB_OFFLINE, no network: one look at the hub's host, then the cache, then one line (it
+    was five retried requests, about a minute, before the error)."""
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("the hub was asked although it cannot be reached")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", no_request)
+    start = time.monotonic()
+    with pytest.raises(WeightPatchError) as info:
+        resolve_checkpoint("some-org/some-model")
+    assert time.monotonic() - start < 2
+    message = str(info.value)
+    assert message.startswith("'some-org/some-model' is not a local directory and is not in the Hugging Face cache")
+    assert "cannot be reached: Name or service not known" in message and "\n" not in message
+
+
+def test_merge_names_gguf_as_unsupported_with_the_conversion(llama_pair_dirs, tmp_path):
+    from weightpatch.merging import MergeConfig, merge_checkpoints
+
+    gguf = tmp_path / "expert.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(WeightPatchError, match=r"expert\.gguf: merging streams safetensors .*save_pretrained"):
+        merge_checkpoints(llama_pair_dirs[0], [gguf], tmp_path / "out", MergeConfig())

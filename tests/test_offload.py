@@ -83,3 +83,40 @@ def test_a_parameter_on_the_meta_device_without_real_storage_is_refused(llama_pa
             patched(pair.model, pair.donor, pair.space, ["L0.mlp"]),
         ):
             pass
+
+
+def test_a_device_map_placed_receiver_scores_like_the_plain_one(llama_pair_dirs):
+    """`--device-map auto` (accelerate's placement through from_pretrained): same exact scores, and
+    the stage configs carry it to load_pair (a pair opened otherwise is refused by the stage)."""
+    from weightpatch.config import ScreenConfig
+    from weightpatch.pipeline.inputs import check_pair_matches, open_pair
+
+    components = ["L0.mlp", "L1.attn.head2", "L2"]
+    scores = []
+    for device_map in (None, "auto", {"": "cpu"}):
+        pair = load_pair(*llama_pair_dirs, device_map=device_map)
+        assert pair.options["device_map"] == device_map
+        anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+        scorer = AnchorScorer(pair, anchor, tiny_texts(6, 4))
+        scores.append(ExactScreen(scorer).run(components, progress=False).frame["score"].tolist())
+    assert scores[0] == scores[1] == scores[2]
+    base, sft = map(str, llama_pair_dirs)
+    cfg = ScreenConfig(base=base, specialized=sft, prompts="p.txt", device_map="auto", max_memory="cpu=2GiB")
+    pair = open_pair(cfg)
+    assert pair.options["device_map"] == "auto" and pair.options["max_memory"] == {"cpu": "2GiB"}
+    with pytest.raises(WeightPatchError, match=r"device_map 'auto' \(pair\) vs None \(config\)"):
+        check_pair_matches(cfg.model_copy(update={"device_map": None}), pair)
+
+
+def test_device_auto_picks_what_is_there(monkeypatch):
+    from weightpatch.pair import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(WeightPatchError, match=r"device .cuda. is not available \(.*\); use --device auto or cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from weightpatch.errors import WeightPatchError
-from weightpatch.prompts import PromptRecord, load_prompts, save_prompts, without_instruction
+from weightpatch.prompts import PromptRecord, load_prompts, read_prompt_file, save_prompts, without_instruction
 
 # Two lines in the exact shape of IFEval's input_data.jsonl (google-research).
 IFEVAL_LINES = [
@@ -101,3 +101,33 @@ def test_invalid_json_names_line(tmp_path):
     path = write_lines(tmp_path / "bad.jsonl", [IFEVAL_LINES[0], '{"key": 1, "prompt": '])
     with pytest.raises(WeightPatchError, match=r"bad\.jsonl:2: invalid JSON"):
         load_prompts(path)
+
+
+def test_prompt_files_are_read_by_content(tmp_path):
+    """A CSV's header is never a prompt (it was: 4 "prompts" from a 3-row CSV); JSONL is JSONL
+    whatever its name; plain text is one prompt per line."""
+    table = tmp_path / "p.csv"
+    table.write_text('prompt,note\nfirst one,a\n"second, with a comma",b\n"third\nover two lines",c\n')
+    records = read_prompt_file(table)
+    assert [r.prompt for r in records] == ["first one", "second, with a comma", "third\nover two lines"]
+    assert records[0].extra == {"note": "a"}
+    headed = tmp_path / "headed.txt"  # a one-column table saved under another name
+    headed.write_text("prompt\nhello there\nwrite a poem\n")
+    assert [r.prompt for r in read_prompt_file(headed)] == ["hello there", "write a poem"]
+    jsonl = tmp_path / "records.txt"
+    jsonl.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": [], "kwargs": []}) + "\n")
+    assert read_prompt_file(jsonl)[0].key == 1
+    text = tmp_path / "p.txt"
+    text.write_text("one prompt, with a comma\n\nanother\n")
+    assert [r.prompt for r in read_prompt_file(text)] == ["one prompt, with a comma", "another"]
+
+
+def test_a_table_without_a_prompt_column_or_a_binary_file_is_refused(tmp_path):
+    table = tmp_path / "p.csv"
+    table.write_text("text,label\nhello,1\n")
+    with pytest.raises(WeightPatchError, match=r"needs a 'prompt' column \(its header is: text, label\)"):
+        read_prompt_file(table)
+    binary = tmp_path / "p.parquet"
+    binary.write_bytes(b"PAR1\xff\xfe\x00")
+    with pytest.raises(WeightPatchError, match=r"not UTF-8 text \(byte 0xff at offset 4\); save it as UTF-8"):
+        read_prompt_file(binary)

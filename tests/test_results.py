@@ -183,3 +183,64 @@ def test_load_run(demo_like):
 
 def ids_short(pair) -> str:
     return pair.identities()["base"]["weights_sha256"][:16]
+
+
+def _table(rows: list[tuple[str, str, float]]) -> ScoreTable:
+    return ScoreTable.from_rows(score_row(Component.parse(c), m, s, 0.0, 4) for c, m, s in rows)
+
+
+def test_save_and_load_take_the_same_stem(tmp_path):
+    table = _table([("L0.mlp", "exact", 0.5), ("L1.attn.head2", "exact", -0.25)])
+    table.save(tmp_path / "runs" / "scores3")
+    for given in ("runs/scores3", "runs/scores3.parquet", "runs/scores3.csv"):
+        assert ScoreTable.load(tmp_path / given).frame.equals(table.frame), given
+    with pytest.raises(WeightPatchError, match=r"no score table at .*scores4\.parquet"):
+        ScoreTable.load(tmp_path / "runs" / "scores4")
+
+
+def test_top_ranks_by_magnitude_and_refuses_mixed_methods():
+    exact = [("L0.mlp", "exact", 0.2), ("L3.mlp.neuron302", "exact", -0.5), ("L1.mlp", "exact", 0.1)]
+    table = _table([*exact, ("L0.mlp", "first_order", 0.9)])
+    assert table.top(2, method="exact").components() == ["L3.mlp.neuron302", "L0.mlp"]  # |-0.5| first
+    assert table.top(2, method="exact", by_abs=False).components() == ["L0.mlp", "L1.mlp"]
+    with pytest.raises(WeightPatchError, match=r"2 methods \(exact, first_order\); pass method="):
+        table.top(2)
+    assert table.select("first_order").top(1).components() == ["L0.mlp"]  # one method: no need to name it
+
+
+def test_head_matrix_has_a_nan_row_for_a_layer_without_heads():
+    table = _table([("L0.attn.head1", "exact", 0.5), ("L2.attn.head0", "exact", 0.25), ("L1.mlp", "exact", 0.1)])
+    matrix = table.matrix("exact", "head")
+    assert matrix.index.tolist() == [0, 1, 2] and matrix.columns.tolist() == [0, 1]
+    assert matrix.loc[1].isna().all() and matrix.loc[0, 1] == 0.5 and np.isnan(matrix.loc[0, 0])
+    assert table.matrix("exact", "head", num_layers=4).index.tolist() == [0, 1, 2, 3]
+
+
+def test_notebook_displays_are_short_and_informative(demo_like):
+    """ModelPair printed its whole model and tokenizer, Anchor 128 floats, AnchorScorer an address."""
+    root, pair, _ = demo_like
+    run = RunDir(root)
+    table = run.scores()
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 3), batch_size=4)
+    for text, html in [(repr(obj), obj._repr_html_()) for obj in (table, anchor, scorer, pair)]:
+        assert len(text) < 400 and "\n" not in text and " at 0x" not in text, text
+        assert html.startswith('<div class="weightpatch">') and len(html) < 6000
+    assert f"rows {len(table)}" in repr(table) and "exact (6)" in repr(table)
+    assert "layer 2" in repr(anchor) and "dimension" in repr(anchor) and "tensor(" not in repr(anchor)
+    assert "prompts 6" in repr(scorer) and "anchor layer 2" in repr(scorer)
+    assert "family llama" in repr(pair) and "dtype float32" in repr(pair) and "LlamaForCausalLM" not in repr(pair)
+    html = table._repr_html_()
+    assert "top 10 by |first_order|" in html and html.count("</tr>") == 11  # header and ten rows
+
+
+def test_heatmap_is_the_reports_figure_with_a_row_per_layer():
+    import matplotlib.pyplot as plt
+
+    table = _table([("L0.attn.head1", "exact", 0.5), ("L2.attn.head0", "exact", -0.25), ("L1.mlp", "exact", 0.1)])
+    fig = table.heatmap("exact")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]  # layer 1: a grey row, not left out
+    assert ax.get_title() == "weight space, exact"
+    assert [t.get_text() for t in ax.texts] == ["0.500\n±0.000", "-0.250\n±0.000"]  # score ± stderr
+    plt.close(fig)

@@ -110,3 +110,14 @@ def test_thresholds_are_relative_per_kind_with_an_absolute_floor():
     loose = assign_roles(act, w, relative=0.25, absolute=0.0).set_index("component")["role"]
     assert loose["L0.mlp.neuron0"] == "both"
     assert isinstance(role_summary(assign_roles(act, w)), pd.DataFrame)
+
+
+def test_assign_roles_says_how_many_components_it_leaves_out(caplog):
+    """24 activation rows against 11 exact ones became 11 roles without a word."""
+    names = ["L0.attn", "L0.mlp", "L1.attn", "L1.mlp"]
+    act = ScoreTable.from_rows(score_row(Component.parse(n), "activation", 0.5, 0.0, 4) for n in names)
+    weight = ScoreTable.from_rows(score_row(Component.parse(n), "exact", 0.5, 0.0, 4) for n in names[:3])
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        roles = assign_roles(act, weight)
+    assert len(roles) == 3
+    assert "roles: 1 of 4 components with activation scores have no exact score and get no role" in caplog.text

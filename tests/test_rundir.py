@@ -280,3 +280,12 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_the_lock_free(tm
             pass
     with RunDir.open(tmp_path / "r", "screen", {}, None):
         pass
+
+
+def test_a_failed_command_says_in_its_log_why_it_stopped(tmp_path):
+    with pytest.raises(WeightPatchError), RunDir.open(tmp_path / "r", "screen", {"top_k": 3}, MODELS):
+        raise WeightPatchError("component 'L9.mlp' does not exist\n(the model has layers 0..2)")
+    last = (tmp_path / "r" / "log.txt").read_text().splitlines()[-1]
+    assert last.endswith(
+        "ERROR stopped: WeightPatchError: component 'L9.mlp' does not exist (the model has layers 0..2)"
+    )

@@ -71,3 +71,14 @@ def test_empty_prompt_set_message(llama_pair_dirs):
     anchor = build_anchor(pair, tiny_texts(4), None, layer=1, method="model_diff")
     with pytest.raises(WeightPatchError, match=r"^no prompts to score; the prompt set is empty$"):
         AnchorScorer(pair, anchor, [])
+
+
+def test_excluded_prompts_are_named_in_a_warning(llama_pair_dirs, caplog):
+    """The scorer drops prompts with a tiny anchor gap from every mean; it now says how many and why
+    (only the pipeline said so before, the engine was silent)."""
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        scorer = AnchorScorer(pair, anchor, tiny_texts(8, 5), min_relative_gap=1.0)  # at most half survive
+    assert scorer.n_excluded >= 1
+    assert f"{scorer.n_excluded} of 8 prompts have an anchor gap below 1 x the median" in caplog.text

@@ -426,3 +426,22 @@ def test_tracer_defaults_embedding_targets_and_empty_tables(llama_pair_dirs):
     for method in ("exact", "first_order"):
         empty = trace_suppliers(scorer, ["L0.attn.head0"], candidates=["L2.mlp.neuron0"], method=method)
         assert empty.columns.tolist() == EDGE_COLUMNS and len(empty) == 0
+
+
+def test_supplier_overlap_says_when_a_side_has_fewer_than_k(llama_pair_dirs, caplog):
+    """supplier_overlap(k=10) against 8 verified neurons compared 10 with 8 without a word."""
+    from weightpatch.results import ScoreTable, score_row
+    from weightpatch.tracing import supplier_overlap
+
+    space = load_pair(*llama_pair_dirs).space
+    neurons = [f"L0.mlp.neuron{i}" for i in range(12)]
+    edges = _edges([(n, "T1", 0.01 * (12 - i), "exact", "neuron") for i, n in enumerate(neurons)])
+    table = ScoreTable.from_rows(score_row(space.parse(n), "exact", 1.0, 0.0, 1) for n in neurons[:8])
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        out = supplier_overlap(edges, table, k=10)
+    assert len(out["weight_patching"]) == 8
+    assert "compares 10 traced suppliers with 8 Weight Patching neuron scores (exact)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        supplier_overlap(edges, table, k=8)
+    assert caplog.text == ""

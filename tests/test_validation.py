@@ -11,6 +11,7 @@ from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
 from weightpatch.validation import (
     behavior_of,
+    control_pool,
     interaction_matrix,
     necessity_curve,
     next_token_logprobs,
@@ -193,10 +194,12 @@ def test_curve_rows_are_measured_by_hand_on_their_own_patched_models(llama_pair_
         behavior_metric=lambda model: seen.append(1) or float(scorer.anchor_scores(model).mean()),
     )
     assert curve["k"].tolist() == [1, 3, 5] and curve["components"].tolist() == [ranked[:1], ranked[:3], ranked]
+    pool = control_pool(pair.space, ranked)  # the ranked five, then the one block that holds none of them
+    assert pool == [*ranked, "L2.mlp"] and curve.attrs["control_pool"] == 6
     rng = random.Random(7)  # the controls: seeded draws of k of the pool, k after k
     for row in curve.itertuples():
         assert row.recovery == pytest.approx(patched_fraction(ranked[: row.k]), abs=1e-6)
-        draws = [patched_fraction(rng.sample(ranked, row.k)) for _ in range(5 if row.k < 5 else 0)]
+        draws = [patched_fraction(rng.sample(pool, row.k)) for _ in range(5)]
         assert row.n_controls == len(draws)
         if draws:
             assert row.random_mean == pytest.approx(np.mean(draws), abs=1e-6)
@@ -292,11 +295,12 @@ def test_curve_defaults_filters_and_control_counts(llama_pair_dirs, caplog):
         other = curve_of(scorer, table, ks=[2], method="exact", kind="neuron", controls=5, seed=1)
         assert alone["random_mean"].iloc[0] == seeded["random_mean"].iloc[0] != other["random_mean"].iloc[0]
         assert column in default
-        mixed = curve_of(scorer, table, ks=[1], kind="module", controls=0)
-        assert mixed["components"].tolist() == [["L1.mlp"]]
+        with pytest.raises(ValueError, match=r"2 methods \(first_order, exact\); pass method="):
+            curve_of(scorer, table, ks=[1], kind="module", controls=0)  # ranked L1.mlp's 99 over L0.attn's 60
+    caplog.clear()  # the curves above logged where their controls come from
     with caplog.at_level("WARNING", logger="weightpatch"):
-        one = sufficiency_curve(scorer, table, ks=[1], method="exact", controls=1)
-        five = sufficiency_curve(scorer, table, ks=[1], method="exact", controls=5)
+        one = sufficiency_curve(scorer, table, ks=[1], method="exact", kind="neuron", controls=1)
+        five = sufficiency_curve(scorer, table, ks=[1], method="exact", kind="neuron", controls=5)
     assert one["n_controls"].tolist() == [5] and five["n_controls"].tolist() == [5]
     assert [r.getMessage() for r in caplog.records] == [
         "controls=1 raised to 5: fewer random draws give no usable spread"
@@ -341,3 +345,24 @@ def test_rankings_keep_table_order_among_many_ties_and_metrics_get_the_patched_m
     mixed = _table(pair, [("L1.mlp", "first_order", 9.0), ("L0.mlp", "exact", 1.0), ("L0.attn.head1", "exact", 0.5)])
     matrix = interaction_matrix(scorer, table=mixed, m=2, method="exact", kind="module")
     assert matrix.index.tolist() == ["L0.mlp"]
+
+
+def test_curves_rank_disjoint_components_and_draw_controls_from_the_whole_kind(llama_pair_dirs, caplog):
+    """The issue's recipe: an exact table of a few verified components with nested ones (L0.mlp and its
+    neurons and projections) ranked together, and random controls drawn from those few. Now nested
+    ones are left out with a warning, and controls come from every component of the kind."""
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(8, 5))
+    rows = [("L0.mlp", 0.9), ("L0.mlp.down", 0.8), ("L1.attn", 0.5), ("L0.mlp.gate", 0.4), ("L2.mlp", 0.1)]
+    table = ScoreTable.from_rows(score_row(pair.space.parse(c), "exact", s, 0.0, 1) for c, s in rows)
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        curve = sufficiency_curve(scorer, table, ks=3, method="exact", controls=5)
+    assert curve.iloc[-1]["components"] == ["L0.mlp", "L1.attn", "L2.mlp"]
+    assert "2 of 5 ranked components lie inside other ranked ones (e.g. L0.mlp.down)" in caplog.text
+    blocks = {c.name for c in pair.space.components(kinds=["module"]) if c.component_class in ("mlp", "attention")}
+    assert curve.attrs["control_pool"] == len(blocks) == 6  # every attention and MLP block, not the 3 ranked
+    assert curve["n_controls"].tolist() == [5, 5, 5]  # k = 3 < 6: controls are drawn at every k
+    mixed = ScoreTable.concat([table, ScoreTable.from_rows([score_row(pair.space.parse("L1.mlp"), "ig", 1.0, 0, 1)])])
+    with pytest.raises(ValueError, match=r"2 methods \(exact, ig\); pass method="):
+        sufficiency_curve(scorer, mixed, ks=1, controls=0)

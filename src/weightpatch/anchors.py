@@ -34,8 +34,10 @@ from scipy import stats
 
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, Role
+from weightpatch.prompts import PromptRecord
+from weightpatch.prompts import without_instruction as instruction_free
 from weightpatch.results import atomic_output, write_text_atomic
-from weightpatch.runner import batches, context_length, encode, residual_addition, run_segment
+from weightpatch.runner import batches, context_length, encode, model_texts, residual_addition, run_segment
 
 Method = Literal["instruction", "model_diff"]
 
@@ -65,6 +67,19 @@ class Anchor:
                 f"the layer-{self.layer} anchor vector holds NaN/inf: the residual streams it was built from are "
                 "not finite (check the models' weights with `wpatch check`, or use float32); nothing was saved"
             )
+
+    def _facts(self) -> dict[str, Any]:
+        return {"layer": self.layer, "method": self.method, "dimension": int(self.vector.shape[0]), **self.metrics}
+
+    def __repr__(self) -> str:
+        from weightpatch.display import facts_text
+
+        return f"Anchor({facts_text(self._facts())})"
+
+    def _repr_html_(self) -> str:
+        from weightpatch.display import html_card
+
+        return html_card("Anchor", self._facts())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<path>.safetensors`` (the vector) and ``<path>.json`` (metadata), atomically."""
@@ -241,20 +256,41 @@ def _separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
     }
 
 
+def _conditions(
+    pair: ModelPair,
+    with_: Sequence[str | PromptRecord],
+    without: Sequence[str | PromptRecord] | None,
+    method: Method,
+    render: str | None,
+) -> tuple[list[str], list[str] | None]:
+    """The two conditions' model-ready texts (:func:`weightpatch.runner.model_texts`); for the
+    instruction method, prompt records give their own instruction-free form when ``without`` is None."""
+    if without is None and method == "instruction" and with_ and all(isinstance(r, PromptRecord) for r in with_):
+        without = instruction_free(list(with_))  # type: ignore[arg-type]
+    texts = model_texts(pair.tokenizer, with_, render)
+    return texts, model_texts(pair.tokenizer, without, render) if without is not None else None
+
+
 def search_anchor_layer(
     pair: ModelPair,
-    train_with: Sequence[str],
-    train_without: Sequence[str] | None,
-    heldout_with: Sequence[str],
-    heldout_without: Sequence[str] | None,
+    train_with: Sequence[str | PromptRecord],
+    train_without: Sequence[str | PromptRecord] | None,
+    heldout_with: Sequence[str | PromptRecord],
+    heldout_without: Sequence[str | PromptRecord] | None,
     method: Method = "instruction",
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     truncate_prompts: bool = False,
+    render: str | None = None,
 ) -> tuple[Anchor, pd.DataFrame]:
     """Build a candidate anchor at each layer from the training prompts, measure how well it
     separates the two conditions on held-out prompts, and return the best (largest Cohen's d among
     layers with AUC within 0.02 of the best) with the per-layer table.
+
+    Prompts: prompt records (rendered as the anchor stage renders them; for ``"instruction"`` their
+    ``prompt_without_instruction`` is the other condition when ``*_without`` is None), or strings with
+    ``render`` (``"auto"``/``"chat"``/``"raw"``), or model-ready strings (a warning when they lack the
+    chat template the stage would apply: :func:`weightpatch.runner.model_texts`).
 
     Default layers: ``range(max(1, n_layers // 5), n_layers, 2)`` as in Stolfo et al., plus the
     last. Block 0 is left out by default (for models of 2+ layers): its output still mostly encodes
@@ -265,6 +301,8 @@ def search_anchor_layer(
     for layer in layers:
         if not 0 <= layer < n:
             raise WeightPatchError(f"anchor layer {layer} is out of range (the model has layers 0..{n - 1})")
+    train_with, train_without = _conditions(pair, train_with, train_without, method, render)
+    heldout_with, heldout_without = _conditions(pair, heldout_with, heldout_without, method, render)
     a, b = _differences(pair, method, train_with, train_without, layers, batch_size, truncate_prompts)
     ha, hb = _differences(pair, method, heldout_with, heldout_without, layers, batch_size, truncate_prompts)
     rows, vectors = [], {}
@@ -290,18 +328,21 @@ def search_anchor_layer(
 
 def build_anchor(
     pair: ModelPair,
-    with_instruction: Sequence[str],
-    without_instruction: Sequence[str] | None,
+    with_instruction: Sequence[str | PromptRecord],
+    without_instruction: Sequence[str | PromptRecord] | None,
     layer: int,
     method: Method = "instruction",
     batch_size: int = 16,
     truncate_prompts: bool = False,
+    render: str | None = None,
 ) -> Anchor:
-    """An anchor at a fixed layer from one prompt set (no held-out validation)."""
+    """An anchor at a fixed layer from one prompt set (no held-out validation); prompts as in
+    :func:`search_anchor_layer`."""
     if not 0 <= layer < pair.space.num_layers:
         raise WeightPatchError(
             f"anchor layer {layer} is out of range (the model has layers 0..{pair.space.num_layers - 1})"
         )
+    with_instruction, without_instruction = _conditions(pair, with_instruction, without_instruction, method, render)
     a, b = _differences(pair, method, with_instruction, without_instruction, [layer], batch_size, truncate_prompts)
     return Anchor(
         _direction(a[:, 0], b[:, 0], layer, method)[0],

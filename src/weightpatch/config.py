@@ -30,7 +30,7 @@ from weightpatch.errors import WeightPatchError
 DEFAULT_RUN_DIR = Path("wpatch-runs/default")
 
 RUN_ONLY_FIELDS = frozenset(
-    {"device", "batch_size", "run_dir", "debug", "progress", "variants_per_batch"}
+    {"device", "device_map", "max_memory", "batch_size", "run_dir", "debug", "progress", "variants_per_batch"}
     | {"backend", "address", "workers", "worker_cpus", "worker_gpus"}  # where exact scores run (screen)
 )
 # where the inputs lie: identified by content in the run record instead
@@ -84,7 +84,11 @@ class StageConfig(Options):
 class ModelOptions(Options):
     """How models are loaded."""
 
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps.")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps, or auto (cuda, else mps, else cpu).")
+    device_map: str | None = Field(
+        None, description="auto: place the model across GPUs and CPU with accelerate (as transformers does)."
+    )
+    max_memory: str | None = Field(None, description="with --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB.")
     dtype: Dtype = Field("float32", description="weight dtype: float32, float64, bfloat16, float16 or auto.")
     trust_remote_code: bool = Field(False, description="run the checkpoint's own code (custom architectures).")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of hub-id models.")
@@ -99,8 +103,8 @@ class PromptOptions(Options):
     """Where prompts come from and how the model sees them."""
 
     prompts: Path = Field(
-        description="IFEval-style JSONL (prompt_without_instruction needed by the instruction anchor) "
-        "or a .txt file with one prompt per line."
+        description="IFEval-style JSONL (prompt_without_instruction needed by the instruction anchor), "
+        "a CSV with a prompt column, or plain text with one prompt per line (recognised by content)."
     )
     max_prompts: int | None = Field(
         None, ge=2, description="use at most this many prompts per set (after shuffling with --seed)."
@@ -238,8 +242,12 @@ class MergeStageConfig(StageConfig):
     """The merge stage (``merging.MergeConfig`` is the merge method itself)."""
 
     base: str = Field(description="base model: local directory or hub id.")
-    experts: list[str] = Field(description="expert models fine-tuned from BASE: directories or hub ids.")
+    experts: list[str] = Field(description="expert models fine-tuned from BASE: directories, hub ids or LoRA adapters.")
     output: Path = Field(description="directory for the merged model.")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the merged weights (default: each tensor's own dtype in the base)."
+    )
+    max_shard_size: str = Field("5GB", description="largest safetensors shard written, e.g. 2GB or 500MiB.")
     run_dir: Path | None = Field(None, description="append the merge (and its evaluation) to this run directory.")
     base_revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub-id base.")
     expert_revisions: list[str] | None = Field(None, description="hub revision of each hub-id expert, one per expert.")

@@ -11,9 +11,10 @@ read by transformers with weights-only unpickling; ``trust_remote_code`` is off 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,13 +99,13 @@ def check_device(device: str | torch.device) -> None:
     two GPUs, ``mps`` off Apple silicon) before any model is loaded."""
     try:
         dev = torch.device(device)
-    except RuntimeError as exc:
-        raise WeightPatchError(f"unknown device {device!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
+    except (RuntimeError, TypeError) as exc:
+        raise WeightPatchError(f"unknown device {device!r} ({exc}); use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise WeightPatchError(f"device {device!r} is not available ({why}); use --device cpu")
+            raise WeightPatchError(f"device {device!r} is not available ({why}); use --device auto or cpu")
         if dev.index is not None and dev.index >= count:
             raise WeightPatchError(f"device {device!r} does not exist (GPUs 0..{count - 1}); pick one of those")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -127,13 +128,22 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, g
         raise WeightPatchError(f"model directory {text!r} does not exist; pass a local directory or a hub id")
     from huggingface_hub import list_repo_files, snapshot_download
 
+    offline = hub_unreachable()
+    if offline is not None:  # the cache or nothing: never a retried request
+        try:
+            return Path(snapshot_download(text, revision=revision, local_files_only=True))
+        except Exception as exc:
+            raise WeightPatchError(
+                f"{text!r} is not a local directory and is not in the Hugging Face cache ({offline}); check the "
+                f"id, or download it where the hub is reachable and pass the directory"
+            ) from exc
     patterns = ["*.json", "*.model", "*.txt", "*.jinja"]
     if gguf_file:
         patterns.append(gguf_file)
     else:
         try:  # PyTorch .bin weights only for repositories without safetensors
             has_safetensors = any(f.endswith(".safetensors") for f in list_repo_files(text, revision=revision))
-        except Exception:  # offline: rely on what the local cache has
+        except Exception:  # the hub failed: rely on what the local cache has
             has_safetensors = True
         patterns += ["*.safetensors"] if has_safetensors else ["pytorch_model*.bin"]
     try:
@@ -143,6 +153,26 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None, g
             f"{text!r} is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(exc).__name__}); check the id, or download it and pass the directory"
         ) from exc
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be asked (``HF_HUB_OFFLINE`` set, or its host not reachable: one DNS
+    look-up and one connection attempt of at most ``timeout`` seconds), or None when it can. Checked
+    before any hub request, so an offline machine fails at once instead of after the hub client's
+    retries."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"the hub at {host} cannot be reached: {getattr(exc, 'strerror', None) or exc}"
+    return None
 
 
 def weight_files(directory: Path, gguf_file: str | None = None) -> list[Path]:
@@ -261,6 +291,9 @@ class ModelPair:
     base: ModelRef
     specialized: ModelRef
     receiver: Role = "base"
+    # what load_pair was given: dtype, device, device_map, trust_remote_code, revision (a stage given
+    # this pair refuses a config that asks for other ones, so its run directory records what ran)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -286,6 +319,28 @@ class ModelPair:
 
         with patched(self.model, self.donor, self.space, self.space.everything()):
             yield self.model
+
+    def _facts(self) -> dict[str, Any]:
+        space = self.space
+        return {
+            "family": space.spec.family,
+            "layers": space.num_layers,
+            "heads": space.num_heads,
+            "receiver (in memory)": self.receiver,
+            "base": self.base.source,
+            "specialized": self.specialized.source,
+            **{k: v for k, v in self.options.items() if v not in (None, False)},
+        }
+
+    def __repr__(self) -> str:
+        from weightpatch.display import facts_text
+
+        return f"ModelPair({facts_text(self._facts())})"
+
+    def _repr_html_(self) -> str:
+        from weightpatch.display import html_card
+
+        return html_card("ModelPair", self._facts())
 
     def identities(self) -> dict[str, Any]:
         """What every run records: both models' identities and the library versions."""
@@ -319,6 +374,7 @@ def load_pair(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     base_gguf_file: str | None = None,
@@ -333,16 +389,20 @@ def load_pair(
     id): it is ``base + adapter``, with the given base (the adapter's ``base_model_name_or_path`` is
     not used); its deltas are computed slice by slice from the factors (:mod:`weightpatch.lora`).
 
+    ``device``: ``cpu``, ``cuda``, ``cuda:1``, ``mps`` or ``auto`` (the first of cuda, mps, cpu that
+    is available). ``device_map`` (``"auto"`` or a module -> device dict, with ``max_memory`` per
+    device) places the receiver across devices with accelerate, as ``from_pretrained`` does; the
+    patch operator writes into dispatched and CPU-offloaded weights alike (disk offload is refused).
+
     Raises :class:`PairMismatchError` listing the first differences when the two are not patchable.
     """
+    device = resolve_device(device)
     split = {
         "base": split_model_source(base, base_gguf_file),
         "specialized": split_model_source(specialized, specialized_gguf_file),
     }
     gguf = {r: split[r][1] for r in split}
     refuse_unused_revision(revision, [split[r][0] for r in split], "--revision")
-    if device_map is None:
-        check_device(device)
     dirs = {r: resolve_checkpoint(split[r][0], revision, gguf[r]) for r in split}
     if not gguf["base"] and is_adapter_dir(dirs["base"]):
         raise WeightPatchError(
@@ -368,11 +428,11 @@ def load_pair(
     )
     donor_role: Role = "specialized" if receiver == "base" else "base"
     if adapter is None:
-        model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, trust_remote_code)
+        model = _load_model(dirs[receiver], gguf[receiver], dtype, device, device_map, max_memory, trust_remote_code)
         space = ComponentSpace.from_model(model, include_kv=include_kv)
         donor = _donor_source(dirs[donor_role], gguf[donor_role], space, dtype, trust_remote_code)
     else:
-        model = _load_model(dirs["base"], gguf["base"], dtype, device, device_map, trust_remote_code)
+        model = _load_model(dirs["base"], gguf["base"], dtype, device, device_map, max_memory, trust_remote_code)
         space = ComponentSpace.from_model(model, include_kv=include_kv)
         base_source = _donor_source(dirs["base"], gguf["base"], space, dtype, trust_remote_code)
         donor = _adapter_donor(adapter, model, space, base_source, receiver)
@@ -381,7 +441,15 @@ def load_pair(
     if adapter is not None:  # the scaling lives in the config: two alphas are two models
         hashed["specialized"].append(dirs["specialized"] / ADAPTER_CONFIG)
     refs = {r: ModelRef(sources[r], str(dirs[r]), revision, gguf[r], weights_sha256(hashed[r])) for r in dirs}
-    return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver)
+    options = {
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "device": str(device),
+        "device_map": device_map,
+        "max_memory": max_memory,
+        "trust_remote_code": trust_remote_code,
+        "revision": revision,
+    }
+    return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver, options)
 
 
 def _adapter_donor(
@@ -418,12 +486,28 @@ def _tokenizer(directory: Path, gguf_file: str | None, trust_remote_code: bool):
         raise WeightPatchError(f"cannot load a tokenizer from {directory}: {exc}") from exc
 
 
-def _load_model(directory: Path, gguf_file, dtype, device, device_map, trust_remote_code) -> PreTrainedModel:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device for ``device``; ``"auto"`` is cuda when available, else mps, else cpu. A device
+    that is not available here is refused in one line (:func:`check_device`)."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    check_device(device)
+    return torch.device(device)
+
+
+def _load_model(
+    directory: Path, gguf_file, dtype, device, device_map, max_memory, trust_remote_code
+) -> PreTrainedModel:
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = dict(max_memory)  # transformers rewrites it in place
     if not gguf_file and not weight_files(directory):
         raise WeightPatchError(f"no weight files (.safetensors/.bin/.gguf) in {directory}")
     try:
@@ -449,7 +533,7 @@ def _donor_source(directory: Path, gguf_file, space: ComponentSpace, dtype, trus
         stored = set(source.names())
         layouts = {name: layout for name, layout in space.checkpoint_layouts().items() if name not in stored}
         return FusedExpertSource(source, layouts) if layouts else source
-    donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, trust_remote_code)
+    donor_model = _load_model(directory, gguf_file, dtype, "cpu", None, None, trust_remote_code)
     return TensorDictSource.from_model(donor_model)
 
 

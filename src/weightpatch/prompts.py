@@ -16,11 +16,17 @@ Refused, naming the file and line: text that is not UTF-8, a JSON object with a 
 name (which of the two values was meant?), a ``key`` used by two records (keys identify prompts in
 results) and an instruction id that is not one of IFEval's (:data:`IFEVAL_INSTRUCTIONS`, the ids
 of lm-eval's ``instructions_registry``; the closest one is suggested), which no checker could score.
+
+:func:`read_prompt_file` reads any prompt file a stage accepts, recognised by its content (not its
+name): IFEval JSONL, a CSV/TSV table with a ``prompt`` column, or plain text with one prompt per line.
+It needs no model and imports nothing heavy, so ``wpatch`` checks prompt files before loading one.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,8 @@ from typing import Any
 from weightpatch.errors import WeightPatchError, reading
 
 REQUIRED_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
+MIN_PROMPTS = 8  # below this a stage warns: separations and mean scores from fewer are not reliable
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
 #: Every IFEval instruction id (lm-eval's ``INSTRUCTION_DICT``); the builtin checkers cover six.
 IFEVAL_INSTRUCTIONS: frozenset[str] = frozenset(
@@ -191,3 +199,66 @@ def without_instruction(records: list[PromptRecord]) -> list[PromptRecord]:
             )
         out.append(PromptRecord(key=r.key, prompt=r.prompt_without_instruction, instruction_id_list=[], kwargs=[]))
     return out
+
+
+def _table_records(path: Path, text: str, delimiter: str) -> list[PromptRecord]:
+    """Records of a CSV/TSV table with a ``prompt`` column (``key`` and ``prompt_without_instruction``
+    used when present, other columns kept in ``extra``)."""
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+    header = [str(h).strip() for h in (rows[0].keys() if rows else next(csv.reader(io.StringIO(text))))]
+    if "prompt" not in header:
+        raise WeightPatchError(
+            f"{path}: a {'CSV' if delimiter == ',' else 'TSV'} prompt file needs a 'prompt' column (its header is: "
+            f"{', '.join(header) or 'empty'}); name the prompt column 'prompt', or write one prompt per line in a "
+            f".txt file"
+        )
+    records = []
+    for i, raw in enumerate(rows):
+        row = {str(k).strip(): v for k, v in raw.items() if k is not None}
+        prompt = (row.pop("prompt") or "").strip()
+        if not prompt:
+            continue
+        without = (row.pop("prompt_without_instruction", None) or "").strip() or None
+        key = row.pop("key", None) or i
+        records.append(PromptRecord(key, prompt, [], [], prompt_without_instruction=without, extra=row))
+    return records
+
+
+def detect_prompt_format(path: Path, text: str) -> str:
+    """``jsonl``, ``csv``, ``tsv`` or ``text``: what a prompt file holds, by its content (a first
+    line that is a JSON object, a header with a ``prompt`` column) and, for tables, its suffix."""
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if first.startswith("{") or path.suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if path.suffix in TABLE_SUFFIXES:
+        return path.suffix[1:]
+    for name, delimiter in TABLE_SUFFIXES.items():
+        header = [h.strip().lower() for h in next(csv.reader([first], delimiter=delimiter), [])]
+        if "prompt" in header:
+            return name[1:]
+    return "text"
+
+
+def read_prompt_file(path: str | Path) -> list[PromptRecord]:
+    """Prompt records of a prompt file, recognised by content (:func:`detect_prompt_format`): IFEval
+    JSONL (:func:`load_prompts`), a CSV/TSV table with a ``prompt`` column (a header line is never read
+    as a prompt), or plain text with one prompt per line (blank lines skipped). Refuses a missing,
+    binary or empty file and a table without a ``prompt`` column, naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightPatchError(f"{path}: prompt file not found")
+    with reading(path, "prompt file"):
+        text = path.read_text(encoding="utf-8")
+    kind = detect_prompt_format(path, text)
+    if kind == "jsonl":
+        return load_prompts(path)
+    if kind in ("csv", "tsv"):
+        records = _table_records(path, text, TABLE_SUFFIXES[f".{kind}"])
+    else:
+        lines = [line.strip() for line in text.splitlines()]
+        records = [PromptRecord(key=i, prompt=line, instruction_id_list=[], kwargs=[]) for i, line in enumerate(lines)]
+        records = [r for r in records if r.prompt]
+    if not records:
+        unit = "a 'prompt' value per row" if kind != "text" else "one prompt per line"
+        raise WeightPatchError(f"{path}: no prompts (the file is empty); expected {unit}")
+    return records

@@ -39,15 +39,23 @@ import jinja2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from weightpatch.errors import WeightPatchError, reading, writing
-from weightpatch.results import read_table, write_text_atomic
+from weightpatch.results import ScoreTable, read_table, write_text_atomic
 from weightpatch.rundir import RUN_FILE, RunDir
 
 SCORE_UNIT = "fraction of anchor gap recovered"
 MAX_ROWS = 40
+METRIC_NAMES = {  # the anchor's metrics in prose
+    "cohen_d": "Cohen's d",
+    "auc": "AUC",
+    "accuracy": "accuracy",
+    "mean_gap": "mean anchor gap",
+    "direction_norm": "norm of the direction before normalising",
+}
 TOP_OVERLAP_K = 5  # top-k overlap of first-order and exact rankings in the limits
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("weightpatch", "templates"),
@@ -86,7 +94,14 @@ def fmt(value: Any, digits: int = 3) -> str:
 def with_error(score: Any, stderr: Any, digits: int = 3) -> str:
     """``score ± stderr`` (just the score when the standard error is null)."""
     text = fmt(score, digits)
-    return f"{text} ± {fmt(stderr, digits)}" if text and stderr is not None and not pd.isna(stderr) else text
+    if not text or stderr is None or pd.isna(stderr):
+        return text
+    if "e" in text or "." not in text:
+        return f"{text} ± {fmt(stderr, digits)}"
+    # the error in the score's own format: "0.003 ± 0.001", not "0.003 ± 0.00058"
+    decimals = len(text.split(".")[1])
+    error = f"{float(stderr):.{decimals}f}"
+    return f"{text} ± {error}" if float(error) or not stderr else f"{text} ± <{10**-decimals:.{decimals}f}"
 
 
 def table(frame: pd.DataFrame, max_rows: int = MAX_ROWS, errors: dict[str, str] | None = None) -> dict:
@@ -128,7 +143,7 @@ def _legend_outside(ax, **kwargs) -> None:
     handles = ax.get_legend_handles_labels()[0]
     if handles:
         ncol = min(len(handles), 3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False, fontsize=8, **kwargs)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False, fontsize=10, **kwargs)
 
 
 def _load(run: Path, name: str) -> pd.DataFrame | None:
@@ -391,7 +406,9 @@ def anchor_section(data: RunData) -> dict | None:
     figs, paragraphs = [], []
     if data.anchor is not None:
         metrics = ", ".join(
-            f"{k} {fmt(v)}" for k, v in (data.anchor.get("metrics") or {}).items() if isinstance(v, float)
+            f"{METRIC_NAMES.get(k, k.replace('_', ' '))} {fmt(v)}"
+            for k, v in (data.anchor.get("metrics") or {}).items()
+            if isinstance(v, float)
         )
         paragraphs.append(
             f"Anchor at layer {data.anchor['layer']}, method {data.anchor['method']}. Held-out: {metrics}"
@@ -399,17 +416,20 @@ def anchor_section(data: RunData) -> dict | None:
     layers = data["anchor_layers"]
     if layers is not None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(layers["layer"].astype(int), layers["cohen_d"], marker="o", color="tab:blue", label="Cohen's d")
+        line = "-" if len(layers) > 2 else "none"  # two searched layers are two points, not a trend
+        x = layers["layer"].astype(int)
+        ax.plot(x, layers["cohen_d"], marker="o", ls=line, color="tab:blue", label="Cohen's d")
         ax.set(xlabel="layer", ylabel="held-out Cohen's d", title="anchor layer search")
+        ax.set_ylim(0, max(float(layers["cohen_d"].max()), 0.0) * 1.1 or 1.0)  # from 0: no zoomed-in axis
         ax2 = ax.twinx()
-        ax2.plot(layers["layer"].astype(int), layers["auc"], marker="s", color="tab:orange", label="AUC")
+        ax2.plot(x, layers["auc"], marker="s", ls=line, color="tab:orange", label="AUC")
         ax2.set_ylabel("held-out AUC", color="tab:orange")
         ax2.set_ylim(0, 1.05)
         if data.anchor is not None:
             ax.axvline(data.anchor["layer"], color="grey", ls="--", lw=1, label="chosen layer")
         _integer_axis(ax.xaxis)
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False, fontsize=8)
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False, fontsize=10)
         figs.append(
             figure(fig, "anchor layer search", "Separation of the two conditions on held-out prompts per layer.")
         )
@@ -484,37 +504,47 @@ def _heatmap(ax, matrix: pd.DataFrame, errors: pd.DataFrame | None, title: str, 
     plt.colorbar(im, ax=ax, label=SCORE_UNIT, shrink=0.85)
 
 
+HEAD_PANELS = {
+    "first_order": "weight space, first order",
+    "integrated_gradients": "weight space, integrated gradients",
+    "exact": "weight space, exact",
+    "activation": "activation space",
+}
+
+
+def head_heatmap(scores: ScoreTable | pd.DataFrame, method: str, vmax: float | None = None) -> Figure:
+    """The layer x head map of one method's head scores (± stderr in each cell when small enough), a
+    matplotlib Figure: one row per layer of the table (grey where a layer or head was not scored),
+    colours symmetric around 0 up to ``vmax`` (default: the largest ``|score|`` of the heads)."""
+    table = scores if isinstance(scores, ScoreTable) else ScoreTable(scores)
+    heads = table.frame[table.frame["kind"] == "head"]
+    matrix = table.matrix(method, "head")
+    errors = _head_matrix(heads, method, "stderr").reindex_like(matrix)
+    layers, index = list(matrix.index), list(matrix.columns)
+    vmax = vmax if vmax is not None else float(heads["score"].abs().max()) or 1.0
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(index) + 1.5, 1.2 + 0.7 * len(layers)))
+    label = HEAD_PANELS.get(method, method)
+    _heatmap(ax, matrix, errors if errors.notna().any().any() else None, label, vmax, layers, index)
+    return fig
+
+
 def heads_section(data: RunData) -> dict | None:
     scores = data["scores"]
     if scores is None:
         return None
     heads = scores[scores["kind"] == "head"]
-    panels = [
-        (m, label)
-        for m, label in (
-            ("first_order", "weight space, first order"),
-            ("integrated_gradients", "weight space, integrated gradients"),
-            ("exact", "weight space, exact"),
-            ("activation", "activation space"),
-        )
-        if (heads["method"] == m).any()
-    ]
+    panels = [(m, label) for m, label in HEAD_PANELS.items() if (heads["method"] == m).any()]
     if not panels:
         return None
-    layers = sorted(int(v) for v in heads["layer"].dropna().unique())
-    index = sorted(int(v) for v in heads["index"].dropna().unique())
     vmax = float(heads["score"].abs().max()) or 1.0
+    table = ScoreTable(scores)
+    n_cells = table.matrix(panels[0][0], "head").size
     figs = []
     for method, label in panels:
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(index) + 1.5, 1.2 + 0.7 * len(layers)))
-        errors = _head_matrix(heads, method, "stderr")
-        _heatmap(
-            ax, _head_matrix(heads, method), errors if errors.notna().any().any() else None, label, vmax, layers, index
-        )
         sub = heads[heads["method"] == method]
-        caption = f"{label}: {len(sub)} of {len(layers) * len(index)} heads scored"
-        caption += " (grey: not verified exactly)." if len(sub) < len(layers) * len(index) else "."
-        figs.append(figure(fig, f"layer x head map, {label}", caption))
+        caption = f"{label}: {len(sub)} of {n_cells} heads scored"
+        caption += " (grey: not verified exactly)." if len(sub) < n_cells else "."
+        figs.append(figure(head_heatmap(table, method, vmax), f"layer x head map, {label}", caption))
     note = (
         "Each cell: the effect of patching one head (rows of W_Q, columns of W_O) from the specialized model, "
         "± its standard error across prompts; one colour scale for every map."
@@ -625,7 +655,10 @@ def components_section(data: RunData) -> dict | None:
     )
 
 
-def _curve_figure(frame: pd.DataFrame, name: str, column: str) -> dict:
+def curve_figure(frame: pd.DataFrame, name: str = "sufficiency") -> Figure:
+    """A sufficiency (``name="sufficiency"``, column ``recovery``) or necessity (``drop``) curve as a
+    matplotlib Figure: top-k per ranking against its random-k controls (mean ± sd)."""
+    column = "recovery" if name == "sufficiency" else "drop"
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = frame.groupby("ranking", sort=False) if "ranking" in frame.columns else [("", frame)]
     for ranking, sub in groups:
@@ -661,9 +694,13 @@ def _curve_figure(frame: pd.DataFrame, name: str, column: str) -> dict:
     )
     ax.set(xlabel="k (components)", ylabel=ylabel, title=title)
     _legend_outside(ax)
+    return fig
+
+
+def _curve_figure(frame: pd.DataFrame, name: str) -> dict:
     n = int(frame["n_controls"].max()) if "n_controls" in frame else 0
-    caption = f"Random controls: {n} random k-subsets of the same pool per k; none where k is the whole pool."
-    return figure(fig, f"{name} curve", caption)
+    caption = f"Random controls: {n} random k-subsets of the same kind per k; none where k is the whole kind."
+    return figure(curve_figure(frame, name), f"{name} curve", caption)
 
 
 def curves_section(data: RunData) -> dict | None:
@@ -673,7 +710,7 @@ def curves_section(data: RunData) -> dict | None:
         if frame is None:
             continue
         if {"k", column}.issubset(frame.columns) and "random_mean" in frame.columns:
-            figs.append(_curve_figure(frame, name, column))
+            figs.append(_curve_figure(frame, name))
         else:
             tables.append({"title": name, "caption": "", **table(frame)})
     interactions = data["interactions"]

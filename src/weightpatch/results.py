@@ -211,20 +211,53 @@ class ScoreTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ScoreTable:
+        """Read a table written by :meth:`save`: give the same stem (``runs/scores``, read from
+        ``runs/scores.parquet``) or a ``.parquet``/``.csv`` file; a missing one is a one-line error."""
         path = Path(path)
+        if path.suffix not in (".parquet", ".csv"):
+            path = path.with_name(path.name + ".parquet")
+        if not path.is_file():
+            raise WeightPatchError(f"no score table at {path}; pass the stem given to ScoreTable.save or the file")
         return cls(read_table(path))
 
     def __len__(self) -> int:
         return len(self.frame)
 
+    def _facts(self) -> dict[str, str]:
+        counts = self.frame["method"].value_counts(sort=False)
+        return {
+            "rows": str(len(self)),
+            "methods": ", ".join(f"{m} ({n})" for m, n in counts.items()) or "none",
+            "kinds": ", ".join(dict.fromkeys(self.frame["kind"])) or "none",
+        }
+
+    def __repr__(self) -> str:
+        from weightpatch.display import facts_text
+
+        return f"ScoreTable({facts_text(self._facts())})"
+
+    def _repr_html_(self) -> str:
+        """The counts and the ten strongest components of the first method (by ``|score|``), with the
+        other methods' scores beside them."""
+        from weightpatch.display import html_card
+
+        if not len(self):
+            return html_card("ScoreTable", self._facts())
+        first = str(self.frame["method"].iloc[0])
+        wide = self.side_by_side().set_index("component")
+        top = self.top(10, method=first).components()
+        shown = wide.loc[top, [c for c in wide.columns if c in ("kind", *self.frame["method"].unique())]]
+        return html_card(f"ScoreTable (top 10 by |{first}|)", self._facts(), shown.reset_index())
+
     def to_pandas(self) -> pd.DataFrame:
         return self.frame.copy()
 
     def save(self, stem: str | os.PathLike) -> tuple[Path, Path]:
-        """Write ``<stem>.parquet`` and ``<stem>.csv`` atomically."""
+        """Write ``<stem>.parquet`` and ``<stem>.csv`` atomically (:meth:`load` reads the same stem)."""
         stem = Path(stem)
+        stem = stem.with_suffix("") if stem.suffix in (".parquet", ".csv") else stem
         stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = stem.with_suffix(".parquet"), stem.with_suffix(".csv")
+        paths = stem.with_name(stem.name + ".parquet"), stem.with_name(stem.name + ".csv")
         for p in paths:
             write_atomic(self.frame, p)
         return paths
@@ -237,11 +270,18 @@ class ScoreTable:
             f = f[f["kind"] == kind]
         return ScoreTable(f.reset_index(drop=True))
 
-    def top(self, k: int, method: str | None = None, kind: str | None = None, by_abs: bool = False) -> ScoreTable:
-        """The ``k`` highest-scoring rows (by ``|score|`` with ``by_abs``)."""
+    def top(self, k: int, method: str | None = None, kind: str | None = None, by_abs: bool = True) -> ScoreTable:
+        """The ``k`` rows with the largest ``|score|`` (the largest signed score with ``by_abs=False``),
+        as the CLI summary and :func:`~weightpatch.screening.verify.screen_then_verify` rank. A table
+        holding several methods needs ``method``: their scores are not one ranking."""
         f = self.select(method, kind).frame
+        methods = list(dict.fromkeys(f["method"]))
+        if method is None and len(methods) > 1:
+            raise WeightPatchError(
+                f"the table holds scores of {len(methods)} methods ({', '.join(methods)}); pass method= to rank one"
+            )
         key = f["score"].abs() if by_abs else f["score"]
-        return ScoreTable(f.loc[key.sort_values(ascending=False).index[:k]].reset_index(drop=True))
+        return ScoreTable(f.loc[key.sort_values(ascending=False, kind="stable").index[:k]].reset_index(drop=True))
 
     def components(self) -> list[str]:
         return list(dict.fromkeys(self.frame["component"]))
@@ -268,7 +308,21 @@ class ScoreTable:
         f = self.select(method).frame
         return f.groupby("kind")["score"].describe()
 
-    def matrix(self, method: str, kind: str = "head") -> pd.DataFrame:
-        """Layer x index matrix of one kind's scores (e.g. the layer x head heatmap)."""
+    def heatmap(self, method: str, vmax: float | None = None) -> Any:
+        """The report's layer x head map of ``method``'s head scores (a matplotlib Figure; in a
+        notebook it displays inline): :func:`weightpatch.report.head_heatmap`."""
+        from weightpatch.report import head_heatmap
+
+        return head_heatmap(self, method, vmax)
+
+    def matrix(self, method: str, kind: str = "head", num_layers: int | None = None) -> pd.DataFrame:
+        """Layer x index matrix of one kind's scores (e.g. the layer x head heatmap): one row per layer
+        ``0..num_layers-1`` (default: up to the highest layer anywhere in the table), NaN where a layer
+        or an index has no score (a layer with no verified head is a NaN row, not a missing one)."""
         f = self.select(method, kind).frame
-        return f.pivot_table(index="layer", columns="index", values="score", aggfunc="first")
+        wide = f.pivot_table(index="layer", columns="index", values="score", aggfunc="first")
+        layers = self.frame["layer"].dropna()
+        n = num_layers if num_layers is not None else (int(layers.max()) + 1 if len(layers) else 0)
+        columns = range(int(f["index"].max()) + 1) if f["index"].notna().any() else []
+        wide = wide.reindex(index=pd.Index(range(n), name="layer"), columns=pd.Index(columns, name="index"))
+        return wide.astype("float64")

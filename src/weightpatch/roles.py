@@ -23,11 +23,14 @@ components all score ~0 from having "high" members by noise). Both are parameter
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 
 from weightpatch.results import ScoreTable
 
 ROLES = ("source", "router", "both", "neither")
+logger = logging.getLogger("weightpatch")
 
 
 def _high(scores: pd.Series, kinds: pd.Series, relative: float, absolute: float) -> pd.Series:
@@ -45,13 +48,23 @@ def assign_roles(
 ) -> pd.DataFrame:
     """One row per component present in both tables: ``component, kind, layer, index, activation,
     weight, activation_high, weight_high, role``. The inputs are score tables (or their frames);
-    rows of other methods are ignored, so one combined table can be passed twice."""
+    rows of other methods are ignored, so one combined table can be passed twice. Components scored by
+    only one of the two methods get no role; a warning says how many of each side were left out."""
     frames = []
     for table, method, column in ((activation, activation_method, "activation"), (weight, weight_method, "weight")):
         f = table.frame if isinstance(table, ScoreTable) else table
         f = f[f["method"] == method][["component", "kind", "layer", "index", "score"]]
         frames.append(f.drop_duplicates("component").rename(columns={"score": column}))
     merged = frames[0].merge(frames[1], on=["component", "kind", "layer", "index"], how="inner")
+    for frame, method in zip(frames, (activation_method, weight_method), strict=True):
+        if len(frame) > len(merged):
+            logger.warning(
+                "roles: %d of %d components with %s scores have no %s score and get no role",
+                len(frame) - len(merged),
+                len(frame),
+                method,
+                weight_method if method == activation_method else activation_method,
+            )
     merged["activation_high"] = _high(merged["activation"], merged["kind"], relative, absolute)
     merged["weight_high"] = _high(merged["weight"], merged["kind"], relative, absolute)
     a, w = merged["activation_high"], merged["weight_high"]

@@ -150,7 +150,9 @@ class RunDir:
                 f"weightpatch does not write through links out of a run directory: remove the link, or use "
                 f"another --run-dir"
             )
-        if run.path.is_dir() and run.record() is None and any(p.name != LOCK_FILE for p in run.path.iterdir()):
+        # a directory left by a refused first command holds only its lock and its log (why it stopped)
+        leftovers = (LOCK_FILE, LOG_FILE)
+        if run.path.is_dir() and run.record() is None and any(p.name not in leftovers for p in run.path.iterdir()):
             raise WeightPatchError(
                 f"{run.path} is not empty and is not a weightpatch run directory (no {RUN_FILE}); "
                 f"choose a new or empty --run-dir"
@@ -329,11 +331,14 @@ class RunDir:
     def __enter__(self) -> RunDir:
         return self
 
-    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
-        """Close; after a refusal (:class:`WeightPatchError`) that came before any result was
-        written, first put the record back as it was, so the refused inputs (prompts, models,
-        settings) are not held against the corrected re-run."""
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Close; a failed command's log says why it stopped, and after a refusal
+        (:class:`WeightPatchError`) that came before any result was written the record is first put
+        back as it was, so the refused inputs (prompts, models, settings) are not held against the
+        corrected re-run."""
         try:
+            if exc is not None:
+                self.log_stop(exc)
             if isinstance(exc, WeightPatchError) and self.writable and not self._wrote:
                 self._undo_record()
         finally:
@@ -343,8 +348,19 @@ class RunDir:
         if self._before is not None:
             self.write_record(self._before)
             return
-        for name in (RUN_FILE, "config.yaml", LOG_FILE):  # a new directory: empty again but for the lock
+        for name in (RUN_FILE, "config.yaml"):  # a new directory: nothing but its log (why it stopped) and lock
             (self.path / name).unlink(missing_ok=True)
+
+    def log_stop(self, exc: BaseException) -> None:
+        """Say in log.txt why the command stopped (only there: the CLI prints its own error line), so a
+        directory left by a failed run tells what happened instead of ending on "started"."""
+        if self._handler is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            reason = "interrupted; re-run the same command to resume"
+        else:
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        self._handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "stopped: %s", (reason,), None))
 
     # ---- tables ------------------------------------------------------------------------------
     def table_path(self, name: str) -> Path:

@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 
 from weightpatch.components import ComponentSpace
 from weightpatch.errors import WeightPatchError, reading
+from weightpatch.prompts import PromptRecord
 
 logger = logging.getLogger("weightpatch")
 
@@ -81,6 +82,29 @@ def resolve_prompt_format(tokenizer, prompt_format: str = "auto") -> str:
 
 def render_prompts(tokenizer, prompts: Sequence[str], prompt_format: str = "auto") -> list[str]:
     return [render_prompt(tokenizer, p, prompt_format) for p in prompts]
+
+
+def model_texts(tokenizer, prompts: Sequence[str | PromptRecord], render: str | None = None) -> list[str]:
+    """The texts an engine runs: prompt records (their ``prompt``) rendered as every pipeline stage
+    renders them (``render``, default ``"auto"``: :func:`render_prompts`); plain strings rendered with
+    an explicit ``render`` (``"raw"``: as they are), or, without one, taken as already rendered, with
+    a warning when the tokenizer has a chat template that none of them carries (raw prompts where a
+    stage would apply the template: the anchor layer and every score would differ from the stage's)."""
+    records = [p for p in prompts if isinstance(p, PromptRecord)]
+    texts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
+    if records and render is None:
+        render = "auto"
+    if render is not None:
+        return render_prompts(tokenizer, texts, render)
+    if texts and resolve_prompt_format(tokenizer, "auto") == "chat":
+        opening = render_prompt(tokenizer, "\x00", "chat").split("\x00")[0]
+        if opening.strip() and not any(t.startswith(opening) for t in texts):
+            logger.warning(
+                "%d texts without the chat template the pipeline applies: pass prompt records, render='auto' "
+                "(as the stages render), or render='raw' to use them as they are",
+                len(texts),
+            )
+    return texts
 
 
 _UNSET_LENGTH = 10**9  # tokenizers without a limit report a huge sentinel (int(1e30))

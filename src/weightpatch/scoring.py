@@ -17,6 +17,7 @@ divided by silently. If every prompt's gap is tiny, :class:`AnchorScorer` refuse
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from jaxtyping import Float
 from weightpatch.anchors import Anchor
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
-from weightpatch.runner import Batch, batches, context_length, encode, run_segment
+from weightpatch.prompts import PromptRecord
+from weightpatch.runner import Batch, batches, context_length, encode, model_texts, run_segment
+
+logger = logging.getLogger("weightpatch")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,14 @@ class GapScorer:
         threshold = min_relative_gap * self.gap.abs().median()
         self.valid = self.gap.abs() > threshold
         self.n_excluded = int((~self.valid).sum())
+        if self.n_excluded:
+            logger.warning(
+                "%d of %d prompts have %s gap below %g x the median and are excluded from every mean",
+                self.n_excluded,
+                len(self.texts),
+                "an anchor" if self.objective == "anchor" else f"a {self.objective}",
+                min_relative_gap,
+            )
         if not self.valid.any():
             raise WeightPatchError(
                 f"{self.separation_subject} does not separate the two models on these prompts (every gap is ~0); "
@@ -120,15 +132,16 @@ class AnchorScorer(GapScorer):
         self,
         pair: ModelPair,
         anchor: Anchor,
-        texts: Sequence[str],
+        texts: Sequence[str | PromptRecord],
         batch_size: int = 16,
         min_relative_gap: float = 0.1,
         truncate_prompts: bool = False,
+        render: str | None = None,
     ) -> None:
         if not texts:
             raise WeightPatchError("no prompts to score; the prompt set is empty")
         anchor.check_compatible(pair)
-        self.pair, self.anchor, self.texts = pair, anchor, list(texts)
+        self.pair, self.anchor, self.texts = pair, anchor, model_texts(pair.tokenizer, texts, render)
         self.u = anchor.vector.to(device=pair.device, dtype=self.value_dtype)
         limit = context_length(pair.model, pair.tokenizer)
         encoded = encode(pair.tokenizer, self.texts, pair.device, max_length=limit, truncate=truncate_prompts)
@@ -141,6 +154,26 @@ class AnchorScorer(GapScorer):
     @property
     def layer(self) -> int:
         return self.anchor.layer
+
+    def _facts(self) -> dict[str, object]:
+        gap = self.gap[self.valid]
+        return {
+            "prompts": len(self.texts),
+            "excluded (tiny gap)": self.n_excluded,
+            "anchor layer": self.layer,
+            "mean anchor gap": float(gap.mean()),
+            "receiver": self.pair.receiver,
+        }
+
+    def __repr__(self) -> str:
+        from weightpatch.display import facts_text
+
+        return f"AnchorScorer({facts_text(self._facts())})"
+
+    def _repr_html_(self) -> str:
+        from weightpatch.display import html_card
+
+        return html_card("AnchorScorer", self._facts())
 
     def block_inputs(self, top: int | None = None) -> list[dict[int, Float[torch.Tensor, "batch seq hidden"]]]:
         """Per prompt batch, the receiver's input of every block ``1..top`` (default: the anchor

@@ -38,6 +38,7 @@ Hierarchy levels (:func:`hierarchy`), a rule over the traced graph:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -51,6 +52,8 @@ from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch, run_segment
 from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.first_order import gradient_hooks, plan_reduction, reduce_into
+
+logger = logging.getLogger("weightpatch")
 
 EDGE_COLUMNS = [
     "target",
@@ -339,13 +342,24 @@ def supplier_overlap(
     """Overlap of traced suppliers with Weight Patching's top-``k``.
 
     Traced suppliers: the ``k`` components (of ``kind``) with the largest supply to any target
-    (max over targets, ``supply >= min_supply``). Weight Patching top-``k``: ``weight_table.top(k,
-    method, kind)``. ``fraction`` = |traced ∩ WP| / |traced| (the paper reports ~0.75)."""
+    (max over targets, ``supply >= min_supply``). Weight Patching top-``k``: the ``k`` largest signed
+    scores of ``method`` and ``kind``. Warns when either side has fewer than ``k`` (e.g. only the
+    verified neurons have exact scores). ``fraction`` = |traced ∩ WP| / |traced| (the paper reports ~0.75)."""
     e = edges if kind is None else edges[edges["supplier_kind"] == kind]
     e = e[e["supply"] >= min_supply]
     best = e.groupby("supplier")["supply"].max().sort_values(ascending=False)
     traced = list(best.index[:k])
-    wp = weight_table.top(k, method=method, kind=kind).components()
+    wp = weight_table.top(k, method=method, kind=kind, by_abs=False).components()
+    if len(traced) < k or len(wp) < k:
+        logger.warning(
+            "supplier overlap at k=%d compares %d traced suppliers with %d Weight Patching %s scores (%s): "
+            "fewer were scored",
+            k,
+            len(traced),
+            len(wp),
+            kind or "",
+            method,
+        )
     shared = [c for c in traced if c in set(wp)]
     return {
         "k": k,

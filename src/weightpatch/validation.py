@@ -2,8 +2,11 @@
 
 All anchor numbers are fractions of the same gap as ``E_w`` (:class:`AnchorScorer`), on the
 scorer's prompts. A ranking is a :class:`ScoreTable` (any method: exact, first order, activation)
-filtered by ``method``/``kind``; its top-``k`` is compared with random ``k``-subsets of the same
-pool (the filtered table's components), :data:`DEFAULT_CONTROLS` draws by default (fewer than
+of one ``method`` (a table with several needs ``method=``) and, as the pipeline ranks, one ``kind``
+(several are ranked together with a warning), components nested in a ranked one left out (with a
+warning); its top-``k`` is compared with random
+``k``-subsets of the whole kind (:func:`control_pool`: the ranked components and every other one of
+the model with the same kind and component class), :data:`DEFAULT_CONTROLS` draws by default (fewer than
 :data:`MIN_CONTROLS` are raised to it, with a warning; 0 means none), mean and standard deviation. No control is drawn
 where ``k`` equals the pool (every subset is the top-``k`` itself): ``random_mean`` is NaN there.
 
@@ -36,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from weightpatch.components import Component, ParamSlice
+from weightpatch.components import Component, ComponentSpace, ParamSlice
 from weightpatch.pair import ModelPair
 from weightpatch.patch import Patch, patched
 from weightpatch.results import ScoreTable
@@ -139,9 +142,49 @@ def output_kl(
     return total / max(count, 1)
 
 
+def _nested(name: str, others: set[str]) -> bool:
+    """Whether ``name`` lies inside another of ``others`` (``L0.mlp.down`` inside ``L0.mlp``)."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in others for i in range(1, len(parts)))
+
+
 def _ranking(table: ScoreTable, method: str | None, kind: str | None) -> list[str]:
+    """The components of one method, best first, none nested in another. A table with several
+    methods is refused without ``method=`` (their scores are not one ranking); one with several kinds
+    is ranked as one, with a warning (the pipeline's curves rank each kind on its own: pass
+    ``kind=``); nested components (a projection or a neuron of a ranked MLP) are left out, with a
+    warning."""
     f = table.select(method, kind).frame
-    return list(dict.fromkeys(f.sort_values("score", ascending=False, kind="stable")["component"]))
+    methods, kinds = list(dict.fromkeys(f["method"])), list(dict.fromkeys(f["kind"]))
+    if method is None and len(methods) > 1:
+        raise ValueError(f"the score table holds {len(methods)} methods ({', '.join(methods)}); pass method=")
+    if kind is None and len(kinds) > 1:
+        logger.warning("the ranking mixes kinds (%s); pass kind= to rank one granularity", ", ".join(kinds))
+    ranked = list(dict.fromkeys(f.sort_values("score", ascending=False, kind="stable")["component"]))
+    names = set(ranked)
+    nested = [c for c in ranked if _nested(c, names)]
+    if nested:
+        logger.warning(
+            "%d of %d ranked components lie inside other ranked ones (e.g. %s) and are left out: a ranking "
+            "holds disjoint components",
+            len(nested),
+            len(ranked),
+            nested[0],
+        )
+    return [c for c in ranked if c not in set(nested)]
+
+
+def control_pool(space: ComponentSpace, ranked: Sequence[str]) -> list[str]:
+    """What random controls are drawn from: the ranked components, then every other component of the
+    model of the same kinds and component classes (a ranking of the verified few is compared with
+    random picks from the whole kind, not from its own top) that neither lies inside another of the
+    pool nor contains a ranked one."""
+    parsed = [space.parse(c) for c in ranked]
+    kinds, classes = {c.kind for c in parsed}, {c.component_class for c in parsed}
+    same = [c.name for c in space.components(kinds=kinds) if c.component_class in classes]
+    pool, chosen = set(ranked) | set(same), set(ranked)
+    containers = {".".join(c.split(".")[:i]) for c in ranked for i in range(1, c.count(".") + 1)}
+    return [*ranked, *(c for c in same if c not in chosen and c not in containers and not _nested(c, pool))]
 
 
 def _ks(ks: int | Sequence[int], n: int) -> list[int]:
@@ -166,6 +209,11 @@ def _curve(
     ranked = _ranking(table, method, kind)
     if not ranked:
         raise ValueError("the score table has no rows for this method/kind")
+    pool = control_pool(pair.space, ranked)
+    if len(pool) > len(ranked) and controls:
+        logger.info(
+            "random controls drawn from %d components of the model (the ranking has %d)", len(pool), len(ranked)
+        )
     toward: Literal["specialized", "base"] = "specialized" if mode == "sufficiency" else "base"
     column = "recovery" if mode == "sufficiency" else "drop"
     reference = specialized_logprobs(scorer) if kl else None
@@ -183,8 +231,8 @@ def _curve(
         for k in _ks(ks, len(ranked)):
             top = ranked[:k]
             row: dict = {"k": k, column: measure(top)}
-            draws = controls if k < len(ranked) else 0  # at k = pool size every subset is the top-k
-            randoms = [measure(rng.sample(ranked, k)) for _ in range(draws)]
+            draws = controls if k < len(pool) else 0  # at k = pool size every subset is the top-k
+            randoms = [measure(rng.sample(pool, k)) for _ in range(draws)]
             row["random_mean"] = float(np.mean(randoms)) if randoms else float("nan")
             row["random_std"] = float(np.std(randoms, ddof=1)) if len(randoms) > 1 else float("nan")
             row["n_controls"] = len(randoms)
@@ -197,7 +245,9 @@ def _curve(
                         row["behavior"] = float(behavior_metric(pair.model))
             row["components"] = list(top)
             rows.append(row)
-    return pd.DataFrame(rows)
+    curve = pd.DataFrame(rows)
+    curve.attrs["control_pool"] = len(pool)
+    return curve
 
 
 def sufficiency_curve(

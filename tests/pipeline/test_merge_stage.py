@@ -40,3 +40,23 @@ def test_score_kinds_keep_only_those_granularities(llama_pair_dirs, tmp_path):
 def test_score_kinds_with_nothing_left_is_an_error(llama_pair_dirs, tmp_path):
     with pytest.raises(WeightPatchError, match="no layer scores; widen --score-kinds"):
         merger_of(_config(llama_pair_dirs, tmp_path, score_kinds="layer"))
+
+
+def test_merge_dtype_and_shard_size_reach_the_written_model(llama_pair_dirs, tmp_path):
+    """`wpatch merge --dtype float16 --max-shard-size 20KB`: the options merge_checkpoints always had."""
+    from safetensors import safe_open
+
+    from weightpatch.pipeline import run_merge
+
+    base, expert = llama_pair_dirs
+    cfg = MergeStageConfig(
+        base=str(base), experts=[str(expert)], output=tmp_path / "out", dtype="float16", max_shard_size="20KB",
+        progress=False,
+    )  # fmt: skip
+    out = run_merge(cfg).output
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        assert shard.stat().st_size < 20_000 + 2_000  # a shard is at most the size asked for (plus its header)
+        with safe_open(shard, "pt") as f:
+            assert {str(f.get_tensor(n).dtype) for n in f.keys()} == {"torch.float16"}  # noqa: SIM118

@@ -125,3 +125,20 @@ def test_interrupted_exact_neuron_sweep_resumes_with_an_estimate_of_the_rest(anc
     assert f"({len(first)} already done)" in caplog.text
     ours, theirs = (t.frame.sort_values("component").reset_index(drop=True) for t in (resumed.scores, reference.scores))
     pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
+
+
+def test_a_pair_opened_with_other_settings_is_refused_before_anything_is_written(anchored, tmp_path):
+    """The issue: a float32 pair with ScreenConfig(dtype="float64") ran in float32 and recorded float64."""
+    from weightpatch.errors import WeightPatchError
+
+    pair, _ = anchored
+    assert pair.options["dtype"] == "float32"
+    other_dtype = screen_cfg(anchored, tmp_path / "r", method="first_order", dtype="float64")
+    with pytest.raises(WeightPatchError, match=r"dtype 'float32' \(pair\) vs 'float64' \(config\)"):
+        run_screen(other_dtype, pair)
+    other_model = screen_cfg(anchored, tmp_path / "r", method="first_order").model_copy(
+        update={"specialized": str(tmp_path)}
+    )
+    with pytest.raises(WeightPatchError, match=r"specialized .* \(pair\) vs .* \(config\)"):
+        run_screen(other_model, pair)
+    assert not (tmp_path / "r").exists()

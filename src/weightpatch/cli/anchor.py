@@ -7,10 +7,11 @@ import typer
 from weightpatch.cli import common
 from weightpatch.cli.options import add_command
 from weightpatch.config import AnchorConfig
-from weightpatch.pipeline import run_anchor
 
 
 def show(cfg: AnchorConfig) -> None:
+    from weightpatch.pipeline import run_anchor
+
     result = run_anchor(cfg.model_copy(update={"progress": common.progress_wanted(cfg.progress)}))
     m = result.anchor.metrics
     common.out.print(

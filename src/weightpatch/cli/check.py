@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import typer
 from rich.table import Table
 
 from weightpatch.cli import common
 from weightpatch.cli.options import add_command
 from weightpatch.config import CheckConfig
-from weightpatch.pipeline import run_check
 
 GROUPS = ("attn", "mlp", "norm", "other")
 
 
 def show(cfg: CheckConfig) -> None:
+    import pandas as pd
+
+    from weightpatch.pipeline import run_check
+
     cfg = cfg.model_copy(update={"progress": common.progress_wanted(cfg.progress)})
     result = run_check(cfg)
     common.out.print(
@@ -59,5 +61,6 @@ def register(app: typer.Typer) -> None:
         CheckConfig,
         show,
         arguments=("base", "specialized"),
+        skip=("seed",),
         help="Check that two models form a patchable pair; list component counts and the weight change per layer.",
     )

@@ -43,10 +43,13 @@ def progress_wanted(requested: bool) -> bool:
 
 class ConsoleLog(logging.Handler):
     """Echoes to stderr the log records marked for the console (``extra=CONSOLE``, e.g. the
-    duration estimate of an exact sweep); every record still goes to the run's log.txt."""
+    duration estimate of an exact sweep) and every warning (as ``warning: ...``); every record still
+    goes to the run's log.txt."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "console", False):
+        if record.levelno >= logging.WARNING:
+            typer.echo(f"warning: {self.format(record)}", err=True)
+        elif getattr(record, "console", False):
             typer.echo(self.format(record), err=True)
 
 

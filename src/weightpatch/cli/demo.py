@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from weightpatch.cli import common, summary
+from weightpatch.cli import common
 from weightpatch.cli.options import add_command
 from weightpatch.config import DemoConfig
-from weightpatch.pipeline import run_demo
 
 
 def show(cfg: DemoConfig) -> None:
+    from weightpatch.cli import summary
+    from weightpatch.pipeline import run_demo
+
     result = run_demo(cfg.model_copy(update={"progress": common.progress_wanted(cfg.progress)}))
     summary.print_summary(result.run_dir)
     common.out.print(f"done in {result.timings_seconds['total']:.0f} s")

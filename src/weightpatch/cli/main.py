@@ -6,9 +6,11 @@ from typing import Annotated
 import typer
 
 from weightpatch.cli import anchor, check, demo, merge, report_cmd, screen, trace
+from weightpatch.cli.options import Group
 
-# plain (click) help: flags are never truncated and help text is never read as Rich markup
-app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Weight Patching for language models.")
+# plain (click) help: flags are never truncated, words never broken, help never read as Rich markup.
+# Subcommand modules import torch and the pipeline only when they run, so help answers at once.
+app = typer.Typer(cls=Group, no_args_is_help=True, rich_markup_mode=None, help="Weight Patching for language models.")
 
 
 def _version(value: bool) -> None:

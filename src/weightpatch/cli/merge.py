@@ -8,10 +8,11 @@ import typer
 from weightpatch.cli import common
 from weightpatch.cli.options import add_command
 from weightpatch.config import MergeStageConfig
-from weightpatch.pipeline import run_merge
 
 
 def show(cfg: MergeStageConfig) -> None:
+    from weightpatch.pipeline import run_merge
+
     result = run_merge(cfg.model_copy(update={"progress": common.progress_wanted(cfg.progress)}))
     common.echo_path("merged model", result.output)
     if cfg.mergekit_yaml is not None:

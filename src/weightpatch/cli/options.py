@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -21,7 +22,39 @@ from pydantic_core import PydanticUndefined
 
 from weightpatch.config import build_config
 
+PROMPT_FIELDS = ("prompts", "heldout")  # config fields naming a prompt file (read by every stage)
 CONFIG_HELP = "YAML file with any of this command's options (a run directory's config.yaml replays it); flags win."
+
+
+class HelpFormatter(typer.Context.formatter_class):  # click's formatter, as typer bundles it
+    """click's layout of options and help, except that a word is never broken inside: a value such as
+    ``layer,module,head`` or a flag name stays whole on a narrow terminal (``COLUMNS=60``)."""
+
+    def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = list(rows)
+        first_col = min(max((len(first) for first, _ in rows), default=0), col_max) + col_spacing
+        indent = " " * (first_col + self.current_indent)
+        for first, second in rows:
+            self.write(f"{'':>{self.current_indent}}{first}")
+            if not second:
+                self.write("\n")
+                continue
+            self.write(" " * (first_col - len(first)) if len(first) <= first_col - col_spacing else "\n" + indent)
+            width = max(self.width - first_col - 2, 10)
+            lines = textwrap.wrap(second, width, break_long_words=False, break_on_hyphens=False) or [""]
+            self.write(lines[0] + "\n" + "".join(f"{indent}{line}\n" for line in lines[1:]))
+
+
+class HelpContext(typer.Context):
+    formatter_class = HelpFormatter
+
+
+class Command(typer.core.TyperCommand):
+    context_class = HelpContext
+
+
+class Group(typer.core.TyperGroup):
+    context_class = HelpContext
 
 
 def flag_name(field: str) -> str:
@@ -51,8 +84,11 @@ def cli_parameter(name: str, info: FieldInfo, argument: bool, short: str | None 
     """The typer parameter of config field ``name``: typed, with help and the default shown."""
     inner, is_list = _unwrap(info.annotation)
     choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else None
+    metavar = None
     if is_list:
         py_type: Any = list[str]
+        element = name.removesuffix("s") if choices else getattr(inner, "__name__", "str").lower()
+        metavar = f"<{element},...>"
     elif choices:  # typer shows and checks the choices of an Enum
         py_type = enum.Enum(f"{name}_choices", {str(c): str(c) for c in choices}, type=str)
     elif inner in (str, Path, bool, int, float):
@@ -65,7 +101,7 @@ def cli_parameter(name: str, info: FieldInfo, argument: bool, short: str | None 
     shown = _shown_default(info)
     if shown:
         help_text += f" [default: {shown}]"
-    extra: dict[str, Any] = {"help": help_text, "show_default": False}
+    extra: dict[str, Any] = {"help": help_text, "show_default": False, "metavar": metavar}
     if argument:
         marker = typer.Argument(**extra)
     elif py_type is bool:
@@ -77,6 +113,17 @@ def cli_parameter(name: str, info: FieldInfo, argument: bool, short: str | None 
     )
 
 
+def check_prompt_files(cfg: BaseModel) -> None:
+    """Read the config's prompt files (:data:`PROMPT_FIELDS`) before the stage imports torch or loads a
+    model, so a bad file is refused in well under a second; the stage reads them again itself."""
+    from weightpatch.prompts import read_prompt_file
+
+    for field in PROMPT_FIELDS:
+        path = getattr(cfg, field, None)
+        if path is not None:
+            read_prompt_file(path)
+
+
 def add_command(
     app: typer.Typer,
     name: str,
@@ -85,17 +132,19 @@ def add_command(
     *,
     arguments: Sequence[str] = (),
     short: dict[str, str] | None = None,
+    skip: Sequence[str] = (),
     help: str,
     section: str | None = None,
 ) -> None:
     """Register ``wpatch NAME``: flags from ``config_cls`` (``arguments`` positional, in order), then
-    ``run(config)``. ``short``: one-letter aliases (``{"output": "-o"}``). ``section``: the part of a
-    run directory's config.yaml this command replays (default: ``name``)."""
+    ``run(config)``. ``short``: one-letter aliases (``{"output": "-o"}``). ``skip``: fields the command
+    does not use (no flag; their default stays). ``section``: the part of a run directory's
+    config.yaml this command replays (default: ``name``)."""
     from weightpatch.cli.common import handle_errors
 
     fields = config_cls.model_fields
     own = [f for f in config_cls.__annotations__ if f in fields]  # the command's own options first
-    options = [f for f in [*own, *fields] if f not in arguments]
+    options = [f for f in [*own, *fields] if f not in arguments and f not in skip]
     params = [cli_parameter(f, fields[f], argument=True) for f in arguments]
     params += [cli_parameter(f, fields[f], False, (short or {}).get(f)) for f in dict.fromkeys(options)]
     config_marker = typer.Option("--config", help=CONFIG_HELP)
@@ -108,10 +157,12 @@ def add_command(
     def command(**flags: Any) -> None:
         config_file = flags.pop("config")
         values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in flags.items()}
-        run(build_config(config_cls, config_file, section or name, **values))
+        cfg = build_config(config_cls, config_file, section or name, **values)
+        check_prompt_files(cfg)
+        run(cfg)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = help
     command.__name__ = name
-    app.command(name, help=help)(handle_errors(command))
+    app.command(name, help=help, cls=Command)(handle_errors(command))

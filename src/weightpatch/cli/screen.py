@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from weightpatch.cli import common, summary
+from weightpatch.cli import common
 from weightpatch.cli.options import add_command
 from weightpatch.config import ScreenConfig
-from weightpatch.pipeline import run_screen
 
 
 def show(cfg: ScreenConfig) -> None:
+    from weightpatch.cli import summary
+    from weightpatch.pipeline import run_screen
+
     result = run_screen(cfg.model_copy(update={"progress": common.progress_wanted(cfg.progress)}))
     summary.print_summary(result.run_dir, result.scores)
     common.echo_path("run directory", result.run_dir)

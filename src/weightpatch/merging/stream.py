@@ -157,6 +157,11 @@ def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None,
     from weightpatch.lora import LoraCheckpoint, is_adapter_dir
     from weightpatch.pair import refuse_unused_revision, resolve_checkpoint
 
+    if str(source).endswith(".gguf"):
+        raise WeightPatchError(
+            f"{source}: merging streams safetensors checkpoints and does not read GGUF; save it as safetensors "
+            f"first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=name).save_pretrained(out)) and pass out"
+        )
     refuse_unused_revision(revision, [source], "--base-revision" if base is None else "--expert-revisions")
     directory = resolve_checkpoint(source, revision)
     if base is not None and is_adapter_dir(directory):

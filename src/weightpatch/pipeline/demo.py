@@ -51,7 +51,8 @@ def demo_configs(cfg: DemoConfig | None = None) -> DemoConfigs:
         base, specialized = cfg.base, cfg.specialized
     prompts = cfg.prompts or shipped.prompt_path("anchor")
     heldout = cfg.heldout or shipped.prompt_path("heldout")
-    shared = {k: getattr(cfg, k) for k in ("device", "dtype", "trust_remote_code", "revision", "batch_size")}
+    models = ("device", "device_map", "max_memory", "dtype", "trust_remote_code", "revision")
+    shared = {k: getattr(cfg, k) for k in (*models, "batch_size")}
     shared |= {k: getattr(cfg, k) for k in ("seed", "run_dir", "progress", "debug")}
     shared |= {"base": base, "specialized": specialized}
     return DemoConfigs(

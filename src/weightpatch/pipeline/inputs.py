@@ -2,7 +2,8 @@
 and the run directory it writes into.
 
 Prompt selection and rendering are decided here once, for Python and ``wpatch`` alike: a prompt file
-is read (IFEval JSONL or one prompt per line), shuffled with the config's seed, cut to
+is read (IFEval JSONL, a CSV with a ``prompt`` column or one prompt per line, by content:
+:func:`weightpatch.prompts.read_prompt_file`), shuffled with the config's seed, cut to
 ``max_prompts``, and rendered by :func:`weightpatch.runner.render_prompts` with the config's
 ``prompt_format``; the format actually used (``chat`` or ``raw``) is recorded in the run directory.
 """
@@ -20,8 +21,8 @@ from typing import Any
 from weightpatch.anchors import Anchor
 from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenConfig, StageConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, check_finite, load_pair
-from weightpatch.prompts import PromptRecord, load_prompts
+from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair, resolve_device
+from weightpatch.prompts import MIN_PROMPTS, PromptRecord, read_prompt_file
 from weightpatch.rundir import RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format
 from weightpatch.scoring import AnchorScorer
@@ -48,13 +49,67 @@ def open_pair(cfg: PairOptions, receiver: str = "base") -> ModelPair:
         receiver=receiver,  # type: ignore[arg-type]
         dtype=cfg.dtype,
         device=cfg.device,
+        device_map=cfg.device_map,
+        max_memory=parse_max_memory(cfg.max_memory),
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )
 
 
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (accelerate's ``max_memory``)."""
+    if text is None:
+        return None
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise WeightPatchError(f"--max-memory {text!r}: write device=size pairs, e.g. 0=20GiB,cpu=60GiB")
+        out[int(device) if device.strip().isdigit() else device.strip()] = size.strip()
+    return out
+
+
+def _same_model(given: str, ref: ModelRef) -> bool:
+    """Whether a config's model (as typed) names the model ``ref`` of an open pair."""
+    if given == ref.source:
+        return True
+    path = Path(given).expanduser()
+    return path.exists() and path.resolve() in (Path(ref.source).expanduser().resolve(), Path(ref.path).resolve())
+
+
+def check_pair_matches(cfg: PairOptions, pair: ModelPair) -> None:
+    """Refuse a pair opened with other models or settings (dtype, device, remote code, revision) than
+    ``cfg`` asks for: the stage would run with the pair's and record the config's."""
+    asked = {
+        "dtype": cfg.dtype,
+        "device": str(resolve_device(cfg.device)),
+        "device_map": cfg.device_map,
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+    }
+    differences = [
+        f"{key} {pair.options[key]!r} (pair) vs {value!r} (config)"
+        for key, value in asked.items()
+        if key in pair.options and pair.options[key] != value
+        and not (key == "device" and pair.options.get("device_map") is not None)
+    ]  # fmt: skip
+    differences += [
+        f"{role} {getattr(pair, role).source!r} (pair) vs {getattr(cfg, role)!r} (config)"
+        for role in ("base", "specialized")
+        if not _same_model(str(getattr(cfg, role)), getattr(pair, role))
+    ]
+    if differences:
+        raise WeightPatchError(
+            f"the pair given to this stage does not match its config ({'; '.join(differences)}); open the pair "
+            f"with open_pair(cfg), or give the config the pair's settings"
+        )
+
+
 def pair_for(cfg: PairOptions, pair: ModelPair | None) -> ModelPair:
-    """``pair`` when the caller already holds one (a notebook, the demo), else the pair of ``cfg``."""
+    """``pair`` when the caller already holds one (a notebook, the demo), checked against ``cfg``
+    (:func:`check_pair_matches`), else the pair of ``cfg``."""
+    if pair is not None:
+        check_pair_matches(cfg, pair)
     if isinstance(cfg, StageConfig):
         seed_everything(cfg.seed)
     return pair if pair is not None else open_pair(cfg)
@@ -72,29 +127,25 @@ def ensure_finite(pair: ModelPair, run_path: Path) -> list[str]:
     return key
 
 
-def read_prompt_file(path: Path) -> list[PromptRecord]:
-    """Prompt records from an IFEval JSONL file, or from a text file with one prompt per line."""
-    path = Path(path)
-    if path.suffix in (".jsonl", ".json"):
-        return load_prompts(path)
-    if not path.is_file():
-        raise WeightPatchError(f"{path}: prompt file not found")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except UnicodeDecodeError as exc:
-        raise WeightPatchError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
-    records = [PromptRecord(key=i, prompt=line, instruction_id_list=[], kwargs=[]) for i, line in enumerate(lines)]
-    records = [r for r in records if r.prompt]
-    if not records:
-        raise WeightPatchError(f"{path}: no prompts (the file is empty); expected one prompt per line")
-    return records
+def warn_if_few(records: Sequence[PromptRecord], path: Path, what: str) -> None:
+    """Warn (shown by ``wpatch`` too) when a prompt set is smaller than :data:`MIN_PROMPTS`."""
+    if len(records) < MIN_PROMPTS:
+        logger.warning(
+            "only %d %s from %s: separations and mean scores from so few prompts are not reliable; give at least %d",
+            len(records),
+            what,
+            path,
+            MIN_PROMPTS,
+        )
 
 
 def select_prompts(cfg: PromptOptions, seed: int) -> list[PromptRecord]:
     """The prompts a scoring stage uses: ``cfg.prompts`` shuffled with ``seed``, at most ``max_prompts``."""
     records = read_prompt_file(cfg.prompts)
     random.Random(seed).shuffle(records)
-    return records[: cfg.max_prompts]
+    records = records[: cfg.max_prompts]
+    warn_if_few(records, cfg.prompts, "prompts")
+    return records
 
 
 def anchor_prompt_sets(cfg: AnchorConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
@@ -118,6 +169,8 @@ def anchor_prompt_sets(cfg: AnchorConfig) -> tuple[list[PromptRecord], list[Prom
         train, heldout = shuffled[:half], shuffled[half:]
     if cfg.max_prompts is not None:
         train, heldout = train[: cfg.max_prompts], heldout[: cfg.max_prompts]
+    warn_if_few(train, cfg.prompts, "training prompts")
+    warn_if_few(heldout, cfg.heldout or cfg.prompts, "held-out prompts")
     return train, heldout
 
 
@@ -207,6 +260,4 @@ def scoring_run(
         scorer = AnchorScorer(
             pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
         )
-        if scorer.n_excluded:
-            logger.warning("%d prompts with a tiny anchor gap are excluded from every mean", scorer.n_excluded)
         yield run, scorer

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from weightpatch.config import MergeStageConfig
@@ -145,6 +146,8 @@ def run_merge(cfg: MergeStageConfig) -> MergeResult:
         base_revision=cfg.base_revision,
         expert_revisions=cfg.expert_revisions,
         trust_remote_code=cfg.trust_remote_code,
+        out_dtype=getattr(torch, cfg.dtype) if cfg.dtype else None,
+        max_shard_size=cfg.max_shard_size,
     )
     bar.close()
     mechanism = cfg.mechanism != "none"
@@ -157,7 +160,7 @@ def run_merge(cfg: MergeStageConfig) -> MergeResult:
         "parameters_touched": len(merger.parameters_touched()) if mechanism else None,
     }
     if cfg.mergekit_yaml is not None:
-        report = write_mergekit_yaml(cfg.mergekit_yaml, merger, cfg.base, cfg.experts)
+        report = write_mergekit_yaml(cfg.mergekit_yaml, merger, cfg.base, cfg.experts, out_dtype=cfg.dtype)
         row["mergekit_exact"] = bool(report.exact)
     evaluation = None
     if cfg.evaluate_prompts:

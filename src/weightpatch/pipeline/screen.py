@@ -211,8 +211,6 @@ def behaviour_scorer(cfg: ScreenConfig, run: RunDir, scorer: AnchorScorer) -> Be
             "responses", pd.DataFrame({"prompt": scorer.texts, "response_ids": responses, "response": decoded})
         )
     behaviour = BehaviourScorer(scorer.pair, scorer.texts, responses, cfg.batch_size, cfg.min_relative_gap)
-    if behaviour.n_excluded:
-        logger.warning("%d prompts with a tiny behaviour gap are excluded from every mean", behaviour.n_excluded)
     run.update_record(
         behaviour={
             "responses_sha256": behaviour.responses_sha256,
