@@ -456,6 +456,14 @@ class ComponentSpace:
                     for j in range(self.num_expert_neurons(layer)):
                         yield Component("expert_neuron", layer, f"mlp.expert{e}", j)
 
+    def select(
+        self, kinds: Iterable[Kind] = KINDS, components: Iterable[Component | str] | None = None
+    ) -> list[Component]:
+        """The named ``components`` (checked), or every component of ``kinds`` when none are named."""
+        if components is not None:
+            return [self.validate(c) for c in components]
+        return list(self.components(kinds=tuple(kinds)))
+
     def everything(self) -> list[Component]:
         """A component set whose union is every parameter: all layers plus model-level modules."""
         return [*self.model_level_modules(), *self.components(kinds=("layer",))]

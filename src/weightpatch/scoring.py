@@ -90,6 +90,23 @@ class AnchorScorer:
     def layer(self) -> int:
         return self.anchor.layer
 
+    # ---- the anchor objective of the sweep engine (weightpatch.engine.objective.Objective) --------
+    last_position = True  # the anchor reads the last prompt token only
+
+    @property
+    def stop(self) -> int:
+        """The last block a variant runs: the anchor layer."""
+        return self.anchor.layer
+
+    @property
+    def reference(self) -> Float[torch.Tensor, " prompt"]:
+        """The receiver's anchor score on every prompt (``F_receiver``)."""
+        return self.f_receiver
+
+    def readout(self, hidden: Float[torch.Tensor, "rows seq hidden"], batch_index: int) -> Float[torch.Tensor, " rows"]:
+        """The anchor score of each row (any prompt batch: the anchor reads only the hidden state)."""
+        return self.project(hidden)
+
     def block_inputs(self, top: int | None = None) -> list[dict[int, Float[torch.Tensor, "batch seq hidden"]]]:
         """Per prompt batch, the receiver's input of every block ``1..top`` (default: the anchor
         layer), computed once and shared by every engine that re-runs a segment of blocks from a

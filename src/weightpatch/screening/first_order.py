@@ -119,15 +119,6 @@ def gradient_hooks(
             p.grad = None
 
 
-def _targets(
-    scorer: AnchorScorer, kinds: Iterable[Kind], components: Iterable[Component | str] | None
-) -> list[Component]:
-    space = scorer.pair.space
-    if components is not None:
-        return [space.validate(c) for c in components]
-    return list(space.components(kinds=tuple(kinds)))
-
-
 def gradient_scores(
     scorer: AnchorScorer,
     kinds: Iterable[Kind] = KINDS,
@@ -147,7 +138,7 @@ def gradient_scores(
     same score up to float rounding) and leaves ``stderr`` NaN."""
     pair = scorer.pair
     model, space = pair.model, pair.space
-    targets = _targets(scorer, kinds, components)
+    targets = space.select(kinds, components)
     plans = plan_reduction(space, targets)
     n = int(scorer.valid.sum())
     row_of = torch.cumsum(scorer.valid.long(), 0) - 1  # prompt -> row among valid prompts
