@@ -43,6 +43,8 @@ from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from weightpatch.errors import WeightPatchError
+from weightpatch.methods import label as method_label
+from weightpatch.methods import method_names
 from weightpatch.results import read_table, write_text_atomic
 from weightpatch.rundir import RUN_FILE, RunDir
 
@@ -482,16 +484,7 @@ def heads_section(data: RunData) -> dict | None:
     if scores is None:
         return None
     heads = scores[scores["kind"] == "head"]
-    panels = [
-        (m, label)
-        for m, label in (
-            ("first_order", "weight space, first order"),
-            ("integrated_gradients", "weight space, integrated gradients"),
-            ("exact", "weight space, exact"),
-            ("activation", "activation space"),
-        )
-        if (heads["method"] == m).any()
-    ]
+    panels = [(m, method_label(m)) for m in method_names() if (heads["method"] == m).any()]
     if not panels:
         return None
     layers = sorted(int(v) for v in heads["layer"].dropna().unique())

@@ -139,6 +139,11 @@ class EffectStrategy(Generic[Item]):
         n = int(self.objective.valid.sum())
         return [[score_row(self.component(item), self.method, 0.0, 0.0, n)] for item in group]
 
+    def parts(self, items: list[Item]) -> list[tuple[Strategy, list[Item]]]:
+        """The sweeps that score ``items``: this strategy for all of them (a method whose items need
+        different strategies, e.g. local-exact's neurons, splits them)."""
+        return [(self, items)]
+
     def score(
         self,
         items: Iterable[Item | str],
@@ -146,8 +151,11 @@ class EffectStrategy(Generic[Item]):
         on_result: Callable[[ScoreTable], None] | None = None,
         progress: bool = True,
     ) -> ScoreTable:
-        """:func:`sweep` of this strategy as a score table (``items`` validated first); ``on_result``
-        gets each group's rows as a table."""
+        """:func:`sweep` of this strategy as a score table, one row per item in the given order
+        (``items`` validated first, duplicates scored once); ``on_result`` gets each group's rows as a
+        table."""
         todo = [self.validate(i) for i in items]
         streamed = (lambda rows: on_result(ScoreTable.from_rows(rows))) if on_result else None
-        return ScoreTable.from_rows(sweep(self, todo, skip or (), streamed, progress))
+        rows = [r for strategy, part in self.parts(todo) for r in sweep(strategy, part, skip or (), streamed, progress)]
+        order = {self.key(item): n for n, item in reversed(list(enumerate(todo)))}
+        return ScoreTable.from_rows(sorted(rows, key=lambda row: order[row["component"]]))

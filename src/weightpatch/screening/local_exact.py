@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from weightpatch.components import KINDS, Component, Kind
-from weightpatch.engine import EffectStrategy, readout_variants, run_blocks, sweep
+from weightpatch.engine import EffectStrategy, Strategy, readout_variants, run_blocks
 from weightpatch.errors import WeightPatchError
 from weightpatch.patch import patched
 from weightpatch.results import ScoreTable
@@ -194,13 +194,16 @@ class LocalExactScreen(EffectStrategy[Component]):
             rows.append(self.linear.f_receiver(bi) + linear)
         return torch.cat(rows, dim=1)
 
+    def parts(self, items: list[Component]) -> list[tuple[Strategy, list[Component]]]:
+        """Neurons by the batched neuron path, everything else by the weight-slice path."""
+        return [
+            (self.neurons, [c for c in items if c.kind == "neuron"]),
+            (self, [c for c in items if c.kind != "neuron"]),
+        ]
+
     def run(self, components: Iterable[Component | str], progress: bool = True) -> ScoreTable:
         """Score each component; rows come in the order given."""
-        todo = [self.validate(c) for c in components]
-        rows = sweep(self.neurons, [c for c in todo if c.kind == "neuron"], progress=progress)
-        rows += sweep(self, [c for c in todo if c.kind != "neuron"], progress=progress)
-        by_name = {row["component"]: row for row in rows}
-        return ScoreTable.from_rows(by_name[c.name] for c in todo)
+        return self.score(components, progress=progress)
 
 
 def local_exact_scores(
