@@ -96,7 +96,14 @@ def _full_run(path: Path) -> Path:
     vector = torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(0)), dim=0)
     Anchor(vector, 2, "instruction", MODELS, "0" * 64, {"auc": 0.98, "cohen_d": 3.1}).save(run.anchor_stem)
     run.update_record(screening={"n_prompts": 24, "n_excluded": 2, "anchor_layer": 2})
-    run.save_table("anchor_layers", pd.DataFrame({"layer": [0, 2], "cohen_d": [1.0, 3.1], "auc": [0.8, 0.98]}))
+    layers = {
+        "layer": [0, 2],
+        "cohen_d": [1.0, 3.1],
+        "auc": [0.8, 0.98],
+        "accuracy": [0.7, 0.95],
+        "mean_gap": [0.4, 1.2],
+    }
+    run.save_table("anchor_layers", pd.DataFrame(layers))
     steering = pd.DataFrame(
         {
             "alpha": [np.nan, 0, 1, 2, 1, 2, 1, 2, np.nan],

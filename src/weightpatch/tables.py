@@ -12,8 +12,9 @@ merge stage and the CLI summary go through it. One rule for pending rows: the ``
 ``scores.parquet`` plus the rows appended to ``scores.pending.jsonl`` since it was last compacted
 (a killed run leaves them there), the latest row of each (component, method) kept.
 
-Dtypes are pandas names: ``string`` (text; it reads back as pandas' text dtype), ``Int64`` (nullable integer: null for "none"), ``int64``,
-``float64``, ``bool``, ``category`` and ``object`` (lists).
+Dtypes are pandas names: ``string`` (text; it reads back as pandas' text dtype), ``Int64``
+(nullable integer: null for "none"), ``int64``, ``float64``, ``bool``, ``category`` and ``object``
+(lists).
 """
 
 from __future__ import annotations
