@@ -120,7 +120,7 @@ def _full_run(path: Path) -> Path:
         "weight_delta",
         pd.DataFrame(
             {"layer": [0, 0, 1, 1], "group": ["attn", "mlp"] * 2, "relative_change": [1e-3, 2e-3, 3e-3, 1e-3]}
-        ),
+        ).assign(delta_norm=0.01, base_norm=5.0, parameters=4096),
     )
     run.save_table("sufficiency", _curve(rng, "recovery"))
     run.save_table("necessity", _curve(rng, "drop"))
@@ -149,7 +149,10 @@ def _full_run(path: Path) -> Path:
             "index": [0, 2, 0],
             "activation": [by_method["activation", n] for n in names],
             "weight": [by_method["exact", n] for n in names],  # roles from exact scores
+            "activation_high": [False, True, False],
+            "weight_high": [True, False, False],
             "role": pd.Categorical(["source", "router", "neither"], categories=["source", "router", "both", "neither"]),
+            "weight_method": "exact",
         }
     )
     run.save_table("roles", roles)
@@ -165,7 +168,8 @@ def _full_run(path: Path) -> Path:
             }
         ),
     )
-    run.save_table("merge_table", pd.DataFrame({"method": ["ties"], "mechanism": ["none"], "ifeval": [0.5]}))
+    merges = {"output": ["out/ties"], "method": ["ties"], "mechanism": ["none"], "experts": ["a, b"], "ifeval": [0.5]}
+    run.save_table("merge_table", pd.DataFrame(merges))
     run.close()
     return path
 
