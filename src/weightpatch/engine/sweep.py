@@ -70,7 +70,6 @@ def sweep(
     skip: Iterable[str] = (),
     on_result: OnRows | None = None,
     progress: bool = True,
-    desc: str | None = None,
 ) -> Rows:
     """Run ``strategy`` over ``items`` (see the module docstring); the rows of every item run, in
     the given order."""
@@ -78,7 +77,7 @@ def sweep(
     todo = [i for i in dict.fromkeys(items) if strategy.key(i) not in skipped]
     layer_of = {i: strategy.first_layer(i) for i in todo}
     results: dict[Item, Rows] = {}
-    bar = tqdm(total=len(todo), desc=desc or strategy.method, unit="item", disable=not progress)
+    bar = tqdm(total=len(todo), desc=strategy.method, unit="item", disable=not progress)
     with torch.no_grad():
         for layer, same in groupby(sorted(todo, key=layer_of.__getitem__), key=layer_of.__getitem__):
             same_layer = list(same)
