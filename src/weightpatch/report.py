@@ -14,7 +14,8 @@ exact agreement). Then sections appear when their result files exist and are ski
 - MLP neurons: score distribution per layer and the top neurons of each layer;
 - top components: exact vs first-order (``verified``) with a scatter plot (Spearman, top-k overlap);
 - sufficiency / necessity curves with random controls;
-- hierarchy: supplier graph and tables (``supplier_edges``), roles; merge table and merge evaluation.
+- hierarchy: supplier graph and tables (``supplier_edges``), roles; merge table and merge evaluation;
+  the case study's behaviour table.
 
 All scores are fractions of the anchor gap recovered (1 = the patch moves the anchor score all the
 way from the base model's value to the specialized model's) and are shown as ``score ± stderr``
@@ -319,6 +320,12 @@ def _behaviour_values(data: RunData) -> dict | None:
                 row = frame.dropna(subset=[column]).sort_values("k").iloc[-1]
                 values[f"{name}_{column}"] = float(row[column])
                 texts.append(f"{name}, top-{int(row['k'])}: {label} {fmt(row[column])}")
+    behavior = data["behavior"]
+    if behavior is not None:
+        numeric = behavior.select_dtypes("number")
+        for column in numeric.columns[:3]:
+            values[f"behavior_{column}"] = numeric[column].tolist()
+        texts.append(f"behaviour table: {len(behavior)} rows ({', '.join(map(str, numeric.columns[:3]))})")
     return {"texts": texts, "values": values} if texts else None
 
 
@@ -799,6 +806,13 @@ def render(run_dir: str | os.PathLike) -> str:
         curves_section(data),
         supplier_section(data),
         simple_section(data, "merge_table", "Merges"),
+        simple_section(
+            data,
+            "behavior",
+            "Behaviour",
+            note="Anchor recovery does not by itself mean the behaviour is recovered: output KL to the "
+            "specialized model and checker accuracy of generations.",
+        ),
         simple_section(
             data,
             "merge_evaluation",
