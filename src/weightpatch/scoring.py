@@ -26,7 +26,7 @@ from jaxtyping import Float
 
 from weightpatch.anchors import Anchor
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair
+from weightpatch.pair import ModelPair, Role
 from weightpatch.runner import Batch, batches, context_length, encode, run_segment
 
 
@@ -71,7 +71,7 @@ class AnchorScorer:
         self._block_inputs_top = -1
         with torch.no_grad():
             self.f_receiver = self.anchor_scores(pair.model)
-            donor_role = "specialized" if pair.receiver == "base" else "base"
+            donor_role: Role = "specialized" if pair.receiver == "base" else "base"
             with pair.as_model(donor_role) as donor_model:
                 self.f_donor = self.anchor_scores(donor_model)
         self.gap = self.f_donor - self.f_receiver

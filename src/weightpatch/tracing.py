@@ -47,6 +47,7 @@ import torch
 from weightpatch.activation import Positions, capturing, site_of
 from weightpatch.components import Component, ComponentSpace, Kind, ParamSlice
 from weightpatch.engine import run_blocks, sweep
+from weightpatch.pair import Role
 from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch, run_segment
@@ -125,7 +126,7 @@ class SupplyTracer:
             scorer.block_inputs(max(self.top, scorer.layer))  # cached with the receiver's own weights
             everything = range(len(self.targets))
             self.out_base = list(self._outputs(self.model, 0, everything).values())
-            donor_role = "specialized" if pair.receiver == "base" else "base"
+            donor_role: Role = "specialized" if pair.receiver == "base" else "base"
             with pair.as_model(donor_role) as donor_model:
                 self.out_donor = list(self._outputs(donor_model, 0, everything).values())
         self.diff = [d - b for d, b in zip(self.out_donor, self.out_base, strict=True)]  # per target (prompt, dim)
@@ -245,7 +246,7 @@ class _Suppliers:
 
     def rows(self, group: Sequence[Component], layer: int) -> list[list[dict]]:
         t = self.tracer
-        out = []
+        out: list[list[dict]] = []
         for s in group:
             eligible = [k for k, target in enumerate(t.targets) if is_upstream(t.space, s, target)]
             if not eligible:

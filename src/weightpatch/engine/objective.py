@@ -40,8 +40,16 @@ class Objective(Protocol):
 
     pair: ModelPair
     batches: list[Batch]
-    reference: Float[torch.Tensor, " prompt"]  # the receiver's readout on every prompt
-    valid: torch.Tensor  # (prompt,) bool: prompts that count in an effect
+
+    @property
+    def reference(self) -> Float[torch.Tensor, " prompt"]:
+        """The receiver's readout on every prompt."""
+        ...
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(prompt,) bool: the prompts that count in an effect."""
+        ...
 
     @property
     def stop(self) -> int: ...

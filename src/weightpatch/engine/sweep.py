@@ -32,11 +32,12 @@ from weightpatch.engine.objective import Objective
 from weightpatch.results import ScoreTable, score_row
 
 Item = TypeVar("Item", bound=Hashable)
+Item_contra = TypeVar("Item_contra", bound=Hashable, contravariant=True)
 Rows = list[dict]
 OnRows = Callable[[Rows], None]
 
 
-class Strategy(Protocol[Item]):
+class Strategy(Protocol[Item_contra]):
     """One method's variants (see the module docstring)."""
 
     method: str
@@ -47,19 +48,19 @@ class Strategy(Protocol[Item]):
         """The highest block an item may first affect and still be run."""
         ...
 
-    def key(self, item: Item) -> str:
+    def key(self, item: Item_contra) -> str:
         """The item's name (what ``skip`` holds)."""
         ...
 
-    def first_layer(self, item: Item) -> int:
+    def first_layer(self, item: Item_contra) -> int:
         """The first decoder block the item's variant changes (0: the embedding or block 0)."""
         ...
 
-    def rows(self, group: Sequence[Item], layer: int) -> list[Rows]:
+    def rows(self, group: Sequence[Item_contra], layer: int) -> list[Rows]:
         """The rows of each item of ``group`` (all first affecting ``layer <= stop``), one list per item."""
         ...
 
-    def zero_rows(self, group: Sequence[Item]) -> list[Rows]:
+    def zero_rows(self, group: Sequence[Item_contra]) -> list[Rows]:
         """The rows of items that first affect a block above ``stop`` (nothing is run)."""
         ...
 
