@@ -33,6 +33,9 @@ test-mutation: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(PY) tests/mypy_baseline.py
 
 demo: setup
 	$(VENV)/bin/wpatch demo

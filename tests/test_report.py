@@ -96,7 +96,14 @@ def _full_run(path: Path) -> Path:
     vector = torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(0)), dim=0)
     Anchor(vector, 2, "instruction", MODELS, "0" * 64, {"auc": 0.98, "cohen_d": 3.1}).save(run.anchor_stem)
     run.update_record(screening={"n_prompts": 24, "n_excluded": 2, "anchor_layer": 2})
-    run.save_table("anchor_layers", pd.DataFrame({"layer": [0, 2], "cohen_d": [1.0, 3.1], "auc": [0.8, 0.98]}))
+    layers = {
+        "layer": [0, 2],
+        "cohen_d": [1.0, 3.1],
+        "auc": [0.8, 0.98],
+        "accuracy": [0.7, 0.95],
+        "mean_gap": [0.4, 1.2],
+    }
+    run.save_table("anchor_layers", pd.DataFrame(layers))
     steering = pd.DataFrame(
         {
             "alpha": [np.nan, 0, 1, 2, 1, 2, 1, 2, np.nan],
@@ -113,7 +120,7 @@ def _full_run(path: Path) -> Path:
         "weight_delta",
         pd.DataFrame(
             {"layer": [0, 0, 1, 1], "group": ["attn", "mlp"] * 2, "relative_change": [1e-3, 2e-3, 3e-3, 1e-3]}
-        ),
+        ).assign(delta_norm=0.01, base_norm=5.0, parameters=4096),
     )
     run.save_table("sufficiency", _curve(rng, "recovery"))
     run.save_table("necessity", _curve(rng, "drop"))
@@ -142,7 +149,10 @@ def _full_run(path: Path) -> Path:
             "index": [0, 2, 0],
             "activation": [by_method["activation", n] for n in names],
             "weight": [by_method["exact", n] for n in names],  # roles from exact scores
+            "activation_high": [False, True, False],
+            "weight_high": [True, False, False],
             "role": pd.Categorical(["source", "router", "neither"], categories=["source", "router", "both", "neither"]),
+            "weight_method": "exact",
         }
     )
     run.save_table("roles", roles)
@@ -158,7 +168,8 @@ def _full_run(path: Path) -> Path:
             }
         ),
     )
-    run.save_table("merge_table", pd.DataFrame({"method": ["ties"], "mechanism": ["none"], "ifeval": [0.5]}))
+    merges = {"output": ["out/ties"], "method": ["ties"], "mechanism": ["none"], "experts": ["a, b"], "ifeval": [0.5]}
+    run.save_table("merge_table", pd.DataFrame(merges))
     run.close()
     return path
 

@@ -145,7 +145,7 @@ def test_write_refused_in_an_existing_run_directory_is_a_one_line_error(tmp_path
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(WeightPatchError, match=r"cannot write in run directory .*Operation not permitted"):
-        run.save_table("verified", pd.DataFrame({"a": [1]}))
+        run.save_table("verified", _verified(1))
     monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(WeightPatchError, match="cannot write in run directory"):
         run.append_scores(_rows(["L0.attn.head0"]))
@@ -170,6 +170,13 @@ def test_writes_never_follow_a_link_out_of_the_run_directory(tmp_path):
     (run_path / "scores.pending.jsonl").unlink()
     run.close()
     assert outside.read_text() == "an input\n"
+
+
+def _verified(n: int) -> pd.DataFrame:
+    """A ``verified`` table of ``n`` heads (the columns weightpatch.tables asks for)."""
+    return pd.DataFrame(
+        {"component": [f"L0.attn.head{i}" for i in range(n)], "kind": "head", "layer": 0, "index": range(n)}
+    )
 
 
 # ---- atomic writes -----------------------------------------------------------------------------
@@ -197,13 +204,13 @@ def _crash_midway(monkeypatch):
 def test_a_write_that_fails_midway_leaves_the_previous_files_intact(tmp_path, monkeypatch):
     # Fails if tables or records are written straight to their target: the target would be torn.
     run = RunDir.open(tmp_path, "screen", {}, MODELS)
-    run.save_table("verified", pd.DataFrame({"a": [1, 2]}))
+    run.save_table("verified", _verified(2))
     run.append_scores(_rows(["L0.attn.head0"]))
     run.scores()  # compacts into scores.parquet / scores.csv
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "log.txt"}
     _crash_midway(monkeypatch)
     with pytest.raises(WeightPatchError, match="No space left"):
-        run.save_table("verified", pd.DataFrame({"a": [3, 4, 5]}))
+        run.save_table("verified", _verified(3))
     with pytest.raises(WeightPatchError, match="No space left"):
         run.update_record(note="x" * 1000)
     run.append_scores(_rows(["L0.attn.head1"]))  # appends to the pending rows; compaction then fails

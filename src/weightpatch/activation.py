@@ -45,18 +45,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from itertools import groupby
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from weightpatch.components import Component, ComponentSpace, Kind, Site
+from weightpatch.engine import EffectStrategy, readout_variants, run_blocks
 from weightpatch.errors import ComponentError
 from weightpatch.pair import ModelPair, Role
-from weightpatch.results import ScoreTable, score_row
-from weightpatch.runner import Batch, run_segment
-from weightpatch.scoring import AnchorScorer
+from weightpatch.results import ScoreTable
+from weightpatch.runner import Batch, first_tensor, run_segment
+from weightpatch.scoring import AnchorScorer, Effect
 
 METHOD = "activation"
 Positions = Literal["all", "last"]
@@ -71,10 +70,6 @@ def site_of(space: ComponentSpace, component: Component | str) -> Site:
 def site_layer(space: ComponentSpace, component: Component) -> int:
     """The first block whose computation the site belongs to (``embed``: 0)."""
     return 0 if component.layer is None else component.layer
-
-
-def _first(value):
-    return value[0] if isinstance(value, tuple) else value
 
 
 def _read_pre(args, kwargs) -> torch.Tensor:
@@ -110,7 +105,7 @@ def capturing(model: torch.nn.Module, sites: Iterable[Site], store: dict[tuple[s
 
     def post_fn(module):
         def hook(_m, _args, output):
-            store[(module, "post")] = _first(output)
+            store[(module, "post")] = first_tensor(output)
 
         return hook
 
@@ -210,21 +205,33 @@ def default_components(
     return out
 
 
-class ActivationScreen:
-    """Activation-patching scores on one scorer's prompts and anchor (method ``"activation"``).
+class ActivationScreen(EffectStrategy[Component]):
+    """Activation-patching scores on one scorer's prompts and anchor (method ``"activation"``): the
+    activation strategy of the sweep, variants grouped by the block their site belongs to.
 
-    On construction: one specialized forward per batch caches every site up to the anchor layer
-    that later requests need (all attention/MLP/head/neuron/block sites), and one base forward per
-    batch caches the input of each block (the scorer's shared cache).
+    The specialized model's activations at the sites requested are cached on first use (one
+    forward per batch up to the anchor layer), the base's block inputs on construction (the
+    scorer's shared cache).
     """
 
+    method = METHOD
+
     def __init__(self, scorer: AnchorScorer, variants_per_batch: int = 16, positions: Positions = "all") -> None:
+        super().__init__(scorer)
         self.scorer, self.variants_per_batch, self.positions = scorer, variants_per_batch, positions
-        pair = scorer.pair
-        self.pair, self.model, self.space = pair, pair.model, pair.space
-        self.donor_role: Role = "specialized" if pair.receiver == "base" else "base"
-        self.inputs = scorer.block_inputs()
+        self.pair = scorer.pair
+        self.donor_role: Role = "specialized" if self.pair.receiver == "base" else "base"
+        scorer.block_inputs()  # cached now, with the receiver's own weights in place
         self._cache: list[dict[tuple[str, str], torch.Tensor]] = [{} for _ in scorer.batches]
+
+    def first_layer(self, item: Component) -> int:
+        return site_layer(self.space, item)
+
+    def validate(self, item: Component | str) -> Component:
+        """The component, refused early when it has no activation site."""
+        component = self.space.validate(item)
+        site_of(self.space, component)
+        return component
 
     def _ensure_cached(self, components: Sequence[Component]) -> None:
         missing = {site_of(self.space, c).key for c in components} - set(self._cache[0])
@@ -242,25 +249,17 @@ class ActivationScreen:
         """Anchor scores (variant, prompt) with each variant's components activation-patched,
         running blocks ``start..anchor`` from the cached base inputs."""
         self._ensure_cached([c for g in variants for c in g])
-        rows = []
-        n = len(variants)
-        for i, b in enumerate(self.scorer.batches):
-            hidden_in = self.inputs[i][start].repeat(n, 1, 1) if start > 0 else None
+        outs = []
+        for i in range(len(self.scorer.batches)):
             with activation_patched(self.model, self.space, self._cache[i], variants, self.positions):
-                out = run_segment(
-                    self.model,
-                    self.space,
-                    b.repeat(n),
-                    stop=self.scorer.layer,
-                    start=start,
-                    hidden_in=hidden_in,
-                    last_position=True,
-                )[0]
-            rows.append(self.scorer.project(out).view(n, len(b)))
-        return torch.cat(rows, dim=1)
+                outs.append(run_blocks(self.scorer, i, start, variants=len(variants)))
+        return readout_variants(self.scorer, outs, len(variants))
 
-    def effect_of(self, components: Sequence[Component | str]):
-        """The normalized effect (:class:`Effect`) of activation-patching several components at once."""
+    def values(self, group: Sequence[Component], layer: int) -> torch.Tensor:
+        return self.anchor_scores([[c] for c in group], layer)
+
+    def effect_of(self, components: Sequence[Component | str]) -> Effect:
+        """The normalized effect of activation-patching several components at once."""
         todo = [self.space.validate(c) for c in components]
         todo = [c for c in todo if site_layer(self.space, c) <= self.scorer.layer]
         if not todo:
@@ -271,31 +270,7 @@ class ActivationScreen:
 
     def run(self, components: Iterable[Component | str] | None = None, progress: bool = False) -> ScoreTable:
         """Score each component alone (default: :func:`default_components`)."""
-        todo = [
-            self.space.validate(c) for c in (components if components is not None else default_components(self.space))
-        ]
-        for c in todo:
-            site_of(self.space, c)  # fail early on components without a site
-        layer_of = {c: site_layer(self.space, c) for c in todo}
-        n_valid = int(self.scorer.valid.sum())
-        rows: dict[Component, dict] = {}
-        bar = tqdm(total=len(todo), desc="activation", unit="comp", disable=not progress)
-        with torch.no_grad():
-            for layer, same in groupby(sorted(todo, key=layer_of.__getitem__), key=layer_of.__getitem__):
-                same = list(same)
-                if layer > self.scorer.layer:
-                    rows.update({c: score_row(c, METHOD, 0.0, 0.0, n_valid) for c in same})
-                    bar.update(len(same))
-                    continue
-                for i in range(0, len(same), self.variants_per_batch):
-                    group = same[i : i + self.variants_per_batch]
-                    f = self.anchor_scores([[c] for c in group], layer)
-                    for c, f_c in zip(group, f, strict=True):
-                        e = self.scorer.effect(f_c)
-                        rows[c] = score_row(c, METHOD, e.mean, e.stderr, e.n_prompts)
-                    bar.update(len(group))
-        bar.close()
-        return ScoreTable.from_rows(rows[c] for c in todo)
+        return self.score(default_components(self.space) if components is None else components, progress=progress)
 
 
 def activation_scores(

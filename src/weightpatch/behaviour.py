@@ -130,7 +130,7 @@ class BehaviourScorer(GapScorer):
     def responses_sha256(self) -> str:
         return responses_sha256(self.texts, self.responses)
 
-    def readout(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
+    def forward_values(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
         """Mean log-probability (nats per token) of each prompt's response under ``model``."""
         if not isinstance(batch, TeacherForcedBatch) or batch.scored is None:
             raise TypeError("the behaviour readout needs a TeacherForcedBatch (prompt + response tokens)")

@@ -88,10 +88,32 @@ class Component:
             return f"L{self.layer}.mlp.expert{self.index}"
         if self.kind == "expert_neuron":
             return f"L{self.layer}.{self.module}.neuron{self.index}"
-        return self.module if self.layer is None else f"L{self.layer}.{self.module}"  # type: ignore[return-value]
+        return self.part if self.layer is None else f"L{self.layer}.{self.part}"
 
     def __str__(self) -> str:
         return self.name
+
+    # typed views of the optional fields, for the kinds that always have them (parse guarantees it)
+    @property
+    def in_layer(self) -> int:
+        """The layer of a per-layer component; :class:`ComponentError` for a model-level module."""
+        if self.layer is None:
+            raise ComponentError(f"{self.part} is a model-level module: it belongs to no layer")
+        return self.layer
+
+    @property
+    def unit(self) -> int:
+        """The head, neuron or expert number; :class:`ComponentError` for a layer or a module."""
+        if self.index is None:
+            raise ComponentError(f"a {self.kind} component has no head, neuron or expert number")
+        return self.index
+
+    @property
+    def part(self) -> str:
+        """The module name (``attn`` for heads, ``mlp`` for neurons); :class:`ComponentError` for a layer."""
+        if self.module is None:
+            raise ComponentError(f"a {self.kind} component names no module")
+        return self.module
 
     @property
     def expert(self) -> int | None:
@@ -100,7 +122,7 @@ class Component:
         if self.kind == "expert":
             return self.index
         if self.kind == "expert_neuron":
-            return int(self.module.removeprefix("mlp.expert"))  # type: ignore[union-attr]
+            return int(self.part.removeprefix("mlp.expert"))
         return None
 
     @property
@@ -396,7 +418,7 @@ class ComponentSpace:
         if c.kind == "layer":
             slices = self._prefixed(self.spec.param_name(c.layer, ""))
         elif c.kind == "module":
-            slices = self._resolve_module(c.layer, c.module)  # type: ignore[arg-type]
+            slices = self._resolve_module(c.layer, c.part)
         elif c.kind == "head":
             hd = {"stride": "head_dim", "size": "head_dim"}
             groups = [(self.spec.head.query, "head"), (self.spec.head.output, "head")]
@@ -468,6 +490,14 @@ class ComponentSpace:
                 for e in range(self.num_experts(layer)):
                     for j in range(self.num_expert_neurons(layer)):
                         yield Component("expert_neuron", layer, f"mlp.expert{e}", j)
+
+    def select(
+        self, kinds: Iterable[Kind] = KINDS, components: Iterable[Component | str] | None = None
+    ) -> list[Component]:
+        """The named ``components`` (checked), or every component of ``kinds`` when none are named."""
+        if components is not None:
+            return [self.validate(c) for c in components]
+        return list(self.components(kinds=tuple(kinds)))
 
     def everything(self) -> list[Component]:
         """A component set whose union is every parameter: all layers plus model-level modules."""
@@ -563,19 +593,19 @@ class ComponentSpace:
         c = self.validate(component)
         sites = self.spec.sites
         if c.kind == "layer":
-            return Site(self.layer_path(c.layer), "post")  # type: ignore[arg-type]
+            return Site(self.layer_path(c.in_layer), "post")
         if c.layer is None:
             if c.module == "embed":
                 return Site(self.layer_path(0), "pre")
             raise ComponentError(f"{c.name} has no activation site; model-level modules other than 'embed' cannot be")
         block = self.layer_path(c.layer)
         if c.kind == "module":
-            return Site(self.module_path(c.layer, c.module), "post")  # type: ignore[arg-type]
+            return Site(self.module_path(c.layer, c.part), "post")
         if c.kind == "head":
             hd = self.dims.head_dim
-            return Site(f"{block}.{sites.head_output}", "pre", c.index * hd, (c.index + 1) * hd)  # type: ignore[operator]
+            return Site(f"{block}.{sites.head_output}", "pre", c.unit * hd, (c.unit + 1) * hd)
         if c.kind == "neuron" and sites.neuron_activation is not None:
-            return Site(f"{block}.{sites.neuron_activation}", "pre", c.index, c.index + 1)  # type: ignore[operator]
+            return Site(f"{block}.{sites.neuron_activation}", "pre", c.unit, c.unit + 1)
         if c.kind in ("expert", "expert_neuron"):
             raise ComponentError(
                 f"{c.name} has no activation site: fused experts compute every expert inside one module; "
@@ -610,16 +640,16 @@ class ComponentSpace:
         problem = None
         if c.layer is not None and not 0 <= c.layer < self.num_layers:
             problem = f"layer {c.layer} is out of range (the model has layers 0..{self.num_layers - 1})"
-        elif c.kind == "head" and not 0 <= c.index < self.num_heads:  # type: ignore[operator]
+        elif c.kind == "head" and not 0 <= c.unit < self.num_heads:
             problem = f"head {c.index} is out of range (layer {c.layer} has heads 0..{self.num_heads - 1})"
-        elif c.kind == "neuron" and not 0 <= c.index < self.num_neurons(c.layer):  # type: ignore[operator,arg-type]
-            problem = f"neuron {c.index} is out of range (layer {c.layer} has {self.num_neurons(c.layer)} neurons)"  # type: ignore[arg-type]
-        elif c.kind == "expert" and not 0 <= c.index < self.num_experts(c.layer):  # type: ignore[operator,arg-type]
-            problem = f"expert {c.index} is out of range (layer {c.layer} has {self.num_experts(c.layer)} experts)"  # type: ignore[arg-type]
-        elif c.kind == "expert_neuron" and not 0 <= c.expert < self.num_experts(c.layer):  # type: ignore[operator,arg-type]
-            problem = f"expert {c.expert} is out of range (layer {c.layer} has {self.num_experts(c.layer)} experts)"  # type: ignore[arg-type]
-        elif c.kind == "expert_neuron" and not 0 <= c.index < self.num_expert_neurons(c.layer):  # type: ignore[operator,arg-type]
-            n = self.num_expert_neurons(c.layer)  # type: ignore[arg-type]
+        elif c.kind == "neuron" and not 0 <= c.unit < self.num_neurons(c.in_layer):
+            problem = f"neuron {c.index} is out of range (layer {c.layer} has {self.num_neurons(c.in_layer)} neurons)"
+        elif c.kind == "expert" and not 0 <= c.unit < self.num_experts(c.in_layer):
+            problem = f"expert {c.index} is out of range (layer {c.layer} has {self.num_experts(c.in_layer)} experts)"
+        elif c.kind == "expert_neuron" and not 0 <= c.expert < self.num_experts(c.in_layer):  # type: ignore[operator]
+            problem = f"expert {c.expert} is out of range (layer {c.layer} has {self.num_experts(c.in_layer)} experts)"
+        elif c.kind == "expert_neuron" and not 0 <= c.unit < self.num_expert_neurons(c.in_layer):
+            n = self.num_expert_neurons(c.in_layer)
             problem = f"neuron {c.index} is out of range (the experts of layer {c.layer} have {n} neurons)"
         elif c.kind == "module" and c.module not in self.module_names(c.layer):
             problem = (

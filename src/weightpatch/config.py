@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weightpatch.errors import WeightPatchError
+from weightpatch.methods import method_names, scoring_method
 
 DEFAULT_RUN_DIR = Path("wpatch-runs/default")
 
@@ -37,7 +38,9 @@ RUN_ONLY_FIELDS = frozenset(
 LOCATION_FIELDS = frozenset({"base", "specialized", "prompts", "heldout", "anchor"})
 
 KindName = Literal["layer", "module", "head", "neuron", "expert", "expert_neuron"]
-ScreenMethod = Literal["first_order", "local_exact", "integrated_gradients", "exact", "verify"]
+# allowed values from the scoring-method registry (a tuple subscript is Literal's several values)
+ScreenMethod = Literal[method_names("screen")]  # type: ignore[valid-type]
+VerifyScreen = Literal[method_names("verify")]  # type: ignore[valid-type]
 PromptFormat = Literal["auto", "chat", "raw"]
 Dtype = Literal["float32", "float64", "bfloat16", "float16", "auto"]
 
@@ -167,8 +170,7 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
     anchor: Path | None = Field(None, description="anchor path stem (default: RUN_DIR/anchor).")
     method: ScreenMethod = Field(
         "verify",
-        description="first_order, local_exact, integrated_gradients, exact, or verify (a screen, then exact scores "
-        "for the top-k of each kind).",
+        description="; ".join(f"{m}: {scoring_method(m).help}" for m in method_names("screen")) + ".",
     )
     local_exact_blocks: int = Field(
         2,
@@ -176,10 +178,11 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
         description="local_exact: blocks run exactly from the component's own block before linearizing to "
         "the anchor (1: its own block only).",
     )
-    screen: Literal["first_order", "local_exact"] = Field(
+    screen: VerifyScreen = Field(
         "first_order",
-        description="verify: the screen that ranks components (local_exact: each component's own block exact, the "
-        "blocks above it linear; slower, holds where first order bends).",
+        description="verify: the screen that ranks components ("
+        + "; ".join(f"{m}: {scoring_method(m).help}" for m in method_names("verify"))
+        + ").",
     )
     kinds: list[KindName] = Field(["head", "module", "neuron"], description="granularities: layer,module,head,neuron.")
     components: list[str] | None = Field(

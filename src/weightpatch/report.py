@@ -13,8 +13,9 @@ exact agreement). Then sections appear when their result files exist and are ski
 - layer x head maps: first-order, exact and activation-space scores (``scores``);
 - MLP neurons: score distribution per layer and the top neurons of each layer;
 - top components: exact vs first-order (``verified``) with a scatter plot (Spearman, top-k overlap);
-- sufficiency / necessity curves with random controls, interactions;
-- hierarchy: supplier graph and tables (``supplier_edges``), roles; merge table; behaviour.
+- sufficiency / necessity curves with random controls;
+- hierarchy: supplier graph and tables (``supplier_edges``), roles; merge table and merge evaluation;
+  the case study's behaviour table.
 
 All scores are fractions of the anchor gap recovered (1 = the patch moves the anchor score all the
 way from the base model's value to the specialized model's) and are shown as ``score ± stderr``
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -43,9 +43,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
-from weightpatch.errors import WeightPatchError, reading, writing
-from weightpatch.results import ScoreTable, read_table, write_text_atomic
-from weightpatch.rundir import RUN_FILE, RunDir
+from weightpatch.errors import WeightPatchError, writing
+from weightpatch.methods import label as method_label
+from weightpatch.methods import method_names
+from weightpatch.results import ScoreTable, write_text_atomic
+from weightpatch.rundir import RUN_FILE
+from weightpatch.runs import Run, load_run
 
 SCORE_UNIT = "fraction of anchor gap recovered"
 MAX_ROWS = 40
@@ -146,39 +149,19 @@ def _legend_outside(ax, **kwargs) -> None:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False, fontsize=10, **kwargs)
 
 
-def _load(run: Path, name: str) -> pd.DataFrame | None:
-    frame = RunDir(run).load_table(name)  # scores with their pending rows; a corrupt file is a clear error
-    if frame is not None:
-        return frame
-    csv = run / f"{name}.csv"
-    return read_table(csv) if csv.is_file() else None
-
-
-def _json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with reading(path):
-        return json.loads(path.read_text(encoding="utf-8"))
-
-
 # ---- the run's data, loaded once -------------------------------------------------------------------
 class RunData:
-    """The tables and records of one run directory that the report reads."""
+    """The tables and records of one run directory that the report reads, through the one reader
+    (:func:`weightpatch.runs.load_run`)."""
 
-    def __init__(self, run: Path) -> None:
-        self.path = run
-        self.record: dict = _json(run / RUN_FILE) or {}
-        self.anchor: dict | None = _json(run / "anchor.json")
-        names = (
-            "scores verified anchor_layers steering weight_delta sufficiency necessity interactions roles "
-            "supplier_edges supplier_overlap hierarchy merge_table behavior anchor_validity objective_agreement "
-            "currency_curves"
-        )
-        self.tables: dict[str, pd.DataFrame | None] = {n: _load(run, n) for n in names.split()}
+    def __init__(self, run: Path | Run) -> None:
+        self.run = run if isinstance(run, Run) else load_run(run)
+        self.path = self.run.path
+        self.record: dict = self.run.record
+        self.anchor: dict | None = self.run.anchor_record
 
     def __getitem__(self, name: str) -> pd.DataFrame | None:
-        frame = self.tables.get(name)
-        return frame if frame is not None and len(frame) else None
+        return self.run.table(name)
 
     def verified(self) -> pd.DataFrame | None:
         """One row per verified component with ``exact``, ``first_order`` and their stderr, by |exact|."""
@@ -533,7 +516,7 @@ def heads_section(data: RunData) -> dict | None:
     if scores is None:
         return None
     heads = scores[scores["kind"] == "head"]
-    panels = [(m, label) for m, label in HEAD_PANELS.items() if (heads["method"] == m).any()]
+    panels = [(m, method_label(m)) for m in method_names() if (heads["method"] == m).any()]
     if not panels:
         return None
     vmax = float(heads["score"].abs().max()) or 1.0
@@ -713,9 +696,6 @@ def curves_section(data: RunData) -> dict | None:
             figs.append(_curve_figure(frame, name))
         else:
             tables.append({"title": name, "caption": "", **table(frame)})
-    interactions = data["interactions"]
-    if interactions is not None:
-        tables.append({"title": "Interactions", "caption": "E(a ∪ b) - E(a) - E(b)", **table(interactions)})
     if not figs and not tables:
         return None
     return _section(
@@ -802,20 +782,13 @@ def supplier_section(data: RunData) -> dict | None:
 
 
 def _roles_with_errors(roles: pd.DataFrame, scores: pd.DataFrame | None) -> tuple[pd.DataFrame, dict, str]:
-    """The roles table with the standard errors of its two scores looked up in ``scores``. The
-    weight method is the one whose scores the roles table holds (exact, else first order); when
-    neither matches, the weight column is shown without an error rather than with another one's."""
+    """The roles table with the standard errors of its two scores looked up in ``scores``, the
+    weight one from the method the roles table records (a table written before it recorded one shows
+    the weight column without an error rather than with another method's)."""
     if scores is None:
         return roles, {}, "weight"
     by_method = {m: sub.set_index("component") for m, sub in scores.groupby("method")}
-    method = None
-    for candidate in ("exact", "first_order"):
-        sub = by_method.get(candidate)
-        if sub is not None and roles["component"].isin(sub.index).all():
-            common = sub.loc[roles["component"], "score"].to_numpy()
-            if np.allclose(common, roles["weight"].to_numpy(dtype=float), equal_nan=True):
-                method = candidate
-                break
+    method = str(roles["weight_method"].iloc[0]) if "weight_method" in roles.columns else None
     shown = roles.copy()
     for column, m in (("activation", "activation"), ("weight", method)):
         if m is not None and m in by_method:
@@ -928,6 +901,13 @@ def render(run_dir: str | os.PathLike) -> str:
             "Behaviour",
             note="Anchor recovery does not by itself mean the behaviour is recovered: output KL to the "
             "specialized model and checker accuracy of generations.",
+        ),
+        simple_section(
+            data,
+            "merge_evaluation",
+            "Merge evaluation",
+            note="Anchor recovery does not by itself mean the behaviour is recovered: strict accuracy of "
+            "generations and KL to each expert, per merged model and capability.",
         ),
     ]
     return template("report.html.j2").render(

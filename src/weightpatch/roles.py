@@ -47,9 +47,10 @@ def assign_roles(
     absolute: float = 0.02,
 ) -> pd.DataFrame:
     """One row per component present in both tables: ``component, kind, layer, index, activation,
-    weight, activation_high, weight_high, role``. The inputs are score tables (or their frames);
-    rows of other methods are ignored, so one combined table can be passed twice. Components scored by
-    only one of the two methods get no role; a warning says how many of each side were left out."""
+    weight, activation_high, weight_high, role, weight_method`` (the method of the weight column).
+    The inputs are score tables (or their frames); rows of other methods are ignored, so one
+    combined table can be passed twice. Components scored by only one of the two methods get no
+    role; a warning says how many of each side were left out."""
     frames = []
     for table, method, column in ((activation, activation_method, "activation"), (weight, weight_method, "weight")):
         f = table.frame if isinstance(table, ScoreTable) else table
@@ -73,6 +74,7 @@ def assign_roles(
     merged.loc[a & ~w, "role"] = "router"
     merged.loc[a & w, "role"] = "both"
     merged["role"] = pd.Categorical(merged["role"], categories=list(ROLES))
+    merged["weight_method"] = pd.Series(weight_method, index=merged.index, dtype="string")
     return merged.reset_index(drop=True)
 
 

@@ -48,6 +48,7 @@ import yaml
 
 from weightpatch.errors import WeightPatchError, writing
 from weightpatch.results import TMP_SUFFIX, ScoreTable, provenance, read_table, write_atomic, write_text_atomic
+from weightpatch.tables import check_frame
 from weightpatch.weights import files_sha256
 
 RUN_FILE = "run.json"
@@ -371,7 +372,9 @@ class RunDir:
 
     def save_table(self, name: str, frame: pd.DataFrame) -> Path:
         """Write ``<name>.parquet`` and ``<name>.csv`` atomically (the CSV first: the Parquet file
-        is the table, the CSV its readable twin)."""
+        is the table, the CSV its readable twin). ``name`` and the frame's columns must be those of
+        :data:`weightpatch.tables.TABLES`."""
+        check_frame(name, frame)
         path = self.table_path(name)
         self._wrote = True
         with _writing(self.path):

@@ -182,7 +182,8 @@ def decoder_layers(model: torch.nn.Module, space: ComponentSpace) -> torch.nn.Mo
     return model.get_submodule(space.layers_path)  # type: ignore[return-value]
 
 
-def _first_tensor(output):
+def first_tensor(output: torch.Tensor | tuple) -> torch.Tensor:
+    """A module's output tensor (decoder blocks and attention modules return tuples)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -252,7 +253,7 @@ def run_segment(
         return capture
 
     def stop_here(_module, _args, output):
-        result.append(_first_tensor(output))
+        result.append(first_tensor(output))
         raise _StopForward
 
     try:

@@ -1,9 +1,12 @@
 """A finished run directory loaded back in Python: ``weightpatch.load_run(path)``.
 
-No model is loaded: the anchor comes from ``anchor.safetensors``/``anchor.json``, the tables from
-their Parquet files (nullable ``layer``/``index``, see :mod:`weightpatch.results`), the configs
-and model identities from ``run.json``. In a notebook the returned :class:`Run` displays as a short
-HTML summary (models, commands, anchor, tables, findings)::
+No model is loaded: the anchor comes from ``anchor.safetensors``/``anchor.json``, the tables listed
+in :mod:`weightpatch.tables` from their Parquet files (their CSV twin when only that is left; nullable
+``layer``/``index``, see :mod:`weightpatch.results`; ``scores`` with the rows still pending after a
+killed run), the configs and model identities from ``run.json``. :class:`Run` is the one reader of
+a run directory: the report, the merge stage and the CLI summary read through it. In a notebook
+the returned :class:`Run` displays as a short HTML summary (models, commands, anchor, tables,
+findings)::
 
     import weightpatch
     run = weightpatch.load_run("wpatch-runs/demo")
@@ -24,7 +27,8 @@ import pandas as pd
 
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable, read_provenance, read_table
-from weightpatch.rundir import RUN_FILE
+from weightpatch.rundir import RUN_FILE, RunDir
+from weightpatch.tables import TABLES, schema
 
 
 @dataclass
@@ -34,13 +38,21 @@ class Run:
     ``config``: command name -> the resolved config it ran with; ``record``: the whole ``run.json``
     (models with their weights' sha256, library versions, timings); ``anchor``: the
     :class:`~weightpatch.anchors.Anchor` (unit vector, layer, method, held-out metrics) or None;
-    ``tables``: table name (file stem) -> DataFrame."""
+    ``anchor_record``: ``anchor.json`` as a dict; ``tables``: table name -> DataFrame, for the
+    tables of :data:`weightpatch.tables.TABLES` present."""
 
     path: Path
     record: dict[str, Any]
     config: dict[str, dict[str, Any]]
     anchor: Any | None  # weightpatch.anchors.Anchor (imported lazily: it pulls in torch)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    anchor_record: dict[str, Any] | None = None
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """Table ``name`` (one of :data:`weightpatch.tables.TABLES`), ``None`` when the run has no rows of it."""
+        schema(name)
+        frame = self.tables.get(name)
+        return frame if frame is not None and len(frame) else None
 
     @property
     def scores(self) -> ScoreTable:
@@ -56,7 +68,7 @@ class Run:
         """The report's summary items (``topic``, ``text``, ``values``) computed from the tables."""
         from weightpatch.report import RunData, findings
 
-        return findings(RunData(self.path))
+        return findings(RunData(self))
 
     def __repr__(self) -> str:
         tables = ", ".join(f"{n} ({len(f)})" for n, f in self.tables.items())
@@ -97,13 +109,24 @@ def load_run(path: str | os.PathLike) -> Run:
         record = json.loads(record_file.read_text())
     except ValueError as exc:
         raise WeightPatchError(f"{record_file} is corrupt ({exc}); the run directory cannot be loaded") from exc
-    anchor = None
+    anchor, anchor_record = None, None
     if (root / "anchor.json").is_file():
         from weightpatch.anchors import Anchor
 
         anchor = Anchor.load(root / "anchor")
-    tables = {p.stem: read_table(p) for p in sorted(root.glob("*.parquet"))}
-    return Run(root, record, dict(record.get("commands") or {}), anchor, tables)
+        anchor_record = json.loads((root / "anchor.json").read_text())
+    tables = {name: frame for name in TABLES if (frame := read_run_table(root, name)) is not None}
+    return Run(root, record, dict(record.get("commands") or {}), anchor, tables, anchor_record)
+
+
+def read_run_table(root: Path, name: str) -> pd.DataFrame | None:
+    """Table ``name`` of run directory ``root`` (``None`` if absent): its Parquet file (``scores``
+    with its pending rows), else its CSV twin."""
+    frame = RunDir(root).load_table(name)
+    if frame is not None:
+        return frame
+    csv = root / f"{name}.csv"
+    return read_table(csv) if csv.is_file() else None
 
 
 __all__ = ["Run", "load_run"]

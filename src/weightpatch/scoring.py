@@ -27,7 +27,7 @@ from jaxtyping import Float
 
 from weightpatch.anchors import Anchor
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair
+from weightpatch.pair import ModelPair, Role
 from weightpatch.prompts import PromptRecord
 from weightpatch.runner import Batch, batches, context_length, encode, model_texts, run_segment
 
@@ -48,8 +48,8 @@ class GapScorer:
     receiver's and donor's values, the gap ``G(x) = F(donor, x) - F(receiver, x)``, the prompts whose
     gap is too small to divide by, and :meth:`effect` (0 = receiver, 1 = donor).
 
-    A subclass sets ``pair``, ``texts`` and ``batches`` (the batches :meth:`readout` reads) and
-    implements :meth:`readout`; :meth:`measure_references` then fills in the rest. The anchor
+    A subclass sets ``pair``, ``texts`` and ``batches`` (the batches :meth:`forward_values` reads)
+    and implements :meth:`forward_values`; :meth:`measure_references` then fills in the rest. The anchor
     objective is :class:`AnchorScorer`; the behaviour objective is
     :class:`weightpatch.behaviour.BehaviourScorer`.
     """
@@ -61,7 +61,7 @@ class GapScorer:
     texts: list[str]
     batches: list[Batch]
 
-    def readout(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
+    def forward_values(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
         """F(model, x) of each prompt of one batch, with the model's current weights
         (differentiable: first-order scores backpropagate through it)."""
         raise NotImplementedError
@@ -69,7 +69,7 @@ class GapScorer:
     def values(self, model: torch.nn.Module) -> Float[torch.Tensor, " prompt"]:
         """F(model, x) for every prompt, with the model's current weights."""
         with torch.no_grad():
-            return torch.cat([self.readout(model, b) for b in self.batches])
+            return torch.cat([self.forward_values(model, b) for b in self.batches])
 
     @property
     def value_dtype(self) -> torch.dtype:
@@ -80,7 +80,7 @@ class GapScorer:
         """Run the receiver and the donor once: ``f_receiver``, ``f_donor``, ``gap``, ``valid`` and
         ``n_excluded``; refuses non-finite values and a set where every gap is tiny."""
         self.f_receiver = self.values(self.pair.model)
-        donor_role = "specialized" if self.pair.receiver == "base" else "base"
+        donor_role: Role = "specialized" if self.pair.receiver == "base" else "base"
         with self.pair.as_model(donor_role) as donor_model:
             self.f_donor = self.values(donor_model)
         self.gap = self.f_donor - self.f_receiver
@@ -175,6 +175,23 @@ class AnchorScorer(GapScorer):
 
         return html_card("AnchorScorer", self._facts())
 
+    # ---- the anchor objective of the sweep engine (weightpatch.engine.objective.Objective) --------
+    last_position = True  # the anchor reads the last prompt token only
+
+    @property
+    def stop(self) -> int:
+        """The last block a variant runs: the anchor layer."""
+        return self.anchor.layer
+
+    @property
+    def reference(self) -> Float[torch.Tensor, " prompt"]:
+        """The receiver's anchor score on every prompt (``F_receiver``)."""
+        return self.f_receiver
+
+    def readout(self, hidden: Float[torch.Tensor, "rows seq hidden"], batch_index: int) -> Float[torch.Tensor, " rows"]:
+        """The anchor score of each row (any prompt batch: the anchor reads only the hidden state)."""
+        return self.project(hidden)
+
     def block_inputs(self, top: int | None = None) -> list[dict[int, Float[torch.Tensor, "batch seq hidden"]]]:
         """Per prompt batch, the receiver's input of every block ``1..top`` (default: the anchor
         layer), computed once and shared by every engine that re-runs a segment of blocks from a
@@ -195,7 +212,7 @@ class AnchorScorer(GapScorer):
         """Anchor score of each row: the last token's residual projected on ``u``."""
         return hidden[:, -1].to(self.u.dtype) @ self.u
 
-    def readout(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
+    def forward_values(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
         """F(model, x) of one batch: the anchor layer's last-position residual projected on ``u``."""
         return self.project(run_segment(model, self.pair.space, batch, stop=self.layer, last_position=True)[0])
 

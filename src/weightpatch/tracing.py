@@ -47,6 +47,8 @@ import torch
 
 from weightpatch.activation import Positions, capturing, site_of
 from weightpatch.components import Component, ComponentSpace, Kind, ParamSlice
+from weightpatch.engine import run_blocks, sweep
+from weightpatch.pair import Role
 from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch, run_segment
@@ -115,7 +117,7 @@ class SupplyTracer:
         min_relative_gap: float = 0.1,
     ) -> None:
         pair = scorer.pair
-        self.pair, self.space, self.model = pair, pair.space, pair.model
+        self.scorer, self.pair, self.space, self.model = scorer, pair, pair.space, pair.model
         self.batches: list[Batch] = scorer.batches
         self.targets = [self.space.validate(t) for t in targets]
         if not self.targets:
@@ -124,10 +126,10 @@ class SupplyTracer:
         self.positions = positions
         self.top = max(_site_layer(t) for t in self.targets)
         with torch.no_grad():
-            self.inputs = scorer.block_inputs(max(self.top, scorer.layer))
+            scorer.block_inputs(max(self.top, scorer.layer))  # cached with the receiver's own weights
             everything = range(len(self.targets))
             self.out_base = list(self._outputs(self.model, 0, everything).values())
-            donor_role = "specialized" if pair.receiver == "base" else "base"
+            donor_role: Role = "specialized" if pair.receiver == "base" else "base"
             with pair.as_model(donor_role) as donor_model:
                 self.out_donor = list(self._outputs(donor_model, 0, everything).values())
         self.diff = [d - b for d, b in zip(self.out_donor, self.out_base, strict=True)]  # per target (prompt, dim)
@@ -154,7 +156,7 @@ class SupplyTracer:
         for i, b in enumerate(self.batches):
             store: dict = {}
             with capturing(model, sites, store):
-                run_segment(model, self.space, b, stop=stop, start=start, hidden_in=self.inputs[i].get(start))
+                run_blocks(self.scorer, i, start, stop, last_position=False, model=model)
             for k, site in zip(targets, sites, strict=True):
                 per_target[k].append(self._flatten(store[site.key], site, b).detach())
         return {k: torch.cat(parts) for k, parts in per_target.items()}
@@ -165,22 +167,10 @@ class SupplyTracer:
         return float(r.mean()) if r.numel() else float("nan"), int(r.numel())
 
     # ---- scores --------------------------------------------------------------------------------
-    def exact(self, candidates: Sequence[Component | str]) -> pd.DataFrame:
+    def exact(self, candidates: Sequence[Component | str], progress: bool = False) -> pd.DataFrame:
         """Exact supply of each candidate for each target it is upstream of (edges table)."""
-        rows = []
-        with torch.no_grad():
-            for s in (self.space.validate(c) for c in candidates):
-                eligible = [k for k, t in enumerate(self.targets) if is_upstream(self.space, s, t)]
-                if not eligible:
-                    continue
-                # only the targets above the supplier are read, so the segment may start at its layer
-                start = self.space.first_affected_layer(s)
-                with patched(self.model, self.pair.donor, self.space, [s]):
-                    outs = self._outputs(self.model, start, eligible)
-                for k in eligible:
-                    value, n = self._ratios(k, outs[k])
-                    rows.append(self._edge(k, s, value, n, "exact"))
-        return pd.DataFrame(rows, columns=EDGE_COLUMNS)
+        cands = [self.space.validate(c) for c in candidates]
+        return pd.DataFrame(sweep(_Suppliers(self), cands, progress=progress), columns=EDGE_COLUMNS)
 
     def first_order(self, candidates: Sequence[Component | str]) -> pd.DataFrame:
         """First-order supply of every candidate for every target at once (edges table)."""
@@ -234,6 +224,45 @@ class SupplyTracer:
             "n_prompts": n,
             "method": method,
         }
+
+
+class _Suppliers:
+    """The supplier strategy of the sweep: each candidate's weights patched alone, the targets it
+    is upstream of read from a segment starting at its first affected block (one candidate per
+    forward; a candidate above every target gives no rows)."""
+
+    method = "exact"
+    variants_per_batch = 1
+
+    def __init__(self, tracer: SupplyTracer) -> None:
+        self.tracer = tracer
+
+    @property
+    def stop(self) -> int:
+        return self.tracer.top
+
+    def key(self, item: Component) -> str:
+        return item.name
+
+    def first_layer(self, item: Component) -> int:
+        return self.tracer.space.first_affected_layer(item)
+
+    def rows(self, group: Sequence[Component], layer: int) -> list[list[dict]]:
+        t = self.tracer
+        out: list[list[dict]] = []
+        for s in group:
+            eligible = [k for k, target in enumerate(t.targets) if is_upstream(t.space, s, target)]
+            if not eligible:
+                out.append([])
+                continue
+            # only the targets above the supplier are read, so the segment may start at its layer
+            with patched(t.model, t.pair.donor, t.space, [s]):
+                outs = t._outputs(t.model, layer, eligible)
+            out.append([t._edge(k, s, *t._ratios(k, outs[k]), "exact") for k in eligible])
+        return out
+
+    def zero_rows(self, group: Sequence[Component]) -> list[list[dict]]:
+        return [[] for _ in group]
 
 
 def trace_suppliers(

@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from weightpatch.components import Component, ComponentSpace, ParamSlice
+from weightpatch.engine import sweep
 from weightpatch.pair import ModelPair
 from weightpatch.patch import Patch, patched
 from weightpatch.results import ScoreTable
@@ -192,6 +193,54 @@ def _ks(ks: int | Sequence[int], n: int) -> list[int]:
     return sorted({min(int(k), n) for k in values if k > 0})
 
 
+Subset = tuple[str, tuple[str, ...]]  # (name: "k4/top", "k4/random0", ...; components)
+
+
+class _Subsets:
+    """The top-``k`` / random-subset strategy of the sweep: each subset patched into one model of a
+    :func:`_session` (all at once), its fraction of the gap read from a full anchor-score run."""
+
+    method = "curve"
+    variants_per_batch = 1
+
+    def __init__(self, scorer: AnchorScorer, apply: Apply, toward: Literal["specialized", "base"]) -> None:
+        self.scorer, self.apply, self.toward = scorer, apply, toward
+
+    @property
+    def stop(self) -> int:
+        return self.scorer.layer
+
+    def key(self, item: Subset) -> str:
+        return item[0]
+
+    def first_layer(self, item: Subset) -> int:
+        return 0  # the session's model may differ from the receiver everywhere: run from the embedding
+
+    def rows(self, group: Sequence[Subset], layer: int) -> list[list[dict]]:
+        out = []
+        for name, components in group:
+            with self.apply(components):
+                f = self.scorer.anchor_scores(self.scorer.pair.model)
+            out.append([{"subset": name, "value": _gap_fraction(self.scorer, f, self.toward)}])
+        return out
+
+    def zero_rows(self, group: Sequence[Subset]) -> list[list[dict]]:
+        raise AssertionError("subsets start at the embedding")  # first_layer is 0 <= stop
+
+
+def _subsets(ranked: list[str], pool: list[str], ks: list[int], controls: int, seed: int) -> list[Subset]:
+    """Per ``k``: the top-``k`` of ``ranked``, then ``controls`` random ``k``-subsets of ``pool``
+    (:func:`control_pool`; none where ``k`` is the whole pool), drawn in this order from one seeded
+    generator."""
+    rng = random.Random(seed)
+    subsets: list[Subset] = []
+    for k in ks:
+        subsets.append((f"k{k}/top", tuple(ranked[:k])))
+        draws = controls if k < len(pool) else 0  # at k = pool size every subset is the top-k
+        subsets += [(f"k{k}/random{d}", tuple(rng.sample(pool, k))) for d in range(draws)]
+    return subsets
+
+
 def _curve(
     scorer: AnchorScorer,
     table: ScoreTable,
@@ -220,27 +269,23 @@ def _curve(
     if 0 < controls < MIN_CONTROLS:
         logger.warning("controls=%d raised to %d: fewer random draws give no usable spread", controls, MIN_CONTROLS)
         controls = MIN_CONTROLS
-    rng = random.Random(seed)
+    values = _ks(ks, len(ranked))
+    subsets = _subsets(ranked, pool, values, controls, seed)
     rows = []
     with _session(pair, mode) as apply:
-
-        def measure(components: Sequence[str]) -> float:
-            with torch.no_grad(), apply(components):
-                return _gap_fraction(scorer, scorer.anchor_scores(pair.model), toward)
-
-        for k in _ks(ks, len(ranked)):
+        measured = {r["subset"]: r["value"] for r in sweep(_Subsets(scorer, apply, toward), subsets, progress=False)}
+        for k in values:
             top = ranked[:k]
-            row: dict = {"k": k, column: measure(top)}
-            draws = controls if k < len(pool) else 0  # at k = pool size every subset is the top-k
-            randoms = [measure(rng.sample(pool, k)) for _ in range(draws)]
+            row: dict = {"k": k, column: measured[f"k{k}/top"]}
+            randoms = [v for name, v in measured.items() if name.startswith(f"k{k}/random")]
             row["random_mean"] = float(np.mean(randoms)) if randoms else float("nan")
             row["random_std"] = float(np.std(randoms, ddof=1)) if len(randoms) > 1 else float("nan")
             row["n_controls"] = len(randoms)
             if kl or behavior_metric is not None:
                 with apply(top):
-                    if kl:
+                    if reference is not None:
                         with torch.no_grad():
-                            row["kl"] = output_kl(pair.model, scorer.batches, reference, kl_positions)  # type: ignore[arg-type]
+                            row["kl"] = output_kl(pair.model, scorer.batches, reference, kl_positions)
                     if behavior_metric is not None:
                         row["behavior"] = float(behavior_metric(pair.model))
             row["components"] = list(top)

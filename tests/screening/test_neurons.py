@@ -25,7 +25,7 @@ def test_batched_neuron_sweep_equals_patching_each_neuron(family, tmp_path):
         fast = neurons.run_layer(layer, neurons=range(10), progress=False).frame.set_index("component")
         one_by_one = screen.run([f"L{layer}.mlp.neuron{j}" for j in range(10)], progress=False)
         slow = one_by_one.frame.set_index("component")
-        assert neurons._layer_state(layer).additive == (family not in POST_MLP_NORM)
+        assert neurons.layer_state(layer).additive == (family not in POST_MLP_NORM)
         assert slow["score"].abs().max() > 1e-4
         torch.testing.assert_close(
             torch.tensor(fast.loc[slow.index, "score"].values), torch.tensor(slow["score"].values), atol=1e-5, rtol=1e-3

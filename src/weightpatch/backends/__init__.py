@@ -1,4 +1,4 @@
-"""Where exact sweeps run: in this process (``local``) or sharded over a Ray cluster (``ray``).
+"""Where sweeps run: in this process (``local``) or sharded over a Ray cluster (``ray``).
 
 A backend turns a picklable :class:`JobSpec` (where the two models are, how to load them, the
 anchor, the prompt texts, the scorer options) and a list of component names into exact scores,
@@ -11,11 +11,11 @@ handed to a callback shard by shard as they finish, skipping names already done:
         table = backend.run(names, skip=run.done("exact"), on_result=run.append_scores)
 
 Both backends score the same shards with the same code (:func:`score_shard`): the component list
-is split into small shards of one layer each (so :class:`~weightpatch.screening.exact.ExactScreen`
-batches them), MLP neurons in larger per-layer chunks scored by
-:class:`~weightpatch.screening.neurons.NeuronScreen`. Results are keyed by component name: every
-component reaches the callback at most once, even when a shard is scored twice (a Ray worker that
-died after finishing its work, a re-run).
+is split into small shards of one layer each, scored by the strategy of the job's sweep method
+(``JobSpec.method``, any sweep method of :mod:`weightpatch.methods`; exact by default, whose MLP
+neurons go in larger per-layer chunks to :class:`~weightpatch.screening.neurons.NeuronScreen`).
+Results are keyed by component name: every component reaches the callback at most once, even when
+a shard is scored twice (a Ray worker that died after finishing its work, a re-run).
 """
 
 from __future__ import annotations

@@ -129,6 +129,7 @@ class SweepEstimate:
     calibration_n: int
     calibration_layers: tuple[int, ...]
     model: CostModel
+    method: str = "exact"  # the scoring method swept (weightpatch.methods)
 
     @property
     def unit(self) -> str:
@@ -138,7 +139,7 @@ class SweepEstimate:
         """``exact neuron sweep: 30,720 neurons in 20 layers``."""
         what = "neuron sweep" if self.engine == "neuron" else "sweep"
         layers = f"{len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}"
-        return f"exact {what}: {self.n_components:,} {self.unit} in {layers}"
+        return f"{self.method} {what}: {self.n_components:,} {self.unit} in {layers}"
 
     def message(self) -> str:
         """One line, e.g. ``exact neuron sweep: 30,720 neurons in 20 layers, estimated 41 min
@@ -174,6 +175,7 @@ def estimate_sweep(
     anchor_layer: int,
     calibration: Sequence[tuple[Shard, Work, float]],
     rest: Sequence[tuple[Shard, Work]],
+    method: str = "exact",
 ) -> SweepEstimate | None:
     """The estimate of engine ``name``'s part of a sweep from its calibration units (shard, work,
     measured seconds) and its remaining shards; ``None`` when none of its components runs."""
@@ -197,6 +199,7 @@ def estimate_sweep(
         calibration_n=sum(w.n for _, w, _ in calibration),
         calibration_layers=layers(w for _, w, _ in calibration),
         model=model,
+        method=method,
     )
 
 
@@ -207,10 +210,13 @@ def calibration_units(variants_per_batch: int, neurons_per_forward: int | None) 
 
 
 def fit_estimates(
-    anchor_layer: int, calibration: Sequence[tuple[Shard, Work, float]], rest: Sequence[tuple[Shard, Work]]
+    anchor_layer: int,
+    calibration: Sequence[tuple[Shard, Work, float]],
+    rest: Sequence[tuple[Shard, Work]],
+    method: str = "exact",
 ) -> list[SweepEstimate]:
-    """:func:`estimate_sweep` for each engine that has components to run."""
-    return [e for name in ENGINES if (e := estimate_sweep(name, anchor_layer, calibration, rest)) is not None]
+    """:func:`estimate_sweep` for each engine that has components to run (of a sweep by ``method``)."""
+    return [e for name in ENGINES if (e := estimate_sweep(name, anchor_layer, calibration, rest, method)) is not None]
 
 
 def outcome_message(estimate: SweepEstimate, timings: Iterable[tuple[Shard, Work, float]]) -> str:

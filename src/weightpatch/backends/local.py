@@ -30,11 +30,12 @@ from weightpatch.backends.estimate import (
     split_for_calibration,
 )
 from weightpatch.components import Component
+from weightpatch.engine import EffectStrategy
 from weightpatch.errors import WeightPatchError
+from weightpatch.methods import scoring_method
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import CONSOLE
 from weightpatch.scoring import AnchorScorer
-from weightpatch.screening.exact import ExactScreen
 from weightpatch.screening.neurons import NeuronScreen
 
 DEFAULT_SHARD_SIZE = 8
@@ -64,7 +65,9 @@ class JobSpec:
     min_relative_gap: float = 0.1
     variants_per_batch: int = 8
     neurons_per_forward: int = 64
-    neuron_sweep: bool = True  # neurons through NeuronScreen (all of a chunk per forward)
+    neuron_sweep: bool = True  # exact: neurons through NeuronScreen (all of a chunk per forward)
+    method: str = "exact"  # a sweep method of the registry (weightpatch.methods): what the shards are scored by
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options beyond its defaults
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, e.g. for test hooks
 
@@ -98,15 +101,18 @@ class JobSpec:
         else:
             anchor = Anchor.load(self.anchor, pair)
         scorer = AnchorScorer(pair, anchor, list(self.texts), self.batch_size, self.min_relative_gap)
-        return WorkerState.from_scorer(scorer, self.variants_per_batch, self.neurons_per_forward, self.neuron_sweep)
+        return WorkerState.from_scorer(
+            scorer, self.variants_per_batch, self.neurons_per_forward, self.neuron_sweep, self.method, self.options
+        )
 
 
 @dataclass
 class WorkerState:
-    """A loaded job: the scorer and the exact screen (its cached block inputs) of one worker."""
+    """A loaded job: the scorer and the strategy of its sweep method (its cached block inputs) of
+    one worker; ``neurons``: exact neuron shards go through the batched neuron strategy."""
 
     scorer: AnchorScorer
-    screen: ExactScreen
+    strategy: EffectStrategy
     neurons: NeuronScreen | None
 
     @classmethod
@@ -116,9 +122,12 @@ class WorkerState:
         variants_per_batch: int = 8,
         neurons_per_forward: int = 64,
         neuron_sweep: bool = True,
+        method: str = "exact",
+        options: dict[str, Any] | None = None,
     ) -> WorkerState:
-        screen = ExactScreen(scorer, variants_per_batch)
-        return cls(scorer, screen, NeuronScreen(screen, neurons_per_forward) if neuron_sweep else None)
+        strategy = scoring_method(method).build(scorer, variants_per_batch=variants_per_batch, **(options or {}))
+        neurons = NeuronScreen(scorer, neurons_per_forward) if neuron_sweep and method == "exact" else None
+        return cls(scorer, strategy, neurons)
 
 
 @dataclass(frozen=True)
@@ -171,12 +180,9 @@ def plan_shards(
 
 
 def score_shard(state: WorkerState, shard: Shard) -> ScoreTable:
-    """Exact scores of one shard (one row per component, keyed by its canonical name)."""
-    space = state.scorer.pair.space
-    components = [space.validate(n) for n in shard.names]
-    if shard.neurons and state.neurons is not None:
-        return state.neurons.run_layer(shard.layer, [c.index for c in components], progress=False)  # type: ignore[arg-type,misc]
-    return state.screen.run(components, progress=False)
+    """Scores of one shard by the worker's method (one row per component, keyed by its canonical name)."""
+    strategy = state.neurons if shard.neurons and state.neurons is not None else state.strategy
+    return strategy.score(shard.names, progress=False)
 
 
 def dedupe_rows(table: ScoreTable, done: set[str]) -> ScoreTable:
@@ -244,9 +250,16 @@ class LocalBackend:
         variants_per_batch: int = 8,
         neurons_per_forward: int = 64,
         neuron_sweep: bool = True,
+        *,
+        method: str = "exact",
+        method_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> LocalBackend:
-        state = WorkerState.from_scorer(scorer, variants_per_batch, neurons_per_forward, neuron_sweep)
+        """A backend on an already built scorer, scoring by the sweep ``method`` of the registry
+        (its ``method_options`` beyond the defaults); ``options``: the backend's own."""
+        state = WorkerState.from_scorer(
+            scorer, variants_per_batch, neurons_per_forward, neuron_sweep, method, method_options
+        )
         return cls(state=state, **options)
 
     @property
@@ -275,10 +288,11 @@ class LocalBackend:
             calibration, shards = split_for_calibration(
                 shards,
                 [shard_work(space, anchor, s) for s in shards],
-                calibration_units(state.screen.variants_per_batch, neurons),
+                calibration_units(state.strategy.variants_per_batch, neurons),
             )
         tables = []
-        bar = tqdm(total=sum(map(len, calibration + shards)), desc="exact", unit="comp", disable=not progress)
+        method = self.state.strategy.method
+        bar = tqdm(total=sum(map(len, calibration + shards)), desc=method, unit="comp", disable=not progress)
         for i, shard in enumerate(calibration + shards):
             if i == len(calibration) and calibration:
                 self._log_estimates(anchor, [(s, shard_work(space, anchor, s)) for s in shards])
@@ -299,7 +313,7 @@ class LocalBackend:
 
     def _log_estimates(self, anchor: int, rest: list[tuple[Shard, Work]]) -> None:
         """Fit each engine's cost on the calibration timings so far and log its estimate."""
-        for estimate in fit_estimates(anchor, self.timings, rest):
+        for estimate in fit_estimates(anchor, self.timings, rest, self.state.strategy.method):
             self.estimates.append(estimate)
             logger.info("%s", estimate.message(), extra=CONSOLE)
 

@@ -227,7 +227,7 @@ class RayBackend:
         if self.estimate:
             planner = self._pool[0]
             anchor, works = ray.get(planner.works.remote(shards))
-            neurons = self.job.neurons_per_forward if self.job.neuron_sweep else None
+            neurons = self.job.neurons_per_forward if self.job.neuron_sweep and self.job.method == "exact" else None
             units = calibration_units(self.job.variants_per_batch, neurons)
             calibration, shards = split_for_calibration(shards, works, units)
             _, after = ray.get(planner.works.remote(calibration + shards))  # the split shards' own works
@@ -305,7 +305,7 @@ class RayBackend:
         """Fit each engine's cost on the calibration timings, log its estimate in worker time and
         the whole sweep's wall time: ``elapsed`` so far plus the remaining worker time spread over
         the pool."""
-        self.estimates = fit_estimates(anchor, self.timings, rest)
+        self.estimates = fit_estimates(anchor, self.timings, rest, self.job.method)
         for estimate in self.estimates:
             logger.info("%s of worker time", estimate.message(), extra=CONSOLE)
         remaining = sum(e.seconds - e.calibration_seconds for e in self.estimates)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from weightpatch.cli import common
 from weightpatch.results import ScoreTable
-from weightpatch.rundir import RunDir
+from weightpatch.runs import load_run
 
 
 def _fmt(value) -> str:
@@ -51,13 +51,13 @@ def frame_table(frame: pd.DataFrame, title: str, n: int = 10) -> Table:
 
 
 def print_summary(run_dir: Path, table: ScoreTable | None = None) -> None:
-    run = RunDir(run_dir)
-    table = table if table is not None else run.scores()
+    run = load_run(run_dir)
+    table = table if table is not None else run.scores
     top = top_components_table(table)
     if top is not None:
         common.out.print(top)
-    roles = run.load_table("roles")
-    if roles is not None and len(roles):
+    roles = run.table("roles")
+    if roles is not None:
         shown = roles[roles["role"] != "neither"].sort_values("weight", ascending=False, key=abs)
         common.out.print(
             frame_table(
@@ -65,10 +65,10 @@ def print_summary(run_dir: Path, table: ScoreTable | None = None) -> None:
                 "component roles (activation- vs weight-space effect)",
             )
         )
-    validity = (run.record() or {}).get("anchor_validity")
+    validity = run.record.get("anchor_validity")
     if validity:
         style = "bold yellow" if validity["status"] in ("misleads", "under-reports") else ""
         common.out.print(validity["line"], style=style, soft_wrap=True)
-    merges = run.load_table("merge_table")
-    if merges is not None and len(merges):
+    merges = run.table("merge_table")
+    if merges is not None:
         common.out.print(frame_table(merges, "merges"))

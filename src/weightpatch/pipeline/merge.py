@@ -28,6 +28,7 @@ from weightpatch.merging import (
     write_mergekit_yaml,
 )
 from weightpatch.pipeline.inputs import open_run, seed_everything
+from weightpatch.runs import load_run
 
 
 @dataclass
@@ -40,14 +41,17 @@ class MergeResult:
 def read_scores(path: Path, method: str) -> pd.DataFrame:
     """The ``component``/``score`` rows of one method from a score table file or a run directory."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "scores.parquet"
-    if not path.is_file():
+    if path.is_dir():  # a run directory: its scores as the one reader sees them (pending rows included)
+        frame = load_run(path).table("scores")
+        if frame is None:
+            raise WeightPatchError(f"run directory {path} has no scores; run `wpatch screen` there first")
+    elif not path.is_file():
         raise WeightPatchError(f"score table {path} not found; run `wpatch screen` first or pass a scores file")
-    try:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
-        raise WeightPatchError(f"cannot read score table {path}: {exc}") from None
+    else:
+        try:
+            frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
+            raise WeightPatchError(f"cannot read score table {path}: {exc}") from None
     if "method" in frame.columns:
         methods = sorted(set(frame["method"]))
         if method not in methods:

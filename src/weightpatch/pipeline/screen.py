@@ -80,6 +80,8 @@ def screen_scores(
     local_exact with ``exact_blocks``) for every component of ``kinds``, or for the named ``components``;
     gradient scores carry a standard error across prompts with ``per_prompt``."""
     if method == "local_exact":
+        if not isinstance(scorer, AnchorScorer):
+            raise WeightPatchError(f"local_exact reads the anchor layer; the {scorer.objective} objective has none")
         return local_exact_scores(
             scorer, kinds=kinds, components=components, exact_blocks=exact_blocks, progress=progress
         )

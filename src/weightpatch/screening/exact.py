@@ -19,104 +19,48 @@ exactly zero effect and are scored 0 without running anything.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from itertools import groupby
+from collections.abc import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from weightpatch.components import Component
+from weightpatch.engine import EffectStrategy, readout_variants, run_blocks
 from weightpatch.patch import patched
 from weightpatch.results import ScoreTable, score_row
-from weightpatch.runner import run_segment
 from weightpatch.scoring import AnchorScorer
 
 METHOD = "exact"
 
 
-class ExactScreen:
-    """Exact scores for a list of components on one scorer's prompts and anchor."""
+class ExactScreen(EffectStrategy[Component]):
+    """Exact scores for a list of components on one scorer's prompts and anchor: the weight-slice
+    strategy of the sweep (:meth:`run`: ``skip`` names already scored, ``on_result`` gets each
+    finished group's rows)."""
+
+    method = METHOD
 
     def __init__(self, scorer: AnchorScorer, variants_per_batch: int = 8) -> None:
+        super().__init__(scorer)
         self.scorer, self.variants_per_batch = scorer, variants_per_batch
-        pair = scorer.pair
-        self.model, self.space = pair.model, pair.space
-        self.inputs = scorer.block_inputs()
+        scorer.block_inputs()  # cached now, with the receiver's own weights in place
 
-    def _anchor_scores(self, group: Sequence[Component], start: int) -> torch.Tensor:
+    def values(self, group: Sequence[Component], layer: int) -> torch.Tensor:
         """Anchor scores (variant, prompt) of each component of ``group`` patched alone, all
-        starting at block ``start``."""
-        pair, scorer, anchor = self.scorer.pair, self.scorer, self.scorer.layer
-        # block `start` (or the whole segment when it begins at the embedding) per variant
-        stop_first = start if start > 0 else anchor
+        first affecting block ``layer``: block ``layer`` per variant (the whole segment when it
+        begins at the embedding), then the variants stacked up to the anchor."""
+        scorer, anchor = self.scorer, self.scorer.layer
+        stop_first = layer if layer > 0 else anchor
         outs: list[list[torch.Tensor]] = []
         for component in group:
-            with patched(self.model, pair.donor, self.space, [component]):
-                outs.append(
-                    [
-                        run_segment(
-                            self.model,
-                            self.space,
-                            b,
-                            stop=stop_first,
-                            start=start,
-                            hidden_in=self.inputs[i].get(start) if start > 0 else None,
-                            last_position=stop_first == anchor,
-                        )[0]
-                        for i, b in enumerate(scorer.batches)
-                    ]
-                )
-        rows = []
-        for i, b in enumerate(scorer.batches):
-            stacked = torch.cat([o[i] for o in outs])
-            if stop_first < anchor:
-                stacked = run_segment(
-                    self.model,
-                    self.space,
-                    b.repeat(len(group)),
-                    stop=anchor,
-                    start=start + 1,
-                    hidden_in=stacked,
-                    last_position=True,
-                )[0]
-            rows.append(scorer.project(stacked).view(len(group), len(b)))
-        return torch.cat(rows, dim=1)
+            with patched(self.model, scorer.pair.donor, self.space, [component]):
+                outs.append([run_blocks(scorer, i, layer, stop_first) for i in range(len(scorer.batches))])
+        stacked = [torch.cat([o[i] for o in outs]) for i in range(len(scorer.batches))]
+        if stop_first < anchor:
+            stacked = [run_blocks(scorer, i, layer + 1, hidden=h, variants=len(group)) for i, h in enumerate(stacked)]
+        return readout_variants(scorer, stacked, len(group))
 
-    def run(
-        self,
-        components: Iterable[Component | str],
-        skip: set[str] | None = None,
-        on_result: Callable[[ScoreTable], None] | None = None,
-        progress: bool = True,
-    ) -> ScoreTable:
-        """Score each component. ``skip``: names already scored (resumed runs); ``on_result`` gets
-        each finished group's rows, so callers can persist them as they come."""
-        skip = skip or set()
-        todo = [self.space.validate(c) for c in components]
-        todo = [c for c in todo if c.name not in skip]
-        start = {c: self.space.first_affected_layer(c) for c in todo}
-        rows: list[dict] = []
-        bar = tqdm(total=len(todo), desc="exact", unit="comp", disable=not progress)
-        with torch.no_grad():
-            todo.sort(key=start.__getitem__)
-            for first, same_start in groupby(todo, key=start.__getitem__):
-                same_start = list(same_start)
-                for i in range(0, len(same_start), self.variants_per_batch):
-                    group = same_start[i : i + self.variants_per_batch]
-                    if first > self.scorer.layer:
-                        group_rows = [score_row(c, METHOD, 0.0, 0.0, int(self.scorer.valid.sum())) for c in group]
-                    else:
-                        f = self._anchor_scores(group, first)
-                        group_rows = []
-                        for c, f_c in zip(group, f, strict=True):
-                            e = self.scorer.effect(f_c)
-                            group_rows.append(score_row(c, METHOD, e.mean, e.stderr, e.n_prompts))
-                    rows += group_rows
-                    if on_result:
-                        on_result(ScoreTable.from_rows(group_rows))
-                    bar.update(len(group))
-        bar.close()
-        return ScoreTable.from_rows(rows)
+    run = EffectStrategy.score
 
 
 def plain_exact_scores(

@@ -118,13 +118,6 @@ def gradient_hooks(
             p.grad = None
 
 
-def _targets(scorer: GapScorer, kinds: Iterable[Kind], components: Iterable[Component | str] | None) -> list[Component]:
-    space = scorer.pair.space
-    if components is not None:
-        return [space.validate(c) for c in components]
-    return list(space.components(kinds=tuple(kinds)))
-
-
 def gradient_scores(
     scorer: GapScorer,
     kinds: Iterable[Kind] = KINDS,
@@ -144,7 +137,7 @@ def gradient_scores(
     same score up to float rounding) and leaves ``stderr`` NaN."""
     pair = scorer.pair
     model, space = pair.model, pair.space
-    targets = _targets(scorer, kinds, components)
+    targets = space.select(kinds, components)
     plans = plan_reduction(space, targets)
     n = int(scorer.valid.sum())
     row_of = torch.cumsum(scorer.valid.long(), 0) - 1  # prompt -> row among valid prompts
@@ -173,7 +166,7 @@ def gradient_scores(
                 for i, b in enumerate(scorer.batches):
                     prompts = range(offset_of[i], offset_of[i + 1])
                     w = weights[prompts.start : prompts.stop].to(pair.device)
-                    terms = scorer.readout(model, b) * w
+                    terms = scorer.forward_values(model, b) * w
                     if not per_prompt:
                         terms.sum().backward()
                     else:

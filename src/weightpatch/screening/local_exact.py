@@ -33,28 +33,24 @@ that norm is linearized too. Anchor-layer neurons are scored exactly by ``Neuron
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from weightpatch.components import KINDS, Component, Kind
+from weightpatch.engine import EffectStrategy, Strategy, readout_variants, run_blocks
 from weightpatch.errors import WeightPatchError
 from weightpatch.patch import patched
-from weightpatch.results import ScoreTable, score_row
-from weightpatch.runner import Batch, _first_tensor, decoder_layers, run_segment
+from weightpatch.results import ScoreTable
+from weightpatch.runner import Batch, decoder_layers, first_tensor, run_segment
 from weightpatch.scoring import AnchorScorer
-from weightpatch.screening.exact import ExactScreen
-from weightpatch.screening.first_order import _targets
 from weightpatch.screening.neurons import NeuronScreen
 
 METHOD = "local_exact"
+Gradients = tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
 
 
-def residual_gradients(
-    scorer: AnchorScorer, batch: Batch, mlp_paths: dict[int, str]
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def residual_gradients(scorer: AnchorScorer, batch: Batch, mlp_paths: dict[int, str]) -> Gradients:
     """Gradients of every prompt's anchor score ``F(R, x)`` (receiver weights) with respect to the
     residual stream after each block ``l < anchor`` and to the outputs of the MLP modules named in
     ``mlp_paths`` (layer -> module path), each (batch, seq, hidden). Prompts do not interact, so one
@@ -72,7 +68,7 @@ def residual_gradients(
 
     def keep(store: dict[int, torch.Tensor], layer: int):
         def hook(_module, _args, output) -> None:
-            store[layer] = _first_tensor(output)
+            store[layer] = first_tensor(output)
 
         return hook
 
@@ -91,54 +87,87 @@ def residual_gradients(
     return residual, dict(zip(mlp_paths, grads[anchor:], strict=True))
 
 
-class LocalExactScreen:
-    """Local-exact scores on one scorer's prompts and anchor (see the module docstring)."""
+class _Linearized:
+    """The receiver's gradients per prompt batch (one backward each, taken on first use) and the
+    prompt offsets of the batches: what both local-exact strategies carry a change to the anchor with."""
 
-    def __init__(
-        self,
-        scorer: AnchorScorer,
-        exact_blocks: int = 1,
-        screen: ExactScreen | None = None,
-        variants_per_batch: int = 8,
-    ) -> None:
-        if exact_blocks < 1:
-            raise WeightPatchError(f"exact_blocks must be at least 1 (the component's own block), got {exact_blocks}")
-        self.scorer, self.exact_blocks, self.variants_per_batch = scorer, exact_blocks, variants_per_batch
-        self.screen = screen or ExactScreen(scorer)
-        self.neurons = NeuronScreen(self.screen)
-        self.model, self.space = scorer.pair.model, scorer.pair.space
-        self._gradients: list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] | None = None
-        self._base_outputs: dict[tuple[int, int], torch.Tensor] = {}
+    def __init__(self, scorer: AnchorScorer) -> None:
+        self.scorer = scorer
+        self._gradients: list[Gradients] | None = None
         offsets = [0]
         for b in scorer.batches:
             offsets.append(offsets[-1] + len(b))
-        self._offsets = offsets
+        self.offsets = offsets
 
-    def _block_output(self, layer: int, batch_index: int) -> torch.Tensor:
-        """Output of block ``layer`` (from the embedding for ``layer = 0``) on the cached receiver
-        input, with the model's current weights."""
-        hidden_in = self.screen.inputs[batch_index].get(layer) if layer > 0 else None
-        batch = self.scorer.batches[batch_index]
-        last = layer == self.scorer.layer  # the anchor block: its last position, as the anchor scores
-        return run_segment(
-            self.model, self.space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last
-        )[0]
-
-    def _base_output(self, layer: int, batch_index: int) -> torch.Tensor:
-        """:meth:`_block_output` of the receiver, cached (call it outside any patch)."""
-        key = (layer, batch_index)
-        if key not in self._base_outputs:
-            self._base_outputs[key] = self._block_output(layer, batch_index)
-        return self._base_outputs[key]
-
-    def gradients(self, batch_index: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def gradients(self, batch_index: int) -> Gradients:
         """(residual gradients by layer, MLP-output gradients by layer) of one prompt batch."""
         if self._gradients is None:
-            mlps = {layer: self.neurons._paths(layer)[0] for layer in range(self.scorer.layer)}
+            space = self.scorer.pair.space
+            mlps = {layer: space.site(Component("module", layer, "mlp")).module for layer in range(self.scorer.layer)}
             self._gradients = [residual_gradients(self.scorer, b, mlps) for b in self.scorer.batches]
         return self._gradients[batch_index]
 
-    def _group_scores(self, group: list[Component], layer: int) -> torch.Tensor:
+    def f_receiver(self, batch_index: int) -> torch.Tensor:
+        """The receiver's anchor scores (batch,) of one prompt batch."""
+        return self.scorer.f_receiver[self.offsets[batch_index] : self.offsets[batch_index + 1]]
+
+
+class LocalNeurons(EffectStrategy[Component]):
+    """MLP neurons by the batched neuron path (module docstring): a layer's neurons in one group
+    below the anchor (linearized from the MLP output), in :class:`NeuronScreen` groups in the
+    anchor's own block (exact)."""
+
+    method = METHOD
+    variants_per_batch = 2**31  # below the anchor every neuron of a layer is one einsum
+
+    def __init__(self, scorer: AnchorScorer, linear: _Linearized) -> None:
+        super().__init__(scorer)
+        self.scorer, self.linear, self.exact = scorer, linear, NeuronScreen(scorer)
+
+    def values(self, group: Sequence[Component], layer: int) -> torch.Tensor:
+        if layer == self.scorer.layer:
+            size = self.exact.variants_per_batch
+            return torch.cat([self.exact.values(group[i : i + size], layer) for i in range(0, len(group), size)])
+        state = self.exact.layer_state(layer)
+        chunk = torch.tensor([c.index for c in group])
+        dtype = self.scorer.u.dtype
+        w_base, w_donor = state.w_base[chunk].to(dtype), state.w_donor[chunk].to(dtype)
+        f = []
+        for bi in range(len(self.scorer.batches)):
+            a_base, a_donor = state.a_base[bi][..., chunk].to(dtype), state.a_donor[bi][..., chunk].to(dtype)
+            g = self.linear.gradients(bi)[1][layer].to(dtype)  # (batch, seq, hidden)
+            change = torch.einsum("bsk,bsk->bk", a_donor, g @ w_donor.T) - torch.einsum(
+                "bsk,bsk->bk", a_base, g @ w_base.T
+            )
+            f.append(self.linear.f_receiver(bi)[:, None] + change)
+        return torch.cat(f).T
+
+
+class LocalExactScreen(EffectStrategy[Component]):
+    """Local-exact scores on one scorer's prompts and anchor (see the module docstring): the
+    weight-slice strategy with the blocks above ``exact_blocks`` linearized, neurons through
+    :class:`LocalNeurons`."""
+
+    method = METHOD
+
+    def __init__(self, scorer: AnchorScorer, exact_blocks: int = 1, variants_per_batch: int = 8) -> None:
+        if exact_blocks < 1:
+            raise WeightPatchError(f"exact_blocks must be at least 1 (the component's own block), got {exact_blocks}")
+        super().__init__(scorer)
+        self.scorer, self.exact_blocks, self.variants_per_batch = scorer, exact_blocks, variants_per_batch
+        scorer.block_inputs()  # cached now, with the receiver's own weights in place
+        self.linear = _Linearized(scorer)
+        self.neurons = LocalNeurons(scorer, self.linear)
+        self._base_outputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _base_output(self, layer: int, batch_index: int) -> torch.Tensor:
+        """The receiver's output of block ``layer`` on its cached input (call it outside any patch)."""
+        key = (layer, batch_index)
+        if key not in self._base_outputs:
+            self._base_outputs[key] = run_blocks(self.scorer, batch_index, layer, layer)
+        return self._base_outputs[key]
+
+    def values(self, group: Sequence[Component], layer: int) -> torch.Tensor:
         """Estimated patched anchor scores (variant, prompt) of components first affecting ``layer``:
         block ``layer`` runs with each component patched alone, then (stacked) the receiver's blocks
         up to ``stop = min(layer + exact_blocks - 1, anchor)``; the change of the residual stream
@@ -148,92 +177,33 @@ class LocalExactScreen:
         stop = min(layer + self.exact_blocks - 1, anchor)
         if stop < anchor:  # the receiver's block output and gradients, before patching
             base = [self._base_output(stop, bi) for bi in range(n)]
-            gradients = [self.gradients(bi)[0][stop] for bi in range(n)]
+            gradients = [self.linear.gradients(bi)[0][stop] for bi in range(n)]
         outs = []
         for c in group:
             with patched(self.model, scorer.pair.donor, self.space, [c]):
-                outs.append([self._block_output(layer, bi) for bi in range(n)])
+                outs.append([run_blocks(scorer, bi, layer, layer) for bi in range(n)])
+        stacked = [torch.cat([o[bi] for o in outs]) for bi in range(n)]
+        if stop > layer:
+            stacked = [run_blocks(scorer, bi, layer + 1, stop, h, len(group)) for bi, h in enumerate(stacked)]
+        if stop == anchor:
+            return readout_variants(scorer, stacked, len(group))
         rows = []
-        for bi, batch in enumerate(scorer.batches):
-            stacked = torch.cat([o[bi] for o in outs])
-            if stop > layer:
-                stacked = run_segment(
-                    self.model,
-                    self.space,
-                    batch.repeat(len(group)),
-                    stop=stop,
-                    start=layer + 1,
-                    hidden_in=stacked,
-                    last_position=stop == anchor,
-                )[0]
-            if stop == anchor:
-                rows.append(scorer.project(stacked).view(len(group), len(batch)))
-                continue
-            f_receiver = scorer.f_receiver[self._offsets[bi] : self._offsets[bi + 1]]
-            change = stacked.view(len(group), *base[bi].shape) - base[bi]
+        for bi in range(n):
+            change = stacked[bi].view(len(group), *base[bi].shape) - base[bi]
             linear = torch.einsum("vbsh,bsh->vb", change.to(scorer.u.dtype), gradients[bi].to(scorer.u.dtype))
-            rows.append(f_receiver + linear)
+            rows.append(self.linear.f_receiver(bi) + linear)
         return torch.cat(rows, dim=1)
 
-    def _neuron_layer(self, layer: int, index: list[int]) -> list[dict]:
-        """Rows for the neurons ``index`` of ``layer`` (below the anchor) by the batched neuron path."""
-        scorer, ns = self.scorer, self.neurons
-        _mlp, down, down_weight, dim = ns._paths(layer)
-        w_base, w_donor = ns._output_vectors(down_weight, dim)
-        inputs_patch = ns._input_components(layer, down_weight)
-        chunk = torch.tensor(index)
-        dtype = scorer.u.dtype
-        w_base, w_donor = w_base[chunk].to(dtype), w_donor[chunk].to(dtype)
-        f = []
-        for bi in range(len(scorer.batches)):
-            a_base, a_donor, _ = ns._activations(layer, bi, down, inputs_patch)
-            g = self.gradients(bi)[1][layer].to(dtype)  # (batch, seq, hidden)
-            change = torch.einsum("bsk,bsk->bk", a_donor[..., chunk].to(dtype), g @ w_donor.T) - torch.einsum(
-                "bsk,bsk->bk", a_base[..., chunk].to(dtype), g @ w_base.T
-            )
-            f_receiver = scorer.f_receiver[self._offsets[bi] : self._offsets[bi + 1]]
-            f.append(f_receiver[:, None] + change)
-        rows = []
-        for j, f_j in zip(index, torch.cat(f).T, strict=True):
-            e = scorer.effect(f_j)
-            rows.append(score_row(Component("neuron", layer, "mlp", j), METHOD, e.mean, e.stderr, e.n_prompts))
-        return rows
+    def parts(self, items: list[Component]) -> list[tuple[Strategy, list[Component]]]:
+        """Neurons by the batched neuron path, everything else by the weight-slice path."""
+        return [
+            (self.neurons, [c for c in items if c.kind == "neuron"]),
+            (self, [c for c in items if c.kind != "neuron"]),
+        ]
 
     def run(self, components: Iterable[Component | str], progress: bool = True) -> ScoreTable:
         """Score each component; rows come in the order given."""
-        scorer, anchor = self.scorer, self.scorer.layer
-        todo = [self.space.validate(c) for c in components]
-        n_valid = int(scorer.valid.sum())
-        rows: dict[str, dict] = {}
-        neurons: dict[int, list[int]] = defaultdict(list)
-        bar = tqdm(total=len(todo), desc=METHOD, unit="comp", disable=not progress)
-        with torch.no_grad():
-            for c in todo:
-                if c.kind == "neuron" and c.layer <= anchor:  # type: ignore[operator]
-                    neurons[c.layer].append(c.index)  # type: ignore[index,arg-type]
-            for layer, index in neurons.items():
-                if layer < anchor:
-                    layer_rows = self._neuron_layer(layer, index)
-                else:  # the anchor's own block: exact
-                    exact = self.neurons.run_layer(layer, index, progress=False).frame.to_dict("records")
-                    layer_rows = [{**row, "method": METHOD} for row in exact]
-                rows.update((row["component"], row) for row in layer_rows)
-                bar.update(len(index))
-            by_layer: dict[int, list[Component]] = defaultdict(list)
-            for c in dict.fromkeys(c for c in todo if c.name not in rows):
-                by_layer[self.space.first_affected_layer(c)].append(c)
-            for layer, same_layer in sorted(by_layer.items()):
-                for i in range(0, len(same_layer), self.variants_per_batch):
-                    group = same_layer[i : i + self.variants_per_batch]
-                    if layer > anchor:
-                        rows.update((c.name, score_row(c, METHOD, 0.0, 0.0, n_valid)) for c in group)
-                    else:
-                        for c, f_c in zip(group, self._group_scores(group, layer), strict=True):
-                            e = scorer.effect(f_c)
-                            rows[c.name] = score_row(c, METHOD, e.mean, e.stderr, e.n_prompts)
-                    bar.update(len(group))
-        bar.close()
-        return ScoreTable.from_rows(rows[c.name] for c in todo)
+        return self.score(components, progress=progress)
 
 
 def local_exact_scores(
@@ -247,4 +217,4 @@ def local_exact_scores(
     ``components``): each component's own block and the ``exact_blocks - 1`` blocks above it exact,
     the rest up to the anchor linearized at the receiver (neurons: their own block only). Same
     normalization and rows as the exact score."""
-    return LocalExactScreen(scorer, exact_blocks).run(_targets(scorer, kinds, components), progress=progress)
+    return LocalExactScreen(scorer, exact_blocks).run(scorer.pair.space.select(kinds, components), progress=progress)

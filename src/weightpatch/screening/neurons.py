@@ -23,26 +23,28 @@ the last position only, as in :class:`~weightpatch.screening.exact.ExactScreen`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from weightpatch.components import Component, ParamSlice
+from weightpatch.engine import EffectStrategy, readout_variants, run_blocks
 from weightpatch.patch import donor_values, patched
-from weightpatch.results import ScoreTable, score_row
-from weightpatch.runner import run_segment
+from weightpatch.results import ScoreTable
+from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import METHOD, ExactScreen
 
 
 @dataclass
-class _LayerState:
-    """What every variant of one layer shares, per prompt batch: the down projection's inputs
+class NeuronLayer:
+    """What every neuron variant of one layer shares, per prompt batch: the down projection's inputs
     (batch, seq, neurons) under base and donor input weights, the block's base output (batch, seq,
-    hidden), and every neuron's output vector (neurons, hidden) under base and donor weights."""
+    hidden), and every neuron's output vector (neurons, hidden) under base and donor weights; seq = 1
+    (the last position) in the anchor's own block."""
 
     layer: int
+    mlp: str  # the MLP module's path (its output is where a neuron's change lands)
     a_base: list[torch.Tensor]
     a_donor: list[torch.Tensor]
     out_base: list[torch.Tensor]
@@ -51,39 +53,38 @@ class _LayerState:
     additive: bool  # block output = MLP output + terms independent of it
 
 
-class NeuronScreen:
-    """Exact single-neuron scores for whole layers, ``neurons_per_forward`` variants per pass.
-    ``skip_own_block``: start the variants at block ``l + 1`` where block ``l`` adds its MLP
-    output to the residual (see the module docstring); off, every variant re-runs block ``l``."""
+class NeuronScreen(EffectStrategy[Component]):
+    """Exact single-neuron scores, ``neurons_per_forward`` variants per pass: the neuron strategy of
+    the sweep. ``skip_own_block``: start the variants at block ``l + 1`` where block ``l`` adds its
+    MLP output to the residual (see the module docstring); off, every variant re-runs block ``l``.
+    ``scorer``: the :class:`AnchorScorer` (or an :class:`ExactScreen` on it)."""
 
-    def __init__(self, screen: ExactScreen, neurons_per_forward: int = 64, skip_own_block: bool = True) -> None:
-        self.screen, self.neurons_per_forward, self.skip_own_block = screen, neurons_per_forward, skip_own_block
-        self.scorer, self.space, self.model = screen.scorer, screen.space, screen.model
-        self._state: _LayerState | None = None  # the last layer's, reused by its next chunk of neurons
+    method = METHOD
 
-    def _paths(self, layer: int) -> tuple[str, str, str, int]:
-        """(MLP module, neuron-activation module, its weight name, the weight's neuron dim) of a
-        layer, as the architecture declares them (the MLP output and neuron activation sites)."""
-        mlp = self.space.site(Component("module", layer, "mlp")).module
-        down = self.space.site(Component("neuron", layer, "mlp", 0)).module
-        return (mlp, down, *self.space.neuron_readout(layer))
+    def __init__(
+        self, scorer: AnchorScorer | ExactScreen, neurons_per_forward: int = 64, skip_own_block: bool = True
+    ) -> None:
+        scorer = scorer.scorer if isinstance(scorer, ExactScreen) else scorer
+        super().__init__(scorer)
+        self.scorer, self.neurons_per_forward, self.skip_own_block = scorer, neurons_per_forward, skip_own_block
+        self._state: NeuronLayer | None = None  # the last layer's, reused by its next group of neurons
+
+    @property
+    def variants_per_batch(self) -> int:  # type: ignore[override]
+        return self.neurons_per_forward
 
     def _activations(
         self, layer: int, batch_index: int, down: str, inputs_patch: list[Component]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs of the down projection (batch, seq, neurons) under base weights and with the
         donor's neuron input weights (gate/up rows and their biases) patched in, and the block's
-        base output (batch, seq, hidden); seq = 1 (the last position) in the anchor's own block."""
-        scorer, space, model = self.scorer, self.space, self.model
-        batch = scorer.batches[batch_index]
-        hidden_in = self.screen.inputs[batch_index].get(layer) if layer > 0 else None
-        last = layer == scorer.layer  # the anchor block: its last position only, as the anchor scores
+        base output (batch, seq, hidden), all from block ``layer`` alone."""
         captured: list[torch.Tensor] = []
-        handle = model.get_submodule(down).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        handle = self.model.get_submodule(down).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         try:
-            out = run_segment(model, space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last)[0]
-            with patched(model, scorer.pair.donor, space, inputs_patch):
-                run_segment(model, space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last)
+            out = run_blocks(self.scorer, batch_index, layer, layer)
+            with patched(self.model, self.scorer.pair.donor, self.space, inputs_patch):
+                run_blocks(self.scorer, batch_index, layer, layer)
         finally:
             handle.remove()
         return captured[0], captured[1], out
@@ -92,8 +93,6 @@ class NeuronScreen:
         """Whether block ``layer``'s output moves by exactly what is added to its MLP output (up to
         rounding), probed on the first prompt batch with a random shift (batch, seq, hidden) ten
         times the size of the output: a norm after the MLP would squash it."""
-        batch = self.scorer.batches[0]
-        hidden_in = self.screen.inputs[0].get(layer) if layer > 0 else None
         scale = 10 * float(out_base.abs().max())
         probe = scale * torch.randn(out_base.shape, generator=torch.Generator().manual_seed(0)).to(out_base)
 
@@ -102,35 +101,30 @@ class NeuronScreen:
 
         handle = self.model.get_submodule(mlp).register_forward_hook(shift)
         try:
-            last = layer == self.scorer.layer  # as in _activations: out_base is then the last position
-            out = run_segment(
-                self.model, self.space, batch, stop=layer, start=layer, hidden_in=hidden_in, last_position=last
-            )[0]
+            out = run_blocks(self.scorer, 0, layer, layer)  # as in _activations (the anchor block: last position)
         finally:
             handle.remove()
         tolerance = 64 * torch.finfo(out.dtype).eps * scale
         return bool(((out - out_base - probe).abs().max() <= tolerance).item())
 
-    def _layer_state(self, layer: int) -> _LayerState:
+    def layer_state(self, layer: int) -> NeuronLayer:
         """The shared inputs of ``layer``'s variants (computed once per layer, the last one kept)."""
         if self._state is not None and self._state.layer == layer:
             return self._state
         self._state = None
-        mlp, down, down_weight, dim = self._paths(layer)
-        w_base, w_donor = self._output_vectors(down_weight, dim)
+        space = self.space
+        mlp = space.site(Component("module", layer, "mlp")).module
+        down = space.site(Component("neuron", layer, "mlp", 0)).module
+        down_weight, dim = space.neuron_readout(layer)
+        w = self.model.get_parameter(down_weight)
+        w_donor = donor_values(self.scorer.pair.donor, ParamSlice(down_weight), w)
         inputs_patch = self._input_components(layer, down_weight)
         runs = [self._activations(layer, bi, down, inputs_patch) for bi in range(len(self.scorer.batches))]
         a_base, a_donor, out_base = (list(x) for x in zip(*runs, strict=True))
         additive = self.skip_own_block and self._adds_mlp_output(layer, mlp, out_base[0])
-        self._state = _LayerState(layer, a_base, a_donor, out_base, w_base, w_donor, additive)
+        w_base = w.detach().movedim(dim, 0)
+        self._state = NeuronLayer(layer, mlp, a_base, a_donor, out_base, w_base, w_donor.movedim(dim, 0), additive)
         return self._state
-
-    def _output_vectors(self, down_weight: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every neuron's output vector (the down projection's slice along its neuron ``dim``),
-        (neurons, hidden), under the receiver's and the donor's weights."""
-        w = self.model.get_parameter(down_weight)
-        w_donor = donor_values(self.scorer.pair.donor, ParamSlice(down_weight), w)
-        return w.detach().movedim(dim, 0), w_donor.movedim(dim, 0)
 
     def _input_components(self, layer: int, down_weight: str) -> list[Component]:
         """The MLP parameters that feed the neurons (everything in the neuron rules but the down
@@ -142,7 +136,8 @@ class NeuronScreen:
             if m.startswith("mlp.") and {s.name for s in self.space.resolve(Component("module", layer, m))} & names
         ]
 
-    def _delta(self, state: _LayerState, batch_index: int, chunk: torch.Tensor, last: bool) -> torch.Tensor:
+    @staticmethod
+    def _delta(state: NeuronLayer, batch_index: int, chunk: torch.Tensor, last: bool) -> torch.Tensor:
         """Each variant's change of the MLP output, (k, batch, seq, hidden) for the ``k`` neurons of
         ``chunk`` (``last``: the last position only, seq = 1)."""
         positions = slice(-1, None) if last else slice(None)
@@ -151,68 +146,43 @@ class NeuronScreen:
         delta = torch.einsum("bsk,kh->kbsh", a_donor, state.w_donor[chunk])
         return delta.sub_(torch.einsum("bsk,kh->kbsh", a_base, state.w_base[chunk]))
 
-    def _chunk_output(self, state: _LayerState, batch_index: int, chunk: torch.Tensor) -> torch.Tensor:
+    def _chunk_output(self, state: NeuronLayer, batch_index: int, chunk: torch.Tensor) -> torch.Tensor:
         """The anchor block's output (k * batch, seq, hidden; seq may be cut to the last position)
         of each neuron of ``chunk`` patched alone, variant-major."""
-        model, space, anchor, layer = self.model, self.space, self.scorer.layer, state.layer
-        batch = self.scorer.batches[batch_index]
-        k = len(chunk)
+        anchor, layer, k = self.scorer.layer, state.layer, len(chunk)
         if state.additive:
             # block `layer` patched = its base output + delta: nothing to re-run in it
             out_base = state.out_base[batch_index]
             if layer == anchor:
                 return (out_base[:, -1:] + self._delta(state, batch_index, chunk, last=True)).flatten(0, 1)
             stacked = (out_base + self._delta(state, batch_index, chunk, last=False)).flatten(0, 1)
-            return run_segment(
-                model, space, batch.repeat(k), stop=anchor, start=layer + 1, hidden_in=stacked, last_position=True
-            )[0]
+            return run_blocks(self.scorer, batch_index, layer + 1, hidden=stacked, variants=k)
         delta = self._delta(state, batch_index, chunk, last=False).flatten(0, 1)
 
         def add_delta(_m, _a, out):
             return out + delta.to(out.dtype)
 
-        hidden_in = self.screen.inputs[batch_index].get(layer) if layer > 0 else None
-        handle = model.get_submodule(self._paths(layer)[0]).register_forward_hook(add_delta)
+        handle = self.model.get_submodule(state.mlp).register_forward_hook(add_delta)
         try:
-            stacked_in = hidden_in.repeat(k, 1, 1) if hidden_in is not None else None
-            return run_segment(
-                model, space, batch.repeat(k), stop=anchor, start=layer, hidden_in=stacked_in, last_position=True
-            )[0]
+            return run_blocks(self.scorer, batch_index, layer, variants=k)
         finally:
             handle.remove()
 
+    def values(self, group: Sequence[Component], layer: int) -> torch.Tensor:
+        state = self.layer_state(layer)
+        chunk = torch.tensor([c.index for c in group])
+        outs = [self._chunk_output(state, bi, chunk) for bi in range(len(self.scorer.batches))]
+        return readout_variants(self.scorer, outs, len(group))
+
     def run_layer(self, layer: int, neurons: Iterable[int] | None = None, progress: bool = True) -> ScoreTable:
         """Exact scores of the ``neurons`` of ``layer`` (default: all), one row each, in order."""
-        scorer, space = self.scorer, self.space
-        index = list(range(space.num_neurons(layer)) if neurons is None else neurons)
-        if layer > scorer.layer:
-            n = int(scorer.valid.sum())
-            return ScoreTable.from_rows(
-                score_row(Component("neuron", layer, "mlp", j), METHOD, 0.0, 0.0, n) for j in index
-            )
-        f = torch.zeros(len(index), sum(len(b) for b in scorer.batches), dtype=scorer.u.dtype)
-        bar = tqdm(
-            total=len(index) * len(scorer.batches), desc=f"neurons L{layer}", unit="neuron", disable=not progress
-        )
-        offset = 0
-        with torch.no_grad():
-            state = self._layer_state(layer)
-            for bi, batch in enumerate(scorer.batches):
-                for start in range(0, len(index), self.neurons_per_forward):
-                    chunk = torch.tensor(index[start : start + self.neurons_per_forward])
-                    out = self._chunk_output(state, bi, chunk)
-                    f[start : start + len(chunk), offset : offset + len(batch)] = scorer.project(out).view(
-                        len(chunk), len(batch)
-                    )
-                    bar.update(len(chunk))
-                offset += len(batch)
-        bar.close()
-        rows = []
-        for j, f_j in zip(index, f, strict=True):
-            e = scorer.effect(f_j)
-            rows.append(score_row(Component("neuron", layer, "mlp", j), METHOD, e.mean, e.stderr, e.n_prompts))
-        return ScoreTable.from_rows(rows)
+        index = range(self.space.num_neurons(layer)) if neurons is None else neurons
+        return self.score([Component("neuron", layer, "mlp", j) for j in index], progress=progress)
 
     def run(self, layers: Iterable[int] | None = None, progress: bool = True) -> ScoreTable:
+        """Every neuron of ``layers`` (default: every layer)."""
         layers = range(self.space.num_layers) if layers is None else layers
-        return ScoreTable.concat(self.run_layer(layer, progress=progress) for layer in layers)
+        neurons = [
+            Component("neuron", layer, "mlp", j) for layer in layers for j in range(self.space.num_neurons(layer))
+        ]
+        return self.score(neurons, progress=progress)

@@ -11,8 +11,9 @@ import pandas as pd
 
 from weightpatch.backends import Backend, LocalBackend
 from weightpatch.components import KINDS, Kind
+from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import AnchorScorer, GapScorer
 from weightpatch.screening.first_order import gradient_scores
 
 
@@ -38,7 +39,7 @@ def verified_table(table: ScoreTable, candidates: Sequence[str]) -> pd.DataFrame
 
 
 def screen_then_verify(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     kinds: Iterable[Kind] = KINDS,
     top_k: int = 20,
     *,
@@ -60,7 +61,11 @@ def screen_then_verify(
     if screened is None:
         screened = gradient_scores(scorer, kinds=kinds, progress=progress)
     candidates = verification_candidates(screened, kinds, top_k, by_abs, extra)
-    with backend or LocalBackend.from_scorer(scorer, variants_per_batch) as exact:
+    if backend is None:
+        if not isinstance(scorer, AnchorScorer):
+            raise WeightPatchError(f"give a backend for the {scorer.objective} objective (e.g. behaviour.PlainBackend)")
+        backend = LocalBackend.from_scorer(scorer, variants_per_batch)
+    with backend as exact:
         verified = exact.run(candidates, skip=set(skip), on_result=on_result, progress=progress)
     table = ScoreTable.concat([screened, verified])
     return table, verified_table(table, candidates)
