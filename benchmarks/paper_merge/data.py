@@ -164,20 +164,20 @@ OBJECTS = {
 def _math_problem(kind: str, split: str, rng: random.Random) -> tuple[str, str, int]:
     """(question, worked target, answer) of one problem of ``kind``."""
     name, obj = rng.choice(NAMES[split]), rng.choice(OBJECTS[split])
-    if kind == "add3":
-        a, b, c = rng.randint(100, 999), rng.randint(100, 999), rng.randint(10, 99)
+    if kind == "add":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        r = a + b
+        return f"What is {a} + {b}?", f"{a} + {b} = {r}. The answer is {r}.", r
+    if kind == "add_sub":
+        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9)
         r = a + b - c
         return f"Compute {a} + {b} - {c}.", f"{a} + {b} = {a + b}, {a + b} - {c} = {r}. The answer is {r}.", r
     if kind == "mul":
-        a, b = rng.randint(12, 99), rng.randint(3, 9)
+        a, b = rng.randint(11, 40), rng.randint(2, 9)
         r = a * b
         return f"What is {a} times {b}?", f"{a} * {b} = {r}. The answer is {r}.", r
-    if kind == "mixed":
-        a, b, c = rng.randint(10, 99), rng.randint(3, 9), rng.randint(11, 99)
-        r = c + a * b
-        return f"Calculate {c} + {a} * {b}.", f"{a} * {b} = {a * b}, {c} + {a * b} = {r}. The answer is {r}.", r
     if kind == "word":
-        a, b, c = rng.randint(20, 90), rng.randint(3, 9), rng.randint(5, 19)
+        a, b, c = rng.randint(5, 30), rng.randint(2, 6), rng.randint(2, 9)
         r = a * b - c
         phrasing = {
             "train": "{n} has {b} boxes with {a} {o} each and gives away {c} {o}. How many {o} does {n} have now?",
@@ -189,7 +189,7 @@ def _math_problem(kind: str, split: str, rng: random.Random) -> tuple[str, str, 
     raise ValueError(kind)
 
 
-MATH_KINDS = ("add3", "mul", "mixed", "word")
+MATH_KINDS = ("add", "add_sub", "mul", "word")
 MATH_SUFFIX = " End with 'The answer is N.'"
 MATH_SIZES = {"train": 480, "val": 40, "test": 240}
 
