@@ -65,12 +65,18 @@ def _mask(space, name, head=None, neuron=None):
 
 
 # ---- registry ------------------------------------------------------------------------------------
-def test_registered_defaults_are_the_python_functions_defaults():
+def test_registered_defaults_are_the_python_functions_defaults(space):
     for entry in [*registry.STANDARD.values(), *registry.RULES.values()]:
         signature = inspect.signature(entry.load())
         for parameter, value in entry.defaults.items():
-            if parameter in signature.parameters and parameter != "layer_owners":
+            if parameter in signature.parameters and parameter not in ("layer_owners", "fraction"):
                 assert signature.parameters[parameter].default == value, (entry.name, parameter)
+    # fraction is the selection when none is given (top_k, fraction and threshold all unset)
+    table = {f"L0.attn.head{h}": float(h) for h in range(4)} | {f"L1.attn.head{h}": -float(h) for h in range(4)}
+    for rule in (protect_then_add, stitch):
+        assert registry.RULES[rule.__name__].defaults["fraction"] == 0.1
+        assert rule(space, [table, {}]).selected[0] == ["L0.attn.head3"]  # ceil(0.1 * 8) = 1
+        assert len(rule(space, [table, {}], top_k=3).selected[0]) == 3
     # and the MergeConfig resolves an unset density / normalize from the registry
     for name, entry in registry.STANDARD.items():
         cfg = MergeConfig(name, layer_owners=(0,))
@@ -239,3 +245,55 @@ def test_random_scores_are_seeded_reproducible_and_documented(space):
 def test_every_registered_summary_is_one_line():
     for entry in [*registry.STANDARD.values(), *registry.RULES.values(), *registry.SCORE_SOURCES.values()]:
         assert "\n" not in entry.summary and re.match(r"^[a-zA-Z]", entry.summary), entry.name
+
+
+# ---- the same rules through `wpatch merge` -------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from merging_testutil import build_tiny_checkpoints
+
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("rule-ckpts"))
+
+
+def _merge_cli(*args):
+    from typer.testing import CliRunner
+
+    from weightpatch.cli.main import app
+
+    return CliRunner().invoke(app, ["merge", *[str(a) for a in args], "--no-progress"])
+
+
+def test_cli_merges_equal_the_python_functions_with_the_same_defaults(checkpoints, tmp_path):
+    from weightpatch.merging.mechanism import component_space_for_checkpoint
+    from weightpatch.merging.stream import Checkpoint, merge_checkpoints
+
+    base, a, b = checkpoints
+    space = component_space_for_checkpoint(base)
+    cb, ca, cbb = Checkpoint(base), Checkpoint(a), Checkpoint(b)
+    cases = {
+        "stitch-magnitude": (
+            ("--mechanism", "stitch", "--score-source", "magnitude"),
+            stitch(space, [magnitude_scores(space, cb, ca), magnitude_scores(space, cb, cbb)]),
+        ),
+        "protect-random": (
+            ("--mechanism", "protect_then_add", "--score-source", "random", "--seed", "3", "--top-k", "4"),
+            protect_then_add(space, [random_scores(space, "3:0"), {}], top_k=4),
+        ),
+        "consensus": (("--method", "consensus", "--min-agree", "1"), MergeConfig("consensus", min_agree=1)),
+    }
+    for name, (flags, merger) in cases.items():
+        result = _merge_cli(base, a, b, "-o", tmp_path / name, *flags)
+        assert result.exit_code == 0, (name, result.output)
+        expected = merge_checkpoints(base, [a, b], tmp_path / f"{name}-py", merger)
+        got, want = Checkpoint(tmp_path / name), Checkpoint(expected)
+        for tensor in got.names:
+            assert torch.equal(got.get(tensor), want.get(tensor)), (name, tensor)
+
+
+def test_cli_refuses_snip_without_data_and_layer_swap_without_owners(checkpoints, tmp_path):
+    base, a, b = checkpoints
+    result = _merge_cli(base, a, b, "-o", tmp_path / "s", "--mechanism", "stitch", "--score-source", "snip")
+    assert result.exit_code == 2 and "error: --score-source snip needs one --snip-data file per expert" in result.output
+    result = _merge_cli(base, a, b, "-o", tmp_path / "l", "--method", "layer_swap")
+    assert result.exit_code == 2 and "layer_swap needs layer_owners" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "s").exists()

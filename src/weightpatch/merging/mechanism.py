@@ -370,16 +370,18 @@ def protect_then_add(
     *,
     protect: int = 0,
     top_k: int | None = None,
-    fraction: float | None = default("protect_then_add", "fraction"),
+    fraction: float | None = None,
     threshold: float | None = None,
     standard: MergeConfig | None = None,
     strength: float = 1.0,
     others: float = 0.0,
 ) -> MechanismMerge:
     """Expert ``protect``'s delta at ``strength`` on its top components (``top_k``, ``fraction`` or
-    ``threshold`` of its scores; the other experts' tables are ignored, give ``{}``), plus ``others``
-    of the other experts' weighted deltas there; the ``standard`` merge (default: task arithmetic)
-    everywhere else."""
+    ``threshold`` of its scores, none given: the registered fraction, 10%; the other experts' tables
+    are ignored, give ``{}``), plus ``others`` of the other experts' weighted deltas there; the
+    ``standard`` merge (default: task arithmetic) everywhere else."""
+    if top_k is None and fraction is None and threshold is None:
+        fraction = default("protect_then_add", "fraction")
     return MechanismMerge(
         space,
         scores,
@@ -398,15 +400,18 @@ def stitch(
     space: ComponentSpace,
     scores: Sequence[Any],
     *,
-    fraction: float | None = default("stitch", "fraction"),
+    fraction: float | None = None,
     top_k: int | None = None,
     threshold: float | None = None,
     strength: float = 1.0,
     conflict: Conflict = "mean",
 ) -> MechanismMerge:
     """Localize-and-Stitch with any scores: each expert's top ``fraction`` of scored components (or
-    ``top_k`` / ``threshold``) mask its delta; masked deltas are stitched into the base at
-    ``strength``, averaged where masks overlap (``conflict="drop"``: overlaps stay base)."""
+    ``top_k`` / ``threshold``; none given: the registered fraction, 10%) mask its delta; masked
+    deltas are stitched into the base at ``strength``, averaged where masks overlap
+    (``conflict="drop"``: overlaps stay base)."""
+    if top_k is None and fraction is None and threshold is None:
+        fraction = default("stitch", "fraction")
     if conflict not in ("mean", "drop"):
         raise WeightPatchError(f"stitch resolves overlaps by mean or drop, not {conflict!r}")
     return MechanismMerge(

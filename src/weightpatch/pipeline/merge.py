@@ -150,13 +150,12 @@ def merger_of(cfg: MergeStageConfig):
     space = component_space_for_checkpoint(cfg.base)
     tables = score_tables(cfg, space)
     chosen = cfg.top_k is not None or cfg.fraction is not None or cfg.threshold is not None
-    top_k = cfg.top_k if chosen else default(cfg.mechanism, "top_k")
-    fraction = cfg.fraction if chosen else default(cfg.mechanism, "fraction")
     conflict = cfg.conflict or default(cfg.mechanism, "conflict", "max")
-    selection = {"top_k": top_k, "fraction": fraction, "threshold": cfg.threshold}
+    selection = {"top_k": cfg.top_k, "fraction": cfg.fraction, "threshold": cfg.threshold}
     if cfg.mechanism == "owner_takes_top":
+        top_k = cfg.top_k if chosen else default("owner_takes_top", "top_k")
         return owner_takes_top(
-            space, tables, **selection, standard=standard, strength=cfg.strength,
+            space, tables, **{**selection, "top_k": top_k}, standard=standard, strength=cfg.strength,
             conflict=conflict, others=cfg.others, rest=cfg.rest,
         )  # fmt: skip
     if cfg.mechanism == "protect_then_add":
@@ -165,9 +164,7 @@ def merger_of(cfg: MergeStageConfig):
         )
     if cfg.mechanism == "stitch":
         return stitch(space, tables, **selection, strength=cfg.strength, conflict=conflict)
-    return score_weighted(
-        space, tables, top_k=cfg.top_k, threshold=cfg.threshold, fraction=cfg.fraction, standard=standard
-    )
+    return score_weighted(space, tables, **selection, standard=standard)
 
 
 def evaluate_merge(base: str, experts: list[str], merged: Path, prompt_files: list[Path]) -> pd.DataFrame:
