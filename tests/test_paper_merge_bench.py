@@ -114,3 +114,43 @@ def test_paired_bootstrap_matches_a_hand_computation():
     assert two.low == pytest.approx((-2 / 3 + 0.075 * 2 / 3 + 2) / 2)
     seeded = stats.paired_bootstrap([(a, b, 1.0)], seed=3)
     assert seeded == stats.paired_bootstrap([(a, b, 1.0)], seed=3)
+
+
+def _row(name, mean, correct_if, correct_math):
+    return {
+        "row": name,
+        "mean_normalized": mean,
+        "normalized": {"if": mean, "math": mean},
+        "test": {"skills": {"if": {"correct": correct_if}, "math": {"correct": correct_math}}},
+    }
+
+
+def test_the_verdict_follows_the_rule_fixed_in_advance():
+    table = pytest.importorskip("paper_merge.table")
+    ref = {"if": {"base": 0.0, "expert": 1.0}, "math": {"base": 0.0, "expert": 1.0}}
+    n = 60
+    strong, weak = [True] * n, [True] * (n // 2) + [False] * (n // 2)
+    skills = ("if", "math")
+
+    def combo(guided, magnitude, random_):
+        rows = [
+            _row("task_arithmetic", 0.5, weak, weak),
+            _row("stitch:weight_patching", guided, *(strong, strong) if guided > 0.5 else (weak, weak)),
+            _row("stitch:magnitude", magnitude, weak, weak),
+            _row("stitch:random", random_, weak, weak),
+        ]
+        return rows, skills, ref
+
+    # WP stitch beats the best baseline by 0.5 (every bootstrap replicate > 0) and its controls: reproduced
+    tables = {"a": combo(1.0, 0.5, 0.5), "b": combo(1.0, 0.5, 0.5), "c": combo(0.5, 0.5, 0.5)}
+    assert table.verdict(tables)[0] == "reproduced"
+    # the same wins over the baselines, but magnitude scores do as well: rule, not scores
+    tables = {"a": combo(1.0, 1.0, 0.5), "b": combo(1.0, 1.0, 0.5)}
+    assert table.verdict(tables)[0] == "rule, not scores"
+    # one combination only: refuted
+    assert table.verdict({"a": combo(1.0, 0.5, 0.5), "b": combo(0.5, 0.5, 0.5)})[0] == "refuted"
+    # no baseline keeps half of every skill: the gate fails
+    rows, _, _ = combo(1.0, 0.5, 0.5)
+    rows[0]["normalized"] = {"if": 0.9, "math": 0.2}
+    name, notes = table.verdict({"a": (rows, skills, ref)})
+    assert name == "not mergeable" and "gate" in notes[-1]

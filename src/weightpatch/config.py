@@ -234,6 +234,9 @@ class MergeStageConfig(StageConfig):
     )
     strength: float = Field(1.0, description="owner_takes_top, protect_then_add, stitch: scale of the owned deltas.")
     protect: int = Field(0, ge=0, description="protect_then_add: the protected expert (0 = the first).")
+    floor: float = Field(
+        RULES["score_weighted"].defaults["floor"], ge=0.0, description="score_weighted: weight of unscored entries."
+    )
     others: float = Field(
         0.0, ge=0.0, description="owner_takes_top: share of the other experts' deltas kept on owned entries."
     )

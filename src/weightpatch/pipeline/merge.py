@@ -164,7 +164,7 @@ def merger_of(cfg: MergeStageConfig):
         )
     if cfg.mechanism == "stitch":
         return stitch(space, tables, **selection, strength=cfg.strength, conflict=conflict)
-    return score_weighted(space, tables, **selection, standard=standard)
+    return score_weighted(space, tables, **selection, standard=standard, floor=cfg.floor)
 
 
 def evaluate_merge(base: str, experts: list[str], merged: Path, prompt_files: list[Path]) -> pd.DataFrame:
