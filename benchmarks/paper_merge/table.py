@@ -449,6 +449,12 @@ def report() -> None:
             f"\n{combo}: base / expert test accuracy "
             + ", ".join(f"{s} {ref[s]['base']:.3f}/{ref[s]['expert']:.3f}" for s in skills)
         )
+        for name in ("base", *skills, "joint"):  # the reference rows: base, each expert, the joint fine-tune
+            paths = {s: experts.ROOT / "evaluations" / name / f"{s}-test.json" for s in skills}
+            if all(p.exists() for p in paths.values()):
+                norm = {s: normalized(json.loads(paths[s].read_text())["accuracy"], ref[s]) for s in skills}
+                cells = " ".join(f"{s}={v:.2f}" for s, v in norm.items())
+                print(f"  {name:<34} mean={sum(norm.values()) / len(norm):.3f} {cells}")
         for r in rows:
             cells = " ".join(f"{s}={r['normalized'][s]:.2f}" for s in skills)
             ret = r["test"].get("retention", {})
