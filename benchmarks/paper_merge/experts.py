@@ -216,7 +216,9 @@ def train(name: str, answers: dict[str, str], seed: int = 0) -> Path:
     return out
 
 
-def evaluate_model_dir(name: str, skills=(*SKILLS, "composite"), split: str = "test") -> dict[str, dict]:
+def evaluate_model_dir(
+    name: str, skills: tuple[str, ...] = (*SKILLS, "composite"), split: str = "test"
+) -> dict[str, dict]:
     """``name`` on every skill's ``split`` (cached per skill)."""
     path = model_dir(name)
     target = ROOT / "evaluations" / name
