@@ -15,7 +15,8 @@ prompts with and without the instruction, MATH and CODE a model-difference ancho
 prompts), magnitude, SNIP (on each expert's training texts) and random (seeded), all over heads and
 neurons. Outputs under ``~/.cache/weightpatch-bench/paper-merge/table``: ``<combo>-val.jsonl`` (one line
 per tuned configuration), ``<combo>.jsonl`` (one line per row, with per-item test scores), ``merges/``
-(the merges being evaluated; removed once scored, rebuilt from their command with ``--save``).
+(the merges being evaluated; removed once scored), ``saved/`` (``--save``: each combination's best
+Weight Patching rule and best baseline, rebuilt from their recorded commands).
 
 Budget (the same for every method): ``BUDGET`` = 4 configurations per method, chosen on ``VAL_N`` = 24
 validation items per skill by mean normalized score; what was cut to fit about 8 hours of this 2-core
@@ -467,17 +468,39 @@ def report() -> None:
             print("  " + line)
 
 
+def save_winners() -> list[Path]:
+    """Rebuild, as Hugging Face directories under ``ROOT/saved/<combo>/``, each combination's best
+    Weight Patching rule and best baseline, by running their recorded commands."""
+    saved = []
+    for combo, skills in COMBINATIONS.items():
+        rows = _read(ROOT / f"{combo}.jsonl")
+        for group in (GUIDED, BASELINES):
+            candidates = [r for r in rows if r["row"] in group]
+            if not candidates:
+                continue
+            best = max(candidates, key=lambda r: _finite(r["mean_normalized"]))
+            out = ROOT / "saved" / combo / best["row"].replace(":", "-")
+            run(merge_command(skills, best["flags"], out), ROOT / "merge.log")
+            saved.append(out)
+    return saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("combinations", nargs="*", help=f"any of {', '.join(COMBINATIONS)} (default: all)")
     parser.add_argument("--plan", action="store_true", help="print the configurations and commands, run nothing")
     parser.add_argument("--report", action="store_true", help="print the tables and the verdict so far")
+    parser.add_argument("--save", action="store_true", help="rebuild the winning merges and best baselines")
     args = parser.parse_args()
     unknown = [c for c in args.combinations if c not in COMBINATIONS]
     if unknown:
         parser.error(f"unknown combination {unknown[0]!r}; choose from {', '.join(COMBINATIONS)}")
     if args.report:
         report()
+        return
+    if args.save:
+        for path in save_winners():
+            print(path)
         return
     for combo in args.combinations or list(COMBINATIONS):
         if args.plan:
