@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weightpatch.errors import WeightPatchError
+from weightpatch.merging.registry import MECHANISMS, METHODS, RULES, SCORE_SOURCES, SOURCES, STANDARD, choices_help
 from weightpatch.methods import method_names, scoring_method
 
 DEFAULT_RUN_DIR = Path("wpatch-runs/default")
@@ -254,21 +255,39 @@ class MergeStageConfig(StageConfig):
     run_dir: Path | None = Field(None, description="append the merge (and its evaluation) to this run directory.")
     base_revision: str | None = Field(None, description="hub revision (branch, tag or commit) of a hub-id base.")
     expert_revisions: list[str] | None = Field(None, description="hub revision of each hub-id expert, one per expert.")
-    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "localize_stitch"] = Field(
-        "task_arithmetic", description="task_arithmetic, ties, dare_linear, dare_ties or localize_stitch."
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        "task_arithmetic", description=choices_help(STANDARD, "the standard merge. ")
     )
-    mechanism: Literal["none", "owner_takes_top", "score_weighted"] = Field(
-        "none", description="none, owner_takes_top or score_weighted (needs --scores per expert)."
+    mechanism: Literal[MECHANISMS] = Field(  # type: ignore[valid-type]
+        "none", description=choices_help(RULES, "none (the standard merge alone), or a rule on component scores. ")
+    )
+    score_source: Literal[SOURCES] = Field(  # type: ignore[valid-type]
+        "weight_patching", description=choices_help(SCORE_SOURCES, "component scores of a mechanism-aware rule. ")
     )
     scores: list[Path] = Field([], description="score table or run directory, one per expert (mechanism-aware).")
+    snip_data: list[Path] = Field(
+        [], description="--score-source snip: JSONL of each expert's texts (prompt, optional response), one per expert."
+    )
     score_method: str = Field("exact", description="which scores of --scores to use.")
     score_kinds: list[KindName] | None = Field(
         None, description="use only these granularities of --scores, e.g. module (default: every one)."
     )
-    top_k: int | None = Field(10, ge=1, description="components each expert owns (mechanism-aware).")
+    top_k: int | None = Field(
+        None, ge=1, description="components each expert owns (mechanism-aware; default: the rule's, e.g. 10)."
+    )
+    fraction: float | None = Field(
+        None, gt=0.0, le=1.0, description="instead of --top-k: the top fraction of each expert's scored components."
+    )
     threshold: float | None = Field(None, description="minimum score of an owned component (mechanism-aware).")
-    conflict: Literal["max", "blend"] = Field(
-        "max", description="owner_takes_top: entries owned by several experts go to the best score, or blend by scores."
+    conflict: Literal["max", "blend", "mean", "drop"] | None = Field(
+        None,
+        description="entries owned by several experts: best score (max), blend by scores, mean, or drop them "
+        "(default: the rule's; stitch: mean or drop).",
+    )
+    strength: float = Field(1.0, description="owner_takes_top, protect_then_add, stitch: scale of the owned deltas.")
+    protect: int = Field(0, ge=0, description="protect_then_add: the protected expert (0 = the first).")
+    floor: float = Field(
+        RULES["score_weighted"].defaults["floor"], ge=0.0, description="score_weighted: weight of unscored entries."
     )
     others: float = Field(
         0.0, ge=0.0, description="owner_takes_top: share of the other experts' deltas kept on owned entries."
@@ -276,8 +295,24 @@ class MergeStageConfig(StageConfig):
     rest: float = Field(1.0, ge=0.0, description="owner_takes_top: weight of the standard merge outside owned entries.")
     weights: list[float] | None = Field(None, description="per-expert weights, e.g. 1,0.5.")
     lam: float = Field(1.0, description="task-arithmetic scaling lambda.")
-    density: float = Field(1.0, gt=0.0, le=1.0, description="TIES/DARE-TIES keep fraction.")
+    density: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="ties/localize_stitch keep fraction (default: the method's, "
+        + ", ".join(f"{k} {v.defaults['density']}" for k, v in STANDARD.items() if "density" in v.defaults)
+        + ").",
+    )
     drop_rate: float = Field(0.5, ge=0.0, lt=1.0, description="DARE drop probability.")
+    tall_lambda: float = Field(
+        STANDARD["consensus"].defaults["tall_lambda"], ge=0.0, description="consensus: TALL-mask lambda."
+    )
+    min_agree: int = Field(
+        STANDARD["consensus"].defaults["min_agree"], ge=1, description="consensus: experts whose masks must agree."
+    )
+    layer_owners: list[int] | None = Field(
+        None, description="layer_swap: the expert of each decoder layer, -1 for the base, e.g. 0,0,1,1,0."
+    )
     mergekit_yaml: Path | None = Field(None, description="also write the equivalent mergekit config here.")
     overwrite: bool = Field(False, description="replace an existing --output.")
     trust_remote_code: bool = Field(
@@ -287,7 +322,16 @@ class MergeStageConfig(StageConfig):
         [], description="IFEval JSONL prompts, one per expert: add the merge evaluation table."
     )
 
-    _lists = _split_lists("experts", "expert_revisions", "weights", "scores", "score_kinds", "evaluate_prompts")
+    _lists = _split_lists(
+        "experts",
+        "expert_revisions",
+        "weights",
+        "scores",
+        "score_kinds",
+        "evaluate_prompts",
+        "snip_data",
+        "layer_owners",
+    )
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}

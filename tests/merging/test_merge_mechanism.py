@@ -106,7 +106,7 @@ def test_score_weighted_weights(space):
 
 
 def test_validation(space):
-    with pytest.raises(WeightPatchError, match="top_k or threshold"):
+    with pytest.raises(WeightPatchError, match="top_k, fraction or threshold"):
         owner_takes_top(space, [SCORES_A], top_k=None)
     with pytest.raises(WeightPatchError, match="unknown component"):
         owner_takes_top(space, [{"L7.mlp": 1.0}], top_k=1)

@@ -205,7 +205,7 @@ def test_row_block_mixing_equals_whole_tensor_mixing(monkeypatch, method):
     base = torch.randn(37, 11, generator=g)
     experts = [base + torch.randn(37, 11, generator=g) for _ in range(3)]
     weights = [torch.rand(37, 11, generator=g), 0.5, 2.0]
-    config = methods.MergeConfig(method, density=0.6, drop_rate=0.3, seed=1)
+    config = methods.MergeConfig(method, density=0.6, drop_rate=0.3, seed=1, layer_owners=(0,))
     whole = config.merge_tensor("w", base, experts, weights)
     monkeypatch.setattr(methods, "_CHUNK_ENTRIES", 30)  # blocks of 2 rows
     blocked = config.merge_tensor("w", base, experts, weights)
@@ -267,7 +267,7 @@ def test_argument_count_errors_name_what_is_wrong():
         localize_stitch(base, experts, density=[0.5, 0.5])
     with pytest.raises(WeightPatchError, match="4 drop rate values given for 3 experts"):
         dare_ties(base, experts, p=[0.5] * 4)
-    choices = "task_arithmetic, ties, dare_linear, dare_ties, localize_stitch"
+    choices = "task_arithmetic, ties, dare_linear, dare_ties, localize_stitch, consensus, layer_swap"
     with pytest.raises(WeightPatchError, match=f"unknown merge method 'slerp'; choose one of {choices}$"):
         MergeConfig("slerp")  # type: ignore[arg-type]
 
@@ -390,7 +390,7 @@ def test_normalize_divisors_and_their_zero_guards():
 def test_every_method_keeps_a_bfloat16_dtype(method):
     base, experts = _tensors(shape=(6, 8))
     base16, experts16 = base.bfloat16(), [e.bfloat16() for e in experts]
-    config = MergeConfig(method, density=0.5, drop_rate=0.3)
+    config = MergeConfig(method, density=0.5, drop_rate=0.3, layer_owners=(0,))
     out = config.merge_tensor("w", base16, experts16)
     assert out.dtype == torch.bfloat16
     # computed in float32 from the same (bf16-exact) values, rounded once
@@ -451,8 +451,14 @@ def test_merge_config_describe_resolves_normalize():
         "normalize": True,
         "seed": 0,
         "rescale": "inverse",
+        "tall_lambda": 0.6,
+        "min_agree": 2,
+        "layer_owners": None,
     }
     assert MergeConfig("dare_ties").describe()["normalize"] is False
+    # an unset density is the method's registered default
+    assert MergeConfig("localize_stitch").describe()["density"] == 0.1
+    assert MergeConfig("ties").describe()["density"] == 1.0
     assert MergeConfig("task_arithmetic", normalize=True).describe()["normalize"] is True
 
 

@@ -12,8 +12,9 @@ streams with :func:`~weightpatch.merging.stream.merge_checkpoints` like any base
 Two variants (the paper leaves the exact rule open; both are offered for comparison):
 
 ``owner_takes_top``
-    Each expert *owns* its selected components: its ``top_k`` highest raw scores and/or those
-    with raw score ``>= threshold`` (both given: the top k among those above the threshold), at
+    Each expert *owns* its selected components: its ``top_k`` highest raw scores (or its top
+    ``fraction`` of scored components) and/or those with raw score ``>= threshold`` (both given:
+    the top ones among those above the threshold), at
     slice level (a head owns its query rows and output columns, a neuron its row of the up/gate
     projections and its column of the down projection). With ``O(x)`` the experts owning entry
     ``x``, ``s_i(x)`` the normalized score of expert ``i``'s best component covering ``x``,
@@ -21,6 +22,8 @@ Two variants (the paper leaves the exact rule open; both are offered for compari
 
         conflict="max":   W(x) = {argmax_i s_i(x)} (equal: the lower index), a_i = 1
         conflict="blend": W(x) = O(x), a_i = s_i(x) / sum_{j in O(x)} s_j(x)   (all 0: 1 / |O(x)|)
+        conflict="mean":  W(x) = O(x), a_i = 1 / |O(x)|
+        conflict="drop":  entries with |O(x)| > 1 count as unowned
         owned x:    merged = base + strength * sum_{i in W(x)} a_i delta_i
                                   + others * lam * sum_{j not in W(x)} w_j delta_j
         unowned x:  merged = base + rest * (standard(x) - base)
@@ -29,6 +32,20 @@ Two variants (the paper leaves the exact rule open; both are offered for compari
     alone on owned entries, the standard merge (task arithmetic, TIES, DARE, ...) everywhere else.
     ``others`` says how much of the other experts' deltas survive on an owner's entries, ``rest``
     how much of the standard merge survives outside every owned entry.
+
+``protect_then_add``
+    ``owner_takes_top`` in which only the *protected* expert ``p`` (``protect``, default 0: the
+    instruction-following expert) owns components: on the entries of its selected components
+    ``merged = base + strength * delta_p + others * lam * sum_{j != p} w_j delta_j``, the standard
+    merge (task arithmetic by default) everywhere else. The other experts' scores are not used.
+
+``stitch``
+    Localize-and-Stitch (He et al. 2024, arXiv 2408.13656) with any score source in place of
+    per-entry magnitudes: ``m_i`` marks the entries of expert ``i``'s selected components (by
+    default its top ``fraction`` = 10% of scored components), and
+    ``merged = base + strength * sum_i m_i delta_i / max(1, sum_i m_i)`` (``conflict="mean"``);
+    with ``conflict="drop"`` entries selected by several experts stay at the base (LED-Merging's
+    disjoint step). Nothing outside the masks changes (``rest=0``).
 
 ``score_weighted``
     Per-entry weight of expert ``i`` = ``max(floor, scale * s_i(c))`` where ``s_i(c)`` is the
@@ -52,11 +69,13 @@ import torch
 from weightpatch.components import ComponentSpace, ParamSlice
 from weightpatch.errors import WeightPatchError
 from weightpatch.merging.methods import MergeConfig
+from weightpatch.merging.registry import RULES, default
 
-Variant = Literal["owner_takes_top", "score_weighted"]
-VARIANTS: tuple[str, ...] = ("owner_takes_top", "score_weighted")
-Conflict = Literal["max", "blend"]
-CONFLICTS: tuple[str, ...] = ("max", "blend")
+Variant = Literal["owner_takes_top", "score_weighted", "protect_then_add", "stitch"]
+VARIANTS: tuple[str, ...] = tuple(RULES)
+OWNERSHIP: frozenset[str] = frozenset({"owner_takes_top", "protect_then_add", "stitch"})  # owner-based rules
+Conflict = Literal["max", "blend", "mean", "drop"]
+CONFLICTS: tuple[str, ...] = ("max", "blend", "mean", "drop")
 
 
 def load_scores(scores: Any, component_col: str = "component", score_col: str = "score") -> dict[str, float]:
@@ -88,19 +107,29 @@ def normalized_scores(scores: Mapping[str, float]) -> dict[str, float]:
 
 
 def select_components(
-    scores: Mapping[str, float], top_k: int | None = None, threshold: float | None = None
+    scores: Mapping[str, float],
+    top_k: int | None = None,
+    threshold: float | None = None,
+    fraction: float | None = None,
 ) -> list[str]:
     """Components with raw score ``>= threshold`` (if given), then the ``top_k`` highest of those
-    (if given); ordered by score descending, then name."""
+    (if given), or the top ``ceil(fraction * len(scores))`` (if given; the fraction is of the whole
+    table); ordered by score descending, then name."""
     items = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
     if threshold is not None:
         items = [kv for kv in items if kv[1] >= threshold]
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise WeightPatchError(f"fraction must be in (0, 1], got {fraction}")
+        items = items[: math.ceil(fraction * len(scores))]
     if top_k is not None:
         items = items[:top_k]
     return [c for c, _ in items]
 
 
-def _regions(t: torch.Tensor, sl: ParamSlice) -> list[torch.Tensor]:
+def slice_regions(t: torch.Tensor, sl: ParamSlice) -> list[torch.Tensor]:
+    """The views of ``t`` that slice ``sl`` covers (one per index range; the whole tensor when
+    ``sl`` is whole)."""
     t = sl.region(t)
     if sl.dim is None:
         return [t]
@@ -112,6 +141,7 @@ class MechanismMerge:
     """A mechanism-aware merge; use :func:`owner_takes_top` / :func:`score_weighted` to build one.
 
     ``scores``: one score table per expert (same order as the expert checkpoints).
+    ``protect``: ``protect_then_add``, the index of the protected expert.
     """
 
     space: ComponentSpace
@@ -126,6 +156,8 @@ class MechanismMerge:
     conflict: Conflict = "max"
     others: float = 0.0
     rest: float = 1.0
+    fraction: float | None = None
+    protect: int = 0
     _entries: dict[str, list[tuple[int, ParamSlice, float]]] = field(init=False, repr=False)
     selected: list[list[str]] = field(init=False)
 
@@ -134,11 +166,17 @@ class MechanismMerge:
             raise WeightPatchError(f"unknown mechanism-aware variant {self.variant!r}; choose {VARIANTS}")
         if self.conflict not in CONFLICTS:
             raise WeightPatchError(f"unknown ownership conflict rule {self.conflict!r}; choose {CONFLICTS}")
-        if self.variant == "owner_takes_top" and self.top_k is None and self.threshold is None:
-            raise WeightPatchError("owner_takes_top needs top_k or threshold to choose each expert's components")
+        if self.variant in OWNERSHIP and self.top_k is None and self.threshold is None and self.fraction is None:
+            raise WeightPatchError(
+                f"{self.variant} needs top_k, fraction or threshold to choose each expert's components"
+            )
         tables = [load_scores(s) for s in self.scores]
         if not tables:
             raise WeightPatchError("mechanism-aware merge needs one score table per expert")
+        if self.variant == "protect_then_add":
+            if not 0 <= self.protect < len(tables):
+                raise WeightPatchError(f"protect={self.protect}: expected an expert index from 0 to {len(tables) - 1}")
+            tables = [t if i == self.protect else {} for i, t in enumerate(tables)]
         self.scores = tables
         if self.standard.weights is not None and len(self.standard.weights) != len(tables):
             raise WeightPatchError(f"{len(self.standard.weights)} standard weights for {len(tables)} score tables")
@@ -146,12 +184,12 @@ class MechanismMerge:
         self.selected = []
         for i, table in enumerate(tables):
             norm = normalized_scores(table)
-            chosen = select_components(table, self.top_k, self.threshold)
+            chosen = select_components(table, self.top_k, self.threshold, self.fraction)
             if self.variant == "score_weighted" and self.top_k is None and self.threshold is None:
-                chosen = list(table)
+                chosen = list(table) if self.fraction is None else chosen
             self.selected.append(chosen)
             for comp in chosen:
-                value = norm[comp] if self.variant == "owner_takes_top" else self.scale * norm[comp]
+                value = norm[comp] if self.variant in OWNERSHIP else self.scale * norm[comp]
                 for sl in self.space.resolve(comp):
                     self._entries.setdefault(sl.name, []).append((i, sl, value))
 
@@ -171,11 +209,11 @@ class MechanismMerge:
         expert ``i``'s best selected component covering each entry, ``-inf`` where ``i`` owns
         nothing (None when no expert owns anything in this parameter)."""
         entries = self._entries.get(self._canonical(name))
-        if not entries or self.variant != "owner_takes_top":
+        if not entries or self.variant not in OWNERSHIP:
             return None
         best = torch.full((self.num_experts, *shape), -math.inf)
         for i, sl, v in entries:
-            for region in _regions(best[i], sl):
+            for region in slice_regions(best[i], sl):
                 region.clamp_(min=v)
         return best
 
@@ -203,11 +241,17 @@ class MechanismMerge:
             return None
         owned_by = best > -math.inf
         owned = owned_by.any(0)
+        count = owned_by.sum(0)
         if self.conflict == "max":
             owner = self.owner_map(name, shape)
             assert owner is not None
             winners = torch.stack([owner == i for i in range(self.num_experts)])
             share = winners.float()
+        elif self.conflict in ("mean", "drop"):
+            winners = owned_by
+            share = owned_by.float() / count.clamp(min=1)
+            if self.conflict == "drop":
+                owned = count == 1
         else:
             winners = owned_by
             s = torch.where(owned_by, best.clamp(min=0), torch.zeros(()))
@@ -227,7 +271,7 @@ class MechanismMerge:
             return None
         weights = [torch.full(tuple(shape), float(self.floor)) for _ in range(self.num_experts)]
         for i, sl, v in entries:
-            for region in _regions(weights[i], sl):
+            for region in slice_regions(weights[i], sl):
                 region.clamp_(min=v)
         return weights
 
@@ -271,6 +315,8 @@ class MechanismMerge:
             "conflict": self.conflict,
             "others": self.others,
             "rest": self.rest,
+            "fraction": self.fraction,
+            "protect": self.protect if self.variant == "protect_then_add" else None,
             "selected_components": self.selected,
             "scores_used": self.scores_used(),
         }
@@ -296,8 +342,10 @@ def owner_takes_top(
     conflict: Conflict = "max",
     others: float = 0.0,
     rest: float = 1.0,
+    fraction: float | None = None,
 ) -> MechanismMerge:
-    """Each expert's delta at ``strength`` on its top components (shared entries: the best-scored
+    """Each expert's delta at ``strength`` on its top components (``top_k``, ``fraction`` or
+    ``threshold``) (shared entries: the best-scored
     owner, or with ``conflict="blend"`` the owners in proportion to their scores; ``others`` of the
     other experts' deltas survive there), ``rest`` times the ``standard`` merge elsewhere
     (default: task arithmetic, unit weights, ``lam=1``)."""
@@ -312,6 +360,71 @@ def owner_takes_top(
         conflict=conflict,
         others=others,
         rest=rest,
+        fraction=fraction,
+    )
+
+
+def protect_then_add(
+    space: ComponentSpace,
+    scores: Sequence[Any],
+    *,
+    protect: int = 0,
+    top_k: int | None = None,
+    fraction: float | None = None,
+    threshold: float | None = None,
+    standard: MergeConfig | None = None,
+    strength: float = 1.0,
+    others: float = 0.0,
+) -> MechanismMerge:
+    """Expert ``protect``'s delta at ``strength`` on its top components (``top_k``, ``fraction`` or
+    ``threshold`` of its scores, none given: the registered fraction, 10%; the other experts' tables
+    are ignored, give ``{}``), plus ``others`` of the other experts' weighted deltas there; the
+    ``standard`` merge (default: task arithmetic) everywhere else."""
+    if top_k is None and fraction is None and threshold is None:
+        fraction = default("protect_then_add", "fraction")
+    return MechanismMerge(
+        space,
+        scores,
+        "protect_then_add",
+        standard or MergeConfig(),
+        top_k,
+        threshold,
+        strength=strength,
+        others=others,
+        fraction=fraction,
+        protect=protect,
+    )
+
+
+def stitch(
+    space: ComponentSpace,
+    scores: Sequence[Any],
+    *,
+    fraction: float | None = None,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    strength: float = 1.0,
+    conflict: Conflict = "mean",
+) -> MechanismMerge:
+    """Localize-and-Stitch with any scores: each expert's top ``fraction`` of scored components (or
+    ``top_k`` / ``threshold``; none given: the registered fraction, 10%) mask its delta; masked
+    deltas are stitched into the base at ``strength``, averaged where masks overlap
+    (``conflict="drop"``: overlaps stay base)."""
+    if top_k is None and fraction is None and threshold is None:
+        fraction = default("stitch", "fraction")
+    if conflict not in ("mean", "drop"):
+        raise WeightPatchError(f"stitch resolves overlaps by mean or drop, not {conflict!r}")
+    return MechanismMerge(
+        space,
+        scores,
+        "stitch",
+        MergeConfig(),
+        top_k,
+        threshold,
+        strength=strength,
+        conflict=conflict,
+        rest=0.0,
+        fraction=fraction,
     )
 
 
@@ -324,11 +437,21 @@ def score_weighted(
     top_k: int | None = None,
     threshold: float | None = None,
     standard: MergeConfig | None = None,
+    fraction: float | None = None,
 ) -> MechanismMerge:
     """Per-entry weights ``max(floor, scale * normalized score)`` inside ``standard``
-    (default: task arithmetic, ``lam=1``)."""
+    (default: task arithmetic, ``lam=1``), from every scored component or only the ``top_k`` /
+    ``fraction`` / ``threshold`` selection."""
     return MechanismMerge(
-        space, scores, "score_weighted", standard or MergeConfig(), top_k, threshold, floor=floor, scale=scale
+        space,
+        scores,
+        "score_weighted",
+        standard or MergeConfig(),
+        top_k,
+        threshold,
+        floor=floor,
+        scale=scale,
+        fraction=fraction,
     )
 
 

@@ -45,6 +45,7 @@ import yaml
 from weightpatch.errors import WeightPatchError
 from weightpatch.merging.mechanism import MechanismMerge
 from weightpatch.merging.methods import MergeConfig
+from weightpatch.merging.registry import STANDARD
 
 logger = logging.getLogger("weightpatch")
 
@@ -90,8 +91,10 @@ def mergekit_config(
     cfg = mech.standard if mech is not None else merge
     assert isinstance(cfg, MergeConfig)
     n = len(experts)
-    if cfg.method == "localize_stitch":
-        raise WeightPatchError("localize_stitch has no mergekit equivalent; export a task_arithmetic or TIES merge")
+    if STANDARD[cfg.method].mergekit is None:
+        raise WeightPatchError(f"{cfg.method} has no mergekit equivalent; export a task_arithmetic or TIES merge")
+    if mech is not None and mech.variant not in ("owner_takes_top", "score_weighted"):
+        raise WeightPatchError(f"{mech.variant} has no mergekit equivalent; export owner_takes_top or score_weighted")
     if mech is not None and mech.num_experts != n:
         raise WeightPatchError(f"{n} expert paths for {mech.num_experts} score tables")
     notes: list[str] = []
@@ -102,7 +105,7 @@ def mergekit_config(
         raise WeightPatchError(f"{len(weights)} weights for {n} experts")
     sparse = cfg.method != "task_arithmetic"
     if cfg.method == "ties":
-        density = _per_expert(cfg.density, n)
+        density = _per_expert(cfg.density_value, n)
     elif cfg.method.startswith("dare"):
         density = [1 - p for p in _per_expert(cfg.drop_rate, n)]
         notes.append("DARE drop masks are random: mergekit's differ from ours (same distribution)")

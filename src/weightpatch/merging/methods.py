@@ -1,4 +1,6 @@
-"""Tensor-level merge formulas: task arithmetic, TIES, DARE (linear) and DARE-TIES.
+"""Tensor-level merge formulas: task arithmetic, TIES, DARE (linear), DARE-TIES, dataless
+Localize-and-Stitch, TALL-mask consensus and layer swapping (registered, with their formulas and
+defaults, in :mod:`weightpatch.merging.registry`).
 
 Every function takes the base tensor and a list of expert tensors of the same shape and returns
 the merged tensor in the base tensor's dtype. Work is done in float32 (float64 inputs stay float64).
@@ -40,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -47,12 +50,12 @@ from typing import Literal
 import torch
 
 from weightpatch.errors import WeightPatchError
+from weightpatch.merging.registry import METHODS, default
 
 Weight = float | torch.Tensor
 Weights = Sequence[Weight] | None
 Rescale = Literal["inverse", "l1", "none"]
-Method = Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "localize_stitch"]
-METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "localize_stitch")
+Method = str  # one of METHODS (the registry)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -302,14 +305,60 @@ def localize_stitch(
     return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
 
 
-# ---- a whole-merge configuration -----------------------------------------------------------------
-_DEFAULT_NORMALIZE = {
-    "task_arithmetic": False,
-    "ties": True,
-    "dare_linear": False,
-    "dare_ties": False,
-    "localize_stitch": False,  # not used: the stitch always averages overlaps
-}
+def consensus(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Weights = None,
+    lam: float = 1.0,
+    tall_lambda: float = 0.6,
+    min_agree: int = 2,
+) -> torch.Tensor:
+    """Consensus merging with TALL masks (Wang et al. 2024, arXiv 2405.07813): the task-arithmetic
+    sum ``tau = sum_i w_i delta_i`` kept only on entries that at least ``min_agree`` experts' TALL
+    masks select, ``m_i = |w_i delta_i| >= tall_lambda * |tau - w_i delta_i|`` (the entry matters
+    to expert ``i`` relative to everyone else's contribution)::
+
+        merged = base + lam * tau * [sum_i m_i >= min_agree]
+    """
+    deltas = task_vectors(base, experts)
+    ws = _weights(weights, len(deltas), deltas[0])
+    wd = torch.stack([w * d for w, d in zip(ws, deltas, strict=True)])
+    tau = wd.sum(0)
+    votes = (wd.abs() >= tall_lambda * (tau - wd).abs()).sum(0)
+    mixed = tau * (votes >= min_agree).to(tau.dtype)
+    return (base.to(mixed.dtype) + lam * mixed).to(base.dtype)
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a parameter name (``model.layers.3.mlp...`` -> 3), else None."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def layer_swap(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    layer_owners: Sequence[int],
+    name: str,
+    weights: Weights = None,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """Layer swapping (Bandarkar et al. 2024, arXiv 2410.01335): a tensor of decoder layer ``l`` is
+    expert ``layer_owners[l]``'s (``-1``: the base's); tensors outside the decoder layers
+    (embeddings, final norm, head) are task arithmetic ``base + lam * sum_i w_i delta_i``."""
+    layer = layer_index(name)
+    if layer is None:
+        return task_arithmetic(base, experts, weights, lam)
+    if layer >= len(layer_owners):
+        raise WeightPatchError(f"layer_owners gives {len(layer_owners)} layers; {name} is in layer {layer}")
+    owner = layer_owners[layer]
+    if not -1 <= owner < len(experts):
+        raise WeightPatchError(f"layer owner {owner} of layer {layer}: expected -1 (base) to {len(experts) - 1}")
+    task_vectors(base, experts)  # shape checks
+    return (base if owner == -1 else experts[owner]).clone()
 
 
 @dataclass(frozen=True)
@@ -317,18 +366,23 @@ class MergeConfig:
     """One standard merge, applied tensor by tensor.
 
     ``weights``: one per expert (default 1.0 each). ``density``: TIES / Localize-and-Stitch keep
-    fraction (per expert or one value). ``drop_rate``: DARE drop probability ``p``. ``normalize``:
-    None = mergekit's default for the method. ``seed``: DARE seed (combined with each tensor name and expert index).
+    fraction (per expert or one value; None = the method's registered default). ``drop_rate``: DARE
+    drop probability ``p``. ``normalize``: None = mergekit's default for the method. ``seed``: DARE
+    seed (combined with each tensor name and expert index). ``tall_lambda``, ``min_agree``:
+    consensus. ``layer_owners``: layer_swap, the expert of each decoder layer (-1: base).
     """
 
     method: Method = "task_arithmetic"
     weights: tuple[float, ...] | None = None
     lam: float = 1.0
-    density: float | tuple[float, ...] = 1.0
+    density: float | tuple[float, ...] | None = None
     drop_rate: float | tuple[float, ...] = 0.5
     normalize: bool | None = None
     seed: int = 0
     rescale: Rescale = "inverse"
+    tall_lambda: float = default("consensus", "tall_lambda")
+    min_agree: int = default("consensus", "min_agree")
+    layer_owners: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -339,14 +393,21 @@ class MergeConfig:
             values = value if isinstance(value, (tuple, list)) else () if value is None else (value,)
             if not all(math.isfinite(float(v)) for v in values):
                 raise WeightPatchError(f"merge setting {name}={value!r} is not finite (NaN or inf); give finite values")
+        if self.method == "layer_swap" and not self.layer_owners:
+            raise WeightPatchError("layer_swap needs layer_owners: the expert of each decoder layer (-1: base)")
 
     @property
     def normalize_value(self) -> bool:
-        return _DEFAULT_NORMALIZE[self.method] if self.normalize is None else self.normalize
+        return bool(default(self.method, "normalize", False)) if self.normalize is None else self.normalize
+
+    @property
+    def density_value(self) -> float | tuple[float, ...]:
+        return default(self.method, "density", 1.0) if self.density is None else self.density
 
     def describe(self) -> dict[str, object]:
         d = dataclasses.asdict(self)
         d["normalize"] = self.normalize_value
+        d["density"] = self.density_value
         return d
 
     def merge_tensor(
@@ -363,8 +424,13 @@ class MergeConfig:
         if self.method == "task_arithmetic":
             return task_arithmetic(base, experts, weights, self.lam, norm)
         if self.method == "ties":
-            return ties(base, experts, weights, self.density, self.lam, norm)
+            return ties(base, experts, weights, self.density_value, self.lam, norm)
         if self.method == "localize_stitch":
-            return localize_stitch(base, experts, weights, self.density, self.lam)
+            return localize_stitch(base, experts, weights, self.density_value, self.lam)
+        if self.method == "consensus":
+            return consensus(base, experts, weights, self.lam, self.tall_lambda, self.min_agree)
+        if self.method == "layer_swap":
+            assert self.layer_owners is not None
+            return layer_swap(base, experts, self.layer_owners, name, weights, self.lam)
         fn = dare_linear if self.method == "dare_linear" else dare_ties
         return fn(base, experts, weights, self.drop_rate, self.lam, norm, self.seed, name, self.rescale)

@@ -24,9 +24,12 @@ from weightpatch.merging import (
     component_space_for_checkpoint,
     merge_checkpoints,
     owner_takes_top,
+    protect_then_add,
     score_weighted,
+    stitch,
     write_mergekit_yaml,
 )
+from weightpatch.merging.registry import default
 from weightpatch.pipeline.inputs import open_run, seed_everything
 from weightpatch.runs import load_run
 
@@ -76,8 +79,75 @@ def _of_kinds(space, table: pd.DataFrame, kinds: list[str], path: Path) -> pd.Da
     return keep
 
 
+def _texts(path: Path, tokenizer) -> list[str]:
+    """The model-ready texts of a JSONL file of ``{"prompt": ..., "response": ...}`` records (the
+    response is optional): the rendered prompt followed by the response."""
+    import json
+
+    from weightpatch.runner import render_prompt
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightPatchError(f"--snip-data file {path} not found")
+    texts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            texts.append(render_prompt(tokenizer, str(record["prompt"])) + str(record.get("response", "")))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise WeightPatchError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field") from None
+    return texts
+
+
+def score_tables(cfg: MergeStageConfig, space) -> list[Any]:
+    """One component score table per expert from ``cfg.score_source`` (``protect_then_add``: only
+    the protected expert's is computed, the others are empty)."""
+    from weightpatch.merging import scores
+    from weightpatch.merging.stream import open_checkpoint
+
+    n = len(cfg.experts)
+    wanted = [cfg.protect == i if cfg.mechanism == "protect_then_add" else True for i in range(n)]
+    kinds = cfg.score_kinds or scores.DEFAULT_KINDS
+    if cfg.score_source == "weight_patching":
+        if len(cfg.scores) != n:
+            raise WeightPatchError(
+                f"--mechanism {cfg.mechanism} needs one --scores per expert ({n} experts, "
+                f"{len(cfg.scores)} score tables)"
+            )
+        tables = [read_scores(p, cfg.score_method) for p in cfg.scores]
+        if cfg.score_kinds:
+            tables = [_of_kinds(space, t, cfg.score_kinds, p) for t, p in zip(tables, cfg.scores, strict=True)]
+        return [t if w else {} for t, w in zip(tables, wanted, strict=True)]
+    if cfg.score_source == "random":
+        return [scores.random_scores(space, f"{cfg.seed}:{i}", kinds) if wanted[i] else {} for i in range(n)]
+    if cfg.score_source == "magnitude":
+        base = open_checkpoint(cfg.base, cfg.base_revision)
+        revisions = cfg.expert_revisions or [None] * n
+        return [
+            scores.magnitude_scores(space, base, open_checkpoint(e, r, base=base), kinds) if w else {}
+            for e, r, w in zip(cfg.experts, revisions, wanted, strict=True)
+        ]
+    if len(cfg.snip_data) != n:
+        raise WeightPatchError(f"--score-source snip needs one --snip-data file per expert ({n} experts)")
+    from weightpatch.generation import load_model
+
+    tables = []
+    for expert, data, w in zip(cfg.experts, cfg.snip_data, wanted, strict=True):
+        if not w:
+            tables.append({})
+            continue
+        model, tokenizer = load_model(expert)
+        tables.append(scores.snip_scores(space, model, tokenizer, _texts(data, tokenizer), kinds))
+        del model
+    return tables
+
+
 def merger_of(cfg: MergeStageConfig):
-    """The merge method of ``cfg``: a standard ``MergeConfig``, or a mechanism-aware merger over it."""
+    """The merge method of ``cfg``: a standard ``MergeConfig``, or a mechanism-aware rule over it
+    with component scores from ``cfg.score_source``. Unset selection and conflict options take the
+    rule's registered defaults (:mod:`weightpatch.merging.registry`)."""
     standard = MergeConfig(
         method=cfg.method,
         weights=tuple(cfg.weights) if cfg.weights else None,
@@ -85,24 +155,30 @@ def merger_of(cfg: MergeStageConfig):
         density=cfg.density,
         drop_rate=cfg.drop_rate,
         seed=cfg.seed,
+        tall_lambda=cfg.tall_lambda,
+        min_agree=cfg.min_agree,
+        layer_owners=tuple(cfg.layer_owners) if cfg.layer_owners else None,
     )
     if cfg.mechanism == "none":
         return standard
-    if len(cfg.scores) != len(cfg.experts):
-        raise WeightPatchError(
-            f"--mechanism {cfg.mechanism} needs one --scores per expert ({len(cfg.experts)} experts, "
-            f"{len(cfg.scores)} score tables)"
-        )
     space = component_space_for_checkpoint(cfg.base)
-    tables = [read_scores(p, cfg.score_method) for p in cfg.scores]
-    if cfg.score_kinds:
-        tables = [_of_kinds(space, t, cfg.score_kinds, p) for t, p in zip(tables, cfg.scores, strict=True)]
+    tables = score_tables(cfg, space)
+    chosen = cfg.top_k is not None or cfg.fraction is not None or cfg.threshold is not None
+    conflict = cfg.conflict or default(cfg.mechanism, "conflict", "max")
+    selection = {"top_k": cfg.top_k, "fraction": cfg.fraction, "threshold": cfg.threshold}
     if cfg.mechanism == "owner_takes_top":
+        top_k = cfg.top_k if chosen else default("owner_takes_top", "top_k")
         return owner_takes_top(
-            space, tables, top_k=cfg.top_k, threshold=cfg.threshold, standard=standard,
-            conflict=cfg.conflict, others=cfg.others, rest=cfg.rest,
+            space, tables, **{**selection, "top_k": top_k}, standard=standard, strength=cfg.strength,
+            conflict=conflict, others=cfg.others, rest=cfg.rest,
         )  # fmt: skip
-    return score_weighted(space, tables, top_k=cfg.top_k, threshold=cfg.threshold, standard=standard)
+    if cfg.mechanism == "protect_then_add":
+        return protect_then_add(
+            space, tables, protect=cfg.protect, **selection, standard=standard, strength=cfg.strength, others=cfg.others
+        )
+    if cfg.mechanism == "stitch":
+        return stitch(space, tables, **selection, strength=cfg.strength, conflict=conflict)
+    return score_weighted(space, tables, **selection, standard=standard, floor=cfg.floor)
 
 
 def evaluate_merge(base: str, experts: list[str], merged: Path, prompt_files: list[Path]) -> pd.DataFrame:
