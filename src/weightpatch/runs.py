@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from weightpatch.errors import WeightPatchError
+from weightpatch.errors import WeightPatchError, reading
 from weightpatch.results import ScoreTable, read_provenance, read_table
 from weightpatch.rundir import RUN_FILE, RunDir
 from weightpatch.tables import TABLES, schema
@@ -105,16 +105,15 @@ def load_run(path: str | os.PathLike) -> Run:
         raise WeightPatchError(
             f"{root} is not a weightpatch run directory (no {RUN_FILE}); pass the --run-dir of a run"
         )
-    try:
-        record = json.loads(record_file.read_text())
-    except ValueError as exc:
-        raise WeightPatchError(f"{record_file} is corrupt ({exc}); the run directory cannot be loaded") from exc
+    with reading(record_file):
+        record = json.loads(record_file.read_text(encoding="utf-8"))
     anchor, anchor_record = None, None
     if (root / "anchor.json").is_file():
         from weightpatch.anchors import Anchor
 
+        with reading(root / "anchor.json"):  # a corrupt side file is one line naming it
+            anchor_record = json.loads((root / "anchor.json").read_text(encoding="utf-8"))
         anchor = Anchor.load(root / "anchor")
-        anchor_record = json.loads((root / "anchor.json").read_text())
     tables = {name: frame for name in TABLES if (frame := read_run_table(root, name)) is not None}
     return Run(root, record, dict(record.get("commands") or {}), anchor, tables, anchor_record)
 
