@@ -17,6 +17,8 @@ from weightpatch.lora import AdapterSummary, adapter_summary, is_adapter_dir
 from weightpatch.pair import ModelPair, check_finite, nonfinite_parameters
 from weightpatch.pipeline.inputs import open_run, pair_for
 
+CHUNK_ELEMENTS = 2**22  # float64 working set of the weight-delta sums: 3 x 32 MiB at most
+
 
 @dataclass
 class CheckResult:
@@ -53,17 +55,20 @@ def parameter_groups(space: ComponentSpace) -> dict[str, tuple[int, str]]:
 
 
 def weight_delta_table(pair: ModelPair, progress: bool = True) -> pd.DataFrame:
-    """Relative Frobenius norm of the weight change per (layer, group), read one donor tensor at a time;
-    ``layer`` is null for model-level modules (``group`` is then the module: ``embed``, ``unembed``, ...)."""
+    """Relative Frobenius norm of the weight change per (layer, group), read one donor tensor at a time
+    and summed in float64 over chunks of ``CHUNK_ELEMENTS`` (whole, a 128k x 2048 embedding would need
+    three float64 copies: 6 GB); ``layer`` is null for model-level modules (``group`` is then the module: ``embed``, ``unembed``, ...)."""
     sq_delta: dict[tuple[int, str], float] = defaultdict(float)
     sq_base: dict[tuple[int, str], float] = defaultdict(float)
     numel: dict[tuple[int, str], int] = defaultdict(int)
     groups = parameter_groups(pair.space)
     for name, key in tqdm(groups.items(), desc="weight delta", unit="tensor", disable=not progress):
-        base = pair.model.get_parameter(name).detach().double()
-        donor = pair.donor.read(ParamSlice(name)).to(base.device, torch.float64)
-        sq_delta[key] += float((donor - base).pow(2).sum())
-        sq_base[key] += float(base.pow(2).sum())
+        base = pair.model.get_parameter(name).detach().reshape(-1)
+        donor = pair.donor.read(ParamSlice(name)).to(base.device).reshape(-1)
+        for start in range(0, base.numel(), CHUNK_ELEMENTS):  # float64 one chunk at a time
+            b = base[start : start + CHUNK_ELEMENTS].double()
+            sq_delta[key] += float((donor[start : start + CHUNK_ELEMENTS].double() - b).pow(2).sum())
+            sq_base[key] += float(b.pow(2).sum())
         numel[key] += base.numel()
     rows = [
         {
