@@ -133,7 +133,7 @@ def child(pair_name: str, stage: str) -> dict:
     row["rss_imports_mb"] = current_rss_mb()
     start = time.perf_counter()
     rates = cost.measure_rates(shape, torch.bfloat16)
-    row |= {"rate_gflops": rates.flops / 1e9, "rate_melements": rates.elements / 1e6}
+    row |= {"rate_gflops": rates.flops / 1e9, "rate_melements": rates.elements / 1e6, "rate_copy_gbs": rates.copy / 1e9}
     row["calibration_s"] = time.perf_counter() - start
     pair = None
     if stage != "merge":

@@ -55,11 +55,19 @@ class ModelShape:
     largest_tensor: int  # elements of the largest parameter
     largest_block_tensor: int  # elements of the largest parameter inside a block
     dtype_bytes: int
+    stored_bytes: int = 0  # bytes per parameter in the checkpoint (0: as ``dtype_bytes``)
 
     @property
     def model_bytes(self) -> int:
         """Bytes of the weights in memory: ``params x dtype_bytes``."""
         return self.params * self.dtype_bytes
+
+    @property
+    def load_bytes(self) -> int:
+        """Peak bytes of loading: the model, plus the checkpoint's memory-mapped pages when it is stored in
+        another dtype (they stay resident while every tensor is converted)."""
+        stored = self.stored_bytes or self.dtype_bytes
+        return self.model_bytes + (self.params * stored if stored != self.dtype_bytes else 0)
 
     def block_flops(self, tokens: int) -> float:
         """Matrix-multiply FLOPs of one block over ``tokens`` tokens (2 per parameter and token)."""
@@ -71,6 +79,7 @@ class ModelShape:
 
 
 def _dtype_bytes(dtype: str | torch.dtype | None, config) -> int:
+    """Bytes per parameter of ``dtype`` (``auto``/None: the config's stored dtype, else float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype.itemsize
     if dtype in (None, "auto"):
@@ -111,6 +120,7 @@ def shape_of_config(config, dtype: str | torch.dtype | None = "float32") -> Mode
         largest_tensor=max(p.numel() for p in model.parameters()),
         largest_block_tensor=largest_block,
         dtype_bytes=_dtype_bytes(dtype, config),
+        stored_bytes=_dtype_bytes("auto", config),
     )
 
 
@@ -126,16 +136,19 @@ def model_shape(
 
 @dataclass(frozen=True)
 class Rates:
-    """This machine's speed: ``flops`` per second of the model's matrix products in its dtype, and
-    ``elements`` per second of an elementwise float64 pass over weights (read, subtract, reduce)."""
+    """This machine's speed: ``flops`` per second of the model's matrix products in its dtype,
+    ``elements`` per second of an elementwise float64 pass over weights (read, subtract, reduce), and
+    ``copy`` bytes per second into new memory (loading a checkpoint)."""
 
     flops: float
     elements: float
+    copy: float
 
 
 def measure_rates(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", tokens: int = 64) -> Rates:
     """Time one ``F.linear`` of ``tokens`` rows through a (intermediate x hidden) matrix in ``dtype``
-    (best of 2 after a warm-up) and one float64 difference-and-square pass over 4M elements."""
+    (best of 2 after a warm-up), one float64 difference-and-square pass over 4M elements, and one copy
+    of 4M elements."""
     w = torch.randn(shape.intermediate, shape.hidden, device=device).to(dtype)
     x = torch.randn(tokens, shape.hidden, device=device).to(dtype)
     best = float("inf")
@@ -150,7 +163,10 @@ def measure_rates(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", to
     start = time.perf_counter()
     float((a.double() - b.double()).square().sum())
     elements = 2**22 / max(time.perf_counter() - start, 1e-9)
-    return Rates(flops, elements)
+    start = time.perf_counter()
+    a.clone()
+    copy = a.numel() * a.element_size() / max(time.perf_counter() - start, 1e-9)
+    return Rates(flops, elements, copy)
 
 
 @dataclass(frozen=True)
@@ -180,9 +196,10 @@ class Prediction:
     peak_bytes: float
     seconds: float
     new_bytes: float  # what the stage adds to the process's current memory
+    load_seconds: float = 0.0  # of ``seconds``: loading the model
 
     def message(self, available: float) -> str:
-        """``screen (first_order): predicted peak 5.1 GB (2.4 GB more than now; 18.0 GB available), about 3 min 10 s``."""
+        """``first_order: predicted peak 5.1 GB (2.4 GB more than now; 18.0 GB available), about 3 min 10 s``."""
         from weightpatch.backends.estimate import format_duration
 
         return (
@@ -228,7 +245,7 @@ class _Model:
 
     def logits(self) -> float:
         n, length = max(self.batches, key=lambda b: b[0] * b[1])
-        return n * length * self.shape.vocab * (self.shape.dtype_bytes + 4)
+        return n * length * self.shape.vocab * self.shape.dtype_bytes
 
 
 STAGES = ("forward", "check", "anchor", "first_order", "local_exact", "exact", "verify", "curve", "trace", "merge")
@@ -251,7 +268,7 @@ def predict(
         raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     m = _Model(shape, rates, work)
     size = float(shape.model_bytes)
-    load_s = 0.0 if loaded or stage == "merge" else m.weights(shape.params * (2 if donor_in_memory else 1))
+    load_s = 0.0 if loaded or stage == "merge" else shape.load_bytes * (2 if donor_in_memory else 1) / rates.copy
     models = size * (2 if donor_in_memory else 1)
     setup_s = 2 * m.forward(unembed=False) + m.weights(shape.params)  # receiver + donor scores, all patched in
     setup_bytes = models + size + m.activations(m.anchor + 1)  # the receiver's originals are kept while patched
@@ -259,8 +276,8 @@ def predict(
     fo_bytes = models + m.activations(m.anchor + 1, grad=True) + 3 * 8 * shape.largest_block_tensor
     exact_s = m.blocks(work.exact_depth) + m.forward(unembed=False)  # + the block-input cache
     mlp_s = m.blocks(1) * 3 * shape.hidden * shape.intermediate / max(shape.block_params, 1)
-    if stage == "forward":
-        seconds, peak = m.forward(), models + m.activations(shape.layers) + m.logits()
+    if stage == "forward":  # the logits come after the blocks' activations are freed
+        seconds, peak = m.forward(), models + max(m.activations(shape.layers), m.logits())
     elif stage == "check":
         seconds, peak = m.weights(3 * shape.params), models + shape.largest_tensor * shape.dtype_bytes + 3 * 8 * 2**22
     elif stage == "anchor":
@@ -285,5 +302,7 @@ def predict(
     else:  # merge: tensor by tensor, float32 copies of base, experts, result
         seconds = m.weights(shape.params * (work.experts + 2))
         peak = (work.experts + 3) * shape.largest_tensor * 4.0
+    if not loaded and stage != "merge":
+        peak = max(peak, shape.load_bytes + models - size)
     new = peak - (models if loaded else 0.0)
-    return Prediction(stage, runtime_bytes + new, load_s + seconds, new)
+    return Prediction(stage, runtime_bytes + new, load_s + seconds, new, load_s)

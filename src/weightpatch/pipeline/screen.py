@@ -24,6 +24,7 @@ import pandas as pd
 from weightpatch.components import KINDS, Kind
 from weightpatch.config import ScreenConfig
 from weightpatch.pair import ModelPair
+from weightpatch.pipeline.forecast import forecast
 from weightpatch.pipeline.inputs import scoring_run
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import CONSOLE, RunDir
@@ -174,6 +175,7 @@ def screen_components(cfg: ScreenConfig, scorer: AnchorScorer, run: RunDir) -> l
 
 def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult:
     """Score the components of ``cfg`` on its prompts against its anchor, in its run directory."""
+    forecast("screen", cfg, pair)
     with scoring_run(cfg, "screen", pair, cfg.components or []) as (run, scorer):
         verified_names = screen_components(cfg, scorer, run)
         scores = run.scores()
