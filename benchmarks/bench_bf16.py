@@ -1,6 +1,6 @@
 """Does bfloat16 keep the rankings? Scores of the SmolLM2-135M pair in bfloat16 vs float32, per kind.
 
-    .venv/bin/python benchmarks/bench_bf16.py          # ~10-20 min on one thread -> ~/.cache/weightpatch-bench/wp32-bf16.json
+    .venv/bin/python benchmarks/bench_bf16.py         # ~10-20 min: ~/.cache/weightpatch-bench/wp32-bf16.json
     .venv/bin/python benchmarks/bench_bf16.py record   # the agreement table -> RESULTS.md
 
 One float32 model-difference anchor at layer 15 of 30 from 8 short prompts, used by both dtypes (the
