@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-import real_pair  # noqa: E402
+import real_pair
 
 ROOT = real_pair.WORK / "wp32-llama1b"
 DIRS = {role: Path(f"{ROOT}-{role}") for role in ("base", "sft", "expert2", "lora")}

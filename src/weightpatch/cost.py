@@ -144,6 +144,14 @@ class Rates:
     elements: float
     copy: float
 
+    @staticmethod
+    def measure_copy(tensor: torch.Tensor | None = None) -> float:
+        """Bytes per second of one copy of ``tensor`` (default: 4M bfloat16 elements) into new memory."""
+        tensor = torch.randn(2**22).to(torch.bfloat16) if tensor is None else tensor
+        start = time.perf_counter()
+        tensor.clone()
+        return tensor.numel() * tensor.element_size() / max(time.perf_counter() - start, 1e-9)
+
 
 def measure_rates(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", tokens: int = 64) -> Rates:
     """Time one ``F.linear`` of ``tokens`` rows through a (intermediate x hidden) matrix in ``dtype``
@@ -163,10 +171,7 @@ def measure_rates(shape: ModelShape, dtype: torch.dtype, device: str = "cpu", to
     start = time.perf_counter()
     float((a.double() - b.double()).square().sum())
     elements = 2**22 / max(time.perf_counter() - start, 1e-9)
-    start = time.perf_counter()
-    a.clone()
-    copy = a.numel() * a.element_size() / max(time.perf_counter() - start, 1e-9)
-    return Rates(flops, elements, copy)
+    return Rates(flops, elements, Rates.measure_copy(a))
 
 
 @dataclass(frozen=True)
