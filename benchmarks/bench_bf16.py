@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/bench_bf16.py         # ~10-20 min: ~/.cache/weightpatch-bench/wp32-bf16.json
     .venv/bin/python benchmarks/bench_bf16.py record   # the agreement table -> RESULTS.md
 
-One float32 model-difference anchor at layer 15 of 30 from 8 short prompts, used by both dtypes (the
+The pair: SmolLM2-135M-Instruct and the same base with the 1B pair's fine-tune-like change (low-rank +
+dense, ~1e-3 relative per matrix; benchmarks/bench_scale.py). One float32 model-difference anchor at
+layer 15 of 30 from 8 short prompts, used by both dtypes (the
 anchor is a direction, not a dtype). Per dtype: first-order scores of every head, attn/MLP block and
 neuron at or below the anchor, exact scores of every head and attn/MLP block, and exact scores of 256
 neurons (layers 3, 7, 11, 15: per layer the 32 with the largest float32 first-order |score| and 32
@@ -25,10 +27,17 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_scale
 import real_pair
 
 OUT = real_pair.WORK / "wp32-bf16.json"
 LAYER, NEURON_LAYERS, PER_LAYER = 15, (3, 7, 11, 15), 32
+
+
+def smollm2_pair() -> tuple[str, str]:
+    """The SmolLM2 pair of the scale benchmark: the base and its fine-tune-like (low-rank + dense) change."""
+    paths = bench_scale.pair_paths("smollm2")
+    return paths["base"], paths["specialized"]
 
 
 def scores_of(dtype: str, anchor, texts: list[str], sample: dict[int, list[int]] | None) -> dict:
@@ -40,8 +49,7 @@ def scores_of(dtype: str, anchor, texts: list[str], sample: dict[int, list[int]]
     from weightpatch.screening.first_order import gradient_scores
     from weightpatch.screening.neurons import NeuronScreen
 
-    base, sft = real_pair.build()
-    pair = load_pair(base, sft, dtype=dtype)
+    pair = load_pair(*smollm2_pair(), dtype=dtype)
     scorer = AnchorScorer(pair, anchor, texts, batch_size=8)
     below = range(LAYER + 1)
     sites = [str(c) for c in pair.space.components(kinds=("head",), layers=below)]
@@ -111,8 +119,7 @@ def run() -> None:
 
     torch.set_num_threads(1)
     texts = real_pair.prompts(False)[:8]
-    base, sft = real_pair.build()
-    anchor = build_anchor(load_pair(base, sft), texts, None, LAYER, method="model_diff", batch_size=8)
+    anchor = build_anchor(load_pair(*smollm2_pair()), texts, None, LAYER, method="model_diff", batch_size=8)
     f32 = scores_of("float32", anchor, texts, None)
     b16 = scores_of("bfloat16", anchor, texts, f32["sample"])
     rows = []
@@ -135,7 +142,8 @@ def record_table() -> None:
     result = json.loads(OUT.read_text())
     s, g = result["seconds"], result["gap_median"]
     notes = (
-        f"SmolLM2-135M caps pair, 8 short prompts, float32 model-difference anchor at layer {LAYER} of 30 for both "
+        f"SmolLM2-135M base + fine-tune-like change (low-rank + dense, ~1e-3 relative), 8 short prompts, "
+        f"float32 model-difference anchor at layer {LAYER} of 30 for both "
         f"dtypes. Median anchor gap {g['float32']:.3g} (float32) / {g['bfloat16']:.3g} (bfloat16); bfloat16 "
         f"round-off of the residual at the anchor (eps x ||h||, median) {result['roundoff_median_bf16']:.3g}. "
         f"Times (s): first order {s['float32']['first_order']:.0f} (float32) vs {s['bfloat16']['first_order']:.0f} "

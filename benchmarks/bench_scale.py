@@ -1,6 +1,7 @@
 """The pipeline at model scale in bfloat16: every stage's wall time and peak resident memory on the
 SmolLM2-135M pair and the Llama-3.2-1B-shaped pair (full donor and LoRA donor), with one plain forward
-pass of the same prompts as the floor, and the cost model's prediction of each stage.
+pass of the same prompts as the floor, and the cost model's prediction of each stage. SmolLM2 pair:
+SmolLM2-135M-Instruct and the same base with the 1B pair's fine-tune-like change (no training).
 
     .venv/bin/python benchmarks/bench_scale.py run            # rows -> ~/.cache/weightpatch-bench/wp32-scale/rows.jsonl
     .venv/bin/python benchmarks/bench_scale.py record         # the model-size table -> RESULTS.md
@@ -10,7 +11,8 @@ pair, then the stage, with the pair passed in. Stages: ``forward`` (one full for
 of the prompts in one batch), ``check``, ``anchor`` (model-difference anchor at a fixed layer, half
 the prompts train, half held out; no steering), ``first_order`` (every head, neuron and attn/MLP
 block), ``local_exact`` (the same components, own block exact), ``exact`` (exact scores of the top 20
-of each kind by first order), ``sufficiency`` (top-k heads vs 5 random draws, k = 4, 16) and
+by |first-order score|, every kind together), ``sufficiency`` (the top-k heads by first order patched
+in, k = 1, 4, 16; no random draws, which would cost 5 forwards per k) and
 ``merge`` (task arithmetic of 2 experts, streamed to disk). Rows are appended as each stage finishes
 and a stage already in the file is not re-run. Before each stage the child measures this machine's
 rates (:func:`weightpatch.cost.measure_rates`) and stores them with the token counts, so ``record``
@@ -39,31 +41,33 @@ WORK = real_pair.WORK / "wp32-scale"
 ROWS = WORK / "rows.jsonl"
 PAIRS = ("smollm2", "llama1b", "llama1b-lora")
 STAGES = ("forward", "check", "anchor", "first_order", "local_exact", "exact", "sufficiency", "merge")
-N_PROMPTS, TOP_K, CURVE_KS, CONTROLS = 8, 20, [4, 16], 5
-SMOLLM2_EXPERT2 = real_pair.WORK / "wp32-smollm2-expert2"
+N_PROMPTS, TOP_K, CURVE_KS, CONTROLS = 8, 20, [1, 4, 16], 0
 
 
-def smollm2_expert2() -> Path:
-    """A second SmolLM2 expert for the merge: the 1B pair's fine-tune-like recipe on the SmolLM2 base."""
-    if (SMOLLM2_EXPERT2 / "model.safetensors").is_file():
-        return SMOLLM2_EXPERT2
+def smollm2_expert(seed: int) -> Path:
+    """SmolLM2-135M-Instruct plus the 1B pair's fine-tune-like change (low-rank + dense, ~1e-3 relative)
+    drawn with ``seed``, in the base's float32: the same recipe at both sizes, and no training."""
+    out = real_pair.WORK / f"wp32-smollm2-expert{seed}"
+    if (out / "model.safetensors").is_file():
+        return out
     from safetensors.torch import load_file, save_file
 
+    real_pair.build_base()
     tensors = load_file(real_pair.BASE / "model.safetensors")
-    tuned = {n: llama1b_pair.specialized_tensor(n, t.float(), seed=2).to(t.dtype) for n, t in tensors.items()}
-    SMOLLM2_EXPERT2.mkdir(parents=True, exist_ok=True)
-    save_file(tuned, SMOLLM2_EXPERT2 / "model.safetensors", metadata={"format": "pt"})
+    tuned = {n: llama1b_pair.specialized_tensor(n, t.float(), seed=seed).to(t.dtype) for n, t in tensors.items()}
+    out.mkdir(parents=True, exist_ok=True)
     for f in real_pair.BASE.iterdir():
         if f.suffix != ".safetensors":
-            (SMOLLM2_EXPERT2 / f.name).write_bytes(f.read_bytes())
-    return SMOLLM2_EXPERT2
+            (out / f.name).write_bytes(f.read_bytes())
+    save_file(tuned, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def pair_paths(name: str) -> dict[str, str]:
     """base, specialized (donor) and the two merge experts of pair ``name``."""
     if name == "smollm2":
-        base, sft = real_pair.build()
-        return {"base": str(base), "specialized": str(sft), "experts": [str(sft), str(smollm2_expert2())]}
+        sft = smollm2_expert(1)
+        return {"base": str(real_pair.BASE), "specialized": str(sft), "experts": [str(sft), str(smollm2_expert(2))]}
     dirs = llama1b_pair.build()
     donor = dirs["lora"] if name == "llama1b-lora" else dirs["sft"]
     return {"base": str(dirs["base"]), "specialized": str(donor), "experts": [str(donor), str(dirs["expert2"])]}
@@ -97,17 +101,12 @@ def screen_components(space, anchor_layer: int) -> list[str]:
 
 
 def top_components(run_dir: Path) -> list[str]:
-    """The top ``TOP_K`` of each kind (head, attn/MLP block, neuron) by |first-order score|."""
+    """The top ``TOP_K`` components of every kind together by |first-order score|."""
     import pandas as pd
 
     frame = pd.read_parquet(run_dir / "scores.parquet")
     frame = frame[frame["method"] == "first_order"]
-    names: list[str] = []
-    for _, group in frame.groupby("kind"):
-        names += (
-            group.reindex(group["score"].abs().sort_values(ascending=False).index)["component"].head(TOP_K).tolist()
-        )
-    return names
+    return frame.reindex(frame["score"].abs().sort_values(ascending=False).index)["component"].head(TOP_K).tolist()
 
 
 def child(pair_name: str, stage: str) -> dict:
@@ -286,7 +285,7 @@ def record_table() -> None:
             e, layers = mine["exact"], shape.layers
             bound = (e["blocks_rerun"] + e["anchor_layer"] + 1) / layers * floor
             notes.append(
-                f"{pair_name}: exact top-{TOP_K} per kind ({e['components']} components, {e['blocks_rerun']} blocks "
+                f"{pair_name}: exact top-{TOP_K} ({e['components']} components, {e['blocks_rerun']} blocks "
                 f"re-run) = {e['stage_s']:.0f} s vs the goal k x depth fraction + cached prefix = {bound:.0f} s "
                 f"({e['stage_s'] / bound:.2f}x)"
             )

@@ -10,6 +10,7 @@ available (``psutil``: available RAM; on CUDA the device's free memory).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -136,6 +137,12 @@ def workload(stage: str, cfg: Config, space: ComponentSpace, pair: ModelPair | N
     return method, cost.Workload(tokens, cfg.batch_size, layer, exact_depth=depth, **counts)
 
 
+@functools.lru_cache(maxsize=8)
+def _rates(shape: cost.ModelShape, dtype: torch.dtype, device: str) -> cost.Rates:
+    """This machine's rates for ``shape``, measured once per process (the stages of one notebook or demo)."""
+    return cost.measure_rates(shape, dtype, device)
+
+
 def forecast(stage: str, cfg: Config, pair: ModelPair | None = None) -> cost.Prediction:
     """Log the predicted peak memory and duration of pipeline ``stage`` (check, anchor, screen, trace,
     merge) run with ``cfg`` (``pair``: already loaded), and refuse when it will not fit in memory."""
@@ -144,7 +151,7 @@ def forecast(stage: str, cfg: Config, pair: ModelPair | None = None) -> cost.Pre
     config, space = _meta(cfg.base, getattr(cfg, "trust_remote_code", False), getattr(cfg, "revision", None))
     shape = cost.shape_of_config(config, dtype)
     torch_dtype = _torch_dtype(dtype)
-    rates = cost.measure_rates(shape, torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32, device)
+    rates = _rates(shape, torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32, device)
     name, work = workload(stage, cfg, space, pair)
     donor_whole = stage != "merge" and _donor_in_memory(cfg.specialized)
     prediction = cost.predict(name, shape, rates, work, resident_bytes(device), pair is not None, donor_whole)
