@@ -157,3 +157,9 @@ def test_weight_delta_chunks_sum_to_the_whole(llama_pair_dirs, monkeypatch):
     chunked = weight_delta_table(pair, progress=False)
     assert chunked["relative_change"].tolist() == pytest.approx(whole["relative_change"].tolist(), rel=1e-12)
     assert chunked["parameters"].tolist() == whole["parameters"].tolist()
+
+
+def test_unreadable_base_leaves_the_error_to_the_stage(tmp_path):
+    """No prediction for a base whose config cannot be read; the stage's own one-line error follows."""
+    assert forecast_module.forecast("check", CheckConfig(base=str(tmp_path / "nope"), specialized="x")) is None
+    assert_user_error(invoke("check", tmp_path / "nope", tmp_path / "nope2"), "does not exist")

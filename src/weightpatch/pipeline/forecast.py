@@ -143,12 +143,17 @@ def _rates(shape: cost.ModelShape, dtype: torch.dtype, device: str) -> cost.Rate
     return cost.measure_rates(shape, dtype, device)
 
 
-def forecast(stage: str, cfg: Config, pair: ModelPair | None = None) -> cost.Prediction:
+def forecast(stage: str, cfg: Config, pair: ModelPair | None = None) -> cost.Prediction | None:
     """Log the predicted peak memory and duration of pipeline ``stage`` (check, anchor, screen, trace,
-    merge) run with ``cfg`` (``pair``: already loaded), and refuse when it will not fit in memory."""
+    merge) run with ``cfg`` (``pair``: already loaded), and refuse when it will not fit in memory. None
+    (nothing logged) when the base's config cannot be read: the stage reports that input itself."""
     device = getattr(cfg, "device", "cpu")
     dtype = getattr(cfg, "dtype", "auto")  # merge: the checkpoints' own dtype
-    config, space = _meta(cfg.base, getattr(cfg, "trust_remote_code", False), getattr(cfg, "revision", None))
+    try:
+        config, space = _meta(cfg.base, getattr(cfg, "trust_remote_code", False), getattr(cfg, "revision", None))
+    except (OSError, ValueError) as exc:  # missing, unreachable or unknown model: the loader's error says which
+        logger.debug("no cost prediction for %s: %s", stage, exc)
+        return None
     shape = cost.shape_of_config(config, dtype)
     torch_dtype = _torch_dtype(dtype)
     rates = _rates(shape, torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32, device)
