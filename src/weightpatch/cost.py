@@ -13,7 +13,8 @@ anchor        ``2 M``: the model-difference / specialized forwards patch every w
               which keeps the receiver's originals
 screen/trace  ``2 M`` (the scorer's donor forward, as for the anchor), or ``M`` + the
               gradient graph to the anchor + float64 copies of the largest target tensor
-merge         a few float32 copies of the largest tensor per expert (streamed)
+merge         one output shard (the whole model below 5 GB) + float32 copies of the largest
+              tensor per expert (streamed)
 ============  ==========================================================================
 
 Duration (seconds) counts matrix-multiply FLOPs (``2 x parameters`` per token and block, plus the
@@ -38,6 +39,7 @@ import torch
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")
 GiB = 2**30
+MERGE_SHARD_BYTES = 5 * 10**9  # merging.stream.merge_checkpoints' default max_shard_size ("5GB")
 
 
 @dataclass(frozen=True)
@@ -304,9 +306,10 @@ def predict(
         activation_s = m.blocks(work.exact_depth)
         seconds = setup_s + activation_s + 2 * fo_s + work.curve_points * m.forward(unembed=False)
         peak = max(setup_bytes, fo_bytes)
-    else:  # merge: tensor by tensor, float32 copies of base, experts, result
+    else:  # merge: one output shard buffered, float32 copies of one tensor of the base, experts, result
         seconds = m.weights(shape.params * (work.experts + 2))
-        peak = (work.experts + 3) * shape.largest_tensor * 4.0
+        shard = min(shape.params * (shape.stored_bytes or shape.dtype_bytes), MERGE_SHARD_BYTES)
+        peak = shard + (work.experts + 3) * shape.largest_tensor * 4.0
     if not loaded and stage != "merge":
         peak = max(peak, shape.load_bytes + models - size)
     new = peak - (models if loaded else 0.0)
