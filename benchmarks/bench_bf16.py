@@ -1,11 +1,11 @@
 """Does bfloat16 keep the rankings? Scores of the SmolLM2-135M pair in bfloat16 vs float32, per kind.
 
-    .venv/bin/python benchmarks/bench_bf16.py         # ~10-20 min: ~/.cache/weightpatch-bench/wp32-bf16.json
+    .venv/bin/python benchmarks/bench_bf16.py [30]    # ~10-20 min: ~/.cache/weightpatch-bench/wp32-bf16-x1.json
     .venv/bin/python benchmarks/bench_bf16.py record   # the agreement table -> RESULTS.md
 
 The pair: SmolLM2-135M-Instruct and the same base with the 1B pair's fine-tune-like change (low-rank +
-dense, ~1e-3 relative per matrix; benchmarks/bench_scale.py). One float32 model-difference anchor at
-layer 15 of 30 from 8 short prompts, used by both dtypes (the
+dense, ~1e-3 relative per matrix; benchmarks/bench_scale.py), or (argument 30) one 30 times stronger.
+One float32 model-difference anchor at layer 15 of 30 from 8 short prompts, used by both dtypes (the
 anchor is a direction, not a dtype). Per dtype: first-order scores of every head, attn/MLP block and
 neuron at or below the anchor, exact scores of every head and attn/MLP block, and exact scores of 256
 neurons (layers 3, 7, 11, 15: per layer the 32 with the largest float32 first-order |score| and 32
@@ -30,17 +30,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_scale
 import real_pair
 
-OUT = real_pair.WORK / "wp32-bf16.json"
+STRENGTHS = (1.0, 30.0)  # x 1e-3 relative change: the scale benchmark's pair, and one 30 times stronger
 LAYER, NEURON_LAYERS, PER_LAYER = 15, (3, 7, 11, 15), 32
 
 
-def smollm2_pair() -> tuple[str, str]:
-    """The SmolLM2 pair of the scale benchmark: the base and its fine-tune-like (low-rank + dense) change."""
-    paths = bench_scale.pair_paths("smollm2")
-    return paths["base"], paths["specialized"]
+def out_file(strength: float) -> Path:
+    return real_pair.WORK / f"wp32-bf16-x{strength:g}.json"
 
 
-def scores_of(dtype: str, anchor, texts: list[str], sample: dict[int, list[int]] | None) -> dict:
+def smollm2_pair(strength: float) -> tuple[str, str]:
+    """SmolLM2 and the scale benchmark's fine-tune-like (low-rank + dense) change, ``strength`` times it."""
+    real_pair.build_base()
+    return str(real_pair.BASE), str(bench_scale.smollm2_expert(1, strength))
+
+
+def scores_of(
+    dtype: str, pair_dirs: tuple[str, str], anchor, texts: list[str], sample: dict[int, list[int]] | None
+) -> dict:
     """{method: {component: score}} of one dtype, and the gap statistics."""
     from weightpatch.pair import load_pair
     from weightpatch.runner import run_segment
@@ -49,7 +55,7 @@ def scores_of(dtype: str, anchor, texts: list[str], sample: dict[int, list[int]]
     from weightpatch.screening.first_order import gradient_scores
     from weightpatch.screening.neurons import NeuronScreen
 
-    pair = load_pair(*smollm2_pair(), dtype=dtype)
+    pair = load_pair(*pair_dirs, dtype=dtype)
     scorer = AnchorScorer(pair, anchor, texts, batch_size=8)
     below = range(LAYER + 1)
     sites = [str(c) for c in pair.space.components(kinds=("head",), layers=below)]
@@ -113,15 +119,16 @@ def agreement(a: dict[str, float], b: dict[str, float]) -> list[dict]:
     return rows
 
 
-def run() -> None:
+def run(strength: float) -> None:
     from weightpatch.anchors import build_anchor
     from weightpatch.pair import load_pair
 
     torch.set_num_threads(1)
     texts = real_pair.prompts(False)[:8]
-    anchor = build_anchor(load_pair(*smollm2_pair()), texts, None, LAYER, method="model_diff", batch_size=8)
-    f32 = scores_of("float32", anchor, texts, None)
-    b16 = scores_of("bfloat16", anchor, texts, f32["sample"])
+    pair_dirs = smollm2_pair(strength)
+    anchor = build_anchor(load_pair(*pair_dirs), texts, None, LAYER, method="model_diff", batch_size=8)
+    f32 = scores_of("float32", pair_dirs, anchor, texts, None)
+    b16 = scores_of("bfloat16", pair_dirs, anchor, texts, f32["sample"])
     rows = []
     for method in ("first_order", "exact"):
         for row in agreement(f32["scores"][method], b16["scores"][method]):
@@ -132,26 +139,38 @@ def run() -> None:
         "gap_median": {"float32": f32["gap_median"], "bfloat16": b16["gap_median"]},
         "roundoff_median_bf16": b16["roundoff_median"],
     }
-    OUT.write_text(json.dumps(result, indent=2))
+    out_file(strength).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
 def record_table() -> None:
     from common import record
 
-    result = json.loads(OUT.read_text())
-    s, g = result["seconds"], result["gap_median"]
-    notes = (
-        f"SmolLM2-135M base + fine-tune-like change (low-rank + dense, ~1e-3 relative), 8 short prompts, "
-        f"float32 model-difference anchor at layer {LAYER} of 30 for both "
-        f"dtypes. Median anchor gap {g['float32']:.3g} (float32) / {g['bfloat16']:.3g} (bfloat16); bfloat16 "
-        f"round-off of the residual at the anchor (eps x ||h||, median) {result['roundoff_median_bf16']:.3g}. "
-        f"Times (s): first order {s['float32']['first_order']:.0f} (float32) vs {s['bfloat16']['first_order']:.0f} "
-        f"(bfloat16), exact heads+blocks {s['float32']['exact']:.0f} vs {s['bfloat16']['exact']:.0f}. Neuron rows: "
-        f"first order over every neuron of layers 0-{LAYER}, exact over the 256-neuron sample."
+    rows, notes = [], []
+    for strength in STRENGTHS:
+        if not out_file(strength).is_file():
+            continue
+        result = json.loads(out_file(strength).read_text())
+        g, s = result["gap_median"], result["seconds"]
+        ratio = g["bfloat16"] / result["roundoff_median_bf16"]
+        rows += [{"change": f"{strength:g}e-3", "gap/roundoff": ratio, **r} for r in result["rows"]]
+        notes.append(
+            f"change {strength:g}e-3: median anchor gap {g['float32']:.3g} (float32) / {g['bfloat16']:.3g} (bfloat16) "
+            f"vs bfloat16 round-off eps x ||h|| = {result['roundoff_median_bf16']:.3g}; times (s) first order "
+            f"{s['float32']['first_order']:.0f} / {s['bfloat16']['first_order']:.0f}, exact heads+blocks "
+            f"{s['float32']['exact']:.0f} / {s['bfloat16']['exact']:.0f} (float32 / bfloat16)"
+        )
+    record(
+        "bfloat16 vs float32 rankings per kind (SmolLM2-135M + fine-tune-like change)",
+        rows,
+        f"8 short prompts, one float32 model-difference anchor at layer {LAYER} of 30 for both dtypes; gap/roundoff: "
+        "the bfloat16 median anchor gap over bfloat16's round-off of the residual at the anchor. Neuron rows: first "
+        f"order over every neuron of layers 0-{LAYER}, exact over a 256-neuron sample. " + "; ".join(notes) + ".",
     )
-    record("bfloat16 vs float32 rankings per kind (SmolLM2-135M)", result["rows"], notes)
 
 
 if __name__ == "__main__":
-    record_table() if sys.argv[1:] == ["record"] else run()
+    if sys.argv[1:] == ["record"]:
+        record_table()
+    else:
+        run(float(sys.argv[1]) if sys.argv[1:] else 1.0)

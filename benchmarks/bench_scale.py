@@ -44,17 +44,17 @@ STAGES = ("forward", "check", "anchor", "first_order", "local_exact", "exact", "
 N_PROMPTS, TOP_K, CURVE_KS, CONTROLS = 8, 20, [1, 4, 16], 0
 
 
-def smollm2_expert(seed: int) -> Path:
-    """SmolLM2-135M-Instruct plus the 1B pair's fine-tune-like change (low-rank + dense, ~1e-3 relative)
-    drawn with ``seed``, in the base's float32: the same recipe at both sizes, and no training."""
-    out = real_pair.WORK / f"wp32-smollm2-expert{seed}"
+def smollm2_expert(seed: int, strength: float = 1.0) -> Path:
+    """SmolLM2-135M-Instruct plus the 1B pair's fine-tune-like change (low-rank + dense, ``strength`` x
+    1e-3 relative) drawn with ``seed``, in the base's float32: the same recipe at both sizes, no training."""
+    out = real_pair.WORK / (f"wp32-smollm2-expert{seed}" + (f"-x{strength:g}" if strength != 1 else ""))
     if (out / "model.safetensors").is_file():
         return out
     from safetensors.torch import load_file, save_file
 
     real_pair.build_base()
     tensors = load_file(real_pair.BASE / "model.safetensors")
-    tuned = {n: llama1b_pair.specialized_tensor(n, t.float(), seed=seed).to(t.dtype) for n, t in tensors.items()}
+    tuned = {n: llama1b_pair.specialized_tensor(n, t.float(), seed, strength).to(t.dtype) for n, t in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
     for f in real_pair.BASE.iterdir():
         if f.suffix != ".safetensors":

@@ -108,26 +108,29 @@ def base_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     return 0.02 * torch.randn(shape, generator=_generator(name, 0))
 
 
-def low_rank(name: str, weight: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """LoRA factors ``(A: (r, in), B: (out, r))`` of ``name`` with ``||B A|| = LOW_RANK_SHARE ||W||``,
+def low_rank(
+    name: str, weight: torch.Tensor, seed: int, strength: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """LoRA factors ``(A: (r, in), B: (out, r))`` of ``name`` with ``||B A|| = strength x LOW_RANK_SHARE ||W||``,
     or None for a tensor LoRA does not target."""
     if not name.endswith(tuple(f"{t}.weight" for t in LORA_TARGETS)):
         return None
     g = _generator(name, 1000 + seed)
     a = torch.randn(RANK, weight.shape[1], generator=g)
     b = torch.randn(weight.shape[0], RANK, generator=g)
-    b *= LOW_RANK_SHARE * weight.norm() / (b @ a).norm()
+    b *= strength * LOW_RANK_SHARE * weight.norm() / (b @ a).norm()
     return a, b
 
 
-def specialized_tensor(name: str, weight: torch.Tensor, seed: int) -> torch.Tensor:
-    """``weight`` (float32) plus the low-rank and the dense part of expert ``seed``, in float32."""
+def specialized_tensor(name: str, weight: torch.Tensor, seed: int, strength: float = 1.0) -> torch.Tensor:
+    """``weight`` (float32) plus the low-rank and the dense part of expert ``seed`` (both ``strength`` x
+    their share), in float32."""
     if weight.dim() == 1:
         return weight.clone()
     out = weight + torch.randn(weight.shape, generator=_generator(name, 2000 + seed)) * (
-        DENSE_SHARE * weight.norm() / weight.numel() ** 0.5
+        strength * DENSE_SHARE * weight.norm() / weight.numel() ** 0.5
     )
-    factors = low_rank(name, weight, seed)
+    factors = low_rank(name, weight, seed, strength)
     if factors is not None:
         out += factors[1] @ factors[0]
     return out
