@@ -267,9 +267,10 @@ def record_table() -> None:
             name, work = workload(r, shape, heads)
             p = cost.predict(name, shape, rates, work, r["rss_imports_mb"] * 2**20)
             measured_s = r["stage_s"] + r.get("load_s", 0.0)
-            # x_forward on CPU time where both have it (the shared machine's load changes between stages)
+            # x_forward on CPU time only (the shared machine's load changes between stages: wall times of
+            # different stages are not comparable); NaN for rows measured before CPU time was recorded
             cpu = cpu_floor is not None and "stage_cpu_s" in r
-            x_forward = r["stage_cpu_s"] / cpu_floor if cpu else r["stage_s"] / forward["stage_s"]
+            x_forward = r["stage_cpu_s"] / cpu_floor if cpu else float("nan")
             table.append({
                 "pair": pair_name,
                 "stage": stage,
@@ -297,8 +298,8 @@ def record_table() -> None:
         table,
         "Each stage in a fresh process, one torch thread, on the shared 2-core machine (other jobs running: the "
         "absolute times are slow, ratios within one pair are the figures). time_s: the stage after loading (wall), "
-        "cpu_s: its CPU time; x_forward: the stage over one plain forward (logits included) of the same 8 prompts, "
-        "on CPU time where both rows have it, else wall; x_model: (peak RSS - "
+        "cpu_s: its CPU time; x_forward: its CPU time over that of one plain forward (logits included) of the same "
+        "8 prompts (nan: a row measured before CPU time was recorded); x_model: (peak RSS - "
         "RSS after imports) / the model's bfloat16 size; pred_*: weightpatch.cost's prediction from the config, "
         "token counts and the rates measured in the same process just before the stage (load included in "
         "pred_s and in the time_err comparison). " + "; ".join(notes) + ".",
