@@ -256,7 +256,8 @@ def record_table() -> None:
         base = pair_paths(pair_name)["base"]
         shape = cost.model_shape(base, "bfloat16")
         heads = AutoConfig.from_pretrained(base).num_attention_heads
-        forward = mine["forward"]
+        # the LoRA pair's receiver is the full pair's base: the same forward
+        forward = mine.get("forward") or next(r for r in rows if r["pair"] == "llama1b" and r["stage"] == "forward")
         cpu_floor = forward.get("stage_cpu_s")
         for stage in STAGES:
             r = mine.get(stage)
