@@ -22,6 +22,7 @@ from weightpatch.anchors import Anchor, search_anchor_layer, steering_curve
 from weightpatch.config import AnchorConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
+from weightpatch.pipeline.forecast import forecast
 from weightpatch.pipeline.inputs import anchor_prompt_sets, open_run, pair_for, render
 from weightpatch.prompts import PromptRecord, without_instruction
 from weightpatch.rundir import RunDir
@@ -136,6 +137,7 @@ def _steering(cfg: AnchorConfig, pair: ModelPair, run: RunDir, anchor: Anchor, h
 def run_anchor(cfg: AnchorConfig, pair: ModelPair | None = None) -> AnchorResult:
     """Search/build the anchor (reusing one already in the run directory) and its steering curve."""
     train, heldout = anchor_prompt_sets(cfg)
+    forecast("anchor", cfg, pair)
     pair = pair_for(cfg, pair)
     check_layers(cfg, pair.space.num_layers)
     with open_run(cfg, "anchor", pair, [cfg.base, cfg.specialized, cfg.prompts, cfg.heldout]) as run:

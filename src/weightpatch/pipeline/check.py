@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from weightpatch.components import ComponentSpace, ParamSlice
 from weightpatch.config import CheckConfig
 from weightpatch.lora import AdapterSummary, adapter_summary, is_adapter_dir
 from weightpatch.pair import ModelPair, check_finite, nonfinite_parameters
+from weightpatch.pipeline.forecast import forecast
 from weightpatch.pipeline.inputs import open_run, pair_for
+
+CHUNK_ELEMENTS = 2**22  # float64 working set of the weight-delta sums: 3 x 32 MiB at most
 
 
 @dataclass
@@ -53,17 +55,21 @@ def parameter_groups(space: ComponentSpace) -> dict[str, tuple[int, str]]:
 
 
 def weight_delta_table(pair: ModelPair, progress: bool = True) -> pd.DataFrame:
-    """Relative Frobenius norm of the weight change per (layer, group), read one donor tensor at a time;
-    ``layer`` is null for model-level modules (``group`` is then the module: ``embed``, ``unembed``, ...)."""
+    """Relative Frobenius norm of the weight change per (layer, group), read one donor tensor at a time
+    and summed in float64 over chunks of ``CHUNK_ELEMENTS`` (whole, a 128k x 2048 embedding would need
+    three float64 copies: 6 GB); ``layer`` is null for model-level modules (``group`` is then the module:
+    ``embed``, ``unembed``, ...)."""
     sq_delta: dict[tuple[int, str], float] = defaultdict(float)
     sq_base: dict[tuple[int, str], float] = defaultdict(float)
     numel: dict[tuple[int, str], int] = defaultdict(int)
     groups = parameter_groups(pair.space)
     for name, key in tqdm(groups.items(), desc="weight delta", unit="tensor", disable=not progress):
-        base = pair.model.get_parameter(name).detach().double()
-        donor = pair.donor.read(ParamSlice(name)).to(base.device, torch.float64)
-        sq_delta[key] += float((donor - base).pow(2).sum())
-        sq_base[key] += float(base.pow(2).sum())
+        base = pair.model.get_parameter(name).detach().reshape(-1)
+        donor = pair.donor.read(ParamSlice(name)).to(base.device).reshape(-1)
+        for start in range(0, base.numel(), CHUNK_ELEMENTS):  # float64 one chunk at a time
+            b = base[start : start + CHUNK_ELEMENTS].double()
+            sq_delta[key] += float((donor[start : start + CHUNK_ELEMENTS].double() - b).pow(2).sum())
+            sq_base[key] += float(b.pow(2).sum())
         numel[key] += base.numel()
     rows = [
         {
@@ -90,6 +96,7 @@ def component_counts(space: ComponentSpace) -> dict[str, int]:
 def run_check(cfg: CheckConfig, pair: ModelPair | None = None) -> CheckResult:
     """Load (or take) the pair, which checks it; measure the weight change. With ``cfg.run_dir`` the
     table is saved there as ``weight_delta``."""
+    forecast("check", cfg, pair)
     pair = pair_for(cfg, pair)
     space = pair.space
     nonfinite = None

@@ -23,8 +23,8 @@ from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenC
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair, resolve_device
 from weightpatch.prompts import MIN_PROMPTS, PromptRecord, read_prompt_file
-from weightpatch.rundir import RunDir
-from weightpatch.runner import render_prompts, resolve_prompt_format
+from weightpatch.rundir import CONSOLE, RunDir
+from weightpatch.runner import render_prompts, resolve_prompt_format, run_segment
 from weightpatch.scoring import AnchorScorer
 
 logger = logging.getLogger("weightpatch")
@@ -240,6 +240,39 @@ def open_run(
     return run
 
 
+def roundoff_warning(scorer: AnchorScorer) -> str | None:
+    """A warning when a 16-bit model's anchor gaps are within its round-off: on at least half the prompts
+    ``|G(x)| <= eps x ||h(x)||``, ``h`` the receiver's residual stream at the anchor layer's last position
+    and ``eps`` the dtype's machine epsilon (bfloat16: 2^-7), the size of one rounding of ``h`` in its
+    largest coordinates. None for float32/float64 models or gaps above it (one forward to the anchor)."""
+    import torch
+
+    dtype = scorer.pair.model.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    with torch.no_grad():
+        norms = torch.cat(
+            [
+                run_segment(scorer.pair.model, scorer.pair.space, b, stop=scorer.layer, last_position=True)[0][:, -1]
+                .float()
+                .norm(dim=-1)
+                .cpu()
+                for b in scorer.batches
+            ]
+        )
+    roundoff = torch.finfo(dtype).eps * norms
+    gaps = scorer.gap.abs().float().cpu()
+    within = int((gaps <= roundoff).sum())
+    if within * 2 < len(gaps):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"the anchor gap is within {name} round-off on {within} of {len(gaps)} prompts (median |gap| "
+        f"{float(gaps.median()):.3g} vs eps x ||h|| = {float(roundoff.median()):.3g} at layer {scorer.layer}): "
+        f"scores at this precision are mostly rounding noise; use --dtype float32"
+    )
+
+
 @contextmanager
 def scoring_run(
     cfg: ScreenConfig | TraceConfig, command: str, pair: ModelPair | None, names: Sequence[str] = ()
@@ -260,4 +293,6 @@ def scoring_run(
         scorer = AnchorScorer(
             pair, anchor, texts, cfg.batch_size, cfg.min_relative_gap, truncate_prompts=cfg.truncate_prompts
         )
+        if (warning := roundoff_warning(scorer)) is not None:
+            logger.warning("%s", warning, extra=CONSOLE)
         yield run, scorer

@@ -30,6 +30,7 @@ from weightpatch.merging import (
     write_mergekit_yaml,
 )
 from weightpatch.merging.registry import default
+from weightpatch.pipeline.forecast import forecast
 from weightpatch.pipeline.inputs import open_run, seed_everything
 from weightpatch.runs import load_run
 
@@ -204,6 +205,7 @@ def evaluate_merge(base: str, experts: list[str], merged: Path, prompt_files: li
 def run_merge(cfg: MergeStageConfig) -> MergeResult:
     """Merge ``cfg.experts`` into ``cfg.base`` (and evaluate, export, record as configured)."""
     seed_everything(cfg.seed)
+    forecast("merge", cfg)
     if cfg.evaluate_prompts and len(cfg.evaluate_prompts) != len(cfg.experts):
         raise WeightPatchError(
             f"--evaluate-prompts needs one prompt file per expert ({len(cfg.experts)} experts, "

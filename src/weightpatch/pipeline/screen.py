@@ -36,6 +36,7 @@ from weightpatch.config import ScreenConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.generation import generate_ids
 from weightpatch.pair import ModelPair
+from weightpatch.pipeline.forecast import forecast
 from weightpatch.pipeline.inputs import scoring_run, select_prompts
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import CONSOLE, RunDir
@@ -281,6 +282,7 @@ def objective_comparison(
 
 def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult:
     """Score the components of ``cfg`` on its prompts against its anchor, in its run directory."""
+    forecast("screen", cfg, pair)
     with scoring_run(cfg, "screen", pair, cfg.components or []) as (run, scorer):
         check = bool(cfg.validity_k) and scorer.pair.receiver == "base"  # the check patches the base
         behaviour = None

@@ -20,6 +20,7 @@ from weightpatch.activation import activation_scores, default_components
 from weightpatch.config import TraceConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
+from weightpatch.pipeline.forecast import forecast
 from weightpatch.pipeline.inputs import scoring_run
 from weightpatch.results import ScoreTable
 from weightpatch.roles import assign_roles
@@ -126,6 +127,7 @@ def trace_steps(cfg: TraceConfig, scorer: AnchorScorer, run: RunDir) -> None:
 
 def run_trace(cfg: TraceConfig, pair: ModelPair | None = None) -> TraceResult:
     """Activation-space scores, roles, supplier tracing and validation curves in ``cfg``'s run directory."""
+    forecast("trace", cfg, pair)
     with scoring_run(cfg, "trace", pair, cfg.targets or []) as (run, scorer):
         trace_steps(cfg, scorer, run)
         return TraceResult(run.scores(), run.load_table("roles"), run.load_table("supplier_edges"), run.path)
