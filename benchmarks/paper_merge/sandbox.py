@@ -17,6 +17,7 @@ fail; :func:`run_tests` never raises for what the candidate does.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,9 @@ def run_tests(
         except subprocess.TimeoutExpired:
             return Outcome(0, len(tests), f"timeout after {timeout:g} s")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines and proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        # the CPU-seconds limit (soft: SIGXCPU, hard: SIGKILL) ended it before the wall clock did
+        return Outcome(0, len(tests), f"timeout: CPU limit of {max(1, int(timeout))} s")
     if not lines:
         return Outcome(0, len(tests), f"child exited with {proc.returncode}: {proc.stderr.strip()[-200:]}")
     result = json.loads(lines[-1])

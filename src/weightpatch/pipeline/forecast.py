@@ -22,7 +22,7 @@ from weightpatch import cost
 from weightpatch.components import ComponentSpace
 from weightpatch.config import AnchorConfig, CheckConfig, MergeStageConfig, ScreenConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, _torch_dtype, split_model_source
+from weightpatch.pair import ModelPair, _torch_dtype, resolve_device, split_model_source
 from weightpatch.pipeline.inputs import anchor_prompt_sets, anchor_stem, select_prompts
 from weightpatch.rundir import CONSOLE
 from weightpatch.runner import render_prompts
@@ -97,7 +97,7 @@ def workload(stage: str, cfg: Config, space: ComponentSpace, pair: ModelPair | N
     if stage == "merge":
         return "merge", cost.Workload(tokens=(), experts=len(cfg.experts))
     if stage == "anchor":
-        train, heldout = anchor_prompt_sets(cfg)
+        train, heldout = anchor_prompt_sets(cfg, warn=False)  # the stage warns
         texts = [r.prompt for r in train + heldout]
         if cfg.method == "instruction":
             texts += [r.prompt_without_instruction or r.prompt for r in train + heldout]
@@ -110,7 +110,7 @@ def workload(stage: str, cfg: Config, space: ComponentSpace, pair: ModelPair | N
             anchor_layer=layer,
             generated_tokens=steered * cfg.max_new_tokens * runs,
         )
-    tokens = _token_counts(cfg, [r.prompt for r in select_prompts(cfg, cfg.seed)], pair)
+    tokens = _token_counts(cfg, [r.prompt for r in select_prompts(cfg, cfg.seed, warn=False)], pair)
     layer = _anchor_layer(cfg)
     top = space.num_layers - 1 if layer is None else layer
     if stage == "trace":
@@ -147,7 +147,7 @@ def forecast(stage: str, cfg: Config, pair: ModelPair | None = None) -> cost.Pre
     """Log the predicted peak memory and duration of pipeline ``stage`` (check, anchor, screen, trace,
     merge) run with ``cfg`` (``pair``: already loaded), and refuse when it will not fit in memory. None
     (nothing logged) when the base's config cannot be read: the stage reports that input itself."""
-    device = getattr(cfg, "device", "cpu")
+    device = str(resolve_device(getattr(cfg, "device", "cpu")))  # an unavailable device: one line, here
     dtype = getattr(cfg, "dtype", "auto")  # merge: the checkpoints' own dtype
     try:
         config, space = _meta(cfg.base, getattr(cfg, "trust_remote_code", False), getattr(cfg, "revision", None))

@@ -139,16 +139,18 @@ def warn_if_few(records: Sequence[PromptRecord], path: Path, what: str) -> None:
         )
 
 
-def select_prompts(cfg: PromptOptions, seed: int) -> list[PromptRecord]:
-    """The prompts a scoring stage uses: ``cfg.prompts`` shuffled with ``seed``, at most ``max_prompts``."""
+def select_prompts(cfg: PromptOptions, seed: int, warn: bool = True) -> list[PromptRecord]:
+    """The prompts a scoring stage uses: ``cfg.prompts`` shuffled with ``seed``, at most ``max_prompts``
+    (``warn``: say when they are few; off for a second read of the same set)."""
     records = read_prompt_file(cfg.prompts)
     random.Random(seed).shuffle(records)
     records = records[: cfg.max_prompts]
-    warn_if_few(records, cfg.prompts, "prompts")
+    if warn:
+        warn_if_few(records, cfg.prompts, "prompts")
     return records
 
 
-def anchor_prompt_sets(cfg: AnchorConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+def anchor_prompt_sets(cfg: AnchorConfig, warn: bool = True) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """``(train, heldout)`` prompt records of the anchor stage: the two files, or ``prompts`` split in
     half, each shuffled with the seed and cut to ``max_prompts``."""
     records = read_prompt_file(cfg.prompts)
@@ -169,8 +171,9 @@ def anchor_prompt_sets(cfg: AnchorConfig) -> tuple[list[PromptRecord], list[Prom
         train, heldout = shuffled[:half], shuffled[half:]
     if cfg.max_prompts is not None:
         train, heldout = train[: cfg.max_prompts], heldout[: cfg.max_prompts]
-    warn_if_few(train, cfg.prompts, "training prompts")
-    warn_if_few(heldout, cfg.heldout or cfg.prompts, "held-out prompts")
+    if warn:
+        warn_if_few(train, cfg.prompts, "training prompts")
+        warn_if_few(heldout, cfg.heldout or cfg.prompts, "held-out prompts")
     return train, heldout
 
 

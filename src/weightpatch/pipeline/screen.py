@@ -227,7 +227,7 @@ def behaviour_scorer(cfg: ScreenConfig, run: RunDir, scorer: AnchorScorer) -> Be
 def checker_metric(cfg: ScreenConfig, scorer: AnchorScorer):
     """IFEval strict prompt-level accuracy of greedy responses (``cfg.response_tokens`` tokens) on the
     run's prompts that carry instructions, or None when none does."""
-    records = select_prompts(cfg, cfg.seed)
+    records = select_prompts(cfg, cfg.seed, warn=False)  # the stage has warned
     chosen = [(r, t) for r, t in zip(records, scorer.texts, strict=True) if r.instruction_id_list]
     if not chosen:
         return None
