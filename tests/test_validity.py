@@ -100,16 +100,21 @@ def _screen_cfg(demo_anchor, run_dir, **fields) -> ScreenConfig:
     )  # fmt: skip
 
 
-def test_no_warning_on_the_demo_pair_where_the_anchor_is_related(demo_anchor, tmp_path):
+def test_the_demo_screen_records_the_check_in_both_currencies_and_the_checker(demo_anchor, tmp_path):
+    """Every screen ends with the check; its verdict is the rule applied to its own table. (On the demo
+    pair all eight attention/MLP blocks recover most of the anchor gap but little of the checker's:
+    the blocks alone do not carry the format, so the check warns there - see docs/method.md.)"""
     pair, _, _ = demo_anchor
     result = run_screen(_screen_cfg(demo_anchor, tmp_path / "s", method="first_order", kinds=["module"]), pair)
-    assert result.validity is not None
-    assert not result.validity.warns, result.validity.line
     run = RunDir(result.run_dir)
-    assert run.record()["anchor_validity"]["line"] == result.validity.line
     frame = run.load_table("anchor_validity")
+    assert result.validity == validity_verdict(frame)
+    assert run.record()["anchor_validity"] == {"status": result.validity.status, "line": result.validity.line}
     checker = frame.set_index("selection")["metric"]  # the demo prompts carry IFEval instructions
     assert checker["specialized"] > checker["base"]
+    top = frame[frame["selection"] == "top"].iloc[0]
+    assert sorted(top["components"]) == sorted(f"L{i}.{m}" for i in range(4) for m in ("attn", "mlp"))
+    assert 0.0 < top["anchor"] < 1.0 and 0.0 < top["behaviour"] < 1.0  # the norms and embeddings are left out
     responses = run.load_table("responses")
     assert len(responses) == 16 and run.record()["behaviour"]["responses_sha256"]
 
@@ -192,3 +197,24 @@ def test_behaviour_run_compares_the_objectives_and_the_report_shows_it(demo_anch
     html = build_report(result.run_dir).read_text()
     assert "Anchor vs behaviour objective" in html and "Anchor validity" in html
     assert result.validity.line.split(":")[0] in html
+
+
+def test_the_verdict_reads_the_checker_where_the_prompts_carry_instructions():
+    """The caps fine-tune's case (SmolLM2-135M, anchor layer 16): the top-16 blocks recover 0.92 of
+    the anchor gap and 0.56 of the teacher-forced behaviour gap, but write all capitals on 0.06 of the
+    prompts (base 0.00, fine-tune 0.81): the checker's 0.08 of its gap decides, and the anchor misleads."""
+    rows = [
+        {"selection": "top", "draw": 0, "k": 16, "kind": "module", "method": "first_order", "anchor": 0.92,
+         "behaviour": 0.56, "metric": 0.0625},
+        {"selection": "random", "draw": 0, "k": 16, "kind": "module", "method": "first_order", "anchor": 0.38,
+         "behaviour": 0.61, "metric": 0.0},
+        {"selection": "base", "draw": 0, "k": 0, "kind": "module", "method": "first_order", "anchor": 0.0,
+         "behaviour": 0.0, "metric": 0.0},
+        {"selection": "specialized", "draw": 0, "k": 0, "kind": "module", "method": "first_order", "anchor": 1.0,
+         "behaviour": 1.0, "metric": 0.8125},
+    ]  # fmt: skip
+    verdict = validity_verdict(pd.DataFrame(rows))
+    assert verdict.status == "misleads"
+    assert "checker 0.06 (base 0.00, specialized 0.81), 0.08 of its gap" in verdict.line
+    without_checker = pd.DataFrame(rows).drop(columns=["metric"])
+    assert validity_verdict(without_checker).status == "valid"  # the teacher-forced 0.56 alone passes

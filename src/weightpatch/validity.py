@@ -7,9 +7,10 @@ gap) and the behaviour recovery ``E_B`` (fraction of the teacher-forced behaviou
 :mod:`weightpatch.behaviour`), optionally with a checker metric (e.g. IFEval strict accuracy of
 greedy generations), against random ``k``-subsets drawn from every component of that kind.
 
-The verdict compares the top-``k`` row's two recoveries: the anchor misleads here when it is at
-least :data:`ANCHOR_RECOVERED` while the behaviour stays below :data:`BEHAVIOUR_MISSED`, and it
-under-reports when the reverse holds.
+The verdict compares the top-``k`` row's two recoveries (the behaviour one is the checker's,
+normalized between base and specialized, where the prompts carry IFEval instructions): the anchor
+misleads here when it is at least :data:`ANCHOR_RECOVERED` while the behaviour stays below
+:data:`BEHAVIOUR_MISSED`, and it under-reports when the reverse holds.
 """
 
 from __future__ import annotations
@@ -170,7 +171,10 @@ class Verdict:
 
 def validity_verdict(frame: pd.DataFrame, ranked_by: str = "anchor") -> Verdict:
     """The verdict of an :func:`anchor_validity` table (see the module docstring for the rule);
-    ``ranked_by`` names the objective whose scores ranked the components."""
+    ``ranked_by`` names the objective whose scores ranked the components. The behaviour side of the
+    rule is the checker's recovery ``(top - base) / (specialized - base)`` where the table has a
+    checker whose base and specialized values differ (the prompts carry IFEval instructions), else
+    the teacher-forced behaviour recovery."""
     top = frame[frame["selection"] == "top"].iloc[0]
     randoms = frame[frame["selection"] == "random"]
     a, b, k, kind = float(top["anchor"]), float(top["behaviour"]), int(top["k"]), top["kind"]
@@ -184,6 +188,9 @@ def validity_verdict(frame: pd.DataFrame, ranked_by: str = "anchor") -> Verdict:
         ref = frame.set_index("selection")["metric"]
         if {"base", "specialized"} <= set(ref.index):
             facts += f"; checker {ref['top']:.2f} (base {ref['base']:.2f}, specialized {ref['specialized']:.2f})"
+            if abs(ref["specialized"] - ref["base"]) > 1e-9:
+                b = float((ref["top"] - ref["base"]) / (ref["specialized"] - ref["base"]))
+                facts += f", {b:.2f} of its gap"
     if a >= ANCHOR_RECOVERED and b < BEHAVIOUR_MISSED:
         return Verdict(
             "misleads",
