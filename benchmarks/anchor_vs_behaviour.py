@@ -90,6 +90,7 @@ def main() -> None:
                 "verdict": result.validity.status if result.validity else "skipped",
                 "seconds": round(time.perf_counter() - start),
             }
+            row["spearman module/head"] = "-"  # written by the behaviour run (it scores both objectives)
             if objective == "behaviour":
                 agree = run.load_table("objective_agreement")
                 per_kind = agree[agree["layer"].isna()].set_index("kind")
