@@ -243,11 +243,16 @@ def test_ctrl_c_that_a_safetensors_read_turns_into_a_value_error(
 
     monkeypatch.setattr(SafetensorsSource, "read", interrupted_read)
     args = ("screen", *pair_dirs, "--prompts", prompts, "--run-dir", run, "--method", "exact", "--components", "L1")
-    result = invoke(*args)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive shell (CI may ignore it)
+    try:
+        result = invoke(*args)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert result.exit_code == 130, (result.output, result.exception)
     assert "interrupted; re-run the same command to resume" in result.stderr
     assert "Traceback" not in result.output + result.stderr
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI put Python's handler back
+    assert after is signal.default_int_handler  # the CLI put the previous handler back
 
 
 def test_nan_score_table_is_refused_by_name(pair_dirs, tmp_path, unchanged):
@@ -396,3 +401,17 @@ def test_every_subcommand_refuses_hostile_files_in_one_line(
     before = tree_hash(anchored_run)
     assert_user_error(invoke(name, *args), *fragments)
     assert tree_hash(anchored_run) == before
+
+
+def test_ctrl_c_ignored_on_purpose_stays_ignored():
+    """Under nohup or as a background job SIGINT is ignored: the CLI must not turn it back on."""
+    from weightpatch.cli.common import sigint_seen
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with sigint_seen() as seen:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: nothing raised, nothing recorded
+        assert seen == []
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -60,8 +60,8 @@ def sigint_seen() -> Iterator[list[int]]:
     raised inside them into an error of their own (a safetensors read gives a ``ValueError``); the
     record tells such an error apart from a bug."""
     seen: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield seen
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield seen  # another thread, or Ctrl-C ignored on purpose (nohup, a background job): leave it so
         return
 
     def interrupt(signum: int, frame: Any) -> None:
