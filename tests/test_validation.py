@@ -98,7 +98,7 @@ def test_planted_components_beat_random_controls_and_interact(tmp_path):
 def test_a_curve_patches_the_complement_once_and_gives_each_knockout_exactly(llama_pair_dirs):
     """Necessity on a base-receiver pair holds one full donor patch for the whole curve: every top-k drop
     equals the knockout model built on its own, and the base is restored bit for bit afterwards."""
-    from weightpatch.validation import _gap_fraction, with_knockout
+    from weightpatch.validation import gap_fraction, with_knockout
 
     pair = load_pair(*llama_pair_dirs)
     before = {n: p.detach().clone() for n, p in pair.model.named_parameters()}
@@ -111,7 +111,7 @@ def test_a_curve_patches_the_complement_once_and_gives_each_knockout_exactly(lla
     curve = necessity_curve(scorer, table, ks=[1, 2, 3], controls=5)
     for row in curve.itertuples():
         with torch.no_grad(), with_knockout(pair, row.components) as model:
-            assert row.drop == _gap_fraction(scorer, scorer.anchor_scores(model), "base")
+            assert row.drop == gap_fraction(scorer, scorer.anchor_scores(model), "base")
     assert all(torch.equal(before[n], p) for n, p in pair.model.named_parameters())
 
 

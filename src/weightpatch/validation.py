@@ -45,7 +45,7 @@ from weightpatch.pair import ModelPair
 from weightpatch.patch import Patch, patched
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import AnchorScorer, GapScorer
 
 logger = logging.getLogger("weightpatch")
 BehaviorMetric = Callable[[torch.nn.Module], float]
@@ -101,7 +101,7 @@ def with_knockout(pair: ModelPair, components: Sequence[Component | str]) -> Ite
         yield pair.model
 
 
-def _gap_fraction(scorer: AnchorScorer, f: torch.Tensor, toward: Literal["specialized", "base"]) -> float:
+def gap_fraction(scorer: GapScorer, f: torch.Tensor, toward: Literal["specialized", "base"]) -> float:
     """Mean fraction of the base->specialized gap covered by ``f`` measured from the base
     (``toward="specialized"``: recovery) or from the specialized model (``"base"``: drop)."""
     effect = scorer.effect(f).mean  # from the receiver toward the donor
@@ -221,7 +221,7 @@ class _Subsets:
         for name, components in group:
             with self.apply(components):
                 f = self.scorer.anchor_scores(self.scorer.pair.model)
-            out.append([{"subset": name, "value": _gap_fraction(self.scorer, f, self.toward)}])
+            out.append([{"subset": name, "value": gap_fraction(self.scorer, f, self.toward)}])
         return out
 
     def zero_rows(self, group: Sequence[Subset]) -> list[list[dict]]:
@@ -354,7 +354,7 @@ def behavior_of(
     with context(pair, components) as model:
         with torch.no_grad():
             out = {
-                "anchor": _gap_fraction(scorer, scorer.anchor_scores(model), toward),
+                "anchor": gap_fraction(scorer, scorer.anchor_scores(model), toward),
                 "kl": output_kl(model, scorer.batches, reference, kl_positions),
             }
         if behavior_metric is not None:
@@ -382,7 +382,7 @@ def interaction_matrix(
 
     def effect(group: Sequence[str]) -> float:
         with torch.no_grad(), with_patch(pair, group) as model:
-            return _gap_fraction(scorer, scorer.anchor_scores(model), "specialized")
+            return gap_fraction(scorer, scorer.anchor_scores(model), "specialized")
 
     single = {c: effect([c]) for c in names}
     matrix = pd.DataFrame(np.nan, index=names, columns=names)

@@ -28,7 +28,7 @@ from weightpatch.components import ComponentSpace, Kind
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable
 from weightpatch.scoring import GapScorer
-from weightpatch.validation import with_patch
+from weightpatch.validation import gap_fraction, with_patch
 
 ANCHOR_RECOVERED = 0.8  # "the anchor came back"
 BEHAVIOUR_MISSED = 0.3  # "the behaviour did not"
@@ -40,9 +40,12 @@ DISJOINT_MODULE_CLASSES = ("attention", "mlp")
 Metric = Callable[[torch.nn.Module], float]
 
 
-def _recovery(scorer: GapScorer, model: torch.nn.Module) -> float:
-    """Fraction of ``scorer``'s gap recovered from the base (the receiver must be the base)."""
-    return scorer.effect(scorer.values(model)).mean
+def recoveries(anchor_scorer: GapScorer, behaviour_scorer: GapScorer, model: torch.nn.Module) -> dict[str, float]:
+    """``{"anchor", "behaviour"}``: the fractions of each gap ``model`` recovers from the base."""
+    return {
+        "anchor": gap_fraction(anchor_scorer, anchor_scorer.values(model), "specialized"),
+        "behaviour": gap_fraction(behaviour_scorer, behaviour_scorer.values(model), "specialized"),
+    }
 
 
 def disjoint_pool(space: ComponentSpace, kind: Kind) -> list[str]:
@@ -119,8 +122,7 @@ def anchor_validity(
                 "k": k,
                 "kind": kind,
                 "method": method,
-                "anchor": _recovery(anchor_scorer, model),
-                "behaviour": _recovery(behaviour_scorer, model),
+                **recoveries(anchor_scorer, behaviour_scorer, model),
             }
             if metric is not None:
                 row["metric"] = float(metric(model))
@@ -251,7 +253,11 @@ def currency_curves(
         for k in sorted({min(int(k), len(ranked)) for k in ks if k > 0}):
             with torch.no_grad(), with_patch(pair, ranked[:k]) as model:
                 rows.append(
-                    {"ranking": name, "k": k, "anchor": _recovery(anchor_scorer, model),
-                     "behaviour": _recovery(behaviour_scorer, model), "components": ranked[:k]}
-                )  # fmt: skip
+                    {
+                        "ranking": name,
+                        "k": k,
+                        **recoveries(anchor_scorer, behaviour_scorer, model),
+                        "components": ranked[:k],
+                    }
+                )
     return pd.DataFrame(rows)
