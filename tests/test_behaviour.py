@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import make_pair, tiny_texts
+from weightpatch.backends import LocalBackend
 from weightpatch.behaviour import (
     BehaviourScorer,
     PlainBackend,
@@ -12,6 +13,7 @@ from weightpatch.behaviour import (
     specialized_responses,
     teacher_forced_batch,
 )
+from weightpatch.engine import run_blocks
 from weightpatch.errors import WeightPatchError
 from weightpatch.generation import generate_ids
 from weightpatch.pair import load_pair
@@ -121,3 +123,66 @@ def test_first_order_matches_finite_difference_across_families(family, tmp_path)
     fd = (moved[0] - moved[1]) / 2e-3
     assert abs(fd) > 1e-5
     assert score == pytest.approx(fd, rel=2e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_engine_exact_scores_equal_the_plain_way(family, tmp_path):
+    """The sweep engine under the behaviour objective (cached block inputs, stacked variants, the
+    head as readout, the neuron sweep, the plain way for what the head reads) gives the plain
+    whole-model scores: every module, head, layer and a neuron per layer, the embedding (tied to the
+    unembedding in gemma and gpt2), the final norm and the unembedding."""
+    pair = load_pair(*make_pair(family, tmp_path, scale=0.05), dtype="float64")
+    scorer = BehaviourScorer(pair, tiny_texts(6, 3), batch_size=4, min_relative_gap=0.0, max_new_tokens=5)
+    names = [str(c) for c in pair.space.components(kinds=("module", "head", "layer"))]
+    names += ["L0.mlp.neuron3", "L1.mlp.neuron5"]
+    assert {"norm.final", "unembed"} <= set(names)
+    plain = PlainBackend(scorer).run(names, progress=False).frame.set_index("component")["score"]
+    with LocalBackend.from_scorer(scorer) as backend:
+        engine = backend.run(names, progress=False).frame.set_index("component")["score"]
+    assert sorted(engine.index) == sorted(plain.index)
+    assert engine.reindex(plain.index).to_numpy() == pytest.approx(plain.to_numpy(), abs=1e-12)
+    assert plain.abs().loc[["norm.final", "unembed", "L1.mlp"]].min() > 1e-4  # the head's pieces count
+
+
+def test_the_head_readout_of_the_last_block_is_the_whole_forward(scorer64):
+    """``readout`` of the receiver's last-block output (run from the cached block inputs) equals
+    the whole-model readout the references were measured with, so a no-op patch scores 0."""
+    last = scorer64.stop
+    assert last == scorer64.pair.space.num_layers - 1 and not scorer64.last_position
+    for bi, batch in enumerate(scorer64.batches):
+        hidden = run_blocks(scorer64, bi, last)
+        n = len(batch)
+        expected = scorer64.f_receiver[bi * 4 : bi * 4 + n]
+        assert torch.equal(scorer64.readout(hidden, bi), expected)
+        stacked = scorer64.readout(hidden.repeat(2, 1, 1), bi)  # two stacked variants, variant-major
+        assert torch.allclose(stacked, expected.repeat(2), atol=1e-12)
+
+
+def test_activation_patching_and_curves_run_under_the_behaviour_objective(scorer64):
+    """Activation patching and the sufficiency curve read any objective: activation-patching a
+    block equals overwriting its output with the donor's and reading the head the plain way, and
+    the top-k curve's recovery equals the effect of patching the top-k weights together."""
+    from weightpatch.activation import activation_scores
+    from weightpatch.validation import sufficiency_curve, with_patch
+
+    pair = scorer64.pair
+    score = activation_scores(scorer64, ["L0"]).frame["score"].item()
+    with torch.no_grad(), pair.as_model("specialized") as sft:
+        donor_out = [run_blocks(scorer64, bi, 0, 0, model=sft) for bi in range(len(scorer64.batches))]
+
+    def overwrite(_m, _a, out):
+        return (donor_out.pop(0), *out[1:]) if isinstance(out, tuple) else donor_out.pop(0)
+
+    handle = pair.model.get_submodule(pair.space.layer_path(0)).register_forward_hook(overwrite)
+    try:
+        by_hand = scorer64.effect(scorer64.values(pair.model)).mean
+    finally:
+        handle.remove()
+    assert score == pytest.approx(by_hand, abs=1e-10)
+
+    table = gradient_scores(scorer64, kinds=("module",), progress=False)
+    curve = sufficiency_curve(scorer64, table, ks=[2], kind="module", controls=0)
+    top = curve["components"].iloc[0]
+    with torch.no_grad(), with_patch(pair, top) as model:
+        expected = scorer64.effect(scorer64.values(model)).mean
+    assert curve["recovery"].iloc[0] == pytest.approx(expected, abs=1e-10)

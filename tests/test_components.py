@@ -158,6 +158,17 @@ def test_first_affected_layer_module_paths_and_neuron_readout_by_hand():
         2,
     ]
     assert [gpt2.first_affected_layer(n) for n in ("embed", "pos_embed", "unembed", "norm.final")] == [0, 0, 0, 3]
+    # what the model's head reads (the behaviour objective keeps these patched through its readout)
+    names = ("embed", "unembed", "norm.final", "L2", "L2.mlp.neuron0")
+    assert [llama.acts_after_last_block(n) for n in names] == [False, True, True, False, False]
+    assert [gpt2.acts_after_last_block(n) for n in ("embed", "pos_embed", *names[1:])] == [
+        True,  # GPT-2's lm_head is the token embedding
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
     assert [llama.module_path(1, m) for m in ("attn", "mlp", "attn.q", "mlp.down")] == [
         "model.layers.1.self_attn",
         "model.layers.1.mlp",

@@ -55,7 +55,7 @@ from weightpatch.errors import ComponentError
 from weightpatch.pair import ModelPair, Role
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch, first_tensor, run_segment
-from weightpatch.scoring import AnchorScorer, Effect
+from weightpatch.scoring import Effect, GapScorer
 
 METHOD = "activation"
 Positions = Literal["all", "last"]
@@ -216,7 +216,7 @@ class ActivationScreen(EffectStrategy[Component]):
 
     method = METHOD
 
-    def __init__(self, scorer: AnchorScorer, variants_per_batch: int = 16, positions: Positions = "all") -> None:
+    def __init__(self, scorer: GapScorer, variants_per_batch: int = 16, positions: Positions = "all") -> None:
         super().__init__(scorer)
         self.scorer, self.variants_per_batch, self.positions = scorer, variants_per_batch, positions
         self.pair = scorer.pair
@@ -242,7 +242,7 @@ class ActivationScreen(EffectStrategy[Component]):
             for i, b in enumerate(self.scorer.batches):
                 store: dict[tuple[str, str], torch.Tensor] = {}
                 with capturing(donor_model, sites, store):
-                    run_segment(donor_model, self.space, b, stop=self.scorer.layer)
+                    run_segment(donor_model, self.space, b, stop=self.scorer.stop)
                 self._cache[i].update({k: v.detach().clone() for k, v in store.items()})
 
     def anchor_scores(self, variants: Sequence[Sequence[Component]], start: int) -> torch.Tensor:
@@ -261,7 +261,7 @@ class ActivationScreen(EffectStrategy[Component]):
     def effect_of(self, components: Sequence[Component | str]) -> Effect:
         """The normalized effect of activation-patching several components at once."""
         todo = [self.space.validate(c) for c in components]
-        todo = [c for c in todo if site_layer(self.space, c) <= self.scorer.layer]
+        todo = [c for c in todo if site_layer(self.space, c) <= self.scorer.stop]
         if not todo:
             return self.scorer.effect(self.scorer.f_receiver)
         start = min(site_layer(self.space, c) for c in todo)
@@ -274,7 +274,7 @@ class ActivationScreen(EffectStrategy[Component]):
 
 
 def activation_scores(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     components: Iterable[Component | str] | None = None,
     positions: Positions = "all",
     variants_per_batch: int = 16,

@@ -14,10 +14,14 @@ greedy response is more likely under the specialized model (the usual case), and
 ``E_B`` moves the base toward writing the specialized model's answer. Prompts whose ``|G_B|`` is
 below ``min_relative_gap`` times the median are left out, as for the anchor.
 
-The readout needs the whole model (through the unembedding), so there is no truncated segment:
-exact scores run one full forward per component (:class:`PlainBackend`) and first-order
-scores backpropagate through the full forward (:func:`weightpatch.screening.first_order.gradient_scores`
-takes any :class:`GapScorer`).
+The readout is the model's head on the last block's output, so the sweep engine serves this
+objective as it serves the anchor (:meth:`BehaviourScorer.readout`): a component of block ``l``
+re-runs blocks ``l..L-1`` from the cached input of block ``l``, variants stacked, and the head
+scores them; the components the head itself uses (final norm, unembedding, a tied embedding) run
+the plain way. First-order scores backpropagate through the full forward
+(:func:`weightpatch.screening.first_order.gradient_scores` takes any :class:`GapScorer`).
+:class:`PlainBackend` is the plain way (one whole-model forward per component), the reference the
+engine is tested and timed against.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from weightpatch.generation import generate_ids
 from weightpatch.pair import ModelPair
 from weightpatch.patch import patched
 from weightpatch.results import ScoreTable, score_row
-from weightpatch.runner import Batch
+from weightpatch.runner import Batch, run_head
 from weightpatch.scoring import GapScorer
 
 DEFAULT_RESPONSE_TOKENS = 32
@@ -132,23 +136,57 @@ class BehaviourScorer(GapScorer):
 
     def forward_values(self, model: torch.nn.Module, batch: Batch) -> Float[torch.Tensor, " batch"]:
         """Mean log-probability (nats per token) of each prompt's response under ``model``."""
+        return self.response_logprob(model(**batch.kwargs(), use_cache=False).logits, batch)
+
+    def response_logprob(
+        self, logits: Float[torch.Tensor, "batch seq vocab"], batch: Batch
+    ) -> Float[torch.Tensor, " batch"]:
+        """Mean log-probability (nats per token) of each row's response tokens under ``logits``."""
         if not isinstance(batch, TeacherForcedBatch) or batch.scored is None:
             raise TypeError("the behaviour readout needs a TeacherForcedBatch (prompt + response tokens)")
-        scored = batch.scored
-        logits = model(**batch.kwargs(), use_cache=False).logits.to(self.value_dtype)
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        logprobs = torch.log_softmax(logits[:, :-1].to(self.value_dtype), dim=-1)
         targets = batch.input_ids[:, 1:]
         token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        mask = scored[:, :-1]
+        mask = batch.scored[:, :-1]
         # where, not a product: a padding position's logits may be NaN (fully masked attention rows)
         return torch.where(mask, token_logprobs, 0.0).sum(-1) / mask.sum(-1)
 
+    # ---- the behaviour objective of the sweep engine (weightpatch.engine.objective.Objective) -----
+    last_position = False  # every response position is read
+
+    @property
+    def stop(self) -> int:
+        """The last block a variant runs: the model's last decoder block (the readout is its head)."""
+        return self.pair.space.num_layers - 1
+
+    @property
+    def reference(self) -> Float[torch.Tensor, " prompt"]:
+        """The receiver's mean response log-probability on every prompt (``B(R, x)``)."""
+        return self.f_receiver
+
+    def readout(self, hidden: Float[torch.Tensor, "rows seq hidden"], batch_index: int) -> Float[torch.Tensor, " rows"]:
+        """``B`` of each row from the last block's output: the receiver's head (final norm,
+        unembedding, soft-capping: :func:`~weightpatch.runner.run_head`) on each stacked variant in
+        turn, so memory holds one batch of logits at a time."""
+        batch = self.batches[batch_index]
+        n = len(batch)
+        return torch.cat(
+            [
+                self.response_logprob(run_head(self.pair.model, self.pair.space, batch, hidden[i : i + n]), batch)
+                for i in range(0, hidden.shape[0], n)
+            ]
+        )
+
+    def reads_weights(self, component: Component | str) -> bool:
+        """The head reads the final norm and the unembedding (and a tied input embedding)."""
+        return self.pair.space.acts_after_last_block(component)
+
 
 class PlainBackend:
-    """Exact scores under any objective the plain way (a :class:`weightpatch.backends.Backend`):
-    for each component, swap its weights in, run the whole model on every prompt, restore. The
-    behaviour objective reads after the last layer, so no block below can be skipped; each finished
-    component is handed to ``on_result`` (resumable runs). Rows carry method ``exact``."""
+    """Exact scores under any objective the plain way (a :class:`weightpatch.backends.Backend`), the
+    reference the engine is checked and timed against: for each component, swap its weights in, run
+    the whole model on every prompt, restore; each finished component is handed to ``on_result``.
+    Rows carry method ``exact``."""
 
     def __init__(self, scorer: GapScorer) -> None:
         self.scorer = scorer

@@ -521,6 +521,15 @@ class ComponentSpace:
                     break
         return first
 
+    def acts_after_last_block(self, component: Component | str) -> bool:
+        """Whether some of the component's weights act after the last decoder block (the final
+        norm, the unembedding, or the input embedding when it is tied to the unembedding): an
+        objective that reads the model's output reads them directly."""
+        head = {
+            s.name for m in self.spec.globals if m not in ("embed", "pos_embed") for s in self._resolve_module(None, m)
+        }
+        return any(piece.name in head for piece in self.resolve(component))
+
     def uncovered_parameters(self) -> list[str]:
         """Parameters that no model-level module and no per-layer module owns (a gap in the
         description; the layer components own everything under their prefix and do not count)."""

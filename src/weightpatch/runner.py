@@ -277,6 +277,31 @@ def run_segment(
     return (result[0][:, -1:] if last_position else result[0]), captured
 
 
+def run_head(
+    model: torch.nn.Module,
+    space: ComponentSpace,
+    batch: Batch,
+    hidden: Float[torch.Tensor, "batch seq hidden"],
+) -> Float[torch.Tensor, "batch seq vocab"]:
+    """The model's logits when the last decoder block outputs ``hidden``: the family's own final
+    norm, unembedding and logit soft-capping applied to it (the model's forward runs with every
+    block skipped and the last block's output replaced, so nothing family-specific is re-written
+    here). ``batch`` gives the attention mask and positions of ``hidden``'s rows."""
+    layers = decoder_layers(model, space)
+    originals = list(layers)
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = _PassThrough(layer)
+        handle = layers[len(originals) - 1].register_forward_hook(lambda _m, _a, _out: hidden)
+        try:
+            return model(**batch.kwargs(), use_cache=False).logits
+        finally:
+            handle.remove()
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
 @contextmanager
 def residual_addition(
     model: torch.nn.Module, space: ComponentSpace, layer: int, vector: Float[torch.Tensor, " hidden"]

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float
 
 from weightpatch.anchors import Anchor
+from weightpatch.components import Component
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, Role
 from weightpatch.prompts import PromptRecord
@@ -105,6 +106,36 @@ class GapScorer:
                 f"use prompts that exercise the capability{self.separation_fix}"
             )
 
+    # ---- shared by the objectives of the sweep engine (weightpatch.engine.objective.Objective) ----
+    _block_inputs: list[dict[int, torch.Tensor]] | None = None
+    _block_inputs_top = -1
+
+    @property
+    def stop(self) -> int:
+        """The last decoder block a variant runs before :meth:`readout`."""
+        raise NotImplementedError
+
+    def reads_weights(self, component: Component | str) -> bool:
+        """Whether the readout itself uses some of the component's weights (so a variant must keep
+        the patch through the readout); the anchor reads only the residual stream."""
+        return False
+
+    def block_inputs(self, top: int | None = None) -> list[dict[int, Float[torch.Tensor, "batch seq hidden"]]]:
+        """Per prompt batch, the receiver's input of every block ``1..top`` (default: :attr:`stop`),
+        computed once and shared by every engine that re-runs a segment of blocks from a cached
+        input (exact weight patching, activation patching, supplier tracing). Engines call it on
+        construction, with the receiver's own weights in place (patches restore them bit-exactly,
+        so the cache stays valid)."""
+        top = self.stop if top is None else top
+        if self._block_inputs is None or self._block_inputs_top < top:
+            with torch.no_grad():
+                self._block_inputs = [
+                    run_segment(self.pair.model, self.pair.space, b, stop=top, capture_inputs=range(1, top + 1))[1]
+                    for b in self.batches
+                ]
+            self._block_inputs_top = top
+        return self._block_inputs
+
     def effect(self, f_patched: Float[torch.Tensor, " prompt"]) -> Effect:
         """Normalized effect of a patched model given its values on every prompt; refuses
         (:class:`WeightPatchError`) NaN/inf values rather than writing them into a table."""
@@ -146,8 +177,6 @@ class AnchorScorer(GapScorer):
         limit = context_length(pair.model, pair.tokenizer)
         encoded = encode(pair.tokenizer, self.texts, pair.device, max_length=limit, truncate=truncate_prompts)
         self.batches: list[Batch] = list(batches(encoded, batch_size))
-        self._block_inputs: list[dict[int, torch.Tensor]] | None = None
-        self._block_inputs_top = -1
         with torch.no_grad():
             self.measure_references(min_relative_gap)
 
@@ -191,22 +220,6 @@ class AnchorScorer(GapScorer):
     def readout(self, hidden: Float[torch.Tensor, "rows seq hidden"], batch_index: int) -> Float[torch.Tensor, " rows"]:
         """The anchor score of each row (any prompt batch: the anchor reads only the hidden state)."""
         return self.project(hidden)
-
-    def block_inputs(self, top: int | None = None) -> list[dict[int, Float[torch.Tensor, "batch seq hidden"]]]:
-        """Per prompt batch, the receiver's input of every block ``1..top`` (default: the anchor
-        layer), computed once and shared by every engine that re-runs a segment of blocks from a
-        cached input (exact weight patching, activation patching, supplier tracing). Engines call it
-        on construction, with the receiver's own weights in place (patches restore them bit-exactly,
-        so the cache stays valid)."""
-        top = self.layer if top is None else top
-        if self._block_inputs is None or self._block_inputs_top < top:
-            with torch.no_grad():
-                self._block_inputs = [
-                    run_segment(self.pair.model, self.pair.space, b, stop=top, capture_inputs=range(1, top + 1))[1]
-                    for b in self.batches
-                ]
-            self._block_inputs_top = top
-        return self._block_inputs
 
     def project(self, hidden: Float[torch.Tensor, "batch seq hidden"]) -> Float[torch.Tensor, " batch"]:
         """Anchor score of each row: the last token's residual projected on ``u``."""

@@ -126,7 +126,7 @@ class SupplyTracer:
         self.positions = positions
         self.top = max(_site_layer(t) for t in self.targets)
         with torch.no_grad():
-            scorer.block_inputs(max(self.top, scorer.layer))  # cached with the receiver's own weights
+            scorer.block_inputs(max(self.top, scorer.stop))  # cached with the receiver's own weights
             everything = range(len(self.targets))
             self.out_base = list(self._outputs(self.model, 0, everything).values())
             donor_role: Role = "specialized" if pair.receiver == "base" else "base"

@@ -45,7 +45,7 @@ from weightpatch.pair import ModelPair
 from weightpatch.patch import Patch, patched
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch
-from weightpatch.scoring import AnchorScorer, GapScorer
+from weightpatch.scoring import GapScorer
 
 logger = logging.getLogger("weightpatch")
 BehaviorMetric = Callable[[torch.nn.Module], float]
@@ -115,7 +115,7 @@ def next_token_logprobs(model: torch.nn.Module, batches: Sequence[Batch]) -> lis
         return [torch.log_softmax(model(**b.kwargs(), use_cache=False).logits.float(), -1) for b in batches]
 
 
-def specialized_logprobs(scorer: AnchorScorer) -> list[torch.Tensor]:
+def specialized_logprobs(scorer: GapScorer) -> list[torch.Tensor]:
     """The specialized model's :func:`next_token_logprobs` on ``scorer.batches``: the reference
     of every output KL here."""
     with scorer.pair.as_model("specialized") as sft:
@@ -203,12 +203,12 @@ class _Subsets:
     method = "curve"
     variants_per_batch = 1
 
-    def __init__(self, scorer: AnchorScorer, apply: Apply, toward: Literal["specialized", "base"]) -> None:
+    def __init__(self, scorer: GapScorer, apply: Apply, toward: Literal["specialized", "base"]) -> None:
         self.scorer, self.apply, self.toward = scorer, apply, toward
 
     @property
     def stop(self) -> int:
-        return self.scorer.layer
+        return self.scorer.stop
 
     def key(self, item: Subset) -> str:
         return item[0]
@@ -220,7 +220,7 @@ class _Subsets:
         out = []
         for name, components in group:
             with self.apply(components):
-                f = self.scorer.anchor_scores(self.scorer.pair.model)
+                f = self.scorer.values(self.scorer.pair.model)
             out.append([{"subset": name, "value": gap_fraction(self.scorer, f, self.toward)}])
         return out
 
@@ -242,7 +242,7 @@ def _subsets(ranked: list[str], pool: list[str], ks: list[int], controls: int, s
 
 
 def _curve(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     table: ScoreTable,
     ks: int | Sequence[int],
     method: str | None,
@@ -296,7 +296,7 @@ def _curve(
 
 
 def sufficiency_curve(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     table: ScoreTable,
     ks: int | Sequence[int] = 10,
     method: str | None = None,
@@ -316,7 +316,7 @@ def sufficiency_curve(
 
 
 def necessity_curve(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     table: ScoreTable,
     ks: int | Sequence[int] = 10,
     method: str | None = None,
@@ -335,7 +335,7 @@ def necessity_curve(
 
 
 def behavior_of(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     components: Sequence[Component | str],
     mode: Literal["sufficiency", "necessity"] = "sufficiency",
     kl_positions: Literal["last", "all"] = "last",
@@ -354,7 +354,7 @@ def behavior_of(
     with context(pair, components) as model:
         with torch.no_grad():
             out = {
-                "anchor": gap_fraction(scorer, scorer.anchor_scores(model), toward),
+                "anchor": gap_fraction(scorer, scorer.values(model), toward),
                 "kl": output_kl(model, scorer.batches, reference, kl_positions),
             }
         if behavior_metric is not None:
@@ -363,7 +363,7 @@ def behavior_of(
 
 
 def interaction_matrix(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     components: Sequence[Component | str] | None = None,
     table: ScoreTable | None = None,
     m: int = 8,
@@ -382,7 +382,7 @@ def interaction_matrix(
 
     def effect(group: Sequence[str]) -> float:
         with torch.no_grad(), with_patch(pair, group) as model:
-            return gap_fraction(scorer, scorer.anchor_scores(model), "specialized")
+            return gap_fraction(scorer, scorer.values(model), "specialized")
 
     single = {c: effect([c]) for c in names}
     matrix = pd.DataFrame(np.nan, index=names, columns=names)

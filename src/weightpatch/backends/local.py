@@ -35,7 +35,7 @@ from weightpatch.errors import WeightPatchError
 from weightpatch.methods import scoring_method
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import CONSOLE
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import AnchorScorer, GapScorer
 from weightpatch.screening.neurons import NeuronScreen
 
 DEFAULT_SHARD_SIZE = 8
@@ -111,14 +111,14 @@ class WorkerState:
     """A loaded job: the scorer and the strategy of its sweep method (its cached block inputs) of
     one worker; ``neurons``: exact neuron shards go through the batched neuron strategy."""
 
-    scorer: AnchorScorer
+    scorer: GapScorer
     strategy: EffectStrategy
     neurons: NeuronScreen | None
 
     @classmethod
     def from_scorer(
         cls,
-        scorer: AnchorScorer,
+        scorer: GapScorer,
         variants_per_batch: int = 8,
         neurons_per_forward: int = 64,
         neuron_sweep: bool = True,
@@ -246,7 +246,7 @@ class LocalBackend:
     @classmethod
     def from_scorer(
         cls,
-        scorer: AnchorScorer,
+        scorer: GapScorer,
         variants_per_batch: int = 8,
         neurons_per_forward: int = 64,
         neuron_sweep: bool = True,
@@ -280,7 +280,7 @@ class LocalBackend:
         self.estimates, self.timings = [], []
         if not shards:
             return ScoreTable.from_rows([])
-        space, anchor = self.state.scorer.pair.space, self.state.scorer.layer
+        space, anchor = self.state.scorer.pair.space, self.state.scorer.stop
         calibration: list[Shard] = []
         if self.estimate:
             state = self.state

@@ -3,20 +3,23 @@
 An :class:`Objective` says how far a variant must run and how to turn the residual stream there
 into one number per prompt, and how to normalize a variant's numbers into an effect:
 
-- ``stop``: the last decoder block that must run (the anchor layer; a behaviour objective reading
-  the model's output would stop at the last block and apply the final norm and unembedding in its
-  readout);
+- ``stop``: the last decoder block that must run (the anchor layer; the behaviour objective, which
+  reads the model's output, stops at the last block and applies the final norm and unembedding in
+  its readout);
 - ``last_position``: only the last position of block ``stop``'s output is read (the anchor score),
   so that block computes its MLP and attention output projection there alone
   (:func:`~weightpatch.runner.run_segment` ``last_position``);
 - :meth:`Objective.readout`: (rows, seq, hidden) at ``stop`` -> (rows,) for the prompts of batch
   ``batch_index`` (stacked variants are variant-major: row ``v * batch + i`` is prompt ``i`` of
   variant ``v``);
+- :meth:`Objective.reads_weights`: the components whose weights the readout itself uses (none for
+  the anchor; the final norm and unembedding for the behaviour objective), run the plain way;
 - :meth:`Objective.effect`: a variant's readouts on every prompt (prompt,) -> an
   :class:`~weightpatch.scoring.Effect` (mean, standard error, prompt count), with ``reference``
   the receiver's readouts (the effect of "no patch").
 
-:class:`~weightpatch.scoring.AnchorScorer` is the anchor objective. :func:`run_blocks` runs a
+:class:`~weightpatch.scoring.AnchorScorer` is the anchor objective,
+:class:`~weightpatch.behaviour.BehaviourScorer` the behaviour objective. :func:`run_blocks` runs a
 segment of the receiver's blocks from the cached input of its first block (or from the
 embedding), the one place that knows where a segment's input comes from.
 """
@@ -31,6 +34,7 @@ from jaxtyping import Float
 from weightpatch.runner import Batch, run_segment
 
 if TYPE_CHECKING:
+    from weightpatch.components import Component
     from weightpatch.pair import ModelPair
     from weightpatch.scoring import Effect
 
@@ -62,6 +66,15 @@ class Objective(Protocol):
     def effect(self, values: Float[torch.Tensor, " prompt"]) -> Effect: ...
 
     def block_inputs(self, top: int | None = None) -> list[dict[int, torch.Tensor]]: ...
+
+    def reads_weights(self, component: Component | str) -> bool:
+        """Whether :meth:`readout` itself uses the component's weights (the behaviour objective's
+        head: final norm, unembedding); such a variant keeps its patch through the readout."""
+        ...
+
+    def values(self, model: torch.nn.Module) -> Float[torch.Tensor, " prompt"]:
+        """The readout of a whole forward of ``model`` on every prompt (the plain way)."""
+        ...
 
 
 def run_blocks(

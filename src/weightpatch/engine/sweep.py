@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from weightpatch.components import Component
 from weightpatch.engine.objective import Objective
+from weightpatch.patch import patched
 from weightpatch.results import ScoreTable, score_row
 
 Item = TypeVar("Item", bound=Hashable)
@@ -140,9 +141,14 @@ class EffectStrategy(Generic[Item]):
         return [[score_row(self.component(item), self.method, 0.0, 0.0, n)] for item in group]
 
     def parts(self, items: list[Item]) -> list[tuple[Strategy, list[Item]]]:
-        """The sweeps that score ``items``: this strategy for all of them (a method whose items need
-        different strategies, e.g. local-exact's neurons, splits them)."""
-        return [(self, items)]
+        """The sweeps that score ``items``: this strategy, and the plain way (:class:`WholeModel`)
+        for the items whose weights the objective's readout itself uses (a method whose items need
+        other strategies, e.g. local-exact's neurons, splits further)."""
+        read = [i for i in items if self.objective.reads_weights(self.component(i))]
+        if not read:
+            return [(self, items)]
+        rest = [i for i in items if i not in set(read)]  # items are hashable (sweep groups them)
+        return [(self, rest), (WholeModel(self), read)]
 
     def score(
         self,
@@ -159,3 +165,29 @@ class EffectStrategy(Generic[Item]):
         rows = [r for strategy, part in self.parts(todo) for r in sweep(strategy, part, skip or (), streamed, progress)]
         order = {self.key(item): n for n, item in reversed(list(enumerate(todo)))}
         return ScoreTable.from_rows(sorted(rows, key=lambda row: order[row["component"]]))
+
+
+class WholeModel(EffectStrategy[Item]):
+    """The plain way for the items of ``strategy`` that its objective's readout reads (the final
+    norm and unembedding under the behaviour objective): the item patched in, one whole forward of
+    the model (:meth:`Objective.values`), restored. Same method name and rows as ``strategy``; no
+    item is above its stop."""
+
+    def __init__(self, strategy: EffectStrategy[Item]) -> None:
+        super().__init__(strategy.objective)
+        self.base_strategy = strategy
+        self.method, self.variants_per_batch = strategy.method, 1
+
+    @property
+    def stop(self) -> int:
+        return self.space.num_layers
+
+    def component(self, item: Item) -> Component:
+        return self.base_strategy.component(item)
+
+    def values(self, group: Sequence[Item], layer: int) -> torch.Tensor:
+        out = []
+        for item in group:
+            with patched(self.model, self.objective.pair.donor, self.space, [self.component(item)]):
+                out.append(self.objective.values(self.model))
+        return torch.stack(out)

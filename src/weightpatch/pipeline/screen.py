@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from weightpatch.behaviour import BehaviourScorer, PlainBackend, specialized_responses
+from weightpatch.behaviour import BehaviourScorer, specialized_responses
 from weightpatch.checkers import evaluate
 from weightpatch.components import KINDS, Kind
 from weightpatch.config import ScreenConfig
@@ -121,14 +121,14 @@ def _model_location(given: str) -> str:
 
 
 def exact_backend(cfg: ScreenConfig, scorer: GapScorer):
-    """The exact-score backend of ``cfg.backend``: this process (reusing ``scorer``) or Ray actors;
-    the plain whole-model loop for an objective other than the anchor."""
+    """The exact-score backend of ``cfg.backend``: this process (reusing ``scorer``, either objective)
+    or Ray actors (the anchor objective; the config refuses Ray for the behaviour objective)."""
     from weightpatch.backends import JobSpec, LocalBackend, make_backend
 
-    if not isinstance(scorer, AnchorScorer):
-        return PlainBackend(scorer)
     if cfg.backend == "local":
         return LocalBackend.from_scorer(scorer, cfg.variants_per_batch)
+    if not isinstance(scorer, AnchorScorer):
+        raise WeightPatchError(f"the Ray backend scores the anchor objective only, not {scorer.objective}")
     job = JobSpec(
         base=_model_location(cfg.base),
         specialized=_model_location(cfg.specialized),

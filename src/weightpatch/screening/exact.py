@@ -15,6 +15,10 @@ The plain way costs a full forward per component per prompt batch. Here:
 
 Components that cannot reach the anchor (blocks above it, the final norm, the unembedding) have
 exactly zero effect and are scored 0 without running anything.
+
+The same strategy serves the behaviour objective (:class:`~weightpatch.behaviour.BehaviourScorer`):
+its stop is the last block, every position is read, and the components its readout uses (final
+norm, unembedding, a tied embedding) run the plain way (:class:`~weightpatch.engine.sweep.WholeModel`).
 """
 
 from __future__ import annotations
@@ -28,35 +32,36 @@ from weightpatch.components import Component
 from weightpatch.engine import EffectStrategy, readout_variants, run_blocks
 from weightpatch.patch import patched
 from weightpatch.results import ScoreTable, score_row
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import AnchorScorer, GapScorer
 
 METHOD = "exact"
 
 
 class ExactScreen(EffectStrategy[Component]):
-    """Exact scores for a list of components on one scorer's prompts and anchor: the weight-slice
-    strategy of the sweep (:meth:`run`: ``skip`` names already scored, ``on_result`` gets each
+    """Exact scores for a list of components on one scorer's prompts (either objective): the
+    weight-slice strategy of the sweep (:meth:`run`: ``skip`` names already scored, ``on_result`` gets each
     finished group's rows)."""
 
     method = METHOD
 
-    def __init__(self, scorer: AnchorScorer, variants_per_batch: int = 8) -> None:
+    def __init__(self, scorer: GapScorer, variants_per_batch: int = 8) -> None:
         super().__init__(scorer)
         self.scorer, self.variants_per_batch = scorer, variants_per_batch
         scorer.block_inputs()  # cached now, with the receiver's own weights in place
 
     def values(self, group: Sequence[Component], layer: int) -> torch.Tensor:
-        """Anchor scores (variant, prompt) of each component of ``group`` patched alone, all
+        """Objective values (variant, prompt) of each component of ``group`` patched alone, all
         first affecting block ``layer``: block ``layer`` per variant (the whole segment when it
-        begins at the embedding), then the variants stacked up to the anchor."""
-        scorer, anchor = self.scorer, self.scorer.layer
-        stop_first = layer if layer > 0 else anchor
+        begins at the embedding), then the variants stacked up to the objective's stop (the
+        anchor layer, or the last block under the behaviour objective)."""
+        scorer, stop = self.scorer, self.scorer.stop
+        stop_first = layer if layer > 0 else stop
         outs: list[list[torch.Tensor]] = []
         for component in group:
             with patched(self.model, scorer.pair.donor, self.space, [component]):
                 outs.append([run_blocks(scorer, i, layer, stop_first) for i in range(len(scorer.batches))])
         stacked = [torch.cat([o[i] for o in outs]) for i in range(len(scorer.batches))]
-        if stop_first < anchor:
+        if stop_first < stop:
             stacked = [run_blocks(scorer, i, layer + 1, hidden=h, variants=len(group)) for i, h in enumerate(stacked)]
         return readout_variants(scorer, stacked, len(group))
 

@@ -32,7 +32,7 @@ from weightpatch.components import Component, ParamSlice
 from weightpatch.engine import EffectStrategy, readout_variants, run_blocks
 from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import GapScorer
 from weightpatch.screening.exact import METHOD, ExactScreen
 
 
@@ -57,12 +57,13 @@ class NeuronScreen(EffectStrategy[Component]):
     """Exact single-neuron scores, ``neurons_per_forward`` variants per pass: the neuron strategy of
     the sweep. ``skip_own_block``: start the variants at block ``l + 1`` where block ``l`` adds its
     MLP output to the residual (see the module docstring); off, every variant re-runs block ``l``.
-    ``scorer``: the :class:`AnchorScorer` (or an :class:`ExactScreen` on it)."""
+    ``scorer``: the objective (an :class:`AnchorScorer` or a behaviour scorer, or an
+    :class:`ExactScreen` on it)."""
 
     method = METHOD
 
     def __init__(
-        self, scorer: AnchorScorer | ExactScreen, neurons_per_forward: int = 64, skip_own_block: bool = True
+        self, scorer: GapScorer | ExactScreen, neurons_per_forward: int = 64, skip_own_block: bool = True
     ) -> None:
         scorer = scorer.scorer if isinstance(scorer, ExactScreen) else scorer
         super().__init__(scorer)
@@ -147,14 +148,16 @@ class NeuronScreen(EffectStrategy[Component]):
         return delta.sub_(torch.einsum("bsk,kh->kbsh", a_base, state.w_base[chunk]))
 
     def _chunk_output(self, state: NeuronLayer, batch_index: int, chunk: torch.Tensor) -> torch.Tensor:
-        """The anchor block's output (k * batch, seq, hidden; seq may be cut to the last position)
+        """The stop block's output (k * batch, seq, hidden; seq may be cut to the last position)
         of each neuron of ``chunk`` patched alone, variant-major."""
-        anchor, layer, k = self.scorer.layer, state.layer, len(chunk)
+        stop, layer, k = self.scorer.stop, state.layer, len(chunk)
         if state.additive:
             # block `layer` patched = its base output + delta: nothing to re-run in it
             out_base = state.out_base[batch_index]
-            if layer == anchor:
-                return (out_base[:, -1:] + self._delta(state, batch_index, chunk, last=True)).flatten(0, 1)
+            if layer == stop:
+                last = self.scorer.last_position
+                delta = self._delta(state, batch_index, chunk, last=last)
+                return ((out_base[:, -1:] if last else out_base) + delta).flatten(0, 1)
             stacked = (out_base + self._delta(state, batch_index, chunk, last=False)).flatten(0, 1)
             return run_blocks(self.scorer, batch_index, layer + 1, hidden=stacked, variants=k)
         delta = self._delta(state, batch_index, chunk, last=False).flatten(0, 1)

@@ -11,9 +11,8 @@ import pandas as pd
 
 from weightpatch.backends import Backend, LocalBackend
 from weightpatch.components import KINDS, Kind
-from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable
-from weightpatch.scoring import AnchorScorer, GapScorer
+from weightpatch.scoring import GapScorer
 from weightpatch.screening.first_order import gradient_scores
 
 
@@ -62,8 +61,6 @@ def screen_then_verify(
         screened = gradient_scores(scorer, kinds=kinds, progress=progress)
     candidates = verification_candidates(screened, kinds, top_k, by_abs, extra)
     if backend is None:
-        if not isinstance(scorer, AnchorScorer):
-            raise WeightPatchError(f"give a backend for the {scorer.objective} objective (e.g. behaviour.PlainBackend)")
         backend = LocalBackend.from_scorer(scorer, variants_per_batch)
     with backend as exact:
         verified = exact.run(candidates, skip=set(skip), on_result=on_result, progress=progress)
