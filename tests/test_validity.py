@@ -218,3 +218,35 @@ def test_the_verdict_reads_the_checker_where_the_prompts_carry_instructions():
     assert "checker 0.06 (base 0.00, specialized 0.81), 0.08 of its gap" in verdict.line
     without_checker = pd.DataFrame(rows).drop(columns=["metric"])
     assert validity_verdict(without_checker).status == "valid"  # the teacher-forced 0.56 alone passes
+
+
+def test_trace_runs_under_the_behaviour_objective_and_a_run_keeps_one_objective(llama_pair_dirs, tmp_path):
+    """``run_trace(objective="behaviour")``: its activation scores are the behaviour objective's
+    (equal to scoring the run's responses directly), every trace table is written, and a run
+    directory holding behaviour scores refuses a stage under the anchor objective."""
+    from weightpatch.activation import activation_scores
+    from weightpatch.config import TraceConfig
+    from weightpatch.errors import WeightPatchError
+    from weightpatch.pipeline import run_trace
+
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    base, sft = map(str, llama_pair_dirs)
+    acfg = AnchorConfig(base=base, specialized=sft, prompts=prompts, steering_prompts=0, run_dir=tmp_path / "run")
+    pair = open_pair(acfg)
+    run_anchor(acfg, pair)
+    shared = {"base": base, "specialized": sft, "prompts": prompts, "run_dir": tmp_path / "run", "progress": False}
+    cfg = TraceConfig(**shared, objective="behaviour", response_tokens=4, random_controls=5, first_order_stderr=False)
+    result = run_trace(cfg, pair)
+    run = RunDir(result.run_dir)
+    assert run.record()["objective"] == "behaviour"
+    assert all(run.has(t) for t in ("roles", "supplier_edges", "hierarchy", "sufficiency", "necessity"))
+    saved = run.load_table("responses")
+    responses = [[int(t) for t in r] for r in saved["response_ids"]]
+    scorer = BehaviourScorer(pair, list(saved["prompt"]), responses, min_relative_gap=cfg.min_relative_gap)
+    traced = result.scores.select("activation").frame.set_index("component")["score"]
+    names = ["L0.attn", "L1.mlp", "L1.attn.head1"]
+    direct = activation_scores(scorer, names).frame.set_index("component")["score"]
+    assert traced.loc[names].to_numpy() == pytest.approx(direct.loc[names].to_numpy(), abs=1e-6)
+    screen = ScreenConfig(**shared, method="first_order", kinds=["head"], validity_k=0)
+    with pytest.raises(WeightPatchError, match="holds scores under the behaviour objective; run with --objective"):
+        run_screen(screen, pair)

@@ -134,6 +134,19 @@ class ScoringOptions(Options):
     )
 
 
+class ObjectiveOptions(Options):
+    """What a score recovers (docs/method.md, "Behaviour objective and anchor validity")."""
+
+    objective: Literal["behaviour", "anchor"] = Field(
+        "anchor",
+        description="what a score recovers: anchor (the vector anchor's gap, the default) or behaviour (the "
+        "teacher-forced log-probability of the specialized model's own greedy responses).",
+    )
+    response_tokens: int = Field(
+        32, ge=1, description="tokens of each specialized response the behaviour objective scores (greedy)."
+    )
+
+
 class CheckConfig(StageConfig, PairOptions):
     run_dir: Path | None = Field(None, description="save the weight-change table in this run directory.")
     allow_nonfinite: bool = Field(False, description="list NaN/inf weights as a warning instead of refusing the pair.")
@@ -167,7 +180,7 @@ class AnchorConfig(StageConfig, PairOptions, PromptOptions):
         return self
 
 
-class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
+class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions, ObjectiveOptions):
     anchor: Path | None = Field(None, description="anchor path stem (default: RUN_DIR/anchor).")
     method: ScreenMethod = Field(
         "verify",
@@ -196,14 +209,6 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
     workers: int | None = Field(None, ge=1, description="Ray actors, each loading the pair once (default: per CPU).")
     worker_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray actor (its torch threads).")
     worker_gpus: float = Field(0.0, ge=0.0, description="GPUs per Ray actor (with --device cuda).")
-    objective: Literal["behaviour", "anchor"] = Field(
-        "anchor",
-        description="what a score recovers: anchor (the vector anchor's gap, the default) or behaviour (the "
-        "teacher-forced log-probability of the specialized model's own greedy responses).",
-    )
-    response_tokens: int = Field(
-        32, ge=1, description="tokens of each specialized response the behaviour objective scores (greedy)."
-    )
     validity_k: int = Field(
         16,
         ge=0,
@@ -227,7 +232,7 @@ class ScreenConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
         return self
 
 
-class TraceConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions):
+class TraceConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions, ObjectiveOptions):
     anchor: Path | None = Field(None, description="anchor path stem (default: RUN_DIR/anchor).")
     targets: list[str] | None = Field(
         None, description="target components to trace, e.g. L2.attn.head1 (default: the strongest carriers)."

@@ -52,7 +52,7 @@ from weightpatch.pair import Role
 from weightpatch.patch import donor_values, patched
 from weightpatch.results import ScoreTable
 from weightpatch.runner import Batch, run_segment
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import GapScorer
 from weightpatch.screening.first_order import gradient_hooks, plan_reduction, reduce_into
 
 logger = logging.getLogger("weightpatch")
@@ -111,7 +111,7 @@ class SupplyTracer:
 
     def __init__(
         self,
-        scorer: AnchorScorer,
+        scorer: GapScorer,
         targets: Sequence[Component | str],
         positions: Positions = "last",
         min_relative_gap: float = 0.1,
@@ -266,7 +266,7 @@ class _Suppliers:
 
 
 def trace_suppliers(
-    scorer: AnchorScorer,
+    scorer: GapScorer,
     targets: Sequence[Component | str],
     candidates: Sequence[Component | str] | None = None,
     kinds: Iterable[Kind] = ("head", "neuron"),

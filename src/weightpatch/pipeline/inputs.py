@@ -18,14 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from weightpatch.anchors import Anchor
+from weightpatch.behaviour import BehaviourScorer, specialized_responses
 from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenConfig, StageConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair, resolve_device
 from weightpatch.prompts import MIN_PROMPTS, PromptRecord, read_prompt_file
 from weightpatch.rundir import CONSOLE, RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format, run_segment
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import AnchorScorer, GapScorer
 
 logger = logging.getLogger("weightpatch")
 
@@ -274,6 +277,46 @@ def roundoff_warning(scorer: AnchorScorer) -> str | None:
         f"{float(gaps.median()):.3g} vs eps x ||h|| = {float(roundoff.median()):.3g} at layer {scorer.layer}): "
         f"scores at this precision are mostly rounding noise; use --dtype float32"
     )
+
+
+def behaviour_scorer(cfg: ScreenConfig | TraceConfig, run: RunDir, scorer: AnchorScorer) -> BehaviourScorer:
+    """The behaviour objective on the run's prompts: the specialized model's greedy responses are
+    read from the run's ``responses`` table, or generated and saved there, and their SHA-256 is
+    recorded in the run record."""
+    saved = run.load_table("responses")
+    if saved is not None and list(saved["prompt"]) == scorer.texts:
+        responses = [[int(t) for t in r] for r in saved["response_ids"]]
+    else:
+        logger.info("specialized responses (%d tokens at most) for the behaviour objective", cfg.response_tokens)
+        responses = specialized_responses(scorer.pair, scorer.texts, cfg.response_tokens, cfg.batch_size)
+        decoded = scorer.pair.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        run.save_table(
+            "responses", pd.DataFrame({"prompt": scorer.texts, "response_ids": responses, "response": decoded})
+        )
+    behaviour = BehaviourScorer(scorer.pair, scorer.texts, responses, cfg.batch_size, cfg.min_relative_gap)
+    run.update_record(
+        behaviour={
+            "responses_sha256": behaviour.responses_sha256,
+            "response_tokens": cfg.response_tokens,
+            "n_excluded": behaviour.n_excluded,
+        }
+    )
+    return behaviour
+
+
+def scoring_objective(cfg: ScreenConfig | TraceConfig, run: RunDir, scorer: AnchorScorer) -> GapScorer:
+    """What the stage scores by (``cfg.objective``): ``scorer`` itself, or the behaviour objective on its
+    prompts. One objective per run directory (score rows carry no objective column): a run directory
+    that holds scores under the other objective is refused, naming the fix."""
+    record = run.record() or {}
+    recorded = record.get("objective") or (record.get("screening") or {}).get("objective")
+    if recorded is not None and recorded != cfg.objective:
+        raise WeightPatchError(
+            f"{run.path} holds scores under the {recorded} objective; run with --objective {recorded}, "
+            f"or give the {cfg.objective} objective another --run-dir"
+        )
+    run.update_record(objective=cfg.objective)
+    return behaviour_scorer(cfg, run, scorer) if cfg.objective == "behaviour" else scorer
 
 
 @contextmanager

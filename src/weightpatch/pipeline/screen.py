@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from weightpatch.behaviour import BehaviourScorer, specialized_responses
+from weightpatch.behaviour import BehaviourScorer
 from weightpatch.checkers import evaluate
 from weightpatch.components import KINDS, Kind
 from weightpatch.config import ScreenConfig
@@ -37,7 +37,7 @@ from weightpatch.errors import WeightPatchError
 from weightpatch.generation import generate_ids
 from weightpatch.pair import ModelPair
 from weightpatch.pipeline.forecast import forecast
-from weightpatch.pipeline.inputs import scoring_run, select_prompts
+from weightpatch.pipeline.inputs import behaviour_scorer, scoring_objective, scoring_run, select_prompts
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import CONSOLE, RunDir
 from weightpatch.scoring import AnchorScorer, GapScorer
@@ -199,31 +199,6 @@ def screen_components(cfg: ScreenConfig, scorer: GapScorer, run: RunDir) -> list
     return candidates
 
 
-def behaviour_scorer(cfg: ScreenConfig, run: RunDir, scorer: AnchorScorer) -> BehaviourScorer:
-    """The behaviour objective on the run's prompts: the specialized model's greedy responses are
-    read from the run's ``responses`` table, or generated and saved there, and their SHA-256 is
-    recorded in the run record."""
-    saved = run.load_table("responses")
-    if saved is not None and list(saved["prompt"]) == scorer.texts:
-        responses = [[int(t) for t in r] for r in saved["response_ids"]]
-    else:
-        logger.info("specialized responses (%d tokens at most) for the behaviour objective", cfg.response_tokens)
-        responses = specialized_responses(scorer.pair, scorer.texts, cfg.response_tokens, cfg.batch_size)
-        decoded = scorer.pair.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        run.save_table(
-            "responses", pd.DataFrame({"prompt": scorer.texts, "response_ids": responses, "response": decoded})
-        )
-    behaviour = BehaviourScorer(scorer.pair, scorer.texts, responses, cfg.batch_size, cfg.min_relative_gap)
-    run.update_record(
-        behaviour={
-            "responses_sha256": behaviour.responses_sha256,
-            "response_tokens": cfg.response_tokens,
-            "n_excluded": behaviour.n_excluded,
-        }
-    )
-    return behaviour
-
-
 def checker_metric(cfg: ScreenConfig, scorer: AnchorScorer):
     """IFEval strict prompt-level accuracy of greedy responses (``cfg.response_tokens`` tokens) on the
     run's prompts that carry instructions, or None when none does."""
@@ -285,15 +260,13 @@ def run_screen(cfg: ScreenConfig, pair: ModelPair | None = None) -> ScreenResult
     forecast("screen", cfg, pair)
     with scoring_run(cfg, "screen", pair, cfg.components or []) as (run, scorer):
         check = bool(cfg.validity_k) and scorer.pair.receiver == "base"  # the check patches the base
-        behaviour = None
-        if cfg.objective == "behaviour":
-            behaviour = behaviour_scorer(cfg, run, scorer)
-        elif check:
+        objective = scoring_objective(cfg, run, scorer)
+        behaviour = objective if isinstance(objective, BehaviourScorer) else None
+        if behaviour is None and check:
             try:
                 behaviour = behaviour_scorer(cfg, run, scorer)
             except WeightPatchError as error:  # the check is a diagnostic: it never stops an anchor run
                 logger.warning("anchor validity check skipped: %s", error, extra=CONSOLE)
-        objective: GapScorer = behaviour if cfg.objective == "behaviour" and behaviour is not None else scorer
         verified_names = screen_components(cfg, objective, run)
         scores = run.scores()
         verified = None

@@ -21,11 +21,11 @@ from weightpatch.config import TraceConfig
 from weightpatch.errors import WeightPatchError
 from weightpatch.pair import ModelPair
 from weightpatch.pipeline.forecast import forecast
-from weightpatch.pipeline.inputs import scoring_run
+from weightpatch.pipeline.inputs import scoring_objective, scoring_run
 from weightpatch.results import ScoreTable
 from weightpatch.roles import assign_roles
 from weightpatch.rundir import RunDir
-from weightpatch.scoring import AnchorScorer
+from weightpatch.scoring import GapScorer
 from weightpatch.screening.first_order import gradient_scores
 from weightpatch.tracing import hierarchy, supplier_overlap, trace_suppliers
 from weightpatch.validation import necessity_curve, sufficiency_curve
@@ -66,7 +66,7 @@ def curve_rankings(table: ScoreTable) -> dict[str, ScoreTable]:
     }
 
 
-def validation_step(run: RunDir, scorer: AnchorScorer, table: ScoreTable, cfg: TraceConfig) -> None:
+def validation_step(run: RunDir, scorer: GapScorer, table: ScoreTable, cfg: TraceConfig) -> None:
     """Sufficiency and necessity curves, top-k by the first-order screen vs random k."""
     rankings = curve_rankings(table)
     for name, curve_of in (("sufficiency", sufficiency_curve), ("necessity", necessity_curve)):
@@ -85,8 +85,9 @@ def validation_step(run: RunDir, scorer: AnchorScorer, table: ScoreTable, cfg: T
             run.save_table(name, pd.concat(curves, ignore_index=True))
 
 
-def trace_steps(cfg: TraceConfig, scorer: AnchorScorer, run: RunDir) -> None:
-    """Every step of the stage on one scorer, each skipped when ``run`` has its result."""
+def trace_steps(cfg: TraceConfig, scorer: GapScorer, run: RunDir) -> None:
+    """Every step of the stage on one objective (the anchor or the behaviour scorer), each skipped when
+    ``run`` has its result."""
     pair = scorer.pair
     if not (run.scores().frame["method"] == "activation").any():
         components = default_components(pair.space, kinds=("module", "head"))
@@ -114,7 +115,7 @@ def trace_steps(cfg: TraceConfig, scorer: AnchorScorer, run: RunDir) -> None:
         run.save_table("supplier_edges", edges)
     edges = run.load_table("supplier_edges")
     if not run.has("hierarchy"):
-        levels = hierarchy(edges, pair.space, scorer.layer, run.load_table("roles"), k=5, min_supply=0.0)
+        levels = hierarchy(edges, pair.space, scorer.stop, run.load_table("roles"), k=5, min_supply=0.0)
         run.save_table("hierarchy", levels)
     if not run.has("supplier_overlap"):
         overlaps = [supplier_overlap(edges, table, k=k, method="first_order", kind="neuron") for k in OVERLAP_KS]
@@ -129,5 +130,5 @@ def run_trace(cfg: TraceConfig, pair: ModelPair | None = None) -> TraceResult:
     """Activation-space scores, roles, supplier tracing and validation curves in ``cfg``'s run directory."""
     forecast("trace", cfg, pair)
     with scoring_run(cfg, "trace", pair, cfg.targets or []) as (run, scorer):
-        trace_steps(cfg, scorer, run)
+        trace_steps(cfg, scoring_objective(cfg, run, scorer), run)
         return TraceResult(run.scores(), run.load_table("roles"), run.load_table("supplier_edges"), run.path)
