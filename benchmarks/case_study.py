@@ -49,7 +49,17 @@ import real_experts as rx  # noqa: E402
 ROOT = HERE.parent
 DOC = ROOT / "docs" / "case-study.md"
 DATA = ROOT / "docs" / "case-study"
-CAPABILITIES = ("caps", "quotes")
+CAPABILITIES = ("if", "if-behaviour", "caps", "quotes")
+#: capability -> (the expert, the objective its screen and trace score by)
+EXPERTS = {
+    "if": ("if", "anchor"),
+    "if-behaviour": ("if", "behaviour"),
+    "caps": ("caps", "anchor"),
+    "quotes": ("quotes", "anchor"),
+}
+#: the held-out IF constraints: those the built-in IFEval checkers verify (the expert learned five)
+IF_HELDOUT = ("capital", "quotation", "no_comma")
+IF_HELDOUT_EACH = 12
 BEHAVIOUR_KS = {"attention/MLP blocks": [1, 4, 16], "heads": [4, 16, 64], "neurons": [64, 512, 4096]}
 OVERLAP_KS = (5, 10, 20)
 TOP = 20  # the "top" of a ranking in the depth comparisons
@@ -59,9 +69,44 @@ PAPER = {
 
 
 # ---- the run ----------------------------------------------------------------------------------------
+def write_if_prompt_files(folder: Path) -> tuple[Path, Path]:
+    """The IF expert's IFEval JSONL prompt files (``benchmarks/paper_merge/data.py``): the anchor set is
+    its training prompts that carry one of ``IF_HELDOUT``, the held-out set ``IF_HELDOUT_EACH`` test
+    prompts per constraint (test topics and templates, never trained on); each with the plain question
+    as ``prompt_without_instruction``."""
+    from paper_merge import data as pm
+    from paper_merge.experts import plain_question
+
+    folder.mkdir(parents=True, exist_ok=True)
+    test = [it for it in pm.if_items("test") if it.constraint in IF_HELDOUT]
+    sets = {
+        "anchor": [it for it in pm.if_items("train") if it.constraint in IF_HELDOUT],
+        "heldout": [it for c in IF_HELDOUT for it in [t for t in test if t.constraint == c][:IF_HELDOUT_EACH]],
+    }
+    paths = []
+    for name, items in sets.items():
+        path = folder / f"{name}.jsonl"
+        records = [
+            {
+                "key": i,
+                "prompt": it.prompt,
+                "instruction_id_list": [pm.IF_CONSTRAINTS[it.constraint]["instruction_id"]],
+                "kwargs": [{}],
+                "prompt_without_instruction": plain_question(it),
+            }
+            for i, it in enumerate(items)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def write_prompt_files(capability: str, folder: Path) -> tuple[Path, Path]:
     """IFEval JSONL prompt files: the anchor set (training topics) and the held-out set (validation and
-    held-out topics, never trained on), each topic in both templates, with and without the instruction."""
+    held-out topics, never trained on), each topic in both templates, with and without the instruction
+    (the IF expert: :func:`write_if_prompt_files`)."""
+    if EXPERTS.get(capability, (capability,))[0] == "if":
+        return write_if_prompt_files(folder)
     folder.mkdir(parents=True, exist_ok=True)
     instruction = rx.SKILLS[capability]["instruction"]
     paths = []
@@ -173,7 +218,7 @@ def parameter_counts(pair, names: Sequence[str]) -> dict[str, int]:
     return {c: sum(s.numel(shapes[s.name]) for s in pair.space.resolve(c)) for c in names}
 
 
-def size_step(run, scorer) -> None:
+def size_step(run, scorer) -> None:  # scorer: the run's objective (anchor or behaviour)
     """Table ``size_fair``: exact scores per parameter of the verified components, and the exact score
     of head-sized neuron groups: in every layer below the anchor, its top-G neurons by first-order
     score patched together, G = a head's parameters / a neuron's parameters."""
@@ -193,12 +238,12 @@ def size_step(run, scorer) -> None:
     neuron_size = parameter_counts(pair, ["L0.mlp.neuron0"])["L0.mlp.neuron0"]
     group = max(1, round(head_size / neuron_size))
     neurons = table.select("first_order", "neuron").frame
-    for layer in range(scorer.layer + 1):
+    for layer in range(scorer.stop + 1):
         top = neurons[neurons["layer"] == layer].nlargest(group, "score")["component"].tolist()
         if not top:
             continue
         with torch.no_grad(), with_patch(pair, top) as model:
-            value = scorer.effect(scorer.anchor_scores(model)).mean
+            value = scorer.effect(scorer.values(model)).mean
         rows.append(
             {
                 "component": f"L{layer}.mlp.top{group}neurons",
@@ -242,7 +287,7 @@ def run_pipeline(
 ) -> dict:
     """Every stage on one pair, in ``run_dir``; returns the timings (s) and the config overrides."""
     from weightpatch.pipeline import open_pair, run_anchor, run_screen, run_trace
-    from weightpatch.pipeline.inputs import scoring_run
+    from weightpatch.pipeline.inputs import scoring_objective, scoring_run
     from weightpatch.report import build_report
 
     anchor_cfg, screen_cfg, trace_cfg = stage_configs(anchor_file, heldout_file, base, expert, run_dir, overrides)
@@ -261,8 +306,9 @@ def run_pipeline(
         print(f"{run_dir.name}: {name} {timings[name]:.0f} s", flush=True)
     t = time.perf_counter()
     with scoring_run(trace_cfg, "trace", pair) as (run, scorer):
-        behaviour_step(run, scorer, trace_cfg)
-        size_step(run, scorer)
+        objective = scoring_objective(trace_cfg, run, scorer)  # the behaviour scorer in a behaviour run
+        behaviour_step(run, objective, trace_cfg)
+        size_step(run, objective)
     timings["behaviour_and_size"] = time.perf_counter() - t
     t = time.perf_counter()
     build_report(run_dir)
@@ -503,6 +549,51 @@ def figures(folder: Path, capability: str, out: Path) -> list[str]:
     return names
 
 
+def depth_held(cl: dict) -> bool:
+    """Claim 1's rule on one capability: the top-20 first-order neurons' median layer at least a fifth
+    of the anchor layer shallower than the top-20 activation heads'."""
+    act = cl["depth"]["activation heads"]["median_layer"]
+    neu = cl["depth"]["weight neurons (first order)"]["median_layer"]
+    return bool(neu <= act - 0.2 * cl["anchor"]["layer"])
+
+
+def roles_held(cl: dict) -> bool:
+    """Claim 2's rule on one capability: router share of heads > 0.5 and source share of MLP blocks > 0.5."""
+    hr = _share(cl["roles"].get("head:attn", {}), ["router"], ["source"])
+    ms = _share(cl["roles"].get("module:mlp", {}), ["source"], ["router"])
+    return bool(hr > 0.5 and ms > 0.5)
+
+
+def overlap_level(cl: dict) -> str:
+    """Claim 3's rule on one capability: mean supplier/Weight-Patching overlap >= 0.6 held, >= 0.3 partly."""
+    mean = float(np.nanmean(list(cl["overlap"].values())))
+    return "held" if mean >= 0.6 else ("partly held" if mean >= 0.3 else "not held")
+
+
+def sufficiency_beats(cl: dict) -> list[bool]:
+    """Claim 4's rule on one capability, per ranking: top-k above random-k by more than two standard
+    deviations at the largest k."""
+    return [
+        bool(cur["recovery"][-1] > cur["random_mean"][-1] + 2 * cur["random_std"][-1])
+        for cur in cl["behaviour"]["curves"].values()
+    ]
+
+
+def claim_table(all_claims: dict[str, dict]) -> list[dict]:
+    """One row per claim, one column per capability: the claim's rule applied to that capability alone."""
+
+    def word(flags: list[bool]) -> str:
+        return "held" if flags and all(flags) else ("partly held" if any(flags) else "not held")
+
+    rows = [
+        ("1: neurons shallower than activation heads", lambda cl: word([depth_held(cl)])),
+        ("2: head = router, MLP = source", lambda cl: word([roles_held(cl)])),
+        ("3: suppliers = Weight Patching neurons", overlap_level),
+        ("4: top-k sufficient beyond random", lambda cl: word(sufficiency_beats(cl))),
+    ]
+    return [{"claim": name, **{c: rule(cl) for c, cl in all_claims.items()}} for name, rule in rows]
+
+
 def verdict_depth(all_claims: dict[str, dict]) -> str:
     """Held when, for every capability, Weight Patching's top neurons sit at a median layer shallower
     than activation patching's top heads by at least a fifth of the anchor's depth."""
@@ -511,7 +602,7 @@ def verdict_depth(all_claims: dict[str, dict]) -> str:
         act = cl["depth"]["activation heads"]["median_layer"]
         neu = cl["depth"]["weight neurons (first order)"]["median_layer"]
         mlp = cl["depth"]["weight modules (first order)"]["mlp_share"]
-        held.append(neu <= act - 0.2 * cl["anchor"]["layer"])
+        held.append(depth_held(cl))
         parts.append(
             f"{c}: activation-space top heads at median layer {_f(act, 1)}, Weight Patching top neurons at "
             f"{_f(neu, 1)}, MLP share of its top modules {_f(mlp)}"
@@ -542,7 +633,7 @@ def verdict_roles(all_claims: dict[str, dict]) -> str:
         heads = cl["roles"].get("head:attn", {})
         mlp = cl["roles"].get("module:mlp", {})
         hr, ms = _share(heads, ["router"], ["source"]), _share(mlp, ["source"], ["router"])
-        held.append(bool(hr > 0.5 and ms > 0.5))
+        held.append(roles_held(cl))
         parts.append(
             f"{c}: router share of heads {_f(hr)} ({heads.get('router', 0)} router, {heads.get('source', 0)} source, "
             f"{heads.get('both', 0)} both), source share of MLP blocks {_f(ms)} ({mlp.get('source', 0)} source, "
@@ -577,9 +668,8 @@ def verdict_sufficiency(all_claims: dict[str, dict]) -> str:
     the smallest k whose top-k closes half of the anchor gap."""
     parts, beats = [], []
     for c, cl in all_claims.items():
+        beats += sufficiency_beats(cl)
         for ranking, cur in cl["behaviour"]["curves"].items():
-            ok = cur["recovery"][-1] > cur["random_mean"][-1] + 2 * cur["random_std"][-1]
-            beats.append(ok)
             half = (
                 f"half the gap at k = {cur['k_half']}"
                 if cur["k_half"]
@@ -660,6 +750,25 @@ def _pm(mean, std) -> str:
     return f"{_f(mean)} ± {_f(std)}"
 
 
+def capability_text(capability: str) -> str:
+    """One capability's fine-tune and prompts, for the page's opening paragraph."""
+    expert = EXPERTS.get(capability, (capability,))[0]
+    if expert == "if":
+        ids = ", ".join(f"`{c}`" for c in IF_HELDOUT)
+        return (
+            f"**{capability}** = the instruction-following expert of `benchmarks/paper_merge/experts.py` (five "
+            "IFEval constraints, each applied only when the prompt asks; anchor prompts: its training prompts "
+            f"that carry {ids}; held-out: {IF_HELDOUT_EACH} test prompts per constraint, test topics and "
+            "templates never trained on)"
+        )
+    instruction_id = rx.SKILLS[expert]["instruction_id"] if expert in rx.SKILLS else "?"
+    return (
+        f"**{capability}** = one IFEval format (`{instruction_id}`, "
+        "`benchmarks/real_experts.py`; anchor prompts: its 24 training topics; held-out: 16 other topics in "
+        "two phrasings)"
+    )
+
+
 def page(all_claims: dict[str, dict], meta: dict) -> str:
     """docs/case-study.md from the claims of every capability and the run's metadata (every number
     on the page comes from ``all_claims`` or ``meta``)."""
@@ -694,11 +803,14 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
         ),
         "",
         "Base: SmolLM2-135M-Instruct (30 layers, 9 heads of 64 dims, 1,536 MLP neurons per layer). "
-        "Specialized models: full fine-tunes of it on one IFEval format each (`benchmarks/real_experts.py`): "
-        + ", ".join(f"**{c}** (`{rx.SKILLS[c]['instruction_id'] if c in rx.SKILLS else '?'}`)" for c in caps)
-        + ". Anchor prompts are the fine-tunes' 24 training topics; every score, curve and behaviour below is "
-        "measured on 16 held-out topics (never trained on), each in two phrasings (32 prompts; a capability "
-        "whose settings set `max_prompts` scores that many of them, drawn with the seed). The numbers "
+        "Specialized models, all full fine-tunes of it: "
+        + "; ".join(capability_text(c) for c in caps)
+        + ". Every capability is scored under the anchor objective except **if-behaviour**, the same IF expert "
+        "with every score, activation score, supply, curve and size-fair number of the screen and trace "
+        "stages under the behaviour objective (`--objective behaviour`: the teacher-forced log-probability of "
+        "the specialized model's own greedy responses, docs/method.md), so its recoveries are fractions of the "
+        "behaviour gap (its anchor stage, the same as the IF run's, feeds only the anchor table and the validity "
+        "check). The numbers "
         "on this page are rendered from the tables in `docs/case-study/data/` (a test re-renders the page "
         "from them), which `extract` copies from each run directory.",
         "",
@@ -861,23 +973,48 @@ def page(all_claims: dict[str, dict], meta: dict) -> str:
         verdict_size(all_claims),
         "",
     ]
+    lines += ["## Each claim under each objective", ""]
+    lines += [
+        markdown_table(claim_table(all_claims)),
+        "",
+        "Each claim's rule (above) applied to one capability at a time; **if** and **if-behaviour** are the "
+        "same expert and prompts scored under the anchor and the behaviour objective.",
+        "",
+    ]
     lines += discussion(all_claims)
     return "\n".join(lines) + "\n"
+
+
+def expert_dirs(capabilities: Sequence[str]) -> tuple[Path, dict[str, Path]]:
+    """The base and the experts the ``capabilities`` need: the single-format ones built here
+    (``real_experts.py``, cached), the IF expert from ``paper_merge/experts.py`` (built there)."""
+    needed = {EXPERTS[c][0] for c in capabilities}
+    base, experts = rx.build(tuple(sorted(needed & set(rx.SKILLS))))
+    if "if" in needed:
+        from paper_merge.experts import model_dir
+
+        if not (model_dir("if") / "training.json").is_file():
+            raise SystemExit("the IF expert is not built: OMP_NUM_THREADS=1 python benchmarks/paper_merge/experts.py")
+        experts["if"] = model_dir("if")
+    return base, experts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES))
     parser.add_argument("--page-only", action="store_true", help="re-render the page from docs/case-study/data")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     meta_file = DATA / "data" / "meta.json"
     if not args.page_only:
-        torch.set_num_threads(2)
-        base, experts = rx.build(tuple(args.capabilities))
+        torch.set_num_threads(args.threads)
+        base, experts = expert_dirs(args.capabilities)
         work = rx.CACHE / "case-study"
         for capability in args.capabilities:
-            files = write_prompt_files(capability, work / f"{capability}-prompts")
-            got = run_pipeline(*files, base, experts[capability], work / capability, BUDGET)
+            expert, objective = EXPERTS[capability]
+            files = write_prompt_files(capability, work / f"{expert}-prompts")
+            overrides = BUDGET | {"scoring": BUDGET["scoring"] | {"objective": objective}}
+            got = run_pipeline(*files, base, experts[expert], work / capability, overrides)
             extract(work / capability, DATA / "data" / capability)
             meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"capabilities": {}}
             got["seconds"] = stage_seconds(work / capability)  # this process's timings miss resumed work
