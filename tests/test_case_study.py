@@ -83,3 +83,25 @@ def test_a_neuron_group_is_the_size_of_a_head(small_run):
     # a head-sized group: within one neuron of a head's parameter count
     neuron = size[size["kind"] == "neuron"]["params"].iloc[0]
     assert abs(group["params"].iloc[0] - head["params"].iloc[0]) <= neuron
+
+
+def test_the_if_capabilitys_prompt_files_are_held_out_and_checkable(tmp_path):
+    """The IF expert's prompt files: IFEval records the built-in checkers verify, 12 held-out prompts
+    per constraint from the test split (no prompt shared with the anchor set), each prompt its plain
+    question plus the instruction."""
+    from weightpatch.checkers import follows
+    from weightpatch.prompts import read_prompt_file
+
+    anchor_file, heldout_file = case_study.write_prompt_files("if-behaviour", tmp_path)
+    anchor, heldout = read_prompt_file(anchor_file), read_prompt_file(heldout_file)
+    ids = [r.instruction_id_list[0] for r in heldout]
+    assert len(heldout) == 36 and {i: ids.count(i) for i in set(ids)} == {
+        "change_case:english_capital": 12,
+        "startend:quotation": 12,
+        "punctuation:no_comma": 12,
+    }
+    assert not {r.prompt for r in anchor} & {r.prompt for r in heldout}
+    assert {r.instruction_id_list[0] for r in anchor} == set(ids) and len(anchor) >= 60
+    for r in anchor + heldout:
+        assert r.prompt.startswith(r.prompt_without_instruction + " ") and r.prompt != r.prompt_without_instruction
+    assert follows("startend:quotation", '"yes"', {}) and not follows("punctuation:no_comma", "a, b", {})
