@@ -152,17 +152,11 @@ class BehaviourScorer(GapScorer):
         return torch.where(mask, token_logprobs, 0.0).sum(-1) / mask.sum(-1)
 
     # ---- the behaviour objective of the sweep engine (weightpatch.engine.objective.Objective) -----
-    last_position = False  # every response position is read
 
     @property
     def stop(self) -> int:
         """The last block a variant runs: the model's last decoder block (the readout is its head)."""
         return self.pair.space.num_layers - 1
-
-    @property
-    def reference(self) -> Float[torch.Tensor, " prompt"]:
-        """The receiver's mean response log-probability on every prompt (``B(R, x)``)."""
-        return self.f_receiver
 
     def readout(self, hidden: Float[torch.Tensor, "rows seq hidden"], batch_index: int) -> Float[torch.Tensor, " rows"]:
         """``B`` of each row from the last block's output: the receiver's head (final norm,

@@ -107,12 +107,25 @@ class GapScorer:
             )
 
     # ---- shared by the objectives of the sweep engine (weightpatch.engine.objective.Objective) ----
+    f_receiver: Float[torch.Tensor, " prompt"]
+    valid: torch.Tensor  # (prompt,) bool: the prompts that count in an effect
+    last_position = False  # whether the readout reads the last position of block ``stop`` only
     _block_inputs: list[dict[int, torch.Tensor]] | None = None
     _block_inputs_top = -1
 
     @property
     def stop(self) -> int:
         """The last decoder block a variant runs before :meth:`readout`."""
+        raise NotImplementedError
+
+    @property
+    def reference(self) -> Float[torch.Tensor, " prompt"]:
+        """The receiver's readout on every prompt (``F_receiver``)."""
+        return self.f_receiver
+
+    def readout(self, hidden: Float[torch.Tensor, "rows seq hidden"], batch_index: int) -> Float[torch.Tensor, " rows"]:
+        """The readout of each row of block ``stop``'s output (prompt batch ``batch_index``, stacked
+        variants variant-major)."""
         raise NotImplementedError
 
     def reads_weights(self, component: Component | str) -> bool:
@@ -211,11 +224,6 @@ class AnchorScorer(GapScorer):
     def stop(self) -> int:
         """The last block a variant runs: the anchor layer."""
         return self.anchor.layer
-
-    @property
-    def reference(self) -> Float[torch.Tensor, " prompt"]:
-        """The receiver's anchor score on every prompt (``F_receiver``)."""
-        return self.f_receiver
 
     def readout(self, hidden: Float[torch.Tensor, "rows seq hidden"], batch_index: int) -> Float[torch.Tensor, " rows"]:
         """The anchor score of each row (any prompt batch: the anchor reads only the hidden state)."""

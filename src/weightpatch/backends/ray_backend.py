@@ -99,7 +99,7 @@ class ShardWorker:
     def works(self, shards: Sequence[Shard]) -> tuple[int, list[Work]]:
         """The anchor layer and what each shard costs (the driver holds no model to tell)."""
         scorer = self.state.scorer
-        return scorer.layer, [shard_work(scorer.pair.space, scorer.layer, s) for s in shards]
+        return scorer.stop, [shard_work(scorer.pair.space, scorer.stop, s) for s in shards]
 
     def score(self, shard: Shard) -> tuple[int, list[dict], float]:
         """The shard's rows and the seconds this worker spent scoring them."""
