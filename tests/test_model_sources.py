@@ -112,18 +112,31 @@ def test_hub_id_without_a_network_fails_at_once_without_retries(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
+    looks, asked, downloads = [], [], []
+
     def no_network(*args, **kwargs):
+        looks.append(args[0] if args else kwargs.get("address"))
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    def no_request(*args, **kwargs):
+    def no_request(*args, **kwargs):  # recorded: the code under test may swallow what it raises
+        asked.append(args)
         raise AssertionError("the hub was asked although it cannot be reached")
+
+    real_snapshot = huggingface_hub.snapshot_download
+
+    def snapshot(*args, **kwargs):
+        downloads.append(bool(kwargs.get("local_files_only")))
+        return real_snapshot(*args, **kwargs)
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", no_request)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
     start = time.monotonic()
     with pytest.raises(WeightPatchError) as info:
         resolve_checkpoint("some-org/some-model")
     assert time.monotonic() - start < 2
+    # one look at the hub's host, then the cache only: no request the hub client would retry
+    assert (len(looks), asked, downloads) == (1, [], [True])
     message = str(info.value)
     assert message.startswith("'some-org/some-model' is not a local directory and is not in the Hugging Face cache")
     assert "cannot be reached: Name or service not known" in message and "\n" not in message

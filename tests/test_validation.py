@@ -375,9 +375,6 @@ def test_a_curve_plots_itself_as_the_reports_figure(llama_pair_dirs):
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
 
-    from weightpatch.figures import curve_figure
-    from weightpatch.validation import Curve
-
     pair = load_pair(*llama_pair_dirs)
     anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
     scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
@@ -387,11 +384,14 @@ def test_a_curve_plots_itself_as_the_reports_figure(llama_pair_dirs):
         (necessity_curve, "drop", "necessity: top-k knocked out of specialized"),
     ):
         curve = curve_of(scorer, table, ks=[1, 2, 4], method="exact", kind="neuron", controls=5)
-        assert isinstance(curve, Curve) and isinstance(curve[curve["k"] > 1], Curve)
         fig = curve.plot()
-        assert isinstance(fig, Figure)
+        assert isinstance(fig, Figure)  # it was pandas' plot of every numeric column (an Axes)
         ax = fig.axes[0]
         assert ax.get_title() == title
+        from weightpatch.figures import curve_figure
+        from weightpatch.validation import Curve
+
+        assert isinstance(curve, Curve) and isinstance(curve[curve["k"] > 1], Curve)
         top = ax.lines[0]
         assert list(top.get_xdata()) == [1, 2, 4] and list(top.get_ydata()) == curve[column].tolist()
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["top-k", "random k (mean ± sd)"]
