@@ -11,7 +11,6 @@ from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
 from weightpatch.validation import (
     behavior_of,
-    control_pool,
     interaction_matrix,
     necessity_curve,
     next_token_logprobs,
@@ -194,6 +193,8 @@ def test_curve_rows_are_measured_by_hand_on_their_own_patched_models(llama_pair_
         behavior_metric=lambda model: seen.append(1) or float(scorer.anchor_scores(model).mean()),
     )
     assert curve["k"].tolist() == [1, 3, 5] and curve["components"].tolist() == [ranked[:1], ranked[:3], ranked]
+    from weightpatch.validation import control_pool  # (a local import: the file imports on 1ca0c48, issue 30)
+
     pool = control_pool(pair.space, ranked)  # the ranked five, then the one block that holds none of them
     assert pool == [*ranked, "L2.mlp"] and curve.attrs["control_pool"] == 6
     rng = random.Random(7)  # the controls: seeded draws of k of the pool, k after k
