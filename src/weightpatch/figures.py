@@ -27,6 +27,25 @@ def legend_outside(ax, **kwargs) -> None:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False, fontsize=10, **kwargs)
 
 
+def layer_profile(scores: ScoreTable | pd.DataFrame, method: str, kind: str = "neuron") -> Figure:
+    """One method's scores of one kind per layer, a matplotlib Figure of two panels: their
+    distribution per layer (box plot) and the sum of ``|score|`` per layer (the report's neuron
+    figure, for any kind)."""
+    frame = scores.frame if isinstance(scores, ScoreTable) else scores
+    sub = frame[(frame["method"] == method) & (frame["kind"] == kind) & frame["layer"].notna()]
+    if sub.empty:
+        raise ValueError(f"no {method} scores of kind {kind!r} with a layer in this table")
+    layers = sorted(int(v) for v in sub["layer"].unique())
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].boxplot([sub[sub["layer"] == layer]["score"].to_numpy() for layer in layers], showfliers=True)
+    axes[0].set_xticks(range(1, len(layers) + 1), [str(layer) for layer in layers])
+    axes[0].set(xlabel="layer", ylabel=SCORE_UNIT, title=f"{kind} scores per layer ({method})")
+    agg = sub.groupby("layer")["score"]
+    axes[1].bar([str(layer) for layer in layers], agg.apply(lambda s: s.abs().sum()).to_numpy(), color="tab:purple")
+    axes[1].set(xlabel="layer", ylabel=f"sum of |score| ({SCORE_UNIT})", title=f"total {kind} effect per layer")
+    return fig
+
+
 def head_matrix(heads: pd.DataFrame, method: str, column: str = "score") -> pd.DataFrame:
     sub = heads[heads["method"] == method]
     return sub.pivot_table(index="layer", columns="index", values=column, aggfunc="first", dropna=False)

@@ -47,6 +47,7 @@ from weightpatch.figures import (
     curve_figure,
     head_heatmap,
     integer_axis,
+    layer_profile,
     legend_outside,
 )
 from weightpatch.methods import label as method_label
@@ -497,14 +498,7 @@ def neurons_section(data: RunData) -> dict | None:
     if method is None:
         return None
     sub = neurons[neurons["method"] == method]
-    layers = sorted(int(v) for v in sub["layer"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    axes[0].boxplot([sub[sub["layer"] == layer]["score"].to_numpy() for layer in layers], showfliers=True)
-    axes[0].set_xticks(range(1, len(layers) + 1), [str(layer) for layer in layers])
-    axes[0].set(xlabel="layer", ylabel=SCORE_UNIT, title=f"neuron scores per layer ({method})")
-    agg = sub.groupby("layer")["score"]
-    axes[1].bar([str(layer) for layer in layers], agg.apply(lambda s: s.abs().sum()).to_numpy(), color="tab:purple")
-    axes[1].set(xlabel="layer", ylabel=f"sum of |score| ({SCORE_UNIT})", title="total neuron effect per layer")
+    fig = layer_profile(sub, method, "neuron")
     top = (
         sub.assign(abs_score=sub["score"].abs())
         .sort_values("abs_score", ascending=False)

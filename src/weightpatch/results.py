@@ -339,6 +339,18 @@ class ScoreTable:
 
         return head_heatmap(self, method, vmax)
 
+    def plot(self, method: str | None = None, kind: str = "neuron") -> Any:
+        """The report's per-layer figure of ``method``'s scores of ``kind`` (a matplotlib Figure: their
+        distribution and the sum of ``|score|`` per layer): :func:`weightpatch.figures.layer_profile`.
+        ``method`` may be left out when the table holds one."""
+        from weightpatch.figures import layer_profile
+
+        methods = list(dict.fromkeys(self.frame["method"]))
+        if method is None and len(methods) != 1:
+            listed = ", ".join(methods) or "none"
+            raise WeightPatchError(f"the table holds scores of {len(methods)} methods ({listed}); pass method=")
+        return layer_profile(self, method or methods[0], kind)
+
     def matrix(self, method: str, kind: str = "head", num_layers: int | None = None) -> pd.DataFrame:
         """Layer x index matrix of one kind's scores (e.g. the layer x head heatmap): one row per layer
         ``0..num_layers-1`` (default: up to the highest layer anywhere in the table), NaN where a layer
