@@ -438,6 +438,11 @@ def test_records_are_rendered_as_the_stage_renders_and_raw_strings_are_flagged(c
     pair = load_pair(demo.paths().base, demo.paths().specialized)
     train, held = demo.prompts("anchor")[:12], demo.prompts("heldout")[:12]
     layers = [1, 3]
+    raw = [[r.prompt for r in s] for s in (train, without_instruction(train), held, without_instruction(held))]
+    with caplog.at_level("WARNING", logger="weightpatch"):
+        search_anchor_layer(pair, *raw, layers=layers)  # the recipe's call: it gave another layer silently
+    assert "12 texts without the chat template the pipeline applies" in caplog.text
+    caplog.clear()
     _, from_records = search_anchor_layer(pair, train, None, held, None, layers=layers)
 
     def rendered(records):
@@ -448,11 +453,6 @@ def test_records_are_rendered_as_the_stage_renders_and_raw_strings_are_flagged(c
         _, by_hand = search_anchor_layer(pair, *sets, layers=layers)
     assert caplog.records == []  # rendered texts: nothing to say
     pd.testing.assert_frame_equal(from_records, by_hand)
-    raw = [[r.prompt for r in s] for s in (train, without_instruction(train), held, without_instruction(held))]
-    with caplog.at_level("WARNING", logger="weightpatch"):
-        search_anchor_layer(pair, *raw, layers=layers)
-    assert "12 texts without the chat template the pipeline applies" in caplog.text
-    caplog.clear()
     with caplog.at_level("WARNING", logger="weightpatch"):
         search_anchor_layer(pair, *raw, layers=layers, render="raw")
     assert caplog.records == []

@@ -53,6 +53,11 @@ def test_readme_python_runs_as_written_with_the_demo_configs(tmp_path, monkeypat
     from weightpatch.pipeline import demo_configs
 
     namespace = run_readme_python(tmp_path, monkeypatch)
+    # the section's second block reads a finished run back: here the run the first block made
+    reader = re.findall(r"```python\n(.*?)```", README.read_text().split("## Python", 1)[1], flags=re.S)[1]
+    assert '"wpatch-runs/demo"' in reader
+    exec(compile(reader.replace('"wpatch-runs/demo"', '"wpatch-runs/python"'), str(README), "exec"), namespace)
+    assert namespace["run"].findings()
     verified = namespace["result"].verified
     assert {"component", "first_order", "exact"} <= set(verified.columns) and len(verified) == 3 * 8
     demo = demo_configs()

@@ -112,27 +112,72 @@ def test_hub_id_without_a_network_fails_at_once_without_retries(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
+    looks, asked, downloads = [], [], []
+
     def no_network(*args, **kwargs):
+        looks.append(args[0] if args else kwargs.get("address"))
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    def no_request(*args, **kwargs):
+    def no_request(*args, **kwargs):  # recorded: the code under test may swallow what it raises
+        asked.append(args)
         raise AssertionError("the hub was asked although it cannot be reached")
+
+    real_snapshot = huggingface_hub.snapshot_download
+
+    def snapshot(*args, **kwargs):
+        downloads.append(bool(kwargs.get("local_files_only")))
+        return real_snapshot(*args, **kwargs)
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(huggingface_hub, "list_repo_files", no_request)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
     start = time.monotonic()
     with pytest.raises(WeightPatchError) as info:
         resolve_checkpoint("some-org/some-model")
     assert time.monotonic() - start < 2
+    # one look at the hub's host, then the cache only: no request the hub client would retry
+    assert (len(looks), asked, downloads) == (1, [], [True])
     message = str(info.value)
     assert message.startswith("'some-org/some-model' is not a local directory and is not in the Hugging Face cache")
     assert "cannot be reached: Name or service not known" in message and "\n" not in message
 
 
-def test_merge_names_gguf_as_unsupported_with_the_conversion(llama_pair_dirs, tmp_path):
+def test_merge_reads_a_damaged_gguf_expert_as_one_line(llama_pair_dirs, tmp_path):
     from weightpatch.merging import MergeConfig, merge_checkpoints
 
     gguf = tmp_path / "expert.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(WeightPatchError, match=r"expert\.gguf: merging streams safetensors .*save_pretrained"):
+    with pytest.raises(WeightPatchError, match=r"expert\.gguf") as info:
         merge_checkpoints(llama_pair_dirs[0], [gguf], tmp_path / "out", MergeConfig())
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_merge_takes_gguf_files_on_the_hub(gguf_pair, tmp_path, monkeypatch):
+    """``repo-id:file.gguf`` in a merge goes through the pair loader's resolution (the hub download of
+    that one file, here replaced by the local directory that holds it) and merges like the files."""
+    import weightpatch.pair
+    from weightpatch.merging import MergeConfig, merge_checkpoints
+
+    _, files = gguf_pair
+    asked = []
+
+    def resolve(source, revision=None, gguf_file=None):
+        asked.append((str(source), revision, gguf_file))
+        return files[0].parent
+
+    monkeypatch.setattr(weightpatch.pair, "resolve_checkpoint", resolve)
+    hub = merge_checkpoints(
+        f"org/base-GGUF:{files[0].name}", [f"org/sft-GGUF:{files[1].name}"], tmp_path / "hub", MergeConfig(),
+        base_revision="v1",
+    )  # fmt: skip
+    assert asked == [("org/base-GGUF", "v1", files[0].name), ("org/sft-GGUF", None, files[1].name)]
+    local = merge_checkpoints(files[0], [files[1]], tmp_path / "local", MergeConfig())
+    hub_weights, local_weights = weights_of(hub), weights_of(local)
+    assert sorted(hub_weights) == sorted(local_weights)
+    assert all(torch.equal(hub_weights[k], local_weights[k]) for k in local_weights)
+
+
+def weights_of(directory):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}

@@ -244,3 +244,21 @@ def test_heatmap_is_the_reports_figure_with_a_row_per_layer():
     assert ax.get_title() == "weight space, exact"
     assert [t.get_text() for t in ax.texts] == ["0.500\n±0.000", "-0.250\n±0.000"]  # score ± stderr
     plt.close(fig)
+
+
+def test_plot_is_the_reports_per_layer_figure_of_one_method_and_kind():
+    """``ScoreTable.plot()`` (issue 30: score tables had ``heatmap()`` only): the report's per-layer
+    figure (box plot per layer, sum of |score| per layer) of one method's scores of one kind."""
+    import matplotlib.pyplot as plt
+
+    neurons = [("L0.mlp.neuron1", "exact", 0.5), ("L0.mlp.neuron2", "exact", -0.25), ("L2.mlp.neuron0", "exact", 0.1)]
+    table = _table([*neurons, ("L1.mlp", "exact", 0.9), ("L0.mlp.neuron1", "first_order", 0.4)])
+    with pytest.raises(WeightPatchError, match=r"2 methods \(exact, first_order\); pass method="):
+        table.plot()
+    fig = table.plot("exact")
+    box, bars = fig.axes
+    assert box.get_title() == "neuron scores per layer (exact)" and bars.get_title() == "total neuron effect per layer"
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["0", "2"]  # layers with neuron scores
+    assert [p.get_height() for p in bars.patches] == pytest.approx([0.75, 0.1])  # sum of |score| per layer
+    assert table.select("exact").plot(kind="module").axes[1].patches[0].get_height() == pytest.approx(0.9)
+    plt.close("all")

@@ -11,7 +11,6 @@ from weightpatch.scoring import AnchorScorer
 from weightpatch.screening.exact import ExactScreen
 from weightpatch.validation import (
     behavior_of,
-    control_pool,
     interaction_matrix,
     necessity_curve,
     next_token_logprobs,
@@ -194,6 +193,8 @@ def test_curve_rows_are_measured_by_hand_on_their_own_patched_models(llama_pair_
         behavior_metric=lambda model: seen.append(1) or float(scorer.anchor_scores(model).mean()),
     )
     assert curve["k"].tolist() == [1, 3, 5] and curve["components"].tolist() == [ranked[:1], ranked[:3], ranked]
+    from weightpatch.validation import control_pool  # (a local import: the file imports on 1ca0c48, issue 30)
+
     pool = control_pool(pair.space, ranked)  # the ranked five, then the one block that holds none of them
     assert pool == [*ranked, "L2.mlp"] and curve.attrs["control_pool"] == 6
     rng = random.Random(7)  # the controls: seeded draws of k of the pool, k after k
@@ -366,3 +367,39 @@ def test_curves_rank_disjoint_components_and_draw_controls_from_the_whole_kind(l
     mixed = ScoreTable.concat([table, ScoreTable.from_rows([score_row(pair.space.parse("L1.mlp"), "ig", 1.0, 0, 1)])])
     with pytest.raises(ValueError, match=r"2 methods \(exact, ig\); pass method="):
         sufficiency_curve(scorer, mixed, ks=1, controls=0)
+
+
+def test_a_curve_plots_itself_as_the_reports_figure(llama_pair_dirs):
+    """``curve.plot()`` (issue 30: curves had no notebook face) is the report's curve figure: the top-k
+    line, the random-k controls as error bars (mean ± sd), the report's title; with arguments it is
+    pandas' own plot. Slices stay curves."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    pair = load_pair(*llama_pair_dirs)
+    anchor = build_anchor(pair, tiny_texts(6), None, layer=2, method="model_diff")
+    scorer = AnchorScorer(pair, anchor, tiny_texts(6, 5))
+    table = _table(pair, [(f"L{layer}.mlp.neuron{i}", "exact", float(10 - i)) for layer in range(2) for i in range(5)])
+    for curve_of, column, title in (
+        (sufficiency_curve, "recovery", "sufficiency: top-k patched into base"),
+        (necessity_curve, "drop", "necessity: top-k knocked out of specialized"),
+    ):
+        curve = curve_of(scorer, table, ks=[1, 2, 4], method="exact", kind="neuron", controls=5)
+        fig = curve.plot()
+        assert isinstance(fig, Figure)  # it was pandas' plot of every numeric column (an Axes)
+        ax = fig.axes[0]
+        assert ax.get_title() == title
+        from weightpatch.figures import curve_figure
+        from weightpatch.validation import Curve
+
+        assert isinstance(curve, Curve) and isinstance(curve[curve["k"] > 1], Curve)
+        top = ax.lines[0]
+        assert list(top.get_xdata()) == [1, 2, 4] and list(top.get_ydata()) == curve[column].tolist()
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["top-k", "random k (mean ± sd)"]
+        controls = ax.containers[0]  # the error bars: their line is the random mean
+        assert list(controls.lines[0].get_ydata()) == curve["random_mean"].tolist()
+        same = curve_figure(curve, "sufficiency" if column == "recovery" else "necessity").axes[0]
+        assert same.get_title() == title and list(same.lines[0].get_ydata()) == list(top.get_ydata())
+        axes = curve.plot(x="k", y="random_std")  # pandas' plot when asked for one
+        assert not isinstance(axes, Figure) and list(axes.lines[0].get_ydata()) == curve["random_std"].tolist()
+        plt.close("all")

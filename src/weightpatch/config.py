@@ -250,8 +250,10 @@ class TraceConfig(StageConfig, PairOptions, PromptOptions, ScoringOptions, Objec
 class MergeStageConfig(StageConfig):
     """The merge stage (``merging.MergeConfig`` is the merge method itself)."""
 
-    base: str = Field(description="base model: local directory or hub id.")
-    experts: list[str] = Field(description="expert models fine-tuned from BASE: directories, hub ids or LoRA adapters.")
+    base: str = Field(description="base model: local directory, .gguf file or hub id.")
+    experts: list[str] = Field(
+        description="expert models fine-tuned from BASE: directories, .gguf files, hub ids or LoRA adapters."
+    )
     output: Path = Field(description="directory for the merged model.")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the merged weights (default: each tensor's own dtype in the base)."

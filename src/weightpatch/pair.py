@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -374,7 +374,7 @@ def load_pair(
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device = "cpu",
     device_map: str | dict | None = None,
-    max_memory: dict[int | str, int | str] | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     base_gguf_file: str | None = None,

@@ -39,18 +39,23 @@ import jinja2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from weightpatch.errors import WeightPatchError, writing
+from weightpatch.figures import (
+    SCORE_UNIT,
+    curve_figure,
+    head_heatmap,
+    integer_axis,
+    layer_profile,
+    legend_outside,
+)
 from weightpatch.methods import label as method_label
 from weightpatch.methods import method_names
 from weightpatch.results import ScoreTable, write_text_atomic
 from weightpatch.rundir import RUN_FILE
 from weightpatch.runs import Run, load_run
 
-SCORE_UNIT = "fraction of anchor gap recovered"
 MAX_ROWS = 40
 METRIC_NAMES = {  # the anchor's metrics in prose
     "cohen_d": "Cohen's d",
@@ -135,18 +140,6 @@ def figure(fig, alt: str, caption: str = "") -> dict:
         "alt": alt,
         "caption": caption,
     }
-
-
-def _integer_axis(axis) -> None:
-    axis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _legend_outside(ax, **kwargs) -> None:
-    """A legend under the axes, never over the curves."""
-    handles = ax.get_legend_handles_labels()[0]
-    if handles:
-        ncol = min(len(handles), 3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False, fontsize=10, **kwargs)
 
 
 # ---- the run's data, loaded once -------------------------------------------------------------------
@@ -380,8 +373,8 @@ def weight_delta_section(data: RunData) -> dict | None:
         ax.plot(sub["layer"].astype(int), sub["relative_change"], marker="o", label=group)
     ax.set(xlabel="layer", ylabel="||sft - base|| / ||base||", title="relative weight change per layer")
     ax.set_yscale("log")
-    _integer_axis(ax.xaxis)
-    _legend_outside(ax)
+    integer_axis(ax.xaxis)
+    legend_outside(ax)
     return _section("Weight change", figures=[figure(fig, "relative weight change per layer")])
 
 
@@ -410,7 +403,7 @@ def anchor_section(data: RunData) -> dict | None:
         ax2.set_ylim(0, 1.05)
         if data.anchor is not None:
             ax.axvline(data.anchor["layer"], color="grey", ls="--", lw=1, label="chosen layer")
-        _integer_axis(ax.xaxis)
+        integer_axis(ax.xaxis)
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False, fontsize=10)
         figs.append(
@@ -456,59 +449,12 @@ def _steering_figure(steering: pd.DataFrame) -> dict:
             ax.axhline(float(ref["metric"].iloc[0]), color=color, ls="--", lw=1, label=label)
     scale = f" (1 = {fmt(steering['scale'].iloc[0], 3)} residual units)" if "scale" in steering.columns else ""
     ax.set(xlabel=f"alpha: anchor gaps added to the base model{scale}", ylabel=name, title="steering check")
-    _legend_outside(ax)
+    legend_outside(ax)
     n = f" on {int(steering['n_prompts'].iloc[0])} prompts" if "n_prompts" in steering.columns else ""
     caption = f"Behavioural metric{n} of the base model with alpha anchor gaps added at the anchor layer."
     if not len(rand):
         caption += " No random-direction control was recorded in this run."
     return figure(fig, "steering curve", caption)
-
-
-def _head_matrix(heads: pd.DataFrame, method: str, column: str = "score") -> pd.DataFrame:
-    sub = heads[heads["method"] == method]
-    return sub.pivot_table(index="layer", columns="index", values=column, aggfunc="first", dropna=False)
-
-
-def _heatmap(ax, matrix: pd.DataFrame, errors: pd.DataFrame | None, title: str, vmax: float, layers, heads) -> None:
-    matrix = matrix.reindex(index=layers, columns=heads)
-    values = matrix.to_numpy(dtype=float)
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e6e6e6")  # grey: not scored by this method
-    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
-    ax.set(xlabel="head", ylabel="layer", title=title)
-    ax.set_xticks(range(len(heads)), [str(h) for h in heads])
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    if values.size <= 64:
-        err = errors.reindex(index=layers, columns=heads).to_numpy(dtype=float) if errors is not None else None
-        for (i, j), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                e = f"\n±{err[i, j]:.3f}" if err is not None and np.isfinite(err[i, j]) else ""
-                color = "white" if abs(v) > 0.6 * vmax else "black"
-                ax.text(j, i, f"{v:.3f}{e}", ha="center", va="center", fontsize=7, color=color)
-    plt.colorbar(im, ax=ax, label=SCORE_UNIT, shrink=0.85)
-
-
-HEAD_PANELS = {
-    "first_order": "weight space, first order",
-    "integrated_gradients": "weight space, integrated gradients",
-    "exact": "weight space, exact",
-    "activation": "activation space",
-}
-
-
-def head_heatmap(scores: ScoreTable | pd.DataFrame, method: str, vmax: float | None = None) -> Figure:
-    """The layer x head map of one method's head scores (± stderr in each cell when small enough), a
-    matplotlib Figure: one row per layer of the table (grey where a layer or head was not scored),
-    colours symmetric around 0 up to ``vmax`` (default: the largest ``|score|`` of the heads)."""
-    table = scores if isinstance(scores, ScoreTable) else ScoreTable(scores)
-    heads = table.frame[table.frame["kind"] == "head"]
-    matrix = table.matrix(method, "head")
-    errors = _head_matrix(heads, method, "stderr").reindex_like(matrix)
-    layers, index = list(matrix.index), list(matrix.columns)
-    vmax = vmax if vmax is not None else float(heads["score"].abs().max()) or 1.0
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(index) + 1.5, 1.2 + 0.7 * len(layers)))
-    label = HEAD_PANELS.get(method, method)
-    _heatmap(ax, matrix, errors if errors.notna().any().any() else None, label, vmax, layers, index)
-    return fig
 
 
 def heads_section(data: RunData) -> dict | None:
@@ -552,14 +498,7 @@ def neurons_section(data: RunData) -> dict | None:
     if method is None:
         return None
     sub = neurons[neurons["method"] == method]
-    layers = sorted(int(v) for v in sub["layer"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    axes[0].boxplot([sub[sub["layer"] == layer]["score"].to_numpy() for layer in layers], showfliers=True)
-    axes[0].set_xticks(range(1, len(layers) + 1), [str(layer) for layer in layers])
-    axes[0].set(xlabel="layer", ylabel=SCORE_UNIT, title=f"neuron scores per layer ({method})")
-    agg = sub.groupby("layer")["score"]
-    axes[1].bar([str(layer) for layer in layers], agg.apply(lambda s: s.abs().sum()).to_numpy(), color="tab:purple")
-    axes[1].set(xlabel="layer", ylabel=f"sum of |score| ({SCORE_UNIT})", title="total neuron effect per layer")
+    fig = layer_profile(sub, method, "neuron")
     top = (
         sub.assign(abs_score=sub["score"].abs())
         .sort_values("abs_score", ascending=False)
@@ -619,7 +558,7 @@ def components_section(data: RunData) -> dict | None:
             f"{agree['overlap']}/{agree['k']}",
             fontsize=10,
         )
-        _legend_outside(ax)
+        legend_outside(ax)
         figs.append(
             figure(
                 fig,
@@ -636,48 +575,6 @@ def components_section(data: RunData) -> dict | None:
         figures=figs,
         tables=tables,
     )
-
-
-def curve_figure(frame: pd.DataFrame, name: str = "sufficiency") -> Figure:
-    """A sufficiency (``name="sufficiency"``, column ``recovery``) or necessity (``drop``) curve as a
-    matplotlib Figure: top-k per ranking against its random-k controls (mean ± sd)."""
-    column = "recovery" if name == "sufficiency" else "drop"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    groups = frame.groupby("ranking", sort=False) if "ranking" in frame.columns else [("", frame)]
-    for ranking, sub in groups:
-        sub = sub.sort_values("k")
-        prefix = f"{ranking}: " if ranking else ""
-        line = ax.plot(sub["k"], sub[column], marker="o", label=f"{prefix}top-k")[0]
-        controlled = sub[sub["n_controls"] > 0] if "n_controls" in sub else sub.iloc[0:0]
-        if len(controlled):
-            std = controlled["random_std"].fillna(0)
-            ax.errorbar(
-                controlled["k"],
-                controlled["random_mean"],
-                yerr=std,
-                ls="--",
-                marker="x",
-                capsize=3,
-                color=line.get_color(),
-                alpha=0.8,
-                label=f"{prefix}random k (mean ± sd)",
-            )
-    if frame["k"].max() > 16:
-        ax.set_xscale("log", base=2)
-        ks = sorted(int(k) for k in frame["k"].unique())
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.minorticks_off()
-    else:
-        _integer_axis(ax.xaxis)
-    ylabel = SCORE_UNIT if name == "sufficiency" else "fraction of anchor gap removed"
-    title = (
-        "sufficiency: top-k patched into base"
-        if name == "sufficiency"
-        else "necessity: top-k knocked out of specialized"
-    )
-    ax.set(xlabel="k (components)", ylabel=ylabel, title=title)
-    _legend_outside(ax)
-    return fig
 
 
 def _curve_figure(frame: pd.DataFrame, name: str) -> dict:
@@ -846,7 +743,7 @@ def objective_section(data: RunData) -> dict | None:
             ax.plot(sub["k"], sub[currency], marker="o", label=f"top-k by {ranking} score")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.axhline(0.0, color="grey", lw=0.8)
-        _integer_axis(ax.xaxis)
+        integer_axis(ax.xaxis)
         ax.set(xlabel="k (components patched into the base)", title=f"recovered: fraction of the {currency} gap")
     axes[0].set_ylabel("fraction of gap recovered (1 = specialized)")
     axes[1].legend(fontsize=10)

@@ -191,6 +191,30 @@ def write_atomic(frame: pd.DataFrame, path: Path, provenance: dict[str, Any] | N
             frame.to_csv(tmp, index=False)
 
 
+class Curve(pd.DataFrame):
+    """A sufficiency or necessity curve: a DataFrame (one row per ``k``) that draws itself.
+    ``curve.plot()`` is the report's figure (:func:`weightpatch.figures.curve_figure`: top-k against
+    its random-k controls, mean ± sd) as a matplotlib Figure, which a notebook shows inline; with
+    arguments (``curve.plot(x="k", y="kl")``) or as ``curve.plot.line(...)`` it is pandas' plot."""
+
+    @property
+    def _constructor(self):  # slices and copies stay curves
+        return Curve
+
+    @property
+    def plot(self):  # type: ignore[override]
+        return _CurvePlot(self)
+
+
+class _CurvePlot(pd.plotting.PlotAccessor):
+    def __call__(self, *args, **kwargs):
+        if args or kwargs:
+            return super().__call__(*args, **kwargs)
+        from weightpatch.figures import curve_figure
+
+        return curve_figure(self._parent, "sufficiency" if "recovery" in self._parent.columns else "necessity")
+
+
 @dataclass
 class ScoreTable:
     """A long score table (:data:`COLUMNS`); the frame is brought to :data:`DTYPES` on construction."""
@@ -310,10 +334,22 @@ class ScoreTable:
 
     def heatmap(self, method: str, vmax: float | None = None) -> Any:
         """The report's layer x head map of ``method``'s head scores (a matplotlib Figure; in a
-        notebook it displays inline): :func:`weightpatch.report.head_heatmap`."""
-        from weightpatch.report import head_heatmap
+        notebook it displays inline): :func:`weightpatch.figures.head_heatmap`."""
+        from weightpatch.figures import head_heatmap
 
         return head_heatmap(self, method, vmax)
+
+    def plot(self, method: str | None = None, kind: str = "neuron") -> Any:
+        """The report's per-layer figure of ``method``'s scores of ``kind`` (a matplotlib Figure: their
+        distribution and the sum of ``|score|`` per layer): :func:`weightpatch.figures.layer_profile`.
+        ``method`` may be left out when the table holds one."""
+        from weightpatch.figures import layer_profile
+
+        methods = list(dict.fromkeys(self.frame["method"]))
+        if method is None and len(methods) != 1:
+            listed = ", ".join(methods) or "none"
+            raise WeightPatchError(f"the table holds scores of {len(methods)} methods ({listed}); pass method=")
+        return layer_profile(self, method or methods[0], kind)
 
     def matrix(self, method: str, kind: str = "head", num_layers: int | None = None) -> pd.DataFrame:
         """Layer x index matrix of one kind's scores (e.g. the layer x head heatmap): one row per layer

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from weightpatch.errors import WeightPatchError, reading
-from weightpatch.results import ScoreTable, read_provenance, read_table
+from weightpatch.results import Curve, ScoreTable, read_provenance, read_table
 from weightpatch.rundir import RUN_FILE, RunDir
 from weightpatch.tables import TABLES, schema
 
@@ -115,6 +115,9 @@ def load_run(path: str | os.PathLike) -> Run:
             anchor_record = json.loads((root / "anchor.json").read_text(encoding="utf-8"))
         anchor = Anchor.load(root / "anchor")
     tables = {name: frame for name in TABLES if (frame := read_run_table(root, name)) is not None}
+    for name in ("sufficiency", "necessity"):  # curves draw themselves (.plot()) as the report draws them
+        if name in tables:
+            tables[name] = Curve(tables[name])
     return Run(root, record, dict(record.get("commands") or {}), anchor, tables, anchor_record)
 
 

@@ -43,7 +43,7 @@ from weightpatch.components import Component, ComponentSpace, ParamSlice
 from weightpatch.engine import sweep
 from weightpatch.pair import ModelPair
 from weightpatch.patch import Patch, patched
-from weightpatch.results import ScoreTable
+from weightpatch.results import Curve, ScoreTable
 from weightpatch.runner import Batch
 from weightpatch.scoring import GapScorer
 
@@ -253,7 +253,7 @@ def _curve(
     kl: bool,
     kl_positions: Literal["last", "all"],
     behavior_metric: BehaviorMetric | None,
-) -> pd.DataFrame:
+) -> Curve:
     pair = scorer.pair
     ranked = _ranking(table, method, kind)
     if not ranked:
@@ -290,7 +290,7 @@ def _curve(
                         row["behavior"] = float(behavior_metric(pair.model))
             row["components"] = list(top)
             rows.append(row)
-    curve = pd.DataFrame(rows)
+    curve = Curve(rows)
     curve.attrs["control_pool"] = len(pool)
     return curve
 
@@ -306,12 +306,12 @@ def sufficiency_curve(
     kl: bool = False,
     kl_positions: Literal["last", "all"] = "last",
     behavior_metric: BehaviorMetric | None = None,
-) -> pd.DataFrame:
+) -> Curve:
     """Anchor recovery of the base with the top-``k`` patched in, for each ``k`` (``ks``: a
     maximum, meaning 1..K, or explicit values), against ``controls`` random ``k``-subsets (0, or
     at least :data:`MIN_CONTROLS`: fewer are raised to it; none where ``k`` is the whole pool). Columns: ``k, recovery,
     random_mean, random_std, n_controls`` (+ ``kl``, ``behavior`` when asked), ``components`` (the
-    top-``k`` names, a list)."""
+    top-``k`` names, a list). A :class:`Curve`: ``.plot()`` draws it as the report does."""
     return _curve(scorer, table, ks, method, kind, controls, seed, "sufficiency", kl, kl_positions, behavior_metric)
 
 
@@ -326,11 +326,11 @@ def necessity_curve(
     kl: bool = False,
     kl_positions: Literal["last", "all"] = "last",
     behavior_metric: BehaviorMetric | None = None,
-) -> pd.DataFrame:
+) -> Curve:
     """Anchor drop of the specialized model with the top-``k`` knocked out, against random
     controls (as in :func:`sufficiency_curve`). Columns: ``k, drop, random_mean, random_std,
     n_controls`` (+ ``kl``, ``behavior``), ``components`` (a list). ``kl`` is still measured to
-    the specialized model (it grows as the knockout removes more)."""
+    the specialized model (it grows as the knockout removes more). A :class:`Curve` (``.plot()``)."""
     return _curve(scorer, table, ks, method, kind, controls, seed, "necessity", kl, kl_positions, behavior_metric)
 
 

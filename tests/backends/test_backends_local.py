@@ -102,3 +102,35 @@ def test_job_spec_pickles_with_an_anchor_object(job):
     spec = JobSpec(job.base, job.specialized, Anchor.load(job.anchor), job.texts, batch_size=4)
     again = pickle.loads(pickle.dumps(spec))
     assert again.texts == job.texts and torch.equal(again.anchor.vector, spec.anchor.vector)
+
+
+def test_ray_workers_get_the_device_map_and_max_memory(llama_pair_dirs, job, monkeypatch):
+    """`--device-map` / `--max-memory` reach each Ray worker's pair, as `--device` does: the screen
+    stage puts them in the JobSpec it hands the Ray backend, and a worker (the actor class, run here
+    without Ray) opens its pair with them. Before issue 30's fix the job had no such fields."""
+    import pickle
+
+    from weightpatch.backends.ray_backend import ShardWorker
+    from weightpatch.config import ScreenConfig
+    from weightpatch.pipeline import screen as stage
+
+    captured = {}
+
+    def fake_backend(name, job, **options):
+        captured.update(name=name, job=job)
+        return None
+
+    monkeypatch.setattr("weightpatch.backends.make_backend", fake_backend)
+    base, sft = map(str, llama_pair_dirs)
+    cfg = ScreenConfig(
+        base=base, specialized=sft, prompts="p.txt", backend="ray", device_map="auto", max_memory="cpu=2GiB"
+    )
+    scorer = LocalBackend(job).state.scorer
+    stage.exact_backend(cfg, scorer)
+    sent = pickle.loads(pickle.dumps(captured["job"]))  # what an actor receives
+    assert captured["name"] == "ray"
+    assert (sent.device_map, sent.max_memory, sent.device) == ("auto", {"cpu": "2GiB"}, "cpu")
+    worker = ShardWorker(sent)
+    options = worker.state.scorer.pair.options
+    assert (options["device_map"], options["max_memory"]) == ("auto", {"cpu": "2GiB"})
+    assert worker.score(Shard(0, 0, ("L0.mlp",)))[1][0]["component"] == "L0.mlp"

@@ -90,3 +90,54 @@ def test_lora_adapter_through_every_subcommand(tmp_path):
         result = invoke(*step)
         assert result.exit_code == 0, (step[0], result.output)
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+
+
+def test_merge_takes_gguf_files_like_the_other_commands(tmp_path):
+    """`wpatch merge` takes .gguf files (base, expert, or both; issue 30: it refused them in one line):
+    the merge of the GGUF pair is the merge of the safetensors pair it was written from, tensor for
+    tensor, with a loadable config and tokenizer; the record names and hashes the GGUF files; the
+    output may sit beside them, but not replace the directory that holds them."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    dirs = make_pair("llama", tmp_path)
+    files = [
+        write_llama_gguf(
+            AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d), tmp_path / f"{d.name}.gguf"
+        )
+        for d in dirs
+    ]
+
+    def merged(*inputs, out):
+        flags = ("--method", "task_arithmetic", "--lam", "0.5", "--no-progress", "--max-shard-size", "20KB")
+        result = invoke("merge", *inputs, "-o", out, *flags)
+        assert result.exit_code == 0, result.output
+        return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    reference = merged(*dirs, out=tmp_path / "from-dirs")
+    out = tmp_path / "from-gguf"
+    got = merged(*files, out=out)
+    assert sorted(got) == sorted(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(got[name], tensor), name
+    assert len(list(out.glob("*.safetensors"))) > 1  # --max-shard-size reached the writer
+    model = AutoModelForCausalLM.from_pretrained(out)
+    from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file=files[0].name)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == from_gguf.get_vocab()
+    assert model.config.num_hidden_layers == AutoModelForCausalLM.from_pretrained(dirs[0]).config.num_hidden_layers
+    from weightpatch.merging import component_space_for_checkpoint  # mechanism-aware merges read the base so
+
+    assert component_space_for_checkpoint(files[0]).shapes == component_space_for_checkpoint(dirs[0]).shapes
+    record = json.loads((out / "weightpatch_merge.json").read_text())
+    assert record["base"]["path"] == str(files[0]) and record["experts"][0]["path"] == str(files[1])
+    assert record["base"]["weights_sha256"] != record["experts"][0]["weights_sha256"]
+    # a GGUF expert is checked against a safetensors base like any expert: transformers' GGUF tokenizer
+    # adds <|endoftext|> to this tiny vocabulary, and the refusal names the .gguf file
+    result = invoke("merge", dirs[0], files[1], "-o", tmp_path / "mixed", "--no-progress")
+    assert_user_error(result, f"expert {files[1]} cannot be merged", "'<|endoftext|>' only in specialized")
+    result = invoke("merge", *files, "-o", tmp_path, "--overwrite", "--no-progress")
+    assert_user_error(result, "overlaps the input")
+    result = invoke("merge", files[0], tmp_path / "missing.gguf", "-o", tmp_path / "x", "--no-progress")
+    assert_user_error(result, "missing.gguf' does not exist")

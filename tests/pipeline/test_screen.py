@@ -132,10 +132,10 @@ def test_a_pair_opened_with_other_settings_is_refused_before_anything_is_written
     from weightpatch.errors import WeightPatchError
 
     pair, _ = anchored
-    assert pair.options["dtype"] == "float32"
     other_dtype = screen_cfg(anchored, tmp_path / "r", method="first_order", dtype="float64")
     with pytest.raises(WeightPatchError, match=r"dtype 'float32' \(pair\) vs 'float64' \(config\)"):
         run_screen(other_dtype, pair)
+    assert pair.options["dtype"] == "float32"
     other_model = screen_cfg(anchored, tmp_path / "r", method="first_order").model_copy(
         update={"specialized": str(tmp_path)}
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any, Protocol
@@ -49,7 +49,9 @@ class JobSpec:
     load them, the anchor (a path stem readable from every worker, or the :class:`Anchor`
     itself), the prompt texts as the model sees them (chat template already applied) and the
     scorer options. ``device`` is as seen by a worker (with Ray GPUs, ``cuda`` is the worker's own
-    GPU)."""
+    GPU); ``device_map`` / ``max_memory`` place each worker's receiver across its devices with
+    accelerate, as :func:`~weightpatch.pair.load_pair` does (``"auto"``: over the GPUs a worker was
+    given, then its CPU)."""
 
     base: str
     specialized: str
@@ -58,6 +60,8 @@ class JobSpec:
     receiver: str = "base"
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | dict[str, Any] | None = None
+    max_memory: Mapping[int | str, int | str] | None = None
     trust_remote_code: bool = False
     revision: str | None = None
     include_kv: bool = False
@@ -91,6 +95,8 @@ class JobSpec:
             receiver=self.receiver,  # type: ignore[arg-type]
             dtype=self.dtype,
             device=self.device,
+            device_map=self.device_map,
+            max_memory=self.max_memory,
             trust_remote_code=self.trust_remote_code,
             revision=self.revision,
             include_kv=self.include_kv,

@@ -21,9 +21,11 @@ def show(cfg: CheckConfig) -> None:
     result = run_check(cfg)
     common.out.print(
         f"[bold green]patchable pair[/]: {result.family}, {result.num_layers} layers, {result.num_heads} heads, "
-        f"{result.neurons_per_layer} MLP neurons per layer"
+        f"{result.neurons_per_layer} MLP neurons per layer",
+        soft_wrap=True,
     )
-    common.out.print("components: " + ", ".join(f"{n} {k}s" for k, n in result.component_counts.items()))
+    counts = ", ".join(f"{n} {k}s" for k, n in result.component_counts.items())
+    common.out.print(f"components: {counts}", soft_wrap=True)
     table = result.weight_delta
     layered = table[table["layer"].notna()]
     wide = layered.pivot_table(index="layer", columns="group", values="relative_change")

@@ -88,7 +88,7 @@ def cli_parameter(name: str, info: FieldInfo, argument: bool, short: str | None 
     if is_list:
         py_type: Any = list[str]
         element = name.removesuffix("s") if choices else getattr(inner, "__name__", "str").lower()
-        metavar = f"<{element},...>"
+        metavar = name if argument else f"<{element},...>"
     elif choices:  # typer shows and checks the choices of an Enum
         py_type = enum.Enum(f"{name}_choices", {str(c): str(c) for c in choices}, type=str)
     elif inner in (str, Path, bool, int, float):

@@ -51,7 +51,9 @@ def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def check_experts_against_base(base: Path, experts: Sequence[Path], custom_code: bool) -> list[bool]:
+def check_experts_against_base(
+    base: Path, experts: Sequence[Path], custom_code: bool, labels: Sequence[Path] | None = None
+) -> list[bool]:
     """Run the pair check of :func:`weightpatch.pair.pair_differences` between the base and each
     expert (configs, parameter shapes, tokenizer vocabulary); raise :class:`PairMismatchError`
     naming the first offending expert and its first differences. Tensor names and shapes in the
@@ -59,14 +61,16 @@ def check_experts_against_base(base: Path, experts: Sequence[Path], custom_code:
 
     ``custom_code``: the base has custom code (allowed by the caller); its config classes are then
     not instantiated and only the vocabulary is compared. Returns, per expert, whether a tokenizer
-    vocabulary was compared (both directories hold tokenizer files)."""
+    vocabulary was compared (both directories hold tokenizer files). ``labels``: how the error names
+    the base and the experts (default: their directories; a GGUF input is named by its file)."""
     from weightpatch.pair import _config, _tokenizer, _vocab_differences, list_problems, pair_differences
 
     has_config = (base / "config.json").is_file()
     base_config = _config(base, None, False) if has_config and not custom_code else None
     base_tok = _tokenizer(base, None, False) if _has_tokenizer(base) else None
+    names = list(labels) if labels is not None else [base, *experts]
     compared = []
-    for expert in experts:
+    for expert, name in zip(experts, names[1:], strict=True):
         expert_tok = _tokenizer(expert, None, False) if base_tok is not None and _has_tokenizer(expert) else None
         if base_config is not None and (expert / "config.json").is_file():
             problems = pair_differences(base_config, _config(expert, None, False), base_tok, expert_tok)
@@ -74,7 +78,7 @@ def check_experts_against_base(base: Path, experts: Sequence[Path], custom_code:
             problems = _vocab_differences(base_tok, expert_tok) if expert_tok is not None else []
         if problems:
             raise PairMismatchError(
-                f"expert {expert} cannot be merged into the base {base}: {list_problems(problems)}. Every expert "
+                f"expert {name} cannot be merged into the base {names[0]}: {list_problems(problems)}. Every expert "
                 f"must be fine-tuned from the base (same architecture, parameter shapes and tokenizer vocabulary)"
             )
         compared.append(expert_tok is not None)

@@ -455,12 +455,15 @@ def score_weighted(
     )
 
 
-def component_space_for_checkpoint(path: Any, include_kv: bool = False) -> ComponentSpace:
-    """A :class:`ComponentSpace` from a checkpoint directory's config.json and safetensors
-    headers (no weights loaded); tied embeddings alias as for a loaded model."""
+def component_space_for_checkpoint(path: Any, include_kv: bool = False, revision: str | None = None) -> ComponentSpace:
+    """A :class:`ComponentSpace` from a checkpoint's config.json and safetensors headers (no weights
+    loaded); tied embeddings alias as for a loaded model. ``path``: anything a merge takes (a
+    directory, a hub id with its ``revision``, a ``.gguf`` file), opened by
+    :func:`~weightpatch.merging.stream.open_checkpoint`."""
     from transformers import AutoConfig
 
-    from weightpatch.merging.stream import Checkpoint
+    from weightpatch.merging.stream import open_checkpoint
 
-    config = AutoConfig.from_pretrained(str(path))
-    return ComponentSpace.from_shapes(config, dict(Checkpoint(path).shapes), include_kv=include_kv)
+    checkpoint = open_checkpoint(path, revision)
+    config = AutoConfig.from_pretrained(str(checkpoint.path))
+    return ComponentSpace.from_shapes(config, dict(checkpoint.shapes), include_kv=include_kv)

@@ -1,7 +1,8 @@
 """Streaming merge of Hugging Face checkpoints, one tensor at a time.
 
 Inputs are directories holding safetensors weights (``model.safetensors`` or shards listed in
-``model.safetensors.index.json``). Each tensor is read with ``safetensors.safe_open`` from the base
+``model.safetensors.index.json``), hub ids, or GGUF files (converted once to a temporary safetensors
+copy, :func:`gguf_checkpoint`). Each tensor is read with ``safetensors.safe_open`` from the base
 and every expert, merged, and buffered until the current output shard is full, so memory holds
 one tensor per input model plus at most one output shard.
 
@@ -81,8 +82,10 @@ class Checkpoint:
     Only headers are read up front; :meth:`get` opens the file, copies one tensor out and closes it,
     so input pages do not stay mapped (and resident) while the merge streams through."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], origin: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
+        # what the weights were read from: this directory, or the GGUF file it was converted from
+        self.origin = Path(origin) if origin is not None else self.path
         if not self.path.is_dir():
             raise WeightPatchError(f"checkpoint directory {str(self.path)!r} does not exist")
         index = self.path / INDEX_NAME
@@ -150,23 +153,81 @@ def _opened(path: Path) -> Iterator[Any]:
 
 
 def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None, base: Checkpoint | None = None):
-    """A :class:`Checkpoint` for a directory or hub id (``revision``: branch, tag or commit),
-    resolved as :func:`weightpatch.pair.load_pair` resolves models. With ``base``, a PEFT LoRA
-    adapter (directory or hub id) is an expert ``base + adapter``
-    (:class:`weightpatch.lora.LoraCheckpoint`, deltas computed from the factors tensor by tensor)."""
+    """A :class:`Checkpoint` for a directory, a hub id (``revision``: branch, tag or commit), a
+    ``.gguf`` file or ``repo-id:file.gguf``, resolved as :func:`weightpatch.pair.load_pair` resolves
+    models (a GGUF model: :func:`gguf_checkpoint`). With ``base``, a PEFT LoRA adapter (directory or
+    hub id) is an expert ``base + adapter`` (:class:`weightpatch.lora.LoraCheckpoint`, deltas
+    computed from the factors tensor by tensor)."""
     from weightpatch.lora import LoraCheckpoint, is_adapter_dir
-    from weightpatch.pair import refuse_unused_revision, resolve_checkpoint
+    from weightpatch.pair import refuse_unused_revision, resolve_checkpoint, split_model_source
 
-    if str(source).endswith(".gguf"):
-        raise WeightPatchError(
-            f"{source}: merging streams safetensors checkpoints and does not read GGUF; save it as safetensors "
-            f"first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=name).save_pretrained(out)) and pass out"
-        )
+    location, gguf_file = split_model_source(source)
     refuse_unused_revision(revision, [source], "--base-revision" if base is None else "--expert-revisions")
-    directory = resolve_checkpoint(source, revision)
+    directory = resolve_checkpoint(location, revision, gguf_file)
+    if gguf_file:
+        return gguf_checkpoint(directory, gguf_file)
     if base is not None and is_adapter_dir(directory):
         return LoraCheckpoint(directory, base)
     return Checkpoint(directory)
+
+
+_CONVERTED: dict[tuple[str, int, int], Path] = {}  # GGUF file (path, size, mtime) -> its safetensors copy
+
+
+def gguf_checkpoint(directory: Path, gguf_file: str) -> Checkpoint:
+    """The GGUF model ``directory / gguf_file`` as a :class:`Checkpoint`: loaded by the pair's model
+    loader (transformers dequantizes it, to float32 here) and saved with its config and tokenizer as
+    safetensors into a temporary directory (removed when the process ends; one copy per file and
+    process), which the merge then streams like any checkpoint. Its ``origin`` is the GGUF file,
+    which the merge record names and hashes. Costs one model in memory while converting, and the
+    float32 model's size on the temporary disk."""
+    import atexit
+
+    from weightpatch.pair import _load_model, _tokenizer
+
+    origin = (directory / gguf_file).resolve()
+    stat = origin.stat()
+    key = (str(origin), stat.st_size, stat.st_mtime_ns)
+    converted = _CONVERTED.get(key)
+    if converted is None or not converted.is_dir():
+        logger.info("reading %s (GGUF, dequantized to float32) into a temporary safetensors copy", origin)
+        model = _load_model(directory, gguf_file, "float32", "cpu", None, None, False)
+        tokenizer = _tokenizer(directory, gguf_file, False)
+        converted = Path(tempfile.mkdtemp(prefix="weightpatch-gguf-"))
+        atexit.register(shutil.rmtree, converted, ignore_errors=True)
+        try:
+            with writing(converted, "TMPDIR", "the temporary copy of a GGUF model"):
+                _save_dequantized(model, converted)
+                tokenizer.save_pretrained(converted)
+        except BaseException:
+            shutil.rmtree(converted, ignore_errors=True)
+            raise
+        del model
+        _CONVERTED[key] = converted
+    return Checkpoint(converted, origin=origin)
+
+
+def _save_dequantized(model: Any, directory: Path) -> None:
+    """``model`` (loaded from GGUF) as a plain safetensors checkpoint: its tensors (a tied one once,
+    under its first name, as ``save_pretrained`` stores it), its config without the GGUF
+    ``quantization_config`` (transformers refuses to save a GGUF-loaded model itself) and its
+    generation config."""
+    import copy
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(directory / SINGLE_NAME), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
 
 
 def check_compatible(base: Checkpoint, experts: Sequence[Checkpoint], limit: int = 5) -> None:
@@ -300,8 +361,10 @@ def merge_checkpoints(
     shards when the recipe (inputs by content, merge settings, shard plan, library versions) is the
     same, and removes it otherwise. Output directories are 0755 and files 0644 (under the usual umask).
 
-    ``base`` and each expert may be a directory or a hub id (``base_revision``/``expert_revisions``
-    pick a branch, tag or commit); an expert may be a PEFT LoRA adapter of ``base``.
+    ``base`` and each expert may be a directory, a hub id (``base_revision``/``expert_revisions``
+    pick a branch, tag or commit), a ``.gguf`` file or ``repo-id:file.gguf`` (dequantized to float32
+    through a temporary safetensors copy, :func:`gguf_checkpoint`); an expert may be a PEFT LoRA
+    adapter of ``base``.
     """
     if not experts:
         raise WeightPatchError("merge_checkpoints needs at least one expert directory")
@@ -312,12 +375,17 @@ def merge_checkpoints(
         raise WeightPatchError(f"{len(revisions)} expert revisions for {len(experts)} experts; give one per expert")
     base_ckpt = open_checkpoint(base, base_revision)
     expert_ckpts = [open_checkpoint(e, r, base=base_ckpt) for e, r in zip(experts, revisions, strict=True)]
-    _check_target(target, [base_ckpt.path, *(e.path for e in expert_ckpts)], overwrite)
+    _check_target(target, [_origin(base_ckpt), *(_origin(e) for e in expert_ckpts)], overwrite)
     max_bytes = parse_size(max_shard_size)
 
     check_compatible(base_ckpt, expert_ckpts)
     custom_code = refuse_custom_code(base_ckpt.path, trust_remote_code)
-    vocabulary_checked = check_experts_against_base(base_ckpt.path, [e.path for e in expert_ckpts], bool(custom_code))
+    vocabulary_checked = check_experts_against_base(
+        base_ckpt.path,
+        [e.path for e in expert_ckpts],
+        bool(custom_code),
+        labels=[_origin(base_ckpt), *(_origin(e) for e in expert_ckpts)],
+    )
 
     def dtype_of(name: str) -> torch.dtype:
         dt = base_ckpt.dtypes[name]
@@ -334,8 +402,8 @@ def merge_checkpoints(
     files = [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
     merge_description = description if description is not None else _describe(merger)
     record = _merge_record(
-        (base, base_ckpt.path),
-        [(e, c.path) for e, c in zip(experts, expert_ckpts, strict=True)],
+        (base, _origin(base_ckpt)),
+        [(e, _origin(c)) for e, c in zip(experts, expert_ckpts, strict=True)],
         merge_description,
         out_dtype,
         dict(zip(files, shards, strict=True)),
@@ -344,7 +412,7 @@ def merge_checkpoints(
     if custom_code:
         record["checks"]["custom_code"] = f"copied with trust_remote_code: {', '.join(custom_code)}"
         logger.warning("the base has custom code (%s); copied into the merge as asked", ", ".join(custom_code))
-    guard = FiniteGuard({"base": base_ckpt.path, **{f"expert {i}": e.path for i, e in enumerate(expert_ckpts)}})
+    guard = FiniteGuard({"base": _origin(base_ckpt), **{f"expert {i}": _origin(e) for i, e in enumerate(expert_ckpts)}})
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -419,17 +487,14 @@ def _merge_record(
     """What ``weightpatch_merge.json`` records, and the recipe fingerprint: SHA-256 over the inputs'
     weight hashes, the merge description, the output dtype, the shard plan and the versions of
     weightpatch and torch (everything the bytes of the output depend on). ``base`` and ``experts``:
-    ``(what the caller gave, the checkpoint directory)``."""
+    ``(what the caller gave, the checkpoint directory or GGUF file)``."""
     import weightpatch
     from weightpatch.pair import weight_files, weights_sha256
 
     def ref(given: tuple[str | os.PathLike[str], Path]) -> dict[str, str]:
         source, directory = given
-        return {
-            "source": str(source),
-            "path": str(directory.absolute()),
-            "weights_sha256": weights_sha256(weight_files(directory)),
-        }
+        files = weight_files(directory) if directory.is_dir() else [directory]
+        return {"source": str(source), "path": str(directory.absolute()), "weights_sha256": weights_sha256(files)}
 
     record: dict[str, Any] = {
         "base": ref(base),
@@ -477,6 +542,11 @@ def _finished_shard(path: Path, names: list[str]) -> bool:
             return set(handle.keys()) == set(names)
     except Exception:  # safetensors raises several types on a damaged file: rewrite it
         return False
+
+
+def _origin(checkpoint: Any) -> Path:
+    """What a checkpoint's weights were read from (a directory, or a GGUF file)."""
+    return Path(getattr(checkpoint, "origin", checkpoint.path))
 
 
 def _describe(merger: Any) -> Any:

@@ -162,7 +162,7 @@ def merger_of(cfg: MergeStageConfig):
     )
     if cfg.mechanism == "none":
         return standard
-    space = component_space_for_checkpoint(cfg.base)
+    space = component_space_for_checkpoint(cfg.base, revision=cfg.base_revision)
     tables = score_tables(cfg, space)
     chosen = cfg.top_k is not None or cfg.fraction is not None or cfg.threshold is not None
     conflict = cfg.conflict or default(cfg.mechanism, "conflict", "max")

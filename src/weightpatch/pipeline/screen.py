@@ -37,7 +37,13 @@ from weightpatch.errors import WeightPatchError
 from weightpatch.generation import generate_ids
 from weightpatch.pair import ModelPair
 from weightpatch.pipeline.forecast import forecast
-from weightpatch.pipeline.inputs import behaviour_scorer, scoring_objective, scoring_run, select_prompts
+from weightpatch.pipeline.inputs import (
+    behaviour_scorer,
+    parse_max_memory,
+    scoring_objective,
+    scoring_run,
+    select_prompts,
+)
 from weightpatch.results import ScoreTable
 from weightpatch.rundir import CONSOLE, RunDir
 from weightpatch.scoring import AnchorScorer, GapScorer
@@ -137,6 +143,8 @@ def exact_backend(cfg: ScreenConfig, scorer: GapScorer):
         receiver=scorer.pair.receiver,
         dtype=cfg.dtype,
         device=cfg.device,
+        device_map=cfg.device_map,
+        max_memory=parse_max_memory(cfg.max_memory),
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
         batch_size=cfg.batch_size,
