@@ -6,7 +6,8 @@ A :class:`Capability` is one expert's skill, measured two ways on its own prompt
   candidate model ``M``; ``E(M) = mean_x (F(M, x) - F(base, x)) / (F(expert, x) - F(base, x))``, the
   fraction of that expert's anchor gap the model reaches (:meth:`AnchorScorer.effect`; base = 0,
   expert = 1, tiny gaps excluded as in scoring);
-- **strict accuracy**: the capability's checker on greedy generations (IFEval strict, prompt level);
+- **strict accuracy**: the capability's checker on greedy generations (IFEval strict, prompt level;
+  by default :func:`weightpatch.checkers.strict_prompt_accuracy` over the registered checkers);
 - **KL to the expert** (optional): mean ``KL(P_expert || P_M)`` of next-token distributions over the
   expert's own greedy responses, teacher-forced (nats per response token).
 
@@ -33,31 +34,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from weightpatch.checkers import strict_prompt_accuracy
 from weightpatch.errors import WeightPatchError
 from weightpatch.scoring import AnchorScorer
 
 Checker = Callable[[Sequence[Any], Sequence[str]], float]
-
-
-def strict_prompt_accuracy(records: Sequence[Any], responses: Sequence[str]) -> float:
-    """IFEval strict prompt-level accuracy: every instruction of a prompt followed by its response.
-    Supports the checkers of :mod:`weightpatch.checkers` plus ``startend:end_checker``."""
-    from weightpatch.checkers import follows
-    from weightpatch.demo.expert import END_CHECKER, check_end_phrase
-
-    if len(records) != len(responses) or not records:
-        raise WeightPatchError(f"{len(records)} prompt records but {len(responses)} responses")
-    ok = 0
-    for rec, resp in zip(records, responses, strict=True):
-        get = rec.get if isinstance(rec, dict) else lambda name, r=rec: getattr(r, name)
-        verdicts = []
-        for iid, kw in zip(get("instruction_id_list"), get("kwargs"), strict=True):
-            if iid == END_CHECKER:
-                verdicts.append(bool(resp.strip()) and check_end_phrase(resp, kw["end_phrase"]))
-            else:
-                verdicts.append(follows(iid, resp, kw))
-        ok += all(verdicts)
-    return ok / len(records)
 
 
 @dataclass
