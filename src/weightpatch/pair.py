@@ -452,6 +452,63 @@ def load_pair(
     return ModelPair(model, tokenizers[receiver], donor, space, refs["base"], refs["specialized"], receiver, options)
 
 
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    base: str | os.PathLike | None = None,
+    base_gguf_file: str | None = None,
+    frozen: bool = True,
+) -> tuple[PreTrainedModel, Any]:
+    """One model and its tokenizer, loaded as :func:`load_pair` loads its receiver: the one loader of
+    pairs, generation and merge evaluation.
+
+    ``source`` is a directory, a hub id (at ``revision``), a ``.gguf`` file path or
+    ``repo-id:file.gguf`` (or a directory with ``gguf_file=``). Its config is read first, so a
+    checkpoint that needs its own code is refused in one line unless ``trust_remote_code``. A PEFT
+    LoRA adapter directory is applied to ``base`` (the model it was trained on; required, at the
+    same ``revision``). The model is in eval mode on ``device`` (or placed by ``device_map``); with
+    ``frozen`` its parameters need no gradients (``frozen=False`` for training or gradient scores).
+    """
+    device = resolve_device(device)
+    path, gguf = split_model_source(source, gguf_file)
+    base_split = split_model_source(base, base_gguf_file) if base is not None else None
+    refuse_unused_revision(revision, [path] + ([base_split[0]] if base_split else []), "--revision")
+    directory = resolve_checkpoint(path, revision, gguf)
+    adapter = _adapter_in(directory, gguf)
+    options = (dtype, device, device_map, max_memory, trust_remote_code)
+    if adapter is None:
+        _config(directory, gguf, trust_remote_code)  # the remote-code refusal, before any weights
+        tokenizer = _tokenizer(directory, gguf, trust_remote_code)
+        model = _load_model(directory, gguf, *options)
+    else:
+        if base_split is None:
+            raise WeightPatchError(f"{source} is a PEFT adapter: pass the base model it was trained on (base=)")
+        base_dir = resolve_checkpoint(base_split[0], revision, base_split[1])
+        architecture_for(_config(base_dir, base_split[1], trust_remote_code))
+        has_tokenizer = any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = _tokenizer(
+            directory if has_tokenizer else base_dir, None if has_tokenizer else base_split[1], trust_remote_code
+        )
+        model = _load_model(base_dir, base_split[1], *options)
+        space = ComponentSpace.from_model(model)
+        _adapter_donor(
+            adapter,
+            model,
+            space,
+            _donor_source(base_dir, base_split[1], space, dtype, trust_remote_code),
+            "specialized",
+        )
+    model.requires_grad_(not frozen)
+    return model, tokenizer
+
+
 def _adapter_donor(
     adapter: LoraAdapter, model: PreTrainedModel, space: ComponentSpace, base_source: WeightSource, receiver: Role
 ) -> WeightSource:
