@@ -310,8 +310,8 @@ class ScoreTable:
 
     def heatmap(self, method: str, vmax: float | None = None) -> Any:
         """The report's layer x head map of ``method``'s head scores (a matplotlib Figure; in a
-        notebook it displays inline): :func:`weightpatch.report.head_heatmap`."""
-        from weightpatch.report import head_heatmap
+        notebook it displays inline): :func:`weightpatch.figures.head_heatmap`."""
+        from weightpatch.figures import head_heatmap
 
         return head_heatmap(self, method, vmax)
 
