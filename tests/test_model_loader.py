@@ -1,4 +1,4 @@
-"""The one model loader (``pair.load_model``): pairs, generation and merge evaluation load through it,
+"""The one model loader (``loading.load_model``): pairs, generation and merge evaluation load through it,
 so revision, GGUF, adapters and the remote-code refusal hold everywhere (issue 29, item 5)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from gguf_writer import write_llama_gguf
 from test_remote_code import remote_code_checkpoint
 from weightpatch import demo, generation
 from weightpatch.errors import WeightPatchError
+from weightpatch.loading import load_model
 from weightpatch.merging import evaluate as merge_evaluate
-from weightpatch.pair import load_model, load_pair
+from weightpatch.pair import load_pair
 
 
 def _same_weights(model, reference) -> None:

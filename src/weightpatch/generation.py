@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import load_model as load
+from weightpatch.loading import load_model as load
 from weightpatch.runner import encode, render_prompts
 
 
@@ -76,6 +76,6 @@ def generate(
 
 def load_model(path, dtype: torch.dtype = torch.float32, **options: Any):
     """A model (eval mode, parameters trainable) and its tokenizer through the one loader,
-    :func:`weightpatch.pair.load_model` (``revision=``, ``gguf_file=``, an adapter with ``base=``,
+    :func:`weightpatch.loading.load_model` (``revision=``, ``gguf_file=``, an adapter with ``base=``,
     the remote-code refusal unless ``trust_remote_code=True``; pass ``frozen=True`` to drop gradients)."""
     return load(path, dtype=dtype, **{"frozen": False, **options})

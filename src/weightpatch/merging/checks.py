@@ -60,7 +60,8 @@ def check_experts_against_base(base: Path, experts: Sequence[Path], custom_code:
     ``custom_code``: the base has custom code (allowed by the caller); its config classes are then
     not instantiated and only the vocabulary is compared. Returns, per expert, whether a tokenizer
     vocabulary was compared (both directories hold tokenizer files)."""
-    from weightpatch.pair import _config, _tokenizer, _vocab_differences, list_problems, pair_differences
+    from weightpatch.loading import _config, _tokenizer
+    from weightpatch.pair import _vocab_differences, list_problems, pair_differences
 
     has_config = (base / "config.json").is_file()
     base_config = _config(base, None, False) if has_config and not custom_code else None

@@ -11,7 +11,7 @@ A :class:`Capability` is one expert's skill, measured two ways on its own prompt
 - **KL to the expert** (optional): mean ``KL(P_expert || P_M)`` of next-token distributions over the
   expert's own greedy responses, teacher-forced (nats per response token).
 
-:func:`evaluate_models` fills the table for any models (loaded with :func:`weightpatch.pair.load_model`,
+:func:`evaluate_models` fills the table for any models (loaded with :func:`weightpatch.loading.load_model`,
 as the pair is: hub ids at a revision, GGUF, adapters on the base; they must share the capability's
 architecture and tokenizer).
 :func:`default_mergers` gives the baselines and the mechanism-aware merges, :func:`capability_scores`
@@ -37,7 +37,7 @@ import torch
 
 from weightpatch.checkers import strict_prompt_accuracy
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import load_model
+from weightpatch.loading import load_model
 from weightpatch.scoring import AnchorScorer
 
 Checker = Callable[[Sequence[Any], Sequence[str]], float]

@@ -126,8 +126,8 @@ def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None,
     resolved as :func:`weightpatch.pair.load_pair` resolves models. With ``base``, a PEFT LoRA
     adapter (directory or hub id) is an expert ``base + adapter``
     (:class:`weightpatch.lora.LoraCheckpoint`, deltas computed from the factors tensor by tensor)."""
+    from weightpatch.loading import refuse_unused_revision, resolve_checkpoint
     from weightpatch.lora import LoraCheckpoint, is_adapter_dir
-    from weightpatch.pair import refuse_unused_revision, resolve_checkpoint
 
     if str(source).endswith(".gguf"):
         raise WeightPatchError(

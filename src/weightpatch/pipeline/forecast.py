@@ -22,7 +22,8 @@ from weightpatch import cost
 from weightpatch.components import ComponentSpace
 from weightpatch.config import AnchorConfig, CheckConfig, MergeStageConfig, ScreenConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, _torch_dtype, resolve_device, split_model_source
+from weightpatch.loading import _torch_dtype, resolve_device, split_model_source
+from weightpatch.pair import ModelPair
 from weightpatch.pipeline.inputs import anchor_prompt_sets, anchor_stem, select_prompts
 from weightpatch.rundir import CONSOLE
 from weightpatch.runner import render_prompts

@@ -138,7 +138,7 @@ def score_tables(cfg: MergeStageConfig, space) -> list[Any]:
         ]
     if len(cfg.snip_data) != n:
         raise WeightPatchError(f"--score-source snip needs one --snip-data file per expert ({n} experts)")
-    from weightpatch.pair import load_model
+    from weightpatch.loading import load_model
 
     tables = []
     revisions = _expert_revisions(cfg)
