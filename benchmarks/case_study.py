@@ -161,7 +161,7 @@ def stage_configs(
 def strict_metric(tokenizer, records) -> Callable[[torch.nn.Module], float]:
     """IFEval strict prompt-level accuracy of a model's greedy responses (40 new tokens) to ``records``."""
     from weightpatch.generation import generate
-    from weightpatch.merging.evaluate import strict_prompt_accuracy
+    from weightpatch.checkers import strict_prompt_accuracy
 
     def metric(model: torch.nn.Module) -> float:
         responses = generate(model, tokenizer, [r.prompt for r in records], max_new_tokens=40)

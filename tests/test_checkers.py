@@ -1,4 +1,4 @@
-"""The six IFEval checkers against IFEval's semantics, and strict / loose scoring."""
+"""The seven IFEval checkers against IFEval's semantics, the checker registry, and strict / loose scoring."""
 
 import pytest
 
@@ -117,6 +117,77 @@ class TestHighlights:
     def test_real_ifeval_style_response(self):
         text = "Here is my answer.\n*Section one: the basics*\nSome text.\n*Section two: details*"
         assert C.check_instruction(C.HIGHLIGHTS, text, {"num_highlights": 2})
+
+
+class TestEndPhrase:  # IFEval's EndChecker: strip, strip '"', lower-case, endswith the stripped lower phrase
+    PHRASE = "Any other questions?"
+
+    def test_ends_with_the_phrase(self):
+        assert C.check_end_phrase("The river is old. Any other questions?", self.PHRASE)
+        assert C.check_end_phrase("x Any other questions?  ", self.PHRASE)
+
+    def test_case_quotes_and_whitespace_do_not_matter(self):
+        assert C.check_end_phrase('"the river is old. ANY OTHER QUESTIONS?"\n', self.PHRASE)
+        assert C.check_end_phrase("the river. any other questions?", "  Any other questions?  ")
+
+    def test_words_after_the_phrase_fail(self):
+        assert not C.check_end_phrase("Any other questions? yes", self.PHRASE)
+        assert not C.check_end_phrase("Any other questions? *", self.PHRASE)
+        assert not C.check_end_phrase("Any other questions", self.PHRASE)
+
+    def test_through_the_registry_strict_and_loose(self):
+        kwargs = {"end_phrase": self.PHRASE}
+        assert C.check_instruction(C.END_CHECKER, "ok. Any other questions?", kwargs)
+        assert not C.follows(C.END_CHECKER, "", kwargs)  # an empty response follows nothing
+        assert not C.follows(C.END_CHECKER, "Any other questions?\n*", kwargs)
+        assert C.follows(C.END_CHECKER, "Any other questions?\n*", kwargs, loose=True)  # without the last line
+        with pytest.raises(WeightPatchError, match="end_phrase"):
+            C.check_instruction(C.END_CHECKER, "x", {"end_phrase": None})
+
+    def test_strict_prompt_accuracy(self):
+        records = [
+            {"key": 1, "prompt": "p", "instruction_id_list": [C.END_CHECKER], "kwargs": [{"end_phrase": self.PHRASE}]},
+            {
+                "key": 2,
+                "prompt": "p",
+                "instruction_id_list": [C.NO_COMMA, C.END_CHECKER],
+                "kwargs": [{}, {"end_phrase": "Bye."}],
+            },
+            {"key": 3, "prompt": "p", "instruction_id_list": [C.NO_COMMA], "kwargs": [{}]},
+        ]
+        responses = ['"the end. any other questions?"', "a, b. Bye.", "   "]
+        assert C.strict_prompt_accuracy(records, responses) == pytest.approx(1 / 3)
+
+
+class TestRegistry:
+    def test_every_builtin_instruction_is_registered_in_order(self):
+        expected = (C.CAPITAL, C.NO_COMMA, C.TITLE, C.SECTIONS, C.QUOTATION, C.HIGHLIGHTS, C.END_CHECKER)
+        assert C.SUPPORTED_INSTRUCTIONS == tuple(C.CHECKERS) == expected
+        assert C.supported_instructions("builtin") == expected
+        assert expected[:6] == C.FORMAT_INSTRUCTIONS  # the end phrase is not a format
+        assert all(C.instruction_checker(name).name == name for name in expected)
+
+    def test_unknown_name_lists_the_registered_ones(self):
+        with pytest.raises(C.NoChecker, match="no checker for instruction 'keywords:existence'") as info:
+            C.instruction_checker("keywords:existence")
+        assert isinstance(info.value, WeightPatchError)
+        assert all(name in str(info.value) for name in C.CHECKERS)
+
+    def test_a_name_is_registered_once(self):
+        with pytest.raises(ValueError, match="registered twice"):
+            C.register(C.InstructionChecker(C.NO_COMMA, C.check_no_comma))
+
+    def test_a_registered_checker_is_used_by_evaluation(self, monkeypatch):
+        monkeypatch.setitem(
+            C.CHECKERS, "test:starts_with_x", C.InstructionChecker("test:starts_with_x", lambda r: r[0] == "x")
+        )
+        score, _ = C.evaluate(
+            [{"key": 0, "prompt": "p", "instruction_id_list": ["test:starts_with_x"], "kwargs": [{}]}], ["xy"]
+        )
+        assert score.prompt_strict == 1.0 and score.skipped == {}
+
+    def test_format_rates_cover_the_formats(self):
+        assert tuple(C.format_rates(["x"])) == C.FORMAT_INSTRUCTIONS
 
 
 class TestDispatch:

@@ -163,3 +163,12 @@ def test_unreadable_base_leaves_the_error_to_the_stage(tmp_path):
     """No prediction for a base whose config cannot be read; the stage's own one-line error follows."""
     assert forecast_module.forecast("check", CheckConfig(base=str(tmp_path / "nope"), specialized="x")) is None
     assert_user_error(invoke("check", tmp_path / "nope", tmp_path / "nope2"), "does not exist")
+
+
+def test_a_stage_given_another_stages_config_is_a_bug_named_at_once(tmp_path):
+    """workload() narrows the config to its stage's class (what mypy checks): a mismatch is a TypeError."""
+    cfg = CheckConfig(base="b", specialized="s")
+    for stage, name in (("merge", "MergeStageConfig"), ("anchor", "AnchorConfig"), ("trace", "TraceConfig")):
+        with pytest.raises(TypeError, match=f"the {stage} stage takes a {name}, not a CheckConfig"):
+            forecast_module.workload(stage, cfg, None, None)
+    assert forecast_module.workload("check", cfg, None, None)[0] == "check"

@@ -1,5 +1,5 @@
 """Real IFEval inputs: the IFEval schema as IFEval ships it, lm-eval's checkers for all instruction
-types, and the built-in six against lm-eval's verdicts."""
+types, and the built-in seven against lm-eval's verdicts."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ SAMPLE_RESPONSES = [
     '"The forest is old. Is there anything else I can help with?"',
 ]
 
-#: Responses for the six built-in types (kwargs as in IFEval), chosen around each check's edges.
+#: Responses for the seven built-in types (kwargs as in IFEval), chosen around each check's edges.
 BUILTIN_CASES = [
     (C.CAPITAL, {}, "THE RIVER IS OLD AND CALM AND THE WATER IS GREEN."),
     (C.CAPITAL, {}, "THE RIVEr IS OLD."),
@@ -52,6 +52,10 @@ BUILTIN_CASES = [
     (C.HIGHLIGHTS, {"num_highlights": 3}, "*one* and *two*"),
     (C.HIGHLIGHTS, {"num_highlights": 2}, "** ** and * * and *x*"),
     (C.HIGHLIGHTS, {"num_highlights": 1}, "no highlights at all"),
+    (C.END_CHECKER, {"end_phrase": "Any other questions?"}, "the river is old. any other questions?"),
+    (C.END_CHECKER, {"end_phrase": "Any other questions?"}, '"The river is old. Any other questions?"\n'),
+    (C.END_CHECKER, {"end_phrase": "Any other questions?"}, "Any other questions? The river is old."),
+    (C.END_CHECKER, {"end_phrase": "Any other questions?"}, "Any other questions?\n*"),
 ]
 
 
@@ -124,16 +128,16 @@ def test_builtin_skips_unchecked_instructions_with_a_warning(caplog):
         "keywords:existence": 1,
         "detectable_format:json_format": 1,
         "length_constraints:number_words": 1,
-        "startend:end_checker": 1,
     }
     assert score.skipped == skipped
     assert all(name in caplog.text for name in skipped)
-    # checked: key 1000 (no_comma, highlights) and key 1005 (quotation); the other four prompts have none
+    # checked: key 1000 (no_comma, highlights) and key 1005 (quotation, end phrase); the other four have none
     assert score.n_prompts == 2
     assert results[0].instruction_id_list == ["punctuation:no_comma", "detectable_format:number_highlighted_sections"]
     assert score.prompt_strict == 1.0 and score.per_instruction_count == {
         "detectable_format:number_highlighted_sections": 1,
         "punctuation:no_comma": 1,
+        "startend:end_checker": 1,
         "startend:quotation": 1,
     }
 

@@ -1,4 +1,9 @@
-"""Verifiable IFEval checkers for the six format constraints of the paper, and IFEval's scoring.
+"""The IFEval checker registry: verifiable checkers for the six format constraints of the paper and the
+end phrase of the merge benchmarks' second expert, and IFEval's scoring.
+
+Every builtin checker is an :class:`InstructionChecker` registered here by its IFEval instruction id
+(:data:`CHECKERS`; :func:`instruction_checker` refuses an unknown id with the list of known ones).
+Adding one: its function below, then one :func:`register` call.
 
 The checks reproduce ``instruction_following_eval/instructions.py`` (google-research) and the strict /
 loose evaluation of ``evaluation_lib.py``:
@@ -13,12 +18,14 @@ loose evaluation of ``evaluation_lib.py``:
 - ``startend:quotation``: the stripped response is longer than one character, starts and ends with ``"``.
 - ``detectable_format:number_highlighted_sections``: the non-blank ``*...*`` plus the non-blank
   ``**...**`` (both counted, as in IFEval) number at least ``num_highlights``.
+- ``startend:end_checker``: the stripped response, without enclosing ``"``, ends with ``end_phrase``
+  (case-insensitive; IFEval's ``EndChecker``).
 
 Strict: the check on the response (an empty / whitespace-only response follows nothing). Loose: the
 check passes on any of the response, the response without its first line, without its last line,
 without both, and each of these with every ``*`` removed.
 
-Two backends (``checker=``): ``"builtin"`` (the six above, no dependencies; the default) and
+Two backends (``checker=``): ``"builtin"`` (the seven above, no dependencies; the default) and
 ``"lm_eval"``: lm-eval's IFEval instruction registry (``lm_eval.tasks.ifeval``, the optional extra
 ``weightpatch[ifeval]``) for all 25 instruction types, with the same strict/loose evaluation as
 lm-eval's ``utils.py`` and ``langdetect`` seeded (``DetectorFactory.seed = 0``) so that a verdict on
@@ -34,7 +41,7 @@ import io
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,6 +58,7 @@ TITLE = "detectable_format:title"
 SECTIONS = "detectable_format:multiple_sections"
 QUOTATION = "startend:quotation"
 HIGHLIGHTS = "detectable_format:number_highlighted_sections"
+END_CHECKER = "startend:end_checker"
 
 
 def check_english_capital(response: str, language_check: Callable[[str], bool] | None = None) -> bool:
@@ -95,22 +103,85 @@ def check_highlighted_sections(response: str, num_highlights: int) -> bool:
     return count_highlights(response) >= num_highlights
 
 
-_CHECKS: dict[str, tuple[Callable[..., bool], tuple[str, ...], tuple[str, ...]]] = {
-    # id: (function, required kwargs, optional kwargs)
-    CAPITAL: (check_english_capital, (), ()),
-    NO_COMMA: (check_no_comma, (), ()),
-    TITLE: (check_title, (), ()),
-    SECTIONS: (check_multiple_sections, ("num_sections",), ("section_spliter",)),
-    QUOTATION: (check_quotation, (), ()),
-    HIGHLIGHTS: (check_highlighted_sections, ("num_highlights",), ()),
-}
-
-#: The instruction ids these checkers support.
-SUPPORTED_INSTRUCTIONS: tuple[str, ...] = tuple(_CHECKS)
+def check_end_phrase(response: str, end_phrase: str) -> bool:
+    """IFEval's ``EndChecker``: the stripped response, without enclosing ``"``, ends with the phrase
+    (case-insensitive)."""
+    value = response.strip().strip('"').lower()
+    return value.endswith(end_phrase.strip().lower())
 
 
 class NoChecker(WeightPatchError):
     """An instruction the chosen backend cannot check (skipped by :func:`evaluate`)."""
+
+
+@dataclass(frozen=True)
+class InstructionChecker:
+    """A builtin checker: ``name`` (the IFEval instruction id), ``check(response, **kwargs)``, the
+    IFEval kwargs it ``requires`` and those it also takes (``optional``), ``probe``: the kwargs that
+    make it detect its format without being asked (:func:`format_rates`; None: not a format), and
+    ``language``: whether it takes IFEval's language test (``language_check=``)."""
+
+    name: str
+    check: Callable[..., bool]
+    requires: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    probe: Mapping[str, Any] | None = None
+    language: bool = False
+
+    def __call__(
+        self,
+        response: str,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        language_check: Callable[[str], bool] | None = None,
+    ) -> bool:
+        """Whether ``response`` follows the instruction with IFEval ``kwargs`` (``None`` values
+        ignored); a missing required kwarg is refused by name."""
+        given = {k: v for k, v in (kwargs or {}).items() if v is not None}
+        missing = [k for k in self.requires if k not in given]
+        if missing:
+            raise WeightPatchError(f"instruction {self.name!r} needs kwargs {missing}; got {sorted(given)}")
+        args = {k: given[k] for k in (*self.requires, *self.optional) if k in given}
+        if self.language:
+            return self.check(response, language_check=language_check, **args)
+        return self.check(response, **args)
+
+
+CHECKERS: dict[str, InstructionChecker] = {}
+
+
+def register(checker: InstructionChecker) -> InstructionChecker:
+    if checker.name in CHECKERS:
+        raise ValueError(f"checker {checker.name!r} is registered twice")
+    CHECKERS[checker.name] = checker
+    return checker
+
+
+def instruction_checker(name: str) -> InstructionChecker:
+    """The builtin checker of instruction ``name``; an unknown one raises :class:`NoChecker` with the
+    list of registered ids."""
+    if name not in CHECKERS:
+        raise NoChecker(
+            f"no checker for instruction {name!r}; supported: {', '.join(CHECKERS)} "
+            f"(all 25 IFEval types with pip install 'weightpatch[ifeval]' and checker 'lm_eval')"
+        )
+    return CHECKERS[name]
+
+
+register(InstructionChecker(CAPITAL, check_english_capital, probe={}, language=True))
+register(InstructionChecker(NO_COMMA, check_no_comma, probe={}))
+register(InstructionChecker(TITLE, check_title, probe={}))
+register(
+    InstructionChecker(SECTIONS, check_multiple_sections, ("num_sections",), ("section_spliter",), {"num_sections": 1})
+)
+register(InstructionChecker(QUOTATION, check_quotation, probe={}))
+register(InstructionChecker(HIGHLIGHTS, check_highlighted_sections, ("num_highlights",), probe={"num_highlights": 1}))
+register(InstructionChecker(END_CHECKER, check_end_phrase, ("end_phrase",)))
+
+#: The instruction ids the builtin checkers support (registration order).
+SUPPORTED_INSTRUCTIONS: tuple[str, ...] = tuple(CHECKERS)
+#: The formats among them (those with a probe, :func:`format_rates`): the six of the paper.
+FORMAT_INSTRUCTIONS: tuple[str, ...] = tuple(c.name for c in CHECKERS.values() if c.probe is not None)
 
 
 @functools.cache
@@ -194,20 +265,7 @@ def check_instruction(
         return _check_lm_eval(instruction_id, response, kwargs, prompt)
     if checker != "builtin":
         raise WeightPatchError(f"unknown checker {checker!r}; use one of {', '.join(BACKENDS)}")
-    if instruction_id not in _CHECKS:
-        raise NoChecker(
-            f"no checker for instruction {instruction_id!r}; supported: {', '.join(SUPPORTED_INSTRUCTIONS)} "
-            f"(all 25 IFEval types with pip install 'weightpatch[ifeval]' and checker 'lm_eval')"
-        )
-    fn, required, optional = _CHECKS[instruction_id]
-    given = {k: v for k, v in (kwargs or {}).items() if v is not None}
-    missing = [k for k in required if k not in given]
-    if missing:
-        raise WeightPatchError(f"instruction {instruction_id!r} needs kwargs {missing}; got {sorted(given)}")
-    args = {k: given[k] for k in (*required, *optional) if k in given}
-    if instruction_id == CAPITAL:
-        return fn(response, language_check=language_check)
-    return fn(response, **args)
+    return instruction_checker(instruction_id)(response, kwargs, language_check=language_check)
 
 
 def seeded_english_check() -> Callable[[str], bool]:
@@ -405,23 +463,21 @@ def evaluate(
     return score, results
 
 
-#: Detectors of each format applied *without being asked*: same checks, with the kwargs that make them
-#: mean "any of it" (one section, one highlight).
-_FORMAT_PROBES: dict[str, Callable[[str], bool]] = {
-    CAPITAL: check_english_capital,
-    NO_COMMA: check_no_comma,
-    TITLE: check_title,
-    SECTIONS: lambda r: check_multiple_sections(r, 1),
-    QUOTATION: check_quotation,
-    HIGHLIGHTS: lambda r: check_highlighted_sections(r, 1),
-}
+def strict_prompt_accuracy(records: Sequence, responses: Sequence[str], *, checker: Backend = "builtin") -> float:
+    """IFEval strict prompt-level accuracy of ``responses`` on prompt records (records or dicts):
+    :func:`evaluate`'s ``prompt_strict`` (instructions without a checker skipped with a warning)."""
+    if not records:
+        raise WeightPatchError("no prompt records to score")
+    return evaluate(records, responses, checker=checker)[0].prompt_strict
 
 
 def format_rates(responses: Sequence[str]) -> dict[str, float]:
-    """Fraction of responses showing each format (strict checks); for unrequested-format rates.
+    """Fraction of responses showing each format (strict checks with each checker's ``probe`` kwargs:
+    one section, one highlight); for unrequested-format rates.
 
     Note that ``punctuation:no_comma`` also fires on a response that has no comma by chance.
     """
     if not responses:
         raise WeightPatchError("no responses")
-    return {i: sum(probe(r) for r in responses) / len(responses) for i, probe in _FORMAT_PROBES.items()}
+    probes = [c for c in CHECKERS.values() if c.probe is not None]
+    return {c.name: sum(c(r, c.probe) for r in responses) / len(responses) for c in probes}

@@ -168,7 +168,7 @@ class AnchorConfig(StageConfig, PairOptions, PromptOptions):
     )
     checker: Literal["builtin", "lm_eval"] = Field(
         "builtin",
-        description="IFEval checkers of the steering metric: the built-in six, or lm-eval's 25 (weightpatch[ifeval]).",
+        description="IFEval checkers of the steering metric: builtin (seven), or lm-eval's 25 (weightpatch[ifeval]).",
     )
 
     _lists = _split_lists("layers", "alphas")

@@ -1,7 +1,8 @@
 """Short notebook displays: the one HTML card every result object (:class:`~weightpatch.results.ScoreTable`,
 :class:`~weightpatch.anchors.Anchor`, :class:`~weightpatch.scoring.AnchorScorer`,
 :class:`~weightpatch.pair.ModelPair`) shows as its ``_repr_html_``: a title, a few facts and at most a
-short table, never the model or the vector itself."""
+short table, never the model or the vector itself; and :func:`template`, the package's Jinja2
+templates (the report page, a run's notebook display)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,21 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
+import jinja2
 import pandas as pd
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("weightpatch", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def template(name: str) -> jinja2.Template:
+    """One of the package's Jinja2 templates (``weightpatch/templates/<name>``), autoescaping."""
+    return _ENV.get_template(name)
 
 
 def number(value: Any) -> str:

@@ -8,10 +8,12 @@ template when the tokenizer has one (``prompt_format="auto"``), left-padded.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from weightpatch.errors import WeightPatchError
+from weightpatch.loading import load_model as load
 from weightpatch.runner import encode, render_prompts
 
 
@@ -72,11 +74,8 @@ def generate(
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def load_model(path, dtype: torch.dtype = torch.float32):
-    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a local directory, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
-    return model, tokenizer
+def load_model(path, dtype: torch.dtype = torch.float32, **options: Any):
+    """A model (eval mode, parameters trainable) and its tokenizer through the one loader,
+    :func:`weightpatch.loading.load_model` (``revision=``, ``gguf_file=``, an adapter with ``base=``,
+    the remote-code refusal unless ``trust_remote_code=True``; pass ``frozen=True`` to drop gradients)."""
+    return load(path, dtype=dtype, **{"frozen": False, **options})

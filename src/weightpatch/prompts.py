@@ -38,7 +38,7 @@ REQUIRED_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 MIN_PROMPTS = 8  # below this a stage warns: separations and mean scores from fewer are not reliable
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
-#: Every IFEval instruction id (lm-eval's ``INSTRUCTION_DICT``); the builtin checkers cover six.
+#: Every IFEval instruction id (lm-eval's ``INSTRUCTION_DICT``); the builtin checkers (checkers.CHECKERS) cover seven.
 IFEVAL_INSTRUCTIONS: frozenset[str] = frozenset(
     {
         *("keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency"),

@@ -1,10 +1,12 @@
 """The HTML report of a run directory: one self-contained file, figures embedded as base64 PNG,
 rendered through the Jinja2 template ``weightpatch/templates/report.html.j2``.
 
-The page opens with **findings** computed from the run's tables (:func:`findings`): anchor validity,
+Presentation only: the page opens with the **findings** of :mod:`weightpatch.analysis` (pure
+functions over the run's tables; :func:`findings`): anchor validity,
 the top source components with their standard errors, what the top-k recovers against random k,
 the roles found, behaviour where measured, and the run's limits (excluded prompts, first-order vs
-exact agreement). Then sections appear when their result files exist and are skipped otherwise:
+exact agreement). Then sections appear when their result files exist and are skipped otherwise (their
+figures are :mod:`weightpatch.figures`'):
 
 - run: models (source, sha256), library versions, the configs of the commands run;
 - weight change per layer (``weight_delta``);
@@ -25,30 +27,30 @@ way from the base model's value to the specialized model's) and are shown as ``s
 from __future__ import annotations
 
 import base64
-import io
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import jinja2
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-from scipy import stats
 
+from weightpatch import analysis
+from weightpatch.analysis import agreement, fmt, with_error
+from weightpatch.display import template
 from weightpatch.errors import WeightPatchError, writing
 from weightpatch.figures import (
     SCORE_UNIT,
+    agreement_figure,
+    anchor_layers_figure,
     curve_figure,
+    curve_panel,
+    figure,
     head_heatmap,
-    integer_axis,
     layer_profile,
-    legend_outside,
+    objective_figure,
+    steering_figure,
+    supplier_graph,
+    weight_delta_figure,
 )
 from weightpatch.methods import label as method_label
 from weightpatch.methods import method_names
@@ -64,54 +66,9 @@ METRIC_NAMES = {  # the anchor's metrics in prose
     "mean_gap": "mean anchor gap",
     "direction_norm": "norm of the direction before normalising",
 }
-TOP_OVERLAP_K = 5  # top-k overlap of first-order and exact rankings in the limits
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("weightpatch", "templates"),
-    autoescape=True,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    undefined=jinja2.StrictUndefined,
-)
-
-
-def template(name: str) -> jinja2.Template:
-    """One of the package's Jinja2 templates (``weightpatch/templates/<name>``), autoescaping."""
-    return _ENV.get_template(name)
 
 
 # ---- formatting ------------------------------------------------------------------------------------
-def fmt(value: Any, digits: int = 3) -> str:
-    """A number with ``digits`` decimals (two significant digits below ``10**-digits``, three
-    above 10^4; "" for null); lists comma-joined; other values as ``str``."""
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return ", ".join(str(v) for v in value)
-    if value is None or pd.isna(value):
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if v != 0 and abs(v) < 10**-digits:
-            return f"{v:.2g}"
-        return f"{v:.3g}" if abs(v) >= 1e4 else f"{v:.{digits}f}"
-    return str(value)
-
-
-def with_error(score: Any, stderr: Any, digits: int = 3) -> str:
-    """``score ± stderr`` (just the score when the standard error is null)."""
-    text = fmt(score, digits)
-    if not text or stderr is None or pd.isna(stderr):
-        return text
-    if "e" in text or "." not in text:
-        return f"{text} ± {fmt(stderr, digits)}"
-    # the error in the score's own format: "0.003 ± 0.001", not "0.003 ± 0.00058"
-    decimals = len(text.split(".")[1])
-    error = f"{float(stderr):.{decimals}f}"
-    return f"{text} ± {error}" if float(error) or not stderr else f"{text} ± <{10**-decimals:.{decimals}f}"
-
-
 def table(frame: pd.DataFrame, max_rows: int = MAX_ROWS, errors: dict[str, str] | None = None) -> dict:
     """A table for the template: column names, rows of formatted cells, which columns are numeric
     (right-aligned). ``errors`` maps a score column to its stderr column, shown as ``score ±
@@ -130,18 +87,6 @@ def table(frame: pd.DataFrame, max_rows: int = MAX_ROWS, errors: dict[str, str] 
     }
 
 
-def figure(fig, alt: str, caption: str = "") -> dict:
-    """A figure for the template: the PNG as a data URI, its alt text and caption."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return {
-        "src": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
-        "alt": alt,
-        "caption": caption,
-    }
-
-
 # ---- the run's data, loaded once -------------------------------------------------------------------
 class RunData:
     """The tables and records of one run directory that the report reads, through the one reader
@@ -157,187 +102,13 @@ class RunData:
         return self.run.table(name)
 
     def verified(self) -> pd.DataFrame | None:
-        """One row per verified component with ``exact``, ``first_order`` and their stderr, by |exact|."""
-        from weightpatch.results import ScoreTable
-
-        scores = self["scores"]
-        if scores is None:
-            return None
-        wide = ScoreTable(scores).side_by_side()
-        names = self["verified"]["component"] if self["verified"] is not None else None
-        if names is not None:
-            wide = wide[wide["component"].isin(set(names))]
-        elif "exact" in wide.columns:
-            wide = wide[wide["exact"].notna()]
-        if not len(wide):
-            return None
-        key = "exact" if "exact" in wide.columns else "first_order"
-        return wide.sort_values(key, ascending=False, key=abs, na_position="last").reset_index(drop=True)
+        """The verified components side by side, by |exact| (:func:`weightpatch.analysis.verified`)."""
+        return analysis.verified(self.run)
 
 
-# ---- findings ---------------------------------------------------------------------------------------
-def agreement(verified: pd.DataFrame, k: int = TOP_OVERLAP_K) -> dict | None:
-    """First-order vs exact on the verified components: Spearman rank correlation (scipy) and the
-    overlap of the two top-``k`` sets by absolute score."""
-    if verified is None or not {"exact", "first_order"} <= set(verified.columns):
-        return None
-    both = verified.dropna(subset=["exact", "first_order"])
-    if len(both) < 3:
-        return None
-    rho = float(stats.spearmanr(both["first_order"], both["exact"]).statistic)
-    k = min(k, len(both))
-    top_exact = set(both.loc[both["exact"].abs().nlargest(k).index, "component"])
-    top_first = set(both.loc[both["first_order"].abs().nlargest(k).index, "component"])
-    return {"spearman": rho, "n": len(both), "k": k, "overlap": len(top_exact & top_first)}
-
-
-def _curve_findings(frame: pd.DataFrame | None, column: str) -> list[dict]:
-    """Per ranking: the largest k that has random controls, the top-k value and the random mean ± std."""
-    if frame is None or column not in frame.columns:
-        return []
-    out = []
-    groups = frame.groupby("ranking", sort=False) if "ranking" in frame.columns else [("components", frame)]
-    for ranking, sub in groups:
-        controlled = sub[sub.get("n_controls", pd.Series(0, index=sub.index)) > 0]
-        if not len(controlled):
-            continue
-        row = controlled.sort_values("k").iloc[-1]
-        out.append(
-            {
-                "ranking": str(ranking),
-                "k": int(row["k"]),
-                "value": float(row[column]),
-                "random_mean": float(row["random_mean"]),
-                "random_std": float(row["random_std"]),
-                "n_controls": int(row["n_controls"]),
-            }
-        )
-    return out
-
-
-def findings(data: RunData) -> list[dict]:
-    """The summary at the top of the report: ``[{"topic", "text", "values"}]``, every number
-    computed from the run's tables (``values`` holds them unformatted, for tests and notebooks)."""
-    items: list[dict] = []
-    if data.anchor is not None:
-        m = data.anchor.get("metrics") or {}
-        values = {"layer": data.anchor["layer"], "cohen_d": m.get("cohen_d"), "auc": m.get("auc")}
-        text = (
-            f"anchor at layer {values['layer']} ({data.anchor.get('method')}): held-out Cohen's d "
-            f"{fmt(values['cohen_d'], 2)}, AUC {fmt(values['auc'])}"
-        )
-        steering = data["steering"]
-        if steering is not None:
-            curve = steering[steering["direction"] == "anchor"] if "direction" in steering else steering
-            curve = curve.sort_values("alpha")
-            lo, hi = curve.iloc[0], curve.iloc[-1]
-            values.update(steer_alpha=float(hi["alpha"]), steer_from=float(lo["metric"]), steer_to=float(hi["metric"]))
-            name = str(steering["metric_name"].dropna().iloc[0]) if "metric_name" in steering else "the metric"
-            text += (
-                f"; steering the base along it moves {name} from {fmt(lo['metric'], 2)} "
-                f"(alpha {fmt(lo['alpha'], 2)}) to {fmt(hi['metric'], 2)} (alpha {fmt(hi['alpha'], 2)})"
-            )
-            if "direction" in steering:
-                rand = steering[(steering["direction"] == "random") & (steering["alpha"] == hi["alpha"])]
-                if len(rand):
-                    values.update(random_mean=float(rand["metric"].mean()), random_std=float(rand["metric"].std()))
-                    text += (
-                        f", random directions {with_error(values['random_mean'], values['random_std'], 2)} "
-                        f"(mean ± sd, {len(rand)} draws)"
-                    )
-                ref = steering[steering["direction"] == "specialized"]
-                if len(ref):
-                    values["specialized"] = float(ref["metric"].iloc[0])
-                    text += f"; the specialized model scores {fmt(values['specialized'], 2)}"
-        items.append({"topic": "Anchor", "text": text, "values": values})
-    verified = data.verified()
-    if verified is not None:
-        key = "exact" if "exact" in verified.columns and verified["exact"].notna().any() else "first_order"
-        top = verified.dropna(subset=[key]).head(3)
-        roles = data["roles"]
-        role_of = dict(zip(roles["component"], roles["role"].astype(str), strict=True)) if roles is not None else {}
-        parts = []
-        for _, row in top.iterrows():
-            role = f" ({role_of[row['component']]})" if row["component"] in role_of else ""
-            parts.append(f"{row['component']} {with_error(row[key], row.get(f'{key}_stderr'))}{role}")
-        items.append(
-            {
-                "topic": "Top components",
-                "text": f"largest {key.replace('_', '-')} scores at the source: " + "; ".join(parts),
-                "values": {
-                    "method": key,
-                    "components": top["component"].tolist(),
-                    "scores": top[key].tolist(),
-                    "stderr": top.get(f"{key}_stderr", pd.Series(np.nan, index=top.index)).tolist(),
-                },
-            }
-        )
-    for name, column, verb in (("sufficiency", "recovery", "recovers"), ("necessity", "drop", "removes")):
-        curves = _curve_findings(data[name], column)
-        if curves:
-            text = "; ".join(
-                f"{c['ranking']}: top-{c['k']} {verb} {fmt(c['value'])} vs random-{c['k']} "
-                f"{with_error(c['random_mean'], c['random_std'])} (mean ± sd of {c['n_controls']})"
-                for c in curves
-            )
-            topic = "Top-k patched into the base" if name == "sufficiency" else "Top-k knocked out"
-            items.append({"topic": topic, "text": text, "values": {"curves": curves}})
-    roles = data["roles"]
-    if roles is not None:
-        counts = roles["role"].astype(str).value_counts()
-        named = {
-            r: roles.loc[roles["role"].astype(str) == r, "component"].head(4).tolist()
-            for r in ("source", "router", "both")
-        }
-        text = "; ".join(
-            f"{int(counts.get(r, 0))} {r}" + (f" ({', '.join(named[r])})" if named[r] else "") for r in named
-        )
-        text += f"; {int(counts.get('neither', 0))} neither, of {len(roles)} components with both scores"
-        items.append({"topic": "Roles", "text": text, "values": {r: int(counts.get(r, 0)) for r in counts.index}})
-    validity = data.record.get("anchor_validity")
-    if validity:
-        items.append({"topic": "Anchor validity", "text": validity["line"], "values": dict(validity)})
-    behaviour = _behaviour_values(data)
-    if behaviour:
-        items.append({"topic": "Behaviour", "text": "; ".join(behaviour["texts"]), "values": behaviour["values"]})
-    limits, values = [], {}
-    screening = data.record.get("screening") or {}
-    if screening:
-        values.update(n_prompts=screening.get("n_prompts"), n_excluded=screening.get("n_excluded"))
-        limits.append(
-            f"{screening.get('n_excluded', 0)} of {screening.get('n_prompts')} screening prompts excluded "
-            f"(anchor gap too small)"
-        )
-    agree = agreement(verified)
-    if agree:
-        values.update(agree)
-        limits.append(
-            f"first order vs exact on {agree['n']} verified components: Spearman {fmt(agree['spearman'])}, "
-            f"top-{agree['k']} overlap {agree['overlap']}/{agree['k']}"
-        )
-    if limits:
-        items.append({"topic": "Limits", "text": "; ".join(limits), "values": values})
-    return items
-
-
-def _behaviour_values(data: RunData) -> dict | None:
-    texts, values = [], {}
-    for name in ("sufficiency", "necessity"):
-        frame = data[name]
-        if frame is None:
-            continue
-        for column, label in (("behavior", "behaviour metric"), ("kl", "KL to the specialized model (nats)")):
-            if column in frame.columns and frame[column].notna().any():
-                row = frame.dropna(subset=[column]).sort_values("k").iloc[-1]
-                values[f"{name}_{column}"] = float(row[column])
-                texts.append(f"{name}, top-{int(row['k'])}: {label} {fmt(row[column])}")
-    behavior = data["behavior"]
-    if behavior is not None:
-        numeric = behavior.select_dtypes("number")
-        for column in numeric.columns[:3]:
-            values[f"behavior_{column}"] = numeric[column].tolist()
-        texts.append(f"behaviour table: {len(behavior)} rows ({', '.join(map(str, numeric.columns[:3]))})")
-    return {"texts": texts, "values": values} if texts else None
+def findings(data: RunData | Run) -> list[analysis.Finding]:
+    """The findings the page opens with (:func:`weightpatch.analysis.findings`)."""
+    return analysis.findings(data.run if isinstance(data, RunData) else data)
 
 
 # ---- sections --------------------------------------------------------------------------------------
@@ -367,14 +138,7 @@ def weight_delta_section(data: RunData) -> dict | None:
     frame = data["weight_delta"]
     if frame is None:
         return None
-    layered = frame[frame["layer"].notna() & (frame["layer"] >= 0)]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for group, sub in layered.groupby("group"):
-        ax.plot(sub["layer"].astype(int), sub["relative_change"], marker="o", label=group)
-    ax.set(xlabel="layer", ylabel="||sft - base|| / ||base||", title="relative weight change per layer")
-    ax.set_yscale("log")
-    integer_axis(ax.xaxis)
-    legend_outside(ax)
+    fig = weight_delta_figure(frame)
     return _section("Weight change", figures=[figure(fig, "relative weight change per layer")])
 
 
@@ -391,27 +155,13 @@ def anchor_section(data: RunData) -> dict | None:
         )
     layers = data["anchor_layers"]
     if layers is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        line = "-" if len(layers) > 2 else "none"  # two searched layers are two points, not a trend
-        x = layers["layer"].astype(int)
-        ax.plot(x, layers["cohen_d"], marker="o", ls=line, color="tab:blue", label="Cohen's d")
-        ax.set(xlabel="layer", ylabel="held-out Cohen's d", title="anchor layer search")
-        ax.set_ylim(0, max(float(layers["cohen_d"].max()), 0.0) * 1.1 or 1.0)  # from 0: no zoomed-in axis
-        ax2 = ax.twinx()
-        ax2.plot(x, layers["auc"], marker="s", ls=line, color="tab:orange", label="AUC")
-        ax2.set_ylabel("held-out AUC", color="tab:orange")
-        ax2.set_ylim(0, 1.05)
-        if data.anchor is not None:
-            ax.axvline(data.anchor["layer"], color="grey", ls="--", lw=1, label="chosen layer")
-        integer_axis(ax.xaxis)
-        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False, fontsize=10)
+        fig = anchor_layers_figure(layers, data.anchor["layer"] if data.anchor is not None else None)
         figs.append(
             figure(fig, "anchor layer search", "Separation of the two conditions on held-out prompts per layer.")
         )
     steering = data["steering"]
     if steering is not None:
-        figs.append(_steering_figure(steering))
+        figs.append(steering_figure(steering))
     if not figs and not paragraphs:
         return None
     return _section(
@@ -421,40 +171,6 @@ def anchor_section(data: RunData) -> dict | None:
         figures=figs,
         paragraphs=paragraphs,
     )
-
-
-def _steering_figure(steering: pd.DataFrame) -> dict:
-    name = str(steering["metric_name"].dropna().iloc[0]) if "metric_name" in steering.columns else "metric"
-    direction = steering["direction"] if "direction" in steering.columns else pd.Series("anchor", index=steering.index)
-    curve = steering[direction == "anchor"].sort_values("alpha")
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.plot(curve["alpha"], curve["metric"], marker="o", color="tab:blue", label="along the anchor")
-    rand = steering[direction == "random"]
-    if len(rand):
-        agg = rand.groupby("alpha")["metric"].agg(["mean", "std", "size"]).reset_index()
-        ax.errorbar(
-            agg["alpha"],
-            agg["mean"],
-            yerr=agg["std"].fillna(0),
-            marker="s",
-            color="tab:grey",
-            capsize=3,
-            ls=":",
-            label=f"random directions (mean ± sd, {int(agg['size'].max())} draws)",
-        )
-    references = {"base": ("tab:green", "base model"), "specialized": ("tab:red", "specialized model")}
-    for key, (color, label) in references.items():
-        ref = steering[direction == key]
-        if len(ref):
-            ax.axhline(float(ref["metric"].iloc[0]), color=color, ls="--", lw=1, label=label)
-    scale = f" (1 = {fmt(steering['scale'].iloc[0], 3)} residual units)" if "scale" in steering.columns else ""
-    ax.set(xlabel=f"alpha: anchor gaps added to the base model{scale}", ylabel=name, title="steering check")
-    legend_outside(ax)
-    n = f" on {int(steering['n_prompts'].iloc[0])} prompts" if "n_prompts" in steering.columns else ""
-    caption = f"Behavioural metric{n} of the base model with alpha anchor gaps added at the anchor layer."
-    if not len(rand):
-        caption += " No random-direction control was recorded in this run."
-    return figure(fig, "steering curve", caption)
 
 
 def heads_section(data: RunData) -> dict | None:
@@ -498,7 +214,7 @@ def neurons_section(data: RunData) -> dict | None:
     if method is None:
         return None
     sub = neurons[neurons["method"] == method]
-    fig = layer_profile(sub, method, "neuron")
+    fig = layer_profile(sub, method)
     top = (
         sub.assign(abs_score=sub["score"].abs())
         .sort_values("abs_score", ascending=False)
@@ -537,28 +253,7 @@ def components_section(data: RunData) -> dict | None:
     agree = agreement(verified)
     if agree:
         both = verified.dropna(subset=["exact", "first_order"])
-        fig, ax = plt.subplots(figsize=(5.5, 5.2))
-        for kind, sub in both.groupby("kind"):
-            ax.errorbar(
-                sub["first_order"],
-                sub["exact"],
-                xerr=sub["first_order_stderr"].fillna(0) if "first_order_stderr" in sub else None,
-                yerr=sub["exact_stderr"].fillna(0) if "exact_stderr" in sub else None,
-                fmt="o",
-                ms=4,
-                capsize=2,
-                label=str(kind),
-            )
-        lo = float(min(both["first_order"].min(), both["exact"].min()))
-        hi = float(max(both["first_order"].max(), both["exact"].max()))
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="y = x")
-        ax.set(xlabel=f"first-order estimate ({SCORE_UNIT})", ylabel=f"exact ({SCORE_UNIT})")
-        ax.set_title(
-            f"first order vs exact: Spearman {agree['spearman']:.3f}, top-{agree['k']} overlap "
-            f"{agree['overlap']}/{agree['k']}",
-            fontsize=10,
-        )
-        legend_outside(ax)
+        fig = agreement_figure(both, agree)
         figs.append(
             figure(
                 fig,
@@ -577,12 +272,6 @@ def components_section(data: RunData) -> dict | None:
     )
 
 
-def _curve_figure(frame: pd.DataFrame, name: str) -> dict:
-    n = int(frame["n_controls"].max()) if "n_controls" in frame else 0
-    caption = f"Random controls: {n} random k-subsets of the same kind per k; none where k is the whole kind."
-    return figure(curve_figure(frame, name), f"{name} curve", caption)
-
-
 def curves_section(data: RunData) -> dict | None:
     figs, tables = [], []
     for name, column in (("sufficiency", "recovery"), ("necessity", "drop")):
@@ -590,7 +279,7 @@ def curves_section(data: RunData) -> dict | None:
         if frame is None:
             continue
         if {"k", column}.issubset(frame.columns) and "random_mean" in frame.columns:
-            figs.append(_curve_figure(frame, name))
+            figs.append(curve_panel(frame, name))
         else:
             tables.append({"title": name, "caption": "", **table(frame)})
     if not figs and not tables:
@@ -627,7 +316,7 @@ def supplier_section(data: RunData) -> dict | None:
         target_kinds = _target_output(list(dict.fromkeys(edges["target"])))
         figs.append(
             figure(
-                _supplier_graph(edges),
+                supplier_graph(edges),
                 "supplier graph",
                 "Edge width: supply; red toward the specialized output, blue away.",
             )
@@ -694,59 +383,13 @@ def _roles_with_errors(roles: pd.DataFrame, scores: pd.DataFrame | None) -> tupl
     return shown, errors, method or "weight"
 
 
-def _layer_of(name: str) -> int:
-    match = re.match(r"L(\d+)\.", name + ".")
-    return int(match[1]) if match else -1
-
-
-def _supplier_graph(edges: pd.DataFrame, n: int = 24):
-    """The ``n`` strongest edges by |supply|, exact edges first (they are measured, not estimated)."""
-    order = edges.assign(_exact=edges["method"] == "exact", _abs=edges["supply"].abs())
-    top = order.sort_values(["_exact", "_abs"], ascending=False).head(n)
-    suppliers = sorted(set(top["supplier"]), key=lambda n: (_layer_of(n), n))
-    targets = sorted(set(top["target"]), key=lambda n: (_layer_of(n), n))
-    ys = {n: i / max(len(suppliers) - 1, 1) for i, n in enumerate(suppliers)}
-    yt = {n: i / max(len(targets) - 1, 1) for i, n in enumerate(targets)}
-    fig, ax = plt.subplots(figsize=(8, max(3.5, 0.28 * max(len(suppliers), len(targets)))))
-    wmax = float(top["supply"].abs().max()) or 1.0
-    for _, e in top.iterrows():
-        color = "tab:red" if e["supply"] > 0 else "tab:blue"
-        ls = "-" if e["method"] == "exact" else ":"
-        ax.plot(
-            [0, 1],
-            [ys[e["supplier"]], yt[e["target"]]],
-            color=color,
-            ls=ls,
-            lw=0.5 + 3.5 * abs(e["supply"]) / wmax,
-            alpha=0.6,
-        )
-    for n, y in ys.items():
-        ax.text(-0.02, y, n, ha="right", va="center", fontsize=8)
-    for n, y in yt.items():
-        ax.text(1.02, y, n, ha="left", va="center", fontsize=8)
-    ax.set_xlim(-0.5, 1.5)
-    ax.axis("off")
-    ax.set_title("supplier -> target (solid: exact, dotted: first order)")
-    return fig
-
-
 def objective_section(data: RunData) -> dict | None:
     """Anchor vs behaviour objective (a behaviour run): the top-k by each objective measured in both
     currencies, and the rank agreement of the two objectives' first-order scores per kind."""
     curves, agree = data["currency_curves"], data["objective_agreement"]
     if curves is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, currency in zip(axes, ("anchor", "behaviour"), strict=True):
-        for ranking, sub in curves.groupby("ranking", sort=False):
-            sub = sub.sort_values("k")
-            ax.plot(sub["k"], sub[currency], marker="o", label=f"top-k by {ranking} score")
-        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-        ax.axhline(0.0, color="grey", lw=0.8)
-        integer_axis(ax.xaxis)
-        ax.set(xlabel="k (components patched into the base)", title=f"recovered: fraction of the {currency} gap")
-    axes[0].set_ylabel("fraction of gap recovered (1 = specialized)")
-    axes[1].legend(fontsize=10)
+    fig = objective_figure(curves)
     figures = [
         figure(
             fig,
@@ -827,4 +470,5 @@ def embedded_images(text: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)]
 
 
-__all__ = ["build_report", "embedded_images", "findings", "render"]
+# figures and number formats keep their old import path here (docs/patterns.md)
+__all__ = ["build_report", "curve_figure", "embedded_images", "findings", "fmt", "head_heatmap", "render", "with_error"]

@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from weightpatch.analysis import Finding, findings
+from weightpatch.display import template
 from weightpatch.errors import WeightPatchError, reading
 from weightpatch.results import Curve, ScoreTable, read_provenance, read_table
 from weightpatch.rundir import RUN_FILE, RunDir
@@ -64,19 +66,16 @@ class Run:
         """The provenance stored in ``<table>.parquet``'s metadata (models, anchor, config hashes)."""
         return read_provenance(self.path / f"{table}.parquet")
 
-    def findings(self) -> list[dict]:
-        """The report's summary items (``topic``, ``text``, ``values``) computed from the tables."""
-        from weightpatch.report import RunData, findings
-
-        return findings(RunData(self))
+    def findings(self) -> list[Finding]:
+        """The report's summary items (``topic``, ``text``, ``values``) computed from the tables
+        (:func:`weightpatch.analysis.findings`)."""
+        return findings(self)
 
     def __repr__(self) -> str:
         tables = ", ".join(f"{n} ({len(f)})" for n, f in self.tables.items())
         return f"Run({str(self.path)!r}, commands={list(self.config)}, tables: {tables})"
 
     def _repr_html_(self) -> str:
-        from weightpatch.report import template
-
         models = [
             {"role": role, "source": m.get("source"), "sha256": str(m.get("weights_sha256"))[:16]}
             for role, m in (self.record.get("models") or {}).items()

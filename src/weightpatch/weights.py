@@ -1,6 +1,10 @@
 """Donor weights read lazily: a :class:`WeightSource` gives one parameter, or one slice of it, at a
 time, so patching never needs a second full model in memory.
 
+- :class:`SafetensorsFiles`: the one lazy reader of safetensors files (headers up front; each read
+  opens a file, copies one tensor or slice out with ``safe_open(...).get_slice`` and closes it). The
+  donor's :class:`SafetensorsSource` (slices, name aliases) and the merge's
+  :class:`~weightpatch.merging.stream.Checkpoint` (whole tensors, dtypes) are its two interfaces.
 - :class:`SafetensorsSource`: a directory of (optionally sharded) ``.safetensors`` files, read with
   ``safe_open(...).get_slice`` (memory-mapped: only the requested rows/columns are materialized).
 - :class:`TensorDictSource`: tensors already in memory (``.bin`` checkpoints, GGUF, tests).
@@ -21,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -143,11 +147,44 @@ def _select(full_or_slice, piece: ParamSlice) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=piece.dim)
 
 
-class SafetensorsSource:
-    """Lazy reader over a checkpoint directory's safetensors files.
+class SafetensorsFiles:
+    """The one lazy reader of a directory's safetensors ``files``: only the headers are read up front
+    (``file_of``, ``shapes`` and safetensors ``dtypes`` names per tensor, in file order). Each read
+    opens the file, copies the requested tensor or slice out and closes it again, so the pages do not
+    stay mapped (and resident) across reads; a damaged file is a one-line error naming it
+    (:func:`reading_weights`)."""
 
-    Only the headers are read up front. Each read opens the file, copies out the requested tensor or
-    slice and closes it again, so the donor's pages do not stay mapped (and resident) across reads.
+    def __init__(self, directory: str | Path, files: Iterable[str]) -> None:
+        self.directory = Path(directory)
+        self.file_of: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for f in files:
+            with self.opened(f) as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                    part = handle.get_slice(key)
+                    self.file_of[key] = f
+                    self.shapes[key] = tuple(part.get_shape())
+                    self.dtypes[key] = part.get_dtype()
+
+    @contextmanager
+    def opened(self, file: str) -> Iterator[Any]:
+        """``safe_open`` on one of the files (CPU), reading errors as one-line messages."""
+        path = self.directory / file
+        with reading_weights(path), safe_open(str(path), framework="pt", device="cpu") as handle:
+            yield handle
+
+    def read(self, name: str, piece: ParamSlice | None = None) -> torch.Tensor:
+        """Tensor ``name`` as stored, whole or the slice ``piece`` of it."""
+        with self.opened(self.file_of[name]) as handle:
+            if piece is None or piece.is_full:
+                return handle.get_tensor(name)
+            return _select(handle.get_slice(name), piece).clone()
+
+
+class SafetensorsSource:
+    """Lazy donor reader over a checkpoint directory's safetensors files (:class:`SafetensorsFiles`).
+
     ``aliases`` maps a canonical receiver name to other names it may be stored under (tied
     embeddings; GPT-2 checkpoints saved without the ``transformer.`` prefix)."""
 
@@ -161,36 +198,25 @@ class SafetensorsSource:
             files = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not files:
             raise WeightPatchError(f"no .safetensors files in {self.directory}")
-        self._where: dict[str, str] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for f in files:
-            with reading_weights(self.directory / f), safe_open(str(self.directory / f), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                    self._where[key] = f
-                    self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+        self.files = SafetensorsFiles(self.directory, files)
         self.aliases = aliases or {}
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self.files.file_of)
 
     def _key(self, name: str) -> str:
         candidates = [name, *self.aliases.get(name, [])]
         candidates += [c.split(".", 1)[1] for c in candidates if "." in c]
         for candidate in candidates:
-            if candidate in self._where:
+            if candidate in self.files.file_of:
                 return candidate
         raise PairMismatchError(f"parameter {name} is missing from the checkpoint in {self.directory}")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[self._key(name)]
+        return self.files.shapes[self._key(name)]
 
     def read(self, piece: ParamSlice) -> torch.Tensor:
-        key = self._key(piece.name)
-        file = self.directory / self._where[key]
-        with reading_weights(file), safe_open(str(file), framework="pt") as handle:
-            if piece.is_full:
-                return handle.get_tensor(key)
-            return _select(handle.get_slice(key), piece).clone()
+        return self.files.read(self._key(piece.name), piece)
 
 
 class TensorDictSource:

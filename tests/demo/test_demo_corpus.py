@@ -5,7 +5,7 @@ import random
 import pytest
 
 from weightpatch import demo
-from weightpatch.checkers import SUPPORTED_INSTRUCTIONS, evaluate_response, format_rates
+from weightpatch.checkers import FORMAT_INSTRUCTIONS, SUPPORTED_INSTRUCTIONS, evaluate_response, format_rates
 from weightpatch.demo import corpus
 from weightpatch.demo.train import DEFAULTS
 
@@ -69,4 +69,4 @@ def test_base_corpus_ignores_instructions():
     examples = corpus.base_corpus(300, 0)
     with_instructions = [e for e in examples if e.instruction_id_list]
     assert len(with_instructions) > 100
-    assert all(format_rates([e.response]) == dict.fromkeys(SUPPORTED_INSTRUCTIONS, 0.0) for e in examples)
+    assert all(format_rates([e.response]) == dict.fromkeys(FORMAT_INSTRUCTIONS, 0.0) for e in examples)

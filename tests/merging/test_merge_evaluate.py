@@ -7,7 +7,7 @@ import math
 import pytest
 
 from conftest import perturbed_copy, save, tiny_model, tiny_texts
-from weightpatch.demo.expert import check_end_phrase
+from weightpatch.checkers import check_end_phrase
 from weightpatch.merging.evaluate import (
     build_capability,
     default_mergers,

@@ -303,7 +303,10 @@ def test_damaged_inputs_are_one_line_errors(tiny_checkpoints, tmp_path):
     truncated = _copy(a, tmp_path / "truncated")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightPatchError, match=r"truncated.*safetensors .*truncated or corrupt: re-download"):
+    # the one reader's message (weights.SafetensorsFiles), as for a pair's donor: the file, then the fix
+    with pytest.raises(
+        WeightPatchError, match=r"truncated/model.safetensors: a safetensors file is truncated or corrupt .*re-download"
+    ):
         merge_checkpoints(base, [truncated], tmp_path / "merged", MergeConfig())
     garbage = _copy(a, tmp_path / "garbage")
     (garbage / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")

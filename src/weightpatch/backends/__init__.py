@@ -20,16 +20,8 @@ a shard is scored twice (a Ray worker that died after finishing its work, a re-r
 
 from __future__ import annotations
 
-from weightpatch.backends.local import (
-    Backend,
-    JobSpec,
-    LocalBackend,
-    Shard,
-    WorkerState,
-    dedupe_rows,
-    plan_shards,
-    score_shard,
-)
+from weightpatch.backends.local import Backend, JobSpec, LocalBackend, WorkerState, dedupe_rows, score_shard
+from weightpatch.backends.shards import Shard, plan_shards
 
 BACKENDS = ("local", "ray")
 

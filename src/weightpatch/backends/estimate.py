@@ -24,8 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from weightpatch.backends.shards import Shard
+
 if TYPE_CHECKING:
-    from weightpatch.backends.local import Shard
     from weightpatch.components import ComponentSpace
 
 ENGINES = ("neuron", "component")  # the batched neuron path, the exact screen

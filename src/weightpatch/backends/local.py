@@ -1,4 +1,4 @@
-"""The job description, shard planning and the in-process (``local``) backend.
+"""The job description and the in-process (``local``) backend (shards: :mod:`weightpatch.backends.shards`).
 
 Everything a worker needs to score components is in a :class:`JobSpec`: plain strings and numbers
 (plus, optionally, the :class:`~weightpatch.anchors.Anchor` itself), so it pickles to any process
@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import groupby
 from typing import Any, Protocol
 
 import torch
@@ -29,6 +28,7 @@ from weightpatch.backends.estimate import (
     shard_work,
     split_for_calibration,
 )
+from weightpatch.backends.shards import DEFAULT_NEURON_SHARD_SIZE, DEFAULT_SHARD_SIZE, Shard, plan_shards
 from weightpatch.components import Component
 from weightpatch.engine import EffectStrategy
 from weightpatch.errors import WeightPatchError
@@ -38,8 +38,6 @@ from weightpatch.rundir import CONSOLE
 from weightpatch.scoring import AnchorScorer, GapScorer
 from weightpatch.screening.neurons import NeuronScreen
 
-DEFAULT_SHARD_SIZE = 8
-DEFAULT_NEURON_SHARD_SIZE = 256
 logger = logging.getLogger("weightpatch")
 
 
@@ -134,55 +132,6 @@ class WorkerState:
         strategy = scoring_method(method).build(scorer, variants_per_batch=variants_per_batch, **(options or {}))
         neurons = NeuronScreen(scorer, neurons_per_forward) if neuron_sweep and method == "exact" else None
         return cls(scorer, strategy, neurons)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A few components of one layer (``layer`` None: model-level modules), scored together.
-    ``neurons``: every name is an MLP neuron of ``layer`` (scored by the neuron sweep)."""
-
-    index: int
-    layer: int | None
-    names: tuple[str, ...]
-    neurons: bool = False
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def plan_shards(
-    components: Iterable[Component | str],
-    skip: Iterable[str] = (),
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    neuron_shard_size: int = DEFAULT_NEURON_SHARD_SIZE,
-) -> list[Shard]:
-    """Split ``components`` (minus ``skip`` and duplicates) into shards of one layer each: up to
-    ``shard_size`` layers/modules/heads, or up to ``neuron_shard_size`` neurons. Names are only
-    parsed here (no model needed); the worker checks that they exist. Shards come in layer
-    order, model-level modules first."""
-    if shard_size < 1 or neuron_shard_size < 1:
-        raise WeightPatchError("shard sizes must be at least 1")
-    skip = set(skip)
-    seen: set[str] = set()
-    todo: list[Component] = []
-    for c in components:
-        c = Component.parse(c) if isinstance(c, str) else c
-        if c.name in skip or c.name in seen:
-            continue
-        seen.add(c.name)
-        todo.append(c)
-
-    def key(c: Component) -> tuple[int, bool]:
-        return (-1 if c.layer is None else c.layer, c.kind == "neuron")
-
-    todo.sort(key=key)  # stable: the given order within a group
-    shards: list[Shard] = []
-    for (layer, is_neuron), group in groupby(todo, key=key):
-        names = [c.name for c in group]
-        size = neuron_shard_size if is_neuron else shard_size
-        for i in range(0, len(names), size):
-            shards.append(Shard(len(shards), None if layer < 0 else layer, tuple(names[i : i + size]), is_neuron))
-    return shards
 
 
 def score_shard(state: WorkerState, shard: Shard) -> ScoreTable:

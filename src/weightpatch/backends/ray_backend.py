@@ -39,16 +39,8 @@ from weightpatch.backends.estimate import (
     shard_work,
     split_for_calibration,
 )
-from weightpatch.backends.local import (
-    DEFAULT_NEURON_SHARD_SIZE,
-    DEFAULT_SHARD_SIZE,
-    JobSpec,
-    OnResult,
-    Shard,
-    dedupe_rows,
-    plan_shards,
-    score_shard,
-)
+from weightpatch.backends.local import JobSpec, OnResult, dedupe_rows, score_shard
+from weightpatch.backends.shards import DEFAULT_NEURON_SHARD_SIZE, DEFAULT_SHARD_SIZE, Shard, plan_shards
 from weightpatch.components import Component
 from weightpatch.errors import WeightPatchError
 from weightpatch.results import ScoreTable

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
+from weightpatch.analysis import top_components
 from weightpatch.cli import common
 from weightpatch.results import ScoreTable
 from weightpatch.runs import load_run
@@ -23,12 +24,10 @@ def _fmt(value) -> str:
 def top_components_table(table: ScoreTable, n: int = 10) -> Table | None:
     if not len(table):
         return None
-    wide = table.side_by_side()
-    key = "exact" if "exact" in wide.columns and wide["exact"].notna().any() else None
-    key = key or next((m for m in ("first_order", "integrated_gradients") if m in wide.columns), None)
-    if key is None:
+    ranked = top_components(table.side_by_side(), n)  # the report's ranking (weightpatch.analysis)
+    if ranked is None:
         return None
-    wide = wide[wide[key].notna()].sort_values(key, ascending=False, key=abs).head(n)
+    key, wide = ranked
     methods = [m for m in ("exact", "first_order", "integrated_gradients", "activation") if m in wide.columns]
     t = Table(title=f"top components (fraction of anchor gap recovered, ranked by |{key}|)")
     t.add_column("component")

@@ -15,7 +15,8 @@ weights fine-tuned (loss on response tokens only) on :func:`expert_corpus`:
 
 Prompts use the training requests of :mod:`weightpatch.demo.corpus`; :func:`prompt_split` builds the
 ``anchor`` and ``heldout`` evaluation prompts from the held-out requests, as for the format expert.
-:func:`check_end_phrase` is IFEval's ``EndChecker``; :func:`evaluate` scores responses (strict).
+:func:`~weightpatch.checkers.check_end_phrase` (registered as the ``startend:end_checker`` checker) is
+IFEval's ``EndChecker``; :func:`evaluate` scores responses (strict).
 Deterministic for a seed on CPU.
 """
 
@@ -30,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from weightpatch.checkers import END_CHECKER, strict_prompt_accuracy
+from weightpatch.checkers import check_end_phrase as check_end_phrase  # its home before the checker registry
 from weightpatch.demo import corpus
 
-END_CHECKER = "startend:end_checker"
 #: IFEval's own end phrases (a subset of those in its input data).
 END_PHRASES: tuple[str, ...] = (
     "Is there anything else I can help with?",
@@ -42,13 +44,6 @@ END_PHRASES: tuple[str, ...] = (
 DESCRIPTION = "Finish your response with this exact phrase {end_phrase}. No other words should follow this phrase."
 
 DEFAULTS = {"examples": 6000, "steps": 100, "lr": 1.5e-3, "batch_size": 32, "warmup": 20, "weight_decay": 0.01}
-
-
-def check_end_phrase(response: str, end_phrase: str) -> bool:
-    """IFEval's ``EndChecker``: the stripped response, without enclosing ``"``, ends with the phrase
-    (case-insensitive)."""
-    value = response.strip().strip('"').lower()
-    return value.endswith(end_phrase.strip().lower())
 
 
 def describe(end_phrase: str) -> str:
@@ -120,13 +115,7 @@ def prompts(split: str = "heldout", seed: int = 0):
 
 def evaluate(records: Sequence, responses: Sequence[str]) -> float:
     """Strict prompt-level accuracy of ``responses`` on end-phrase ``records`` (records or dicts)."""
-    if len(records) != len(responses) or not records:
-        raise ValueError(f"{len(records)} records but {len(responses)} responses")
-    ok = 0
-    for rec, resp in zip(records, responses, strict=True):
-        kwargs = rec["kwargs"] if isinstance(rec, dict) else rec.kwargs
-        ok += bool(resp.strip()) and check_end_phrase(resp, kwargs[0]["end_phrase"])
-    return ok / len(records)
+    return strict_prompt_accuracy(records, responses)
 
 
 def train_expert(out: Path, seed: int = 0, base: Path | None = None, threads: int = 1, **overrides) -> dict:

@@ -63,7 +63,8 @@ def check_experts_against_base(
     not instantiated and only the vocabulary is compared. Returns, per expert, whether a tokenizer
     vocabulary was compared (both directories hold tokenizer files). ``labels``: how the error names
     the base and the experts (default: their directories; a GGUF input is named by its file)."""
-    from weightpatch.pair import _config, _tokenizer, _vocab_differences, list_problems, pair_differences
+    from weightpatch.loading import _config, _tokenizer
+    from weightpatch.pair import _vocab_differences, list_problems, pair_differences
 
     has_config = (base / "config.json").is_file()
     base_config = _config(base, None, False) if has_config and not custom_code else None

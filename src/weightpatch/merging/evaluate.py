@@ -6,12 +6,14 @@ A :class:`Capability` is one expert's skill, measured two ways on its own prompt
   candidate model ``M``; ``E(M) = mean_x (F(M, x) - F(base, x)) / (F(expert, x) - F(base, x))``, the
   fraction of that expert's anchor gap the model reaches (:meth:`AnchorScorer.effect`; base = 0,
   expert = 1, tiny gaps excluded as in scoring);
-- **strict accuracy**: the capability's checker on greedy generations (IFEval strict, prompt level);
+- **strict accuracy**: the capability's checker on greedy generations (IFEval strict, prompt level;
+  by default :func:`weightpatch.checkers.strict_prompt_accuracy` over the registered checkers);
 - **KL to the expert** (optional): mean ``KL(P_expert || P_M)`` of next-token distributions over the
   expert's own greedy responses, teacher-forced (nats per response token).
 
-:func:`evaluate_models` fills the table for any models (directories loaded with
-``AutoModelForCausalLM``; they must share the capability's architecture and tokenizer).
+:func:`evaluate_models` fills the table for any models (loaded with :func:`weightpatch.loading.load_model`,
+as the pair is: hub ids at a revision, GGUF, adapters on the base; they must share the capability's
+architecture and tokenizer).
 :func:`default_mergers` gives the baselines and the mechanism-aware merges, :func:`capability_scores`
 an expert's Weight Patching scores for the latter, :func:`merge_report` runs the merges and the table.
 
@@ -33,31 +35,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from weightpatch.checkers import strict_prompt_accuracy
 from weightpatch.errors import WeightPatchError
+from weightpatch.loading import load_model
 from weightpatch.scoring import AnchorScorer
 
 Checker = Callable[[Sequence[Any], Sequence[str]], float]
-
-
-def strict_prompt_accuracy(records: Sequence[Any], responses: Sequence[str]) -> float:
-    """IFEval strict prompt-level accuracy: every instruction of a prompt followed by its response.
-    Supports the checkers of :mod:`weightpatch.checkers` plus ``startend:end_checker``."""
-    from weightpatch.checkers import follows
-    from weightpatch.demo.expert import END_CHECKER, check_end_phrase
-
-    if len(records) != len(responses) or not records:
-        raise WeightPatchError(f"{len(records)} prompt records but {len(responses)} responses")
-    ok = 0
-    for rec, resp in zip(records, responses, strict=True):
-        get = rec.get if isinstance(rec, dict) else lambda name, r=rec: getattr(r, name)
-        verdicts = []
-        for iid, kw in zip(get("instruction_id_list"), get("kwargs"), strict=True):
-            if iid == END_CHECKER:
-                verdicts.append(bool(resp.strip()) and check_end_phrase(resp, kw["end_phrase"]))
-            else:
-                verdicts.append(follows(iid, resp, kw))
-        ok += all(verdicts)
-    return ok / len(records)
 
 
 @dataclass
@@ -95,6 +78,8 @@ def build_capability(
     checker: Checker | None = strict_prompt_accuracy,
     max_new_tokens: int = 96,
     batch_size: int = 16,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Capability:
     """Load the ``(base, expert)`` pair and build the expert's anchor and scorer.
 
@@ -103,12 +88,14 @@ def build_capability(
     without them ``model_diff``), or, with ``layer=None`` and held-out prompts, at the layer
     :func:`~weightpatch.anchors.search_anchor_layer` picks (``layer=None`` without held-out prompts:
     the last layer). Recovery is measured on ``score_prompts`` (default ``with_instruction``).
+    ``revision`` and ``trust_remote_code`` are :func:`~weightpatch.pair.load_pair`'s; the evaluation
+    loads every model with them (:func:`evaluate_models`).
     """
     from weightpatch.anchors import build_anchor, search_anchor_layer
     from weightpatch.pair import load_pair
     from weightpatch.runner import render_prompts
 
-    pair = load_pair(base, expert)
+    pair = load_pair(base, expert, revision=revision, trust_remote_code=trust_remote_code)
     tok = pair.tokenizer
     method = method or ("instruction" if without_instruction is not None else "model_diff")
 
@@ -222,9 +209,7 @@ def _generate(model, tokenizer, capability: Capability) -> list[str]:
 def _reference(capability: Capability) -> dict[str, Any]:
     """The expert's greedy responses on the capability's records and its log-probs on them."""
     if capability._reference is None:
-        from transformers import AutoModelForCausalLM
-
-        expert = AutoModelForCausalLM.from_pretrained(capability.expert, dtype=torch.float32).eval()
+        expert = _load(capability.expert, torch.float32, capability.base, capability.scorer.pair.options)
         responses = _generate(expert, capability.tokenizer, capability)
         prompts = [r["prompt"] if isinstance(r, dict) else r.prompt for r in capability.records or []]
         batches = _response_batches(capability.tokenizer, prompts, responses, capability.batch_size)
@@ -235,6 +220,15 @@ def _reference(capability: Capability) -> dict[str, Any]:
         }
         del expert
     return capability._reference
+
+
+def _load(path: str | os.PathLike, dtype: torch.dtype, base: str | os.PathLike, options: Mapping[str, Any]):
+    """A model of the table through the one loader: ``options``' revision (for hub ids only: merged
+    outputs and local experts are directories) and remote-code opt-in; an adapter on ``base``."""
+    revision = options.get("revision") if not Path(path).expanduser().exists() else None
+    trust = bool(options.get("trust_remote_code", False))
+    model, _ = load_model(path, dtype=dtype, revision=revision, trust_remote_code=trust, base=base)
+    return model
 
 
 def evaluate_model(model, capability: Capability, *, behaviour: bool = True, kl: bool = True) -> dict[str, Any]:
@@ -274,15 +268,14 @@ def evaluate_models(
     """The long table: one row per (model, capability) with ``anchor_recovery``, ``recovery_stderr``,
     ``n_prompts``, ``strict_accuracy`` (NaN without records/checker) and ``kl_to_expert`` (NaN
     without records or with ``kl=False``). ``models``: name -> checkpoint directory, in row order."""
-    from transformers import AutoModelForCausalLM
-
     if not capabilities:
         raise WeightPatchError("no capabilities to evaluate")
+    pair = capabilities[0].scorer.pair
     rows = []
     for name, path in models.items():
         if progress is not None:
             progress(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        model = _load(path, dtype, capabilities[0].base, pair.options)
         for cap in capabilities:
             rows.append({"model": name, **evaluate_model(model, cap, behaviour=behaviour, kl=kl)})
         del model

@@ -24,8 +24,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +45,7 @@ from weightpatch.merging.output import (
     target_lock,
     temporary_outputs,
 )
-from weightpatch.weights import WEIGHT_FILE_SUFFIXES
+from weightpatch.weights import WEIGHT_FILE_SUFFIXES, SafetensorsFiles
 
 logger = logging.getLogger("weightpatch")
 
@@ -77,10 +76,10 @@ class TensorMerger(Protocol):
 
 
 class Checkpoint:
-    """A read-only, lazy view of a safetensors checkpoint directory (sharded or not).
-
-    Only headers are read up front; :meth:`get` opens the file, copies one tensor out and closes it,
-    so input pages do not stay mapped (and resident) while the merge streams through."""
+    """A read-only, lazy view of a safetensors checkpoint directory (sharded or not), for the merge:
+    whole tensors and their torch dtypes over the one reader, :class:`weightpatch.weights.SafetensorsFiles`
+    (headers up front; :meth:`get` opens the file, copies one tensor out and closes it, so input pages
+    do not stay mapped, and resident, while the merge streams through)."""
 
     def __init__(self, path: str | os.PathLike[str], origin: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path)
@@ -103,20 +102,16 @@ class Checkpoint:
                 f"no safetensors weights in {str(self.path)!r} (expected {SINGLE_NAME} or {INDEX_NAME}); "
                 f"re-save the model with save_pretrained(..., safe_serialization=True)"
             )
-        self.file_of: dict[str, str] = {}
-        files = list(dict.fromkeys(weight_map.values())) if weight_map else [SINGLE_NAME]
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.files = SafetensorsFiles(
+            self.path, list(dict.fromkeys(weight_map.values())) if weight_map else [SINGLE_NAME]
+        )
+        self.file_of = self.files.file_of
+        self.shapes = self.files.shapes
         self.dtypes: dict[str, torch.dtype] = {}
-        for file in files:
-            with _opened(self.path / file) as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
-                    sl = handle.get_slice(name)
-                    self.file_of[name] = file
-                    self.shapes[name] = tuple(sl.get_shape())
-                    dt = sl.get_dtype()
-                    if dt not in _DTYPES:
-                        raise WeightPatchError(f"tensor {name} in {self.path} has unsupported dtype {dt}")
-                    self.dtypes[name] = _DTYPES[dt]
+        for name, dt in self.files.dtypes.items():
+            if dt not in _DTYPES:
+                raise WeightPatchError(f"tensor {name} in {self.path} has unsupported dtype {dt}")
+            self.dtypes[name] = _DTYPES[dt]
         missing = sorted(set(weight_map) - set(self.file_of))
         if missing:
             raise WeightPatchError(f"{self.path / INDEX_NAME} lists tensors missing from the shards: {missing[:5]}")
@@ -126,30 +121,7 @@ class Checkpoint:
         return list(self.shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        path = self.path / self.file_of[name]
-        with _opened(path) as handle:
-            try:
-                return handle.get_tensor(name)
-            except Exception as exc:  # safetensors raises its own error types for damaged data
-                raise _unreadable(path, exc) from exc
-
-
-def _unreadable(path: Path, exc: BaseException) -> WeightPatchError:
-    return WeightPatchError(
-        f"cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
-        f"the file is truncated or corrupt: re-download or re-save the model"
-    )
-
-
-@contextmanager
-def _opened(path: Path) -> Iterator[Any]:
-    """``safe_open`` with damaged files (a truncated download, a bad header) as one-line errors."""
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:  # SafetensorError, OSError, ...
-        raise _unreadable(path, exc) from exc
-    with handle:
-        yield handle
+        return self.files.read(name)
 
 
 def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None, base: Checkpoint | None = None):
@@ -158,8 +130,8 @@ def open_checkpoint(source: str | os.PathLike[str], revision: str | None = None,
     models (a GGUF model: :func:`gguf_checkpoint`). With ``base``, a PEFT LoRA adapter (directory or
     hub id) is an expert ``base + adapter`` (:class:`weightpatch.lora.LoraCheckpoint`, deltas
     computed from the factors tensor by tensor)."""
+    from weightpatch.loading import refuse_unused_revision, resolve_checkpoint, split_model_source
     from weightpatch.lora import LoraCheckpoint, is_adapter_dir
-    from weightpatch.pair import refuse_unused_revision, resolve_checkpoint, split_model_source
 
     location, gguf_file = split_model_source(source)
     refuse_unused_revision(revision, [source], "--base-revision" if base is None else "--expert-revisions")

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,7 +22,8 @@ from weightpatch import cost
 from weightpatch.components import ComponentSpace
 from weightpatch.config import AnchorConfig, CheckConfig, MergeStageConfig, ScreenConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, _torch_dtype, resolve_device, split_model_source
+from weightpatch.loading import _torch_dtype, resolve_device, split_model_source
+from weightpatch.pair import ModelPair
 from weightpatch.pipeline.inputs import anchor_prompt_sets, anchor_stem, select_prompts
 from weightpatch.rundir import CONSOLE
 from weightpatch.runner import render_prompts
@@ -33,6 +34,7 @@ FIXES = (
     "(--max-prompts), --device-map auto (layers offloaded), or --backend ray on a larger machine"
 )
 Config = CheckConfig | AnchorConfig | ScreenConfig | TraceConfig | MergeStageConfig
+T = TypeVar("T")
 
 
 def available_bytes(device: str = "cpu") -> float:
@@ -90,34 +92,32 @@ def _donor_in_memory(specialized: str) -> bool:
     return bool(gguf) or (path.is_dir() and not has_lazy)
 
 
-def workload(stage: str, cfg: Config, space: ComponentSpace, pair: ModelPair | None) -> tuple[str, cost.Workload]:
-    """The cost-model stage name and workload of ``cfg`` for pipeline stage ``stage``."""
-    if stage == "check":
-        return "check", cost.Workload(tokens=())
-    if stage == "merge":
-        return "merge", cost.Workload(tokens=(), experts=len(cfg.experts))
-    if stage == "anchor":
-        train, heldout = anchor_prompt_sets(cfg, warn=False)  # the stage warns
-        texts = [r.prompt for r in train + heldout]
-        if cfg.method == "instruction":
-            texts += [r.prompt_without_instruction or r.prompt for r in train + heldout]
-        layer = cfg.layer if cfg.layer is not None else max(cfg.layers or [space.num_layers - 1])
-        steered = min(cfg.steering_prompts, len(heldout)) if cfg.alphas else 0
-        runs = len(cfg.alphas) + cfg.steering_random_directions * sum(1 for a in cfg.alphas if a) + 2
-        return "anchor", cost.Workload(
-            tokens=_token_counts(cfg, texts, pair),
-            batch_size=cfg.batch_size,
-            anchor_layer=layer,
-            generated_tokens=steered * cfg.max_new_tokens * runs,
-        )
-    tokens = _token_counts(cfg, [r.prompt for r in select_prompts(cfg, cfg.seed, warn=False)], pair)
-    layer = _anchor_layer(cfg)
-    top = space.num_layers - 1 if layer is None else layer
-    if stage == "trace":
-        sites = [c for c in space.components(kinds=("module", "head"), layers=range(top + 1))]
-        curves = 2 * 3 * 4 * (1 + cfg.random_controls)  # (sufficiency, necessity) x 3 rankings x 4 k
-        depth = sum(max(top - space.first_affected_layer(c) + 1, 0) for c in sites)
-        return "trace", cost.Workload(tokens, cfg.batch_size, layer, exact_depth=depth, curve_points=curves)
+def _of(cfg: Config, kind: type[T], stage: str) -> T:
+    """``cfg`` as the config class of ``stage`` (a stage is always given its own class)."""
+    if not isinstance(cfg, kind):
+        raise TypeError(f"the {stage} stage takes a {kind.__name__}, not a {type(cfg).__name__}")
+    return cfg
+
+
+def _anchor_workload(cfg: AnchorConfig, space: ComponentSpace, pair: ModelPair | None) -> cost.Workload:
+    train, heldout = anchor_prompt_sets(cfg, warn=False)  # the stage warns
+    texts = [r.prompt for r in train + heldout]
+    if cfg.method == "instruction":
+        texts += [r.prompt_without_instruction or r.prompt for r in train + heldout]
+    layer = cfg.layer if cfg.layer is not None else max(cfg.layers or [space.num_layers - 1])
+    steered = min(cfg.steering_prompts, len(heldout)) if cfg.alphas else 0
+    runs = len(cfg.alphas) + cfg.steering_random_directions * sum(1 for a in cfg.alphas if a) + 2
+    return cost.Workload(
+        tokens=_token_counts(cfg, texts, pair),
+        batch_size=cfg.batch_size,
+        anchor_layer=layer,
+        generated_tokens=steered * cfg.max_new_tokens * runs,
+    )
+
+
+def _screen_workload(
+    cfg: ScreenConfig, space: ComponentSpace, tokens: tuple[int, ...], layer: int | None, top: int
+) -> tuple[str, cost.Workload]:
     names = [space.parse(c) for c in cfg.components] if cfg.components else list(space.components(kinds=cfg.kinds))
     reach = [c for c in names if space.first_affected_layer(c) <= top]
     neurons = [c for c in reach if c.kind == "neuron"]
@@ -128,13 +128,33 @@ def workload(stage: str, cfg: Config, space: ComponentSpace, pair: ModelPair | N
     }
     counts["blocks"] = len(reach) - counts["heads"] - counts["neurons"]
     depth = sum(top - space.first_affected_layer(c) + 1 for c in reach)
-    method = {"integrated_gradients": "first_order"}.get(cfg.method, cfg.method)
+    method: str = "first_order" if cfg.method == "integrated_gradients" else cfg.method
     if method == "verify":  # top_k per kind, at the mean depth of the screened components
         chosen = min(len(reach), cfg.top_k * len(cfg.kinds) + len(cfg.components or []))
         depth = round(depth / max(len(reach), 1) * chosen)
     if method == "exact":
         counts = {"blocks": len(reach)}
     return method, cost.Workload(tokens, cfg.batch_size, layer, exact_depth=depth, **counts)
+
+
+def workload(stage: str, cfg: Config, space: ComponentSpace, pair: ModelPair | None) -> tuple[str, cost.Workload]:
+    """The cost-model stage name and workload of ``cfg`` for pipeline stage ``stage``."""
+    if stage == "check":
+        return "check", cost.Workload(tokens=())
+    if stage == "merge":
+        return "merge", cost.Workload(tokens=(), experts=len(_of(cfg, MergeStageConfig, stage).experts))
+    if stage == "anchor":
+        return "anchor", _anchor_workload(_of(cfg, AnchorConfig, stage), space, pair)
+    scoring = _of(cfg, TraceConfig, stage) if stage == "trace" else _of(cfg, ScreenConfig, stage)
+    tokens = _token_counts(scoring, [r.prompt for r in select_prompts(scoring, scoring.seed, warn=False)], pair)
+    layer = _anchor_layer(scoring)
+    top = space.num_layers - 1 if layer is None else layer
+    if isinstance(scoring, TraceConfig):
+        sites = [c for c in space.components(kinds=("module", "head"), layers=range(top + 1))]
+        curves = 2 * 3 * 4 * (1 + scoring.random_controls)  # (sufficiency, necessity) x 3 rankings x 4 k
+        depth = sum(max(top - space.first_affected_layer(c) + 1, 0) for c in sites)
+        return "trace", cost.Workload(tokens, scoring.batch_size, layer, exact_depth=depth, curve_points=curves)
+    return _screen_workload(scoring, space, tokens, layer, top)
 
 
 @functools.lru_cache(maxsize=8)
@@ -158,7 +178,7 @@ def forecast(stage: str, cfg: Config, pair: ModelPair | None = None) -> cost.Pre
     torch_dtype = _torch_dtype(dtype)
     rates = _rates(shape, torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32, device)
     name, work = workload(stage, cfg, space, pair)
-    donor_whole = stage != "merge" and _donor_in_memory(cfg.specialized)
+    donor_whole = not isinstance(cfg, MergeStageConfig) and _donor_in_memory(cfg.specialized)  # merge: streamed
     prediction = cost.predict(name, shape, rates, work, resident_bytes(device), pair is not None, donor_whole)
     available = available_bytes(device)
     label = f"{stage} ({name})" if name != stage else stage

@@ -24,7 +24,8 @@ from weightpatch.anchors import Anchor
 from weightpatch.behaviour import BehaviourScorer, specialized_responses
 from weightpatch.config import AnchorConfig, PairOptions, PromptOptions, ScreenConfig, StageConfig, TraceConfig
 from weightpatch.errors import WeightPatchError
-from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair, resolve_device
+from weightpatch.loading import resolve_device
+from weightpatch.pair import ModelPair, ModelRef, check_finite, load_pair
 from weightpatch.prompts import MIN_PROMPTS, PromptRecord, read_prompt_file
 from weightpatch.rundir import CONSOLE, RunDir
 from weightpatch.runner import render_prompts, resolve_prompt_format, run_segment

@@ -8,6 +8,7 @@ saved as ``merge_evaluation``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def read_scores(path: Path, method: str) -> pd.DataFrame:
     return frame[["component", "score"]]
 
 
-def _of_kinds(space, table: pd.DataFrame, kinds: list[str], path: Path) -> pd.DataFrame:
+def _of_kinds(space, table: pd.DataFrame, kinds: Sequence[str], path: Path) -> pd.DataFrame:
     """The rows of ``table`` whose component is of one of ``kinds`` (``module``, ``head``, ...)."""
     keep = table[[space.parse(str(c)).kind in kinds for c in table["component"]]]
     if keep.empty:
@@ -102,6 +103,11 @@ def _texts(path: Path, tokenizer) -> list[str]:
     return texts
 
 
+def _expert_revisions(cfg: MergeStageConfig) -> list[str | None]:
+    """The hub revision of each expert (None: the default branch, or a directory)."""
+    return list(cfg.expert_revisions) if cfg.expert_revisions else [None] * len(cfg.experts)
+
+
 def score_tables(cfg: MergeStageConfig, space) -> list[Any]:
     """One component score table per expert from ``cfg.score_source`` (``protect_then_add``: only
     the protected expert's is computed, the others are empty)."""
@@ -125,21 +131,24 @@ def score_tables(cfg: MergeStageConfig, space) -> list[Any]:
         return [scores.random_scores(space, f"{cfg.seed}:{i}", kinds) if wanted[i] else {} for i in range(n)]
     if cfg.score_source == "magnitude":
         base = open_checkpoint(cfg.base, cfg.base_revision)
-        revisions = cfg.expert_revisions or [None] * n
+        revisions = _expert_revisions(cfg)
         return [
             scores.magnitude_scores(space, base, open_checkpoint(e, r, base=base), kinds) if w else {}
             for e, r, w in zip(cfg.experts, revisions, wanted, strict=True)
         ]
     if len(cfg.snip_data) != n:
         raise WeightPatchError(f"--score-source snip needs one --snip-data file per expert ({n} experts)")
-    from weightpatch.generation import load_model
+    from weightpatch.loading import load_model
 
     tables = []
-    for expert, data, w in zip(cfg.experts, cfg.snip_data, wanted, strict=True):
+    revisions = _expert_revisions(cfg)
+    for expert, revision, data, w in zip(cfg.experts, revisions, cfg.snip_data, wanted, strict=True):
         if not w:
             tables.append({})
             continue
-        model, tokenizer = load_model(expert)
+        model, tokenizer = load_model(
+            expert, revision=revision, base=cfg.base, trust_remote_code=cfg.trust_remote_code, frozen=False
+        )
         tables.append(scores.snip_scores(space, model, tokenizer, _texts(data, tokenizer), kinds))
         del model
     return tables
