@@ -160,8 +160,8 @@ def stage_configs(
 
 def strict_metric(tokenizer, records) -> Callable[[torch.nn.Module], float]:
     """IFEval strict prompt-level accuracy of a model's greedy responses (40 new tokens) to ``records``."""
-    from weightpatch.generation import generate
     from weightpatch.checkers import strict_prompt_accuracy
+    from weightpatch.generation import generate
 
     def metric(model: torch.nn.Module) -> float:
         responses = generate(model, tokenizer, [r.prompt for r in records], max_new_tokens=40)
