@@ -155,7 +155,7 @@ def test_merge_reads_a_damaged_gguf_expert_as_one_line(llama_pair_dirs, tmp_path
 def test_merge_takes_gguf_files_on_the_hub(gguf_pair, tmp_path, monkeypatch):
     """``repo-id:file.gguf`` in a merge goes through the pair loader's resolution (the hub download of
     that one file, here replaced by the local directory that holds it) and merges like the files."""
-    import weightpatch.pair
+    import weightpatch.loading
     from weightpatch.merging import MergeConfig, merge_checkpoints
 
     _, files = gguf_pair
@@ -165,7 +165,7 @@ def test_merge_takes_gguf_files_on_the_hub(gguf_pair, tmp_path, monkeypatch):
         asked.append((str(source), revision, gguf_file))
         return files[0].parent
 
-    monkeypatch.setattr(weightpatch.pair, "resolve_checkpoint", resolve)
+    monkeypatch.setattr(weightpatch.loading, "resolve_checkpoint", resolve)
     hub = merge_checkpoints(
         f"org/base-GGUF:{files[0].name}", [f"org/sft-GGUF:{files[1].name}"], tmp_path / "hub", MergeConfig(),
         base_revision="v1",
