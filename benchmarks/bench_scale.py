@@ -220,6 +220,7 @@ def run(pairs: list[str], stages: list[str]) -> None:
 
 
 def main() -> None:
+    global ROWS, ROW_FILES
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["run", "child", "record"])
     parser.add_argument("args", nargs="*")
@@ -232,7 +233,6 @@ def main() -> None:
         "them all, a later file's row replacing an earlier one of the same pair and stage",
     )
     args = parser.parse_args()
-    global ROWS, ROW_FILES
     ROW_FILES = [Path(p).expanduser() for p in args.rows.split(",")]
     ROWS = ROW_FILES[-1]
     if args.what == "child":
