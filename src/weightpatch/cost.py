@@ -11,7 +11,7 @@ load          ``M``: the receiver (the donor is read lazily, one tensor or slice
 check         ``M`` + one donor tensor + float64 row chunks of the difference
 anchor        ``M`` + the largest tensor or block: the model-difference / specialized forwards
               patch each block (and the embedding) only while it runs, keeping its originals
-              (1.2B pair: 1.13 M measured with the embedding the largest, was ``2 M`` when every
+              (1.2B pair: 1.13-1.47 M measured, the embedding the largest tensor; ``2 M`` when every
               weight was patched in at once)
 screen/trace  the same for the scorer's donor forward, or ``M`` + the gradient graph to the
               anchor + float64 copies of the largest target tensor
