@@ -119,3 +119,37 @@ def test_donor_values_are_cast_to_the_receiver_dtype(pair_dirs):
                 value, donor = (t.index_select(piece.dim, piece.index()) for t in (value, donor))
             assert value.dtype == torch.bfloat16
             assert torch.equal(value, donor)
+
+
+@pytest.mark.parametrize("receiver", ["base", "specialized"])
+def test_patched_while_running_gives_the_checkpoint_bit_for_bit_and_restores(pair_dirs, receiver):
+    """Each block patched only while it runs (hooks): the other checkpoint's logits and hidden
+    states exactly, in both directions, the receiver restored after every forward and on exit, also
+    when a forward stops inside a block (run_segment's early stop)."""
+    from weightpatch.patch import patched_while_running
+    from weightpatch.runner import Batch, run_segment
+
+    base_dir, sft_dir = pair_dirs
+    pair = load_pair(base_dir, sft_dir, receiver=receiver)
+    other = AutoModelForCausalLM.from_pretrained(sft_dir if receiver == "base" else base_dir, dtype=torch.float32)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = other.eval()(ids, output_hidden_states=True)
+    before = snapshot(pair.model)
+    with patched_while_running(pair.model, pair.donor, pair.space, pair.space.everything()) as model:
+        assert_bit_identical(model, before)  # nothing patched between forwards
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        assert torch.equal(out.logits, expected.logits)
+        for got, want in zip(out.hidden_states, expected.hidden_states, strict=True):
+            assert torch.equal(got, want)
+        assert_bit_identical(model, before)
+        batch = Batch(ids, torch.ones_like(ids), torch.arange(ids.shape[1]).expand_as(ids))
+        with torch.no_grad():
+            mid = run_segment(model, pair.space, batch, stop=1)[0]
+        assert_bit_identical(model, before)
+    with torch.no_grad(), patched(pair.model, pair.donor, pair.space, pair.space.everything()):
+        assert torch.equal(mid, run_segment(pair.model, pair.space, batch, stop=1)[0])
+    with torch.no_grad(), pair.as_model("base" if receiver == "specialized" else "specialized", streamed=True) as m:
+        assert torch.equal(m(ids).logits, expected.logits)
+    assert_bit_identical(pair.model, before)

@@ -238,7 +238,7 @@ class ActivationScreen(EffectStrategy[Component]):
         if not missing:
             return
         sites = [Site(m, h) for m, h in missing]
-        with torch.no_grad(), self.pair.as_model(self.donor_role) as donor_model:
+        with torch.no_grad(), self.pair.as_model(self.donor_role, streamed=True) as donor_model:
             for i, b in enumerate(self.scorer.batches):
                 store: dict[tuple[str, str], torch.Tensor] = {}
                 with capturing(donor_model, sites, store):
@@ -297,7 +297,7 @@ def patched_residual(
     donor_role: Role = "specialized" if pair.receiver == "base" else "base"
     top = max([layer, *(site_layer(pair.space, pair.space.validate(c)) for c in components)])
     with torch.no_grad():
-        with pair.as_model(donor_role) as donor_model:
+        with pair.as_model(donor_role, streamed=True) as donor_model:
             cache = collect(donor_model, pair.space, batch, components, stop=top)
             cache = {k: v.clone() for k, v in cache.items()}
         with activation_patched(pair.model, pair.space, cache, [list(components)], positions):

@@ -166,7 +166,7 @@ def last_token_residuals(
     out = []
     limit = context_length(pair.model, pair.tokenizer)
     encoded = encode(pair.tokenizer, texts, pair.device, max_length=limit, truncate=truncate_prompts)
-    with pair.as_model(role) as model, torch.no_grad():
+    with pair.as_model(role, streamed=True) as model, torch.no_grad():
         for batch in batches(encoded, batch_size):
             last, inputs = run_segment(
                 model, pair.space, batch, stop=top, capture_inputs=[layer + 1 for layer in layers if layer < top]

@@ -9,10 +9,12 @@ holds at its peak, in units of the model's size ``M`` (parameters x bytes of the
 load          ``M``: the receiver (the donor is read lazily, one tensor or slice at a time;
               ``.bin``/GGUF donors are loaded whole: ``2 M``)
 check         ``M`` + one donor tensor + float64 row chunks of the difference
-anchor        ``2 M``: the model-difference / specialized forwards patch every weight in,
-              which keeps the receiver's originals
-screen/trace  ``2 M`` (the scorer's donor forward, as for the anchor), or ``M`` + the
-              gradient graph to the anchor + float64 copies of the largest target tensor
+anchor        ``M`` + the largest tensor or block: the model-difference / specialized forwards
+              patch each block (and the embedding) only while it runs, keeping its originals
+              (1.2B pair: 1.13-1.47 M measured, the embedding the largest tensor; ``2 M`` when every
+              weight was patched in at once)
+screen/trace  the same for the scorer's donor forward, or ``M`` + the gradient graph to the
+              anchor + float64 copies of the largest target tensor
 merge         one output shard (the whole model below 5 GB) + float32 copies of the largest
               tensor per expert (streamed)
 ============  ==========================================================================
@@ -278,7 +280,9 @@ def predict(
     load_s = 0.0 if loaded or stage == "merge" else shape.load_bytes * (2 if donor_in_memory else 1) / rates.copy
     models = size * (2 if donor_in_memory else 1)
     setup_s = 2 * m.forward(unembed=False) + m.weights(shape.params)  # receiver + donor scores, all patched in
-    setup_bytes = models + size + m.activations(m.anchor + 1)  # the receiver's originals are kept while patched
+    # the donor's forward patches one block (or the embedding) at a time, keeping its originals
+    streamed = max(shape.largest_tensor, shape.block_params) * shape.dtype_bytes
+    setup_bytes = models + streamed + m.activations(m.anchor + 1)
     fo_s = 3 * m.forward(unembed=False) + m.weights(3 * shape.block_params * (m.anchor + 1))
     fo_bytes = models + m.activations(m.anchor + 1, grad=True) + 3 * 8 * shape.largest_block_tensor
     exact_s = m.blocks(work.exact_depth) + m.forward(unembed=False)  # + the block-input cache

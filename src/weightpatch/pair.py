@@ -162,16 +162,25 @@ class ModelPair:
         return next(self.model.parameters()).device
 
     @contextmanager
-    def as_model(self, role: Role) -> Iterator[PreTrainedModel]:
+    def as_model(self, role: Role, streamed: bool = False) -> Iterator[PreTrainedModel]:
         """The in-memory model with the weights of ``role``: the receiver as it is, or with every
-        component patched from the donor (bit-identical to the other checkpoint)."""
+        component patched from the donor (bit-identical to the other checkpoint).
+
+        ``streamed``: for forwards without gradients, each block's (and model-level module's) donor
+        weights are patched in only while it runs (:func:`weightpatch.patch.patched_while_running`):
+        the same outputs bit for bit, with one block's weights added to memory instead of a second
+        copy of the model; each forward reads the donor again (not for generation)."""
         if role not in ("base", "specialized"):
             raise WeightPatchError(f"unknown model role {role!r}; use 'base' or 'specialized'")
         if role == self.receiver:
             yield self.model
             return
-        from weightpatch.patch import patched
+        from weightpatch.patch import patched, patched_while_running
 
+        if streamed:
+            with patched_while_running(self.model, self.donor, self.space, self.space.everything()):
+                yield self.model
+            return
         with patched(self.model, self.donor, self.space, self.space.everything()):
             yield self.model
 

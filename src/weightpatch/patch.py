@@ -17,7 +17,7 @@ refused with a clear error.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +104,14 @@ def patched(
 
     Overlapping components (``L5`` and ``L5.mlp``) are patched once (the union of their slices).
     """
-    pieces = space.resolve_all(components)
+    with _patched_pieces(model, donor, space.resolve_all(components), alpha) as patch:
+        yield patch
+
+
+@contextmanager
+def _patched_pieces(
+    model: torch.nn.Module, donor: WeightSource, pieces: Iterable[ParamSlice], alpha: float = 1.0
+) -> Iterator[Patch]:
     saved: list[_Saved] = []
     try:
         with torch.no_grad():
@@ -122,3 +129,70 @@ def patched(
         with torch.no_grad():
             for s in reversed(saved):
                 _put(s.param, s.piece, s.index, s.original)
+
+
+@contextmanager
+def patched_while_running(
+    model: torch.nn.Module, donor: WeightSource, space: ComponentSpace, components: Iterable[Component | str]
+) -> Iterator[torch.nn.Module]:
+    """The forwards of :func:`patched` (``alpha = 1``) with each slice patched only while the module
+    that uses it runs: a decoder block's slices while the block runs, a model-level parameter's (the
+    embedding, the final norm, the unembedding) while each module that holds it runs (a tied
+    embedding: the input embedding and the unembedding). The weights every operation sees are the
+    same as with everything patched at once, so the outputs are bit for bit the same; the memory
+    added is one block's originals and donor values instead of a copy of every patched slice.
+
+    For forwards without gradients (a backward would find the weights changed since the forward).
+    A parameter that a module reads outside its own forward would not be patched; the families in
+    :mod:`weightpatch.architecture` read every weight in the forward of a module that holds it
+    (checked in tests/test_patch.py against :func:`patched`)."""
+    layers: torch.nn.ModuleList = model.get_submodule(space.layers_path)  # type: ignore[assignment]
+    prefixes = [space.spec.param_name(i, "") for i in range(len(layers))]
+    groups: dict[int, tuple[torch.nn.Module, list[ParamSlice]]] = {}
+
+    def add(module: torch.nn.Module, piece: ParamSlice) -> None:
+        groups.setdefault(id(module), (module, []))[1].append(piece)
+
+    holders: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(module)
+    for piece in space.resolve_all(components):
+        layer = next((i for i, pre in enumerate(prefixes) if piece.name.startswith(pre)), None)
+        if layer is not None:
+            add(layers[layer], piece)
+            continue
+        for module in holders.get(id(model.get_parameter(piece.name)), []):
+            add(module, piece)
+    open_patches: dict[int, ExitStack] = {}
+    handles = []
+
+    def enter(key: int, pieces: list[ParamSlice]):
+        def hook(_module, _args):
+            if key in open_patches:
+                open_patches.pop(key).close()
+            stack = ExitStack()
+            stack.enter_context(_patched_pieces(model, donor, pieces))
+            open_patches[key] = stack
+
+        return hook
+
+    def leave(key: int):
+        def hook(_module, _args, _output):
+            if key in open_patches:
+                open_patches.pop(key).close()
+
+        return hook
+
+    try:
+        for key, (module, pieces) in groups.items():
+            handles.append(module.register_forward_pre_hook(enter(key, pieces)))
+            handles.append(module.register_forward_hook(leave(key), always_call=True))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for stack in open_patches.values():
+            stack.close()
+        open_patches.clear()

@@ -82,7 +82,7 @@ class GapScorer:
         ``n_excluded``; refuses non-finite values and a set where every gap is tiny."""
         self.f_receiver = self.values(self.pair.model)
         donor_role: Role = "specialized" if self.pair.receiver == "base" else "base"
-        with self.pair.as_model(donor_role) as donor_model:
+        with self.pair.as_model(donor_role, streamed=True) as donor_model:
             self.f_donor = self.values(donor_model)
         self.gap = self.f_donor - self.f_receiver
         if not torch.isfinite(self.gap).all():

@@ -130,7 +130,7 @@ class SupplyTracer:
             everything = range(len(self.targets))
             self.out_base = list(self._outputs(self.model, 0, everything).values())
             donor_role: Role = "specialized" if pair.receiver == "base" else "base"
-            with pair.as_model(donor_role) as donor_model:
+            with pair.as_model(donor_role, streamed=True) as donor_model:
                 self.out_donor = list(self._outputs(donor_model, 0, everything).values())
         self.diff = [d - b for d, b in zip(self.out_donor, self.out_base, strict=True)]  # per target (prompt, dim)
         self.norm2 = [(d.double() ** 2).sum(-1) for d in self.diff]

@@ -118,7 +118,7 @@ def next_token_logprobs(model: torch.nn.Module, batches: Sequence[Batch]) -> lis
 def specialized_logprobs(scorer: GapScorer) -> list[torch.Tensor]:
     """The specialized model's :func:`next_token_logprobs` on ``scorer.batches``: the reference
     of every output KL here."""
-    with scorer.pair.as_model("specialized") as sft:
+    with scorer.pair.as_model("specialized", streamed=True) as sft:
         return next_token_logprobs(sft, scorer.batches)
 
 

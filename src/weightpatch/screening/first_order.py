@@ -82,6 +82,57 @@ def reduce_into(contrib: torch.Tensor, plan: ParamPlan, scores: torch.Tensor) ->
         scores[row] += sum(region.narrow(piece.dim, a, b - a).sum() for a, b in piece.ranges)  # type: ignore[arg-type]
 
 
+class _Linear16(torch.autograd.Function):
+    """``F.linear`` whose backward computes the input gradient ``g @ W`` as ``F.linear(g, W^T)`` with
+    ``W^T`` copied contiguous: on a CPU without native bfloat16 (no AVX512-BF16, where oneDNN is not
+    used), PyTorch's ``g @ W`` in 16 bits takes a generic path ~40x slower than the forward's
+    ``x @ W^T`` (8192 x 2048 weight, 52 tokens, one thread: 6.5 s vs 0.16 s; through the copy 0.21 s),
+    and it set the time of a bfloat16 first-order screen (benchmarks/RESULTS.md, model size). The
+    product is the same to the 16-bit rounding of each output (accumulated in float32 either way), not
+    bit for bit. The weight gradient is autograd's own formula (``g^T x``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.nn.functional.linear(grad, weight.t().contiguous())
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dw = flat.t().mm(x.reshape(-1, x.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = flat.sum(0)
+        return dx, dw, db
+
+
+@contextmanager
+def fast_16bit_linear_backward(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every ``nn.Linear`` of a 16-bit model on the CPU runs :class:`_Linear16`
+    (its forward is unchanged; its backward takes the fast path). No-op for other dtypes and devices."""
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16) and m.weight.is_cpu
+    ]
+
+    def forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return _Linear16.apply(x, module.weight, module.bias)
+
+    try:
+        for m in linears:
+            m.forward = forward.__get__(m)  # type: ignore[method-assign]
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
+
 @contextmanager
 def gradient_hooks(
     model: torch.nn.Module, names: Iterable[str], on_grad: Callable[[str, torch.Tensor], None]
@@ -109,7 +160,8 @@ def gradient_hooks(
         for name, p in params.items():
             p.requires_grad_(True)
             handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
-        yield
+        with fast_16bit_linear_backward(model):
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -148,11 +200,24 @@ def gradient_scores(
     method = "first_order" if steps <= 1 else "integrated_gradients"
     state: dict[str, object] = {"row": 0}
 
+    # one float64 buffer reused for every parameter's grad x delta: a fresh one per parameter cost a
+    # page-faulted allocation each time and two passes more (2.8x slower on an 8192 x 2048 bfloat16
+    # weight); the same values bit for bit (float64(g) x float64(delta), then / len(alphas))
+    work = torch.empty(0, dtype=torch.float64)
+
     def on_grad(name: str, param: torch.Tensor) -> None:
+        nonlocal work
         patch = state.get("patch")
         receiver = patch.original(name) if patch is not None else param.detach()  # type: ignore[attr-defined]
         delta = donor_values(pair.donor, ParamSlice(name), param) - receiver
-        reduce_into((param.grad.double() * delta.double()) / len(alphas), plans[name], per_row[state["row"]])
+        grad = param.grad
+        assert grad is not None  # the post-accumulate-grad hook runs with it set
+        if work.numel() < grad.numel() or work.device != grad.device:
+            work = torch.empty(grad.numel(), dtype=torch.float64, device=grad.device)
+        contrib = work[: grad.numel()].view(grad.shape).copy_(grad).mul_(delta)
+        if len(alphas) > 1:
+            contrib.div_(len(alphas))
+        reduce_into(contrib, plans[name], per_row[state["row"]])
 
     with gradient_hooks(model, plans, on_grad):
         bar = tqdm(total=len(alphas) * len(scorer.batches), desc=method, unit="batch", disable=not progress)
